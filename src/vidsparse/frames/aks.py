@@ -3,7 +3,8 @@ is a leaf when mean(top-M) − mean(segment) > t1 and std > t2, otherwise it spl
 depth d contributes its top ⌊M / 2^d⌋.
 
 Fix to the reference (METHODS.md §6): with depth 5 a budget M < 32 returned no frames (⌊M/2^d⌋ = 0); here the
-frames the floors leave over go to the leaves' next-best candidates, best first, so exactly M come back. A warning
+frames the floors leave over go round the leaves — first the best candidate of every leaf that got none, by score,
+then each leaf's next best — so exactly M come back and no relevant leaf is starved. A warning
 is recorded when every leaf reaches the maximum depth (the method then degenerates to uniform)."""
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class AKS(FrameSelector):
             order = a + np.argsort(-s[a:b], kind="stable")
             k = n // (2**d)
             chosen.extend(order[:k].tolist())
-            spare.extend((-s[i], rank, int(i)) for rank, i in enumerate(order[k:]))
-        spare.sort()  # leftover frames: each leaf's next best, by score, rank within leaf breaking ties
+            spare.extend((k + rank, -s[i], int(i)) for rank, i in enumerate(order[k:]))
+        spare.sort()  # leftover frames: leaves with the fewest frames first, each its next best, by score
         chosen = fill_unique(chosen, n, len(s), priority=[i for _, _, i in spare])
         return self._finish(index, chosen, self._even_tokens(index, budget, n), cs, notes)

@@ -17,20 +17,21 @@ from .base import FrameSelector, uniform_indices
 
 
 def hsv_patches(thumbs: np.ndarray, grid: int = 8) -> np.ndarray:
-    """float32 [T, grid², D]: HSV pixels of each grid cell, flattened (centred per cell so cosine sees structure)."""
+    """float32 [T, grid², D]: HSV pixels of each grid cell, flattened and centred on mid-range (128), so that the
+    cosine of unrelated cells is near 0 rather than the ~0.75 any two all-positive vectors share."""
     import cv2
 
     hsv = np.stack([cv2.cvtColor(np.ascontiguousarray(f[..., ::-1]), cv2.COLOR_BGR2HSV_FULL) for f in thumbs])
     t, h, w, _ = hsv.shape
     ch, cw = h // grid, w // grid
     cells = hsv[:, : ch * grid, : cw * grid].reshape(t, grid, ch, grid, cw, 3).transpose(0, 1, 3, 2, 4, 5)
-    return cells.reshape(t, grid * grid, -1).astype(np.float32) + 1.0  # +1: a black cell still has a direction
+    return cells.reshape(t, grid * grid, -1).astype(np.float32) - 127.5
 
 
 def classify_slow(thumbs: np.ndarray, patch_cos: float = 0.7, same_frac: float = 0.9) -> np.ndarray:
     """bool [T]: True for slow frames (the first frame is always slow)."""
     p = hsv_patches(thumbs)
-    p /= np.linalg.norm(p, axis=2, keepdims=True)
+    p /= np.maximum(np.linalg.norm(p, axis=2, keepdims=True), 1e-6)
     slow = np.zeros(len(p), dtype=bool)
     last = None
     for i in range(len(p)):  # sequential by definition: each frame compares with the last *slow* frame
