@@ -29,8 +29,12 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # what a user should know is in the result's notes, printed below
+                return fn(*args, **kwargs)
         except VidsparseError as exc:
             _fail(exc)
         except MemoryError:
@@ -95,6 +99,8 @@ def select(
         return
     _table(moments, f"{os.path.basename(video)}: {len(moments.selection)} frames by {moments.frames_spec}"
            + (f" scored by {moments.scorer_spec}" if moments.scorer_spec else ""))
+    for note in moments.selection.notes:
+        typer.echo(f"note: {note}")
     st = moments.stats
     typer.echo(f"{st['candidates']} candidates, {st['frames_scored']} scored, {st['frames_decoded']} frames decoded, "
                f"{st['seconds']:.2f} s" + (f"; wrote {out}/selection.json and contact_sheet.png" if out else ""))

@@ -71,10 +71,13 @@ def default_scorer_spec(query: Query) -> str | None:
 def make_scorer(spec: str | None, subtitles: str | None):
     from .scoring.base import CombinedScorer
 
+    from .registry import parse_spec
+
     parts = []
+    named = parse_spec(spec)[0] if spec else None
     if spec:
-        parts.append(SCORERS.from_spec(spec))
-    if subtitles and not (spec or "").startswith("subtitles"):
+        parts.append(SCORERS.from_spec(spec, **({"path": subtitles} if named == "subtitles" and subtitles else {})))
+    if subtitles and named != "subtitles":
         parts.append(SCORERS.from_spec("subtitles", path=subtitles))
     if not parts:
         return None

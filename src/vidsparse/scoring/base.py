@@ -121,8 +121,8 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def token_f1(a: str, b: str, fuzzy: float = 0.8) -> float:
-    """F1 of word overlap; words match exactly or with difflib ratio ≥ ``fuzzy`` (OCR misreads a letter)."""
+def token_f1(a: str, b: str, fuzzy: float = 0.75) -> float:
+    """F1 of word overlap; words of 3+ letters also match at difflib ratio ≥ ``fuzzy`` (one misread letter in four)."""
     import difflib
 
     wa, wb = words(a), words(b)

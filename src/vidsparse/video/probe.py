@@ -53,8 +53,14 @@ def open_container(path: str):
     return container
 
 
+_TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}  # FFmpeg renders text files as "video" through these
+
+
 def video_stream(container, path: str):
-    """The first real video stream (cover-art pictures do not count)."""
+    """The first real video stream (cover-art pictures and FFmpeg's text-as-video demuxers do not count)."""
+    fmt = getattr(container.format, "name", "") or ""
+    if fmt == "tty" or any(s.codec_context and s.codec_context.name in _TEXT_CODECS for s in container.streams.video):
+        raise InputError(f"{path} is a text file, not a readable video; give a video file")
     for stream in container.streams.video:
         disp = getattr(stream, "disposition", None)
         attached = False
