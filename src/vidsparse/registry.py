@@ -166,3 +166,4 @@ def spec_of(method: Any) -> str:
 
 FRAMES: Registry = Registry("frame selection", "vidsparse.frames")
 SCORERS: Registry = Registry("scorer", "vidsparse.scoring")
+PATTERNS: Registry = Registry("attention pattern", "vidsparse.attention.patterns")

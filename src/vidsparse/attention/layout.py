@@ -1,0 +1,153 @@
+"""``BlockLayout``: which key blocks each query block computes — the contract between patterns and kernels.
+
+Per (batch, head, query block): ``kv_count`` and the first ``kv_count`` entries of ``kv_index`` (sorted ascending,
+padding after them is never read), plus ``kv_full`` marking blocks that need no element mask (entirely inside the
+causal triangle and the sequence). Batch and head dimensions may be 1 to broadcast one layout over all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, device=None) -> Tensor:
+    """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned)."""
+    off = k_len - q_len
+    m = torch.arange(nq, device=device)[:, None]
+    n = torch.arange(nk, device=device)[None, :]
+    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1)
+    return n * block_k <= last_q + off
+
+
+def full_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, causal: bool,
+                    device=None) -> Tensor:
+    """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle)."""
+    m = torch.arange(nq, device=device)[:, None]
+    n = torch.arange(nk, device=device)[None, :]
+    inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)
+    if causal:
+        inside &= (n + 1) * block_k - 1 <= m * block_q + (k_len - q_len)
+    return inside
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """kv_index int32 [B, H, NQ, K]; kv_count int32 [B, H, NQ]; kv_full bool [B, H, NQ, K]."""
+
+    kv_index: Tensor
+    kv_count: Tensor
+    kv_full: Tensor
+    block_q: int
+    block_k: int
+    q_len: int
+    k_len: int
+    causal: bool = True
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.k_len // self.block_k)
+
+    @classmethod
+    def from_block_mask(cls, mask: Tensor, block_q: int, block_k: int, q_len: int, k_len: int,
+                        causal: bool = True) -> "BlockLayout":
+        """From a bool block mask [B, H, NQ, NK] (or [NQ, NK]). Blocks outside the causal triangle are dropped."""
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        b, h, nq, nk = mask.shape
+        if nq != -(-q_len // block_q) or nk != -(-k_len // block_k):
+            raise ValueError(f"block mask {tuple(mask.shape)} does not match lengths {q_len}/{k_len} "
+                             f"with blocks {block_q}x{block_k}")
+        mask = mask.bool()
+        if causal:
+            mask = mask & causal_block_mask(nq, nk, block_q, block_k, q_len, k_len, mask.device)
+        count = mask.sum(-1, dtype=torch.int32)
+        width = max(1, int(count.max().item())) if mask.numel() else 1
+        ar = torch.arange(nk, device=mask.device, dtype=torch.int32)
+        keyed = torch.where(mask, ar, torch.full_like(ar, nk))
+        index = torch.sort(keyed, dim=-1).values[..., :width]
+        index = torch.where(index >= nk, torch.zeros_like(index), index).to(torch.int32).contiguous()
+        full_all = full_block_mask(nq, nk, block_q, block_k, q_len, k_len, causal, mask.device)
+        full = torch.gather(full_all.expand(b, h, nq, nk), -1, index.long())
+        full &= torch.arange(width, device=mask.device) < count[..., None]
+        return cls(index, count.contiguous(), full.contiguous(), block_q, block_k, q_len, k_len, causal)
+
+    @classmethod
+    def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, causal: bool = True,
+              device=None) -> "BlockLayout":
+        nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+        return cls.from_block_mask(torch.ones(nq, nk, dtype=torch.bool, device=device), block_q, block_k,
+                                   q_len, k_len, causal)
+
+    def block_mask(self) -> Tensor:
+        """bool [B, H, NQ, NK] of computed blocks."""
+        b, h, nq, width = self.kv_index.shape
+        valid = torch.arange(width, device=self.kv_index.device) < self.kv_count[..., None]
+        out = torch.zeros(b, h, nq, self.num_k_blocks + 1, dtype=torch.bool, device=self.kv_index.device)
+        idx = torch.where(valid, self.kv_index.long(), torch.full_like(self.kv_index.long(), self.num_k_blocks))
+        out.scatter_(-1, idx, True)
+        return out[..., : self.num_k_blocks]
+
+    def dense_mask(self) -> Tensor:
+        """bool [B, H, q_len, k_len]: the element mask the layout computes (blocks ∧ causal)."""
+        m = self.block_mask()
+        m = m.repeat_interleave(self.block_q, dim=2)[:, :, : self.q_len]
+        m = m.repeat_interleave(self.block_k, dim=3)[:, :, :, : self.k_len]
+        if self.causal:
+            qi = torch.arange(self.q_len, device=m.device)[:, None] + (self.k_len - self.q_len)
+            kj = torch.arange(self.k_len, device=m.device)[None, :]
+            m = m & (kj <= qi)
+        return m
+
+    def density(self) -> float:
+        """Computed blocks / blocks of the causal (or full) pattern, averaged over batch and heads."""
+        allowed = causal_block_mask(self.num_q_blocks, self.num_k_blocks, self.block_q, self.block_k, self.q_len,
+                                    self.k_len, self.kv_count.device) if self.causal else None
+        total = int(allowed.sum()) if allowed is not None else self.num_q_blocks * self.num_k_blocks
+        return float(self.kv_count.float().sum(-1).mean().item()) / max(total, 1)
+
+    def expand(self, batch: int, heads: int) -> "BlockLayout":
+        b, h = self.kv_index.shape[:2]
+        if (b, h) == (batch, heads):
+            return self
+        if b not in (1, batch) or h not in (1, heads):
+            raise ValueError(f"layout of batch {b}, heads {h} cannot serve batch {batch}, heads {heads}")
+        ex = lambda t: t.expand(batch, heads, *t.shape[2:])
+        return BlockLayout(ex(self.kv_index), ex(self.kv_count), ex(self.kv_full), self.block_q, self.block_k,
+                           self.q_len, self.k_len, self.causal)
+
+    def to_flex_block_mask(self, heads: int | None = None):
+        """FlexAttention ``BlockMask`` with the same computed blocks (partial ones carry the causal mask_mod).
+
+        Flex needs equal query and key block sizes as its BLOCK_SIZE tuple and lengths padded to them."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        full = self.kv_full
+        valid = torch.arange(self.kv_index.shape[-1], device=self.kv_index.device) < self.kv_count[..., None]
+        partial = valid & ~full
+        nk = self.num_k_blocks
+
+        def pack(sel):
+            cnt = sel.sum(-1, dtype=torch.int32)
+            key = torch.where(sel, self.kv_index, torch.full_like(self.kv_index, nk))
+            idx = torch.sort(key, -1).values
+            pad = torch.zeros(*idx.shape[:-1], max(0, nk - idx.shape[-1]), dtype=idx.dtype, device=idx.device)
+            idx = torch.cat([idx, pad], -1)[..., :nk]
+            return cnt.contiguous(), torch.where(idx >= nk, 0, idx).to(torch.int32).contiguous()
+
+        kv_num, kv_idx = pack(partial)
+        full_num, full_idx = pack(full & valid)
+        off = self.k_len - self.q_len
+        causal = self.causal
+
+        def mask_mod(b, h, q_idx, kv_idx_):
+            return (kv_idx_ <= q_idx + off) if causal else (kv_idx_ >= 0)
+
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                        BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod,
+                                        seq_lengths=(self.q_len, self.k_len))

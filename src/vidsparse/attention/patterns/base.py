@@ -1,0 +1,109 @@
+"""``Pattern``: estimate a ``BlockLayout`` from q and k (the "decide" step), plus shared selection helpers.
+
+Patterns are pure torch, run on the inputs' device, and make no host synchronisation in the hot path except where a
+layout's width (its largest row) must be known to allocate the index tensor."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout, causal_block_mask
+
+
+@dataclass(frozen=True)
+class SeqMeta:
+    """What a pattern may know about the sequence besides q and k.
+
+    ``visual``: (start, end) token span of the video tokens; ``tokens_per_frame``: tokens of one frame (grid h·w);
+    ``frame_hw``: that grid's (h, w)."""
+
+    block_q: int = 128
+    block_k: int = 128
+    causal: bool = True
+    visual: tuple[int, int] | None = None
+    tokens_per_frame: int | None = None
+    frame_hw: tuple[int, int] | None = None
+
+
+class Pattern(ABC):
+    name: ClassVar[str]
+    capabilities: ClassVar[dict]
+
+    @abstractmethod
+    def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:
+        """q [B, H, N, D], k [B, Hkv, N, D] -> BlockLayout with H heads (or 1 for static patterns)."""
+
+    @staticmethod
+    def grid(q: Tensor, k: Tensor, meta: SeqMeta) -> tuple[int, int, int, int]:
+        nq, nk = q.shape[2], k.shape[2]
+        return nq, nk, -(-nq // meta.block_q), -(-nk // meta.block_k)
+
+
+def pool_blocks(x: Tensor, block: int) -> Tensor:
+    """Mean over blocks of the sequence axis: [B, H, N, D] -> [B, H, ceil(N/block), D] (the last block is partial)."""
+    b, h, n, d = x.shape
+    nb = -(-n // block)
+    pad = nb * block - n
+    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block, d).sum(3)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return xs / counts[:, None]
+
+
+def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
+    """softmax over key blocks of pooled(Q)·pooled(K)ᵀ/√D with blocks past the causal diagonal excluded:
+    float [B, H, NQ, NK]. GQA: each query head scores against its shared key head."""
+    b, h, nq, d = q.shape
+    hk = k.shape[1]
+    qp = pool_blocks(q, meta.block_q)
+    kp = pool_blocks(k, meta.block_k)
+    g = h // hk
+    s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp) .reshape(b, h, qp.shape[2], kp.shape[2])
+    s = s / math.sqrt(d)
+    if meta.causal:
+        allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int, local: int,
+                  device) -> Tensor:
+    """bool [NQ, NK]: the first ``sink`` key blocks and the ``local`` blocks ending at each row's diagonal."""
+    m = torch.arange(nqb, device=device)[:, None]
+    n = torch.arange(nkb, device=device)[None, :]
+    last_q = torch.clamp((m + 1) * meta.block_q - 1, max=q_len - 1) + (k_len - q_len)
+    diag = last_q // meta.block_k if meta.causal else m * meta.block_q // meta.block_k
+    return (n < sink) | ((n <= diag) & (n > diag - local))
+
+
+def keep_top_mass(probs: Tensor, tau: float) -> Tensor:
+    """bool like ``probs``: per row, the smallest set of entries whose mass reaches ``tau`` (of the row's total)."""
+    vals, order = torch.sort(probs, dim=-1, descending=True)
+    total = vals.sum(-1, keepdim=True).clamp_min(1e-30)
+    before = (vals.cumsum(-1) - vals) / total  # mass of the entries ranked above
+    keep_sorted = (before < tau) & (vals > 0)
+    keep = torch.zeros_like(keep_sorted)
+    return keep.scatter(-1, order, keep_sorted)
+
+
+def keep_topk(probs: Tensor, k: Tensor | int) -> Tensor:
+    """bool like ``probs``: the top ``k`` entries per row (``k`` an int or a per-row tensor [NQ])."""
+    order = torch.argsort(probs, dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order))
+    kk = k if isinstance(k, int) else k.view(*([1] * (probs.dim() - 2)), -1, 1)
+    return (rank < kk) & (probs > 0)
+
+
+def finish_layout(keep, q, k, meta, sink, local):
+    """Layout from a kept-block mask plus the always-kept sink and diagonal blocks."""
+    nq, nk = q.shape[2], k.shape[2]
+    nqb, nkb = keep.shape[-2:]
+    keep = keep | forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device)
+    return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)

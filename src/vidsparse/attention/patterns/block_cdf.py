@@ -1,0 +1,51 @@
+"""``block_cdf``: smallest set of key blocks reaching a pooled-softmax mass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import PATTERNS
+from ..layout import BlockLayout
+from .base import Pattern, SeqMeta, keep_top_mass, pooled_block_probs, finish_layout
+
+
+@PATTERNS.register("block_cdf")
+@dataclass
+class BlockCDF(Pattern):
+    """Smallest set of blocks whose pooled softmax mass reaches ``tau``, plus diagonal and sink blocks.
+    ``min_cos``: like SpargeAttn, blocks whose keys are not self-similar (mean cosine to the block mean below it)
+    pool badly and are never pruned (0 disables)."""
+
+    tau: float = 0.9
+    sink: int = 1
+    local: int = 1
+    min_cos: float = 0.0
+
+    def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
+        p = pooled_block_probs(q, k, meta)
+        keep = keep_top_mass(p, self.tau)
+        if self.min_cos > 0:
+            keep = keep | _dissimilar_key_blocks(k, meta, self.min_cos, q.shape[1])[..., None, :]
+        return finish_layout(keep, q, k, meta, self.sink, self.local)
+
+
+def _dissimilar_key_blocks(k, meta, min_cos, heads):
+    b, hk, n, d = k.shape
+    nb = -(-n // meta.block_k)
+    kk = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * meta.block_k - n)).view(b, hk, nb, meta.block_k, d)
+    unit = torch.nn.functional.normalize(kk, dim=-1)
+    centre = torch.nn.functional.normalize(unit.mean(3, keepdim=True), dim=-1)
+    cos = (unit * centre).sum(-1).mean(-1)
+    return (cos < min_cos).repeat_interleave(heads // hk, dim=1)
+
+
+def _dissimilar_key_blocks(k, meta, min_cos, heads):
+    b, hk, n, d = k.shape
+    nb = -(-n // meta.block_k)
+    kk = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * meta.block_k - n)).view(b, hk, nb, meta.block_k, d)
+    unit = torch.nn.functional.normalize(kk, dim=-1)
+    centre = torch.nn.functional.normalize(unit.mean(3, keepdim=True), dim=-1)
+    cos = (unit * centre).sum(-1).mean(-1)
+    return (cos < min_cos).repeat_interleave(heads // hk, dim=1)

@@ -1,0 +1,65 @@
+"""``vertical_slash``: MInference's vertical-slash pattern."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import PATTERNS
+from ..layout import BlockLayout
+from .base import Pattern, SeqMeta, keep_topk
+
+
+@PATTERNS.register("vertical_slash")
+@dataclass
+class VerticalSlash(Pattern):
+    """MInference vertical-slash: the last ``last_q`` queries' softmax over all keys; verticals = the ``vertical``
+    key columns with the largest summed attention (the first 30 forced), slashes = the ``slash`` diagonals with the
+    largest summed attention (the last 100, i.e. the local band, forced). Executed at block granularity: a block is
+    computed if a chosen column or diagonal passes through it (a superset of MInference's mixed sparse kernel, which
+    gathers single columns)."""
+
+    vertical: int = 1000
+    slash: int = 6096
+    last_q: int = 64
+    force_vertical: int = 30
+    force_slash: int = 100
+
+    def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
+        b, h, nq, d = q.shape
+        hk, nk = k.shape[1], k.shape[2]
+        off = nk - nq
+        lq = min(self.last_q, nq)
+        g = h // hk
+        ql = q[:, :, nq - lq :].float().view(b, hk, g, lq, d)
+        s = torch.einsum("bkgqd,bknd->bkgqn", ql, k.float()).reshape(b, h, lq, nk) / math.sqrt(d)
+        qpos = torch.arange(nq - lq, nq, device=q.device)[:, None] + off
+        kpos = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(kpos > qpos, float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        vert = a.sum(2)  # [B, H, Nk]
+        vert[..., : self.force_vertical] = float("inf")
+        diag = (qpos - kpos).clamp(min=0).expand(b, h, lq, nk)  # offset of each entry
+        slash = torch.zeros(b, h, nk, device=q.device).scatter_add_(-1, diag.reshape(b, h, -1), a.reshape(b, h, -1))
+        slash[..., : self.force_slash] = float("inf")
+        v_keep = keep_topk(vert, min(self.vertical, nk)) if self.vertical > 0 else torch.zeros_like(vert, dtype=torch.bool)
+        s_keep = keep_topk(slash, min(self.slash, nk))
+        nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
+        # Vertical column c -> every query block, key block c // bk.
+        vb = torch.zeros(b, h, nkb, dtype=torch.bool, device=q.device)
+        cols = torch.arange(nk, device=q.device) // meta.block_k
+        vb.scatter_reduce_(-1, cols.expand(b, h, nk), v_keep, reduce="amax")
+        # Slash offset o through query block m covers key positions [m*bq - o, (m+1)*bq - 1 - o] (+ off).
+        m = torch.arange(nqb, device=q.device)[:, None]
+        n = torch.arange(nkb, device=q.device)[None, :]
+        lo_o = m * meta.block_q + off - (n + 1) * meta.block_k + 1  # smallest offset reaching block n from block m
+        hi_o = (m + 1) * meta.block_q - 1 + off - n * meta.block_k  # largest offset
+        csum = torch.cat([torch.zeros(b, h, 1, device=q.device), s_keep.float().cumsum(-1)], -1)
+        lo_c = lo_o.clamp(0, nk).expand(b, h, nqb, nkb)
+        hi_c = (hi_o + 1).clamp(0, nk).expand(b, h, nqb, nkb)
+        hits = torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, hi_c.reshape(b, h, nqb, nkb)) - \
+            torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, lo_c.reshape(b, h, nqb, nkb))
+        keep = (hits > 0) | vb[:, :, None, :]
+        return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)

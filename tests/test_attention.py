@@ -1,0 +1,247 @@
+"""Attention layer on the CPU: layouts, the reference, every pattern, and the Triton kernel in interpreter mode."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from tolerances import kernel_ok
+from vidsparse import PATTERNS
+from vidsparse.attention import BlockLayout, sparse_attention
+from vidsparse.attention.layout import causal_block_mask
+from vidsparse.attention.patterns import SeqMeta
+from vidsparse.attention.patterns.base import keep_top_mass, keep_topk, pool_blocks
+from vidsparse.attention.reference import layout_attention, masked_attention
+
+
+def qkv(b=1, h=4, hk=2, n=200, d=32, dtype=torch.float32, seed=0, nk=None):
+    g = torch.Generator().manual_seed(seed)
+    nk = nk or n
+    return (torch.randn(b, h, n, d, generator=g).to(dtype), torch.randn(b, hk, nk, d, generator=g).to(dtype),
+            torch.randn(b, hk, nk, d, generator=g).to(dtype))
+
+
+def test_causal_block_mask_matches_elements():
+    for nq, nk, bq, bk in [(100, 100, 32, 32), (70, 130, 16, 32), (64, 64, 64, 16)]:
+        m = causal_block_mask(-(-nq // bq), -(-nk // bk), bq, bk, nq, nk)
+        el = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+        pooled = torch.nn.functional.pad(el, (0, (-nk) % bk, 0, (-nq) % bq)).view(-1, bq, m.shape[1], bk).any(3).any(1)
+        assert torch.equal(m, pooled)
+
+
+def test_layout_roundtrip_and_density():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 3, 7, 7, generator=g) > 0.5
+    lay = BlockLayout.from_block_mask(mask, 16, 16, 100, 100)
+    expect = mask & causal_block_mask(7, 7, 16, 16, 100, 100)
+    assert torch.equal(lay.block_mask(), expect)
+    for b in range(2):
+        for h in range(3):
+            for m in range(7):
+                c = int(lay.kv_count[b, h, m])
+                idx = lay.kv_index[b, h, m, :c].tolist()
+                assert idx == sorted(idx) and idx == torch.nonzero(expect[b, h, m]).flatten().tolist()
+    assert lay.density() == pytest.approx(expect.sum().item() / (6 * 28))
+    dense = BlockLayout.dense(100, 100, 16, 16)
+    assert dense.density() == 1.0
+    el = dense.dense_mask()[0, 0]
+    assert torch.equal(el, torch.tril(torch.ones(100, 100, dtype=torch.bool)))
+
+
+def test_full_flags():
+    lay = BlockLayout.dense(100, 100, 32, 32)
+    # Full: strictly below the diagonal and not in the ragged last block.
+    for m in range(4):
+        for j in range(int(lay.kv_count[0, 0, m])):
+            n = int(lay.kv_index[0, 0, m, j])
+            assert bool(lay.kv_full[0, 0, m, j]) == (n < m and m < 3)
+
+
+def test_flex_block_mask_has_the_same_blocks():
+    mask = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.3
+    lay = BlockLayout.from_block_mask(mask, 32, 32, 128, 128)
+    bm = lay.to_flex_block_mask()
+    dense = bm.to_dense().bool()
+    assert torch.equal(dense[..., :4, :4], lay.block_mask())
+
+
+def test_reference_dense_equals_sdpa():
+    q, k, v = qkv()
+    ref = masked_attention(q, k, v, torch.tril(torch.ones(200, 200, dtype=torch.bool)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            is_causal=True)
+    assert torch.allclose(ref, sdpa, atol=1e-5)
+
+
+def test_dense_pattern_through_reference_equals_sdpa():
+    q, k, v = qkv()
+    lay = PATTERNS.from_spec("dense").estimate(q, k, SeqMeta(32, 32))
+    out = sparse_attention(q, k, v, lay, backend="reference")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            is_causal=True)
+    assert torch.allclose(out, sdpa, atol=1e-5)
+
+
+def test_empty_rows_give_zero():
+    q, k, v = qkv(n=64)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    mask[1] = False
+    lay = BlockLayout.from_block_mask(mask, 32, 32, 64, 64)
+    out = sparse_attention(q, k, v, lay, backend="reference")
+    assert torch.all(out[:, :, 32:] == 0) and torch.all(out[:, :, :32] != 0)
+
+
+# --- patterns -----------------------------------------------------------------------------------------------------
+
+META = SeqMeta(32, 32, True, visual=(0, 400), tokens_per_frame=50)
+SPECS = ["dense", "sink_window", "power", "radial", "block_topk", "block_cdf", "xattention",
+         "vertical_slash:vertical=40,slash=60"]
+
+
+def test_every_pattern_is_tested():
+    assert sorted(s.split(":")[0] for s in SPECS) == PATTERNS.names()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_pattern_contract(spec):
+    q, k, v = qkv(n=400)
+    lay = PATTERNS.from_spec(spec).estimate(q, k, META)
+    bm = lay.expand(1, 4).block_mask()
+    nb = 13
+    allowed = causal_block_mask(nb, nb, 32, 32, 400, 400)
+    assert not (bm & ~allowed).any()  # never beyond the causal triangle
+    diag = torch.eye(nb, dtype=torch.bool)
+    assert bm[..., diag].all()  # the diagonal is always computed
+    assert bm[..., :, 0].all()  # so is the sink block
+    again = PATTERNS.from_spec(spec).estimate(q, k, META)
+    assert torch.equal(again.expand(1, 4).block_mask(), bm)  # deterministic
+
+
+def test_block_topk_keeps_exactly_k_plus_forced():
+    q, k, _ = qkv(n=512)
+    lay = PATTERNS.from_spec("block_topk:topk=3,sink=0,local=0").estimate(q, k, SeqMeta(32, 32))
+    allowed = causal_block_mask(16, 16, 32, 32, 512, 512).sum(-1)
+    assert torch.equal(lay.kv_count[0, 0], torch.clamp(allowed, max=3).int())
+
+
+def test_keep_top_mass_is_minimal():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert keep_top_mass(p, 0.8).tolist() == [[True, True, False, False]]
+    assert keep_top_mass(p, 0.81).tolist() == [[True, True, True, False]]
+    assert keep_topk(p, 2).tolist() == [[True, True, False, False]]
+
+
+def test_block_cdf_recall_grows_with_tau():
+    q, k, _ = qkv(n=512, seed=3)
+    q = q * 3  # peakier attention
+    dens = [PATTERNS.from_spec(f"block_cdf:tau={t}").estimate(q, k, SeqMeta(32, 32)).density() for t in (0.5, 0.8, 0.99)]
+    assert dens[0] <= dens[1] <= dens[2]
+
+
+def test_pool_blocks_partial_last_block():
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    assert pool_blocks(x, 4).flatten().tolist() == [1.5, 5.5, 8.5]
+
+
+def test_xattention_antidiagonal_sums_equal_brute_force():
+    """One strided GEMM gives each S×S tile's antidiagonal sum of QKᵀ."""
+    s, d = 4, 8
+    q, k, _ = qkv(h=1, hk=1, n=32, d=d, seed=5)
+    qs = torch.cat([q[:, :, s - 1 - j :: s] for j in range(s)], -1)
+    ks = torch.cat([k[:, :, j::s] for j in range(s)], -1)
+    fast = (qs @ ks.transpose(-1, -2))[0, 0]
+    full = (q @ k.transpose(-1, -2))[0, 0]
+    for i in range(8):
+        for j in range(8):
+            tile = full[i * s : (i + 1) * s, j * s : (j + 1) * s]
+            assert fast[i, j] == pytest.approx(torch.fliplr(tile).diagonal().sum().item(), rel=1e-4, abs=1e-4)
+
+
+def test_xattention_finds_planted_blocks():
+    """Keys of block 3 match every query strongly: a τ=0.9 selection must keep block 3 for rows after it."""
+    q, k, _ = qkv(h=2, hk=2, n=256, d=16, seed=2)
+    k[:, :, 96:128] = q[:, :, 200:201] * 4  # block 3 = strong keys
+    q[:] = q[:, :, 200:201]
+    lay = PATTERNS.from_spec("xattention:stride=8,tau=0.9,sink=0,local=1").estimate(q, k, SeqMeta(32, 32))
+    bm = lay.block_mask()
+    assert bm[0, :, 4:, 3].all()
+
+
+def test_vertical_slash_covers_selected_lines():
+    q, k, _ = qkv(h=2, hk=2, n=300, d=16, seed=7)
+    k[:, :, 150] = q[:, :, -64:].mean(2) * 5  # a strong vertical at key 150
+    lay = PATTERNS.from_spec("vertical_slash:vertical=3,slash=10,force_vertical=1,force_slash=5").estimate(
+        q, k, SeqMeta(32, 32))
+    bm = lay.block_mask()
+    assert bm[0, :, 150 // 32 :, 150 // 32].all()  # the column's block for every query block at or after it
+    assert bm[0, :, :, 0].all()  # forced first columns
+
+
+def test_radial_density_falls_with_distance():
+    q, k, _ = qkv(n=1024, d=16)
+    lay = PATTERNS.from_spec("radial:sink=0").estimate(q, k, SeqMeta(32, 32, visual=(0, 1024), tokens_per_frame=32))
+    bm = lay.block_mask()[0, 0]
+    near = torch.stack([bm[m, m - 1 : m + 1].float().mean() for m in range(20, 32)]).mean()
+    far = torch.stack([bm[m, : m - 16].float().mean() for m in range(20, 32)]).mean()
+    assert near == 1.0 and far < 0.25
+
+
+def test_power_pattern_blocks():
+    q, k, _ = qkv(n=32 * 20, d=16)
+    lay = PATTERNS.from_spec("power:local=1,sink=0").estimate(q, k, SeqMeta(32, 32))
+    assert lay.kv_index[0, 0, 19, : lay.kv_count[0, 0, 19]].tolist() == [3, 11, 15, 17, 18, 19]
+
+
+# --- the Triton kernel in interpreter mode --------------------------------------------------------------------------
+
+@pytest.fixture
+def interpreter():
+    """The kernel on CPU tensors runs in Triton's interpreter; conftest sets TRITON_INTERPRET=1 before import."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 must be set before Triton is imported (conftest does so without CUDA)")
+
+
+def _check(q, k, v, lay, **kw):
+    ref = layout_attention(q.float(), k.float(), v.float(), lay, seqlens_q=kw.get("seqlens_q"), seqlens_k=kw.get("seqlens_k"))
+    out = sparse_attention(q, k, v, lay, backend="kernel", **kw)
+    same = layout_attention(q, k, v, lay, seqlens_q=kw.get("seqlens_q"), seqlens_k=kw.get("seqlens_k"), dtype=q.dtype) \
+        if q.dtype != torch.float32 else ref
+    err_k = (out.float() - ref).abs().max().item()
+    err_t = (same.float() - ref).abs().max().item()
+    assert kernel_ok(err_k, err_t, q.dtype), (err_k, err_t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,nk,causal", [(96, 96, True), (77, 77, True), (50, 90, True), (64, 40, False)])
+def test_kernel_dense_and_random_layouts(interpreter, dtype, n, nk, causal):
+    q, k, v = qkv(b=2, h=4, hk=2, n=n, nk=nk, d=16, dtype=dtype, seed=n)
+    dense = BlockLayout.dense(n, nk, 32, 16, causal)
+    _check(q, k, v, dense)
+    mask = torch.rand(2, 4, -(-n // 32), -(-nk // 16), generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[0, 1] = False  # a head with no blocks: its rows are 0
+    _check(q, k, v, BlockLayout.from_block_mask(mask, 32, 16, n, nk, causal))
+
+
+def test_kernel_equals_sdpa_on_all_blocks(interpreter):
+    q, k, v = qkv(b=1, h=2, hk=1, n=80, d=32)
+    out = sparse_attention(q, k, v, BlockLayout.dense(80, 80, 16, 16), backend="kernel")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.expand(1, 2, 80, 32), v.expand(1, 2, 80, 32),
+                                                            is_causal=True)
+    assert torch.allclose(out, sdpa, atol=1e-5)
+
+
+def test_kernel_batch_with_different_lengths(interpreter):
+    q, k, v = qkv(b=3, h=2, hk=2, n=70, d=16)
+    lens = torch.tensor([70, 33, 1])
+    out = _check(q, k, v, BlockLayout.dense(70, 70, 16, 16), seqlens_q=lens, seqlens_k=lens)
+    assert torch.all(out[1, :, 33:] == 0) and torch.all(out[2, :, 1:] == 0)
+
+
+def test_kernel_pattern_layouts(interpreter):
+    q, k, v = qkv(b=1, h=4, hk=2, n=128, d=16, seed=9)
+    for spec in ["sink_window:window=2", "block_topk:topk=2", "xattention:stride=4"]:
+        lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(16, 16))
+        _check(q, k, v, lay)

@@ -1,0 +1,81 @@
+"""The Triton kernel on CUDA against the fp32 reference (run on the accelerator machine: pytest -m gpu)."""
+
+import pytest
+import torch
+
+from tolerances import kernel_ok
+from vidsparse import PATTERNS
+from vidsparse.attention import BlockLayout, sparse_attention
+from vidsparse.attention.patterns import SeqMeta
+from vidsparse.attention.reference import layout_attention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def qkv(b, h, hk, n, d, dtype, nk=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nk = nk or n
+    mk = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype)
+    return mk(b, h, n, d), mk(b, hk, nk, d), mk(b, hk, nk, d)
+
+
+def check(q, k, v, lay, **kw):
+    lens = {x: kw.get(x) for x in ("seqlens_q", "seqlens_k")}
+    ref = layout_attention(q.float(), k.float(), v.float(), lay, **lens)
+    same = layout_attention(q, k, v, lay, dtype=q.dtype, **lens)
+    out = sparse_attention(q, k, v, lay, backend="kernel", **kw)
+    torch.cuda.synchronize()
+    err_k = (out.float() - ref).abs().max().item()
+    err_t = (same.float() - ref).abs().max().item()
+    assert kernel_ok(err_k, err_t, q.dtype), (err_k, err_t)
+    assert not torch.isnan(out).any()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("h,hk", [(8, 8), (8, 2)])
+@pytest.mark.parametrize("n", [1024, 1000, 1537])
+def test_kernel_matches_reference(dtype, d, h, hk, n):
+    q, k, v = qkv(2, h, hk, n, d, dtype, seed=n + d)
+    check(q, k, v, BlockLayout.dense(n, n, 128, 128, device="cuda"))
+    nb = -(-n // 128)
+    mask = torch.rand(2, h, nb, nb, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)) > 0.6
+    mask[1, 0] = False  # empty rows
+    out = check(q, k, v, BlockLayout.from_block_mask(mask, 128, 128, n, n))
+    assert torch.all(out[1, 0] == 0)
+
+
+@pytest.mark.parametrize("bq,bk", [(128, 64), (64, 64), (128, 128)])
+def test_block_sizes_and_noncausal(bq, bk):
+    q, k, v = qkv(1, 4, 2, 777, 128, torch.bfloat16, nk=900)
+    nqb, nkb = -(-777 // bq), -(-900 // bk)
+    mask = torch.rand(1, 4, nqb, nkb, device="cuda") > 0.5
+    check(q, k, v, BlockLayout.from_block_mask(mask, bq, bk, 777, 900, causal=False))
+    check(q, k, v, BlockLayout.from_block_mask(mask, bq, bk, 777, 900, causal=True))
+
+
+def test_all_blocks_equals_sdpa():
+    q, k, v = qkv(1, 28, 4, 4096, 128, torch.bfloat16)
+    out = sparse_attention(q, k, v, BlockLayout.dense(4096, 4096, device="cuda"))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1),
+                                                            is_causal=True)
+    ref = layout_attention(q[:, :4].float(), k[:, :1].float(), v[:, :1].float(), BlockLayout.dense(4096, 4096, device="cuda"))
+    e_k = (out[:, :4].float() - ref).abs().max().item()
+    e_s = (sdpa[:, :4].float() - ref).abs().max().item()
+    assert kernel_ok(e_k, e_s, torch.bfloat16), (e_k, e_s)
+
+
+def test_batch_with_different_lengths():
+    q, k, v = qkv(3, 4, 2, 1500, 64, torch.float16)
+    lens = torch.tensor([1500, 700, 129], device="cuda")
+    out = check(q, k, v, BlockLayout.dense(1500, 1500, device="cuda"), seqlens_q=lens, seqlens_k=lens)
+    assert torch.all(out[1, :, 700:] == 0) and torch.all(out[2, :, 129:] == 0)
+
+
+@pytest.mark.parametrize("spec", ["sink_window", "power", "block_topk", "block_cdf", "xattention",
+                                  "vertical_slash:vertical=100,slash=200", "radial"])
+def test_patterns_execute(spec):
+    q, k, v = qkv(1, 8, 2, 2048, 128, torch.bfloat16, seed=3)
+    meta = SeqMeta(128, 128, True, visual=(0, 2048), tokens_per_frame=256)
+    check(q, k, v, PATTERNS.from_spec(spec).estimate(q, k, meta))

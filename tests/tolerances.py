@@ -1,0 +1,14 @@
+"""Every fidelity threshold of the test suite, in one place (DESIGN rule 3).
+
+Kernels: ``err(kernel) <= KERNEL_ERR_FACTOR * err(torch, same dtype) + KERNEL_ATOL[dtype]``, where err is the max
+absolute difference to the fp32 reference on the same inputs and torch computes the same masked attention in the
+kernel's dtype."""
+
+import torch
+
+KERNEL_ERR_FACTOR = 2.0
+KERNEL_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def kernel_ok(err_kernel: float, err_torch: float, dtype) -> bool:
+    return err_kernel <= KERNEL_ERR_FACTOR * err_torch + KERNEL_ATOL[dtype]
