@@ -55,14 +55,13 @@ def _block_sparse_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1
     for j in range(0, cnt):
         n = tl.load(idx_base + j * s_ik)
         start_n = n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=offs_n[None, :] < lk, other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
-        qk = tl.dot(q, k)
+        qk = tl.dot(q, tl.trans(k))
         # Only blocks that cross the causal diagonal or a sequence end need the element mask.
         partial = (start_n + BLOCK_N > lk) | (pid_m * BLOCK_M + BLOCK_M > lq)
         if CAUSAL:
@@ -82,7 +81,6 @@ def _block_sparse_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
-    del row_last
 
 
 _TUNED = []

@@ -24,6 +24,7 @@ class XAttention(Pattern):
     tau: float = 0.9
     sink: int = 1
     local: int = 1
+    chunk_tokens: int = 8192
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
@@ -38,16 +39,26 @@ class XAttention(Pattern):
         qs = torch.cat([qp[:, :, s - 1 - j :: s] for j in range(s)], dim=-1)
         ks = torch.cat([kp[:, :, j::s] for j in range(s)], dim=-1)
         g = h // hk
-        sc = torch.einsum("bkgid,bkjd->bkgij", qs.view(b, hk, g, -1, s * d).float(), ks.float())
-        sc = sc.reshape(b, h, qs.shape[2], ks.shape[2]) / (math.sqrt(d) * s)
-        rows = torch.arange(qs.shape[2], device=q.device)[:, None]
-        cols = torch.arange(ks.shape[2], device=q.device)[None, :]
-        valid = cols * s < nk
-        if meta.causal:
-            valid = valid & (cols <= rows + (nk - nq) // s)
-        sc = sc.masked_fill(~valid, float("-inf"))
-        pr = torch.nan_to_num(torch.softmax(sc, dim=-1), nan=0.0)
         bq, bk = meta.block_q // s, meta.block_k // s
-        mass = pr.view(b, h, nqb, bq, nkb, bk).sum((3, 5))
+        mass = []
+        # Query blocks in chunks: the strided score matrix of a whole 128K sequence would not fit.
+        step = max(1, self.chunk_tokens // meta.block_q)
+        for m0 in range(0, nqb, step):
+            m1 = min(nqb, m0 + step)
+            # Causal: key blocks past this chunk's last diagonal are never needed.
+            nkc = nkb if not meta.causal else min(nkb, -(-(m1 * meta.block_q + nk - nq) // meta.block_k))
+            qc = qs[:, :, m0 * bq : m1 * bq]
+            kc = ks[:, :, : nkc * bk]
+            sc = torch.einsum("bkgid,bkjd->bkgij", qc.reshape(b, hk, g, -1, s * d), kc).float()  # GEMM in q's dtype
+            sc = sc.reshape(b, h, qc.shape[2], kc.shape[2]) / (math.sqrt(d) * s)
+            cols = torch.arange(kc.shape[2], device=q.device)[None, :]
+            rows = torch.arange(m0 * bq, m1 * bq, device=q.device)[:, None]
+            valid = cols * s < nk
+            if meta.causal:
+                valid = valid & (cols <= rows + (nk - nq) // s)
+            pr = torch.nan_to_num(torch.softmax(sc.masked_fill(~valid, float("-inf")), dim=-1), nan=0.0)
+            blk = pr.view(b, h, m1 - m0, bq, nkc, bk).sum((3, 5))
+            mass.append(torch.nn.functional.pad(blk, (0, nkb - nkc)))
+        mass = torch.cat(mass, dim=2)
         keep = keep_top_mass(mass, self.tau)
         return finish_layout(keep, q, k, meta, self.sink, self.local)

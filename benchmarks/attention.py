@@ -1,0 +1,265 @@
+"""Sparse prefill attention on the GPU: dense SDPA (flash, cuDNN), FlexAttention on the identical layout, and the
+vidsparse kernel; pattern estimation times; attention-mass recall on video-structured inputs.
+
+    python benchmarks/attention.py [--sizes 16384,32768,65536,131072] [--quick]
+
+Effective TFLOP/s counts computed blocks only: causal FLOPs = 2·N²·D per head × density (density = computed blocks
+/ causal blocks). Every ratio is against baselines rerun in the same process on the same device."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, save, today, update_markdown, versions  # noqa: E402
+
+from vidsparse import PATTERNS  # noqa: E402
+from vidsparse.attention import BlockLayout, sparse_attention  # noqa: E402
+from vidsparse.attention.layout import causal_block_mask  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+from vidsparse.attention.patterns.base import keep_topk  # noqa: E402
+
+
+def bench_ms(fn, rep_ms=400) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+
+
+def random_layout(h, n, density, block=128, seed=0) -> BlockLayout:
+    """Per head and query block, the diagonal plus random causal blocks up to ``density`` of the row's causal ones."""
+    nb = -(-n // block)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    allowed = causal_block_mask(nb, nb, block, block, n, n, "cuda")
+    r = torch.rand(1, h, nb, nb, device="cuda", generator=g).masked_fill(~allowed, 0) + torch.eye(nb, device="cuda") * 2
+    per_row = torch.clamp(torch.ceil(allowed.sum(-1).float() * density).long(), min=1)
+    return BlockLayout.from_block_mask(keep_topk(r, per_row), block, block, n, n)
+
+
+def flops(h, n, d, density=1.0) -> float:
+    return 2.0 * n * n * d * h * density
+
+
+def time_kernels(n, h, hk, d, densities, quick):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
+    ke, ve = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+    row = {"n": n, "heads": h, "kv_heads": hk, "d": d}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True))
+            row[name] = {"ms": ms, "tflops": flops(h, n, d) / ms / 1e9}
+        except RuntimeError as exc:
+            row[name] = {"error": str(exc).splitlines()[0][:200]}
+    dense = BlockLayout.dense(n, n, device="cuda")
+    ms = bench_ms(lambda: sparse_attention(q, k, v, dense))
+    row["vidsparse_dense"] = {"ms": ms, "tflops": flops(h, n, d) / ms / 1e9}
+    row["sparse"] = []
+    for rho in densities:
+        lay = random_layout(h, n, rho)
+        dens = lay.density()
+        entry = {"target_density": rho, "density": dens}
+        ms = bench_ms(lambda: sparse_attention(q, k, v, lay))
+        entry["vidsparse"] = {"ms": ms, "tflops": flops(h, n, d, dens) / ms / 1e9}
+        if not quick:
+            try:
+                bm = lay.to_flex_block_mask()
+                flex(q, k, v, block_mask=bm, enable_gqa=True)
+                ms_f = bench_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
+                entry["flex"] = {"ms": ms_f, "tflops": flops(h, n, d, dens) / ms_f / 1e9}
+                out_v = sparse_attention(q, k, v, lay)
+                out_f = flex(q, k, v, block_mask=bm, enable_gqa=True)
+                entry["max_abs_diff_vs_flex"] = float((out_v.float() - out_f.float()).abs().max())
+            except Exception as exc:  # report, keep measuring the rest
+                entry["flex"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        row["sparse"].append(entry)
+        del lay
+    print_row(row)
+    del q, k, v, ke, ve
+    torch.cuda.empty_cache()
+    return row
+
+
+def print_row(row):
+    def f(x):
+        return f"{x['ms']:.2f} ms {x['tflops']:.0f} TF/s" if "ms" in x else "err"
+
+    print(f"N={row['n']} H={row['heads']}/{row['kv_heads']}: flash {f(row['sdpa_flash'])}; cudnn {f(row['sdpa_cudnn'])}; "
+          f"vidsparse dense {f(row['vidsparse_dense'])}", flush=True)
+    for e in row["sparse"]:
+        print(f"   density {e['density']:.3f}: vidsparse {f(e['vidsparse'])}; flex {f(e.get('flex', {}))}", flush=True)
+
+
+SPECS = {
+    "sink_window": "sink_window:sink=1,window=8",
+    "power": "power",
+    "block_topk": "block_topk:density=0.1",
+    "block_cdf": "block_cdf:tau=0.9",
+    "xattention": "xattention:stride=16,tau=0.9",
+    "vertical_slash": "vertical_slash",
+}
+
+
+def time_estimation(n, h, hk, d):
+    q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
+    meta = SeqMeta(128, 128, True)
+    out = {}
+    for name, spec in SPECS.items():
+        p = PATTERNS.from_spec(spec)
+        ms = bench_ms(lambda: p.estimate(q, k, meta), rep_ms=200)
+        out[name] = {"ms": ms, "density": p.estimate(q, k, meta).density()}
+    print(f"estimation N={n}: " + ", ".join(f"{k_} {v['ms']:.2f} ms" for k_, v in out.items()), flush=True)
+    return out
+
+
+def mrope(x, t, hh, ww, sections=(16, 24, 24), base=1e6):
+    """Qwen2.5-VL M-RoPE: head-dim pairs split into (t, h, w) sections rotated by each position component."""
+    d = x.shape[-1]
+    half = d // 2
+    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    pos = torch.cat([t[:, None].expand(-1, sections[0]), hh[:, None].expand(-1, sections[1]),
+                     ww[:, None].expand(-1, sections[2])], 1).float()
+    ang = pos * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def video_qk(frames, gh, gw, h, hk, d, text=256, seed=0):
+    """q, k for ``frames`` × gh × gw visual tokens after a text prefix: content is smooth in space and time (the
+    same patch drifts slowly across frames), positions are M-RoPE (t, h, w) as Qwen2.5-VL builds them."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nv = frames * gh * gw
+    scene = torch.randn(max(1, frames // 8), gh * gw, d, device="cuda", generator=g)
+    content = scene.repeat_interleave(8, 0)[:frames] + 0.5 * torch.randn(frames, gh * gw, d, device="cuda", generator=g)
+    content = content.reshape(nv, d)
+    tt = torch.arange(frames, device="cuda").repeat_interleave(gh * gw)
+    hh = torch.arange(gh, device="cuda").repeat_interleave(gw).repeat(frames)
+    ww = torch.arange(gw, device="cuda").repeat(gh * frames)
+    tpos = torch.arange(text, device="cuda")
+    wq = torch.randn(h, d, d, device="cuda", generator=g) / math.sqrt(d)
+    wk = torch.randn(hk, d, d, device="cuda", generator=g) / math.sqrt(d)
+    xs = torch.cat([torch.randn(text, d, device="cuda", generator=g), content])
+    t_all = torch.cat([tpos, tt + text])
+    h_all = torch.cat([tpos, hh + text])
+    w_all = torch.cat([tpos, ww + text])
+    q = torch.einsum("nd,hde->hne", xs, wq) * 2.0
+    k = torch.einsum("nd,hde->hne", xs, wk) * 2.0
+    q = mrope(q.bfloat16(), t_all, h_all, w_all)[None]
+    k = mrope(k.bfloat16(), t_all, h_all, w_all)[None]
+    return q, k, text, gh * gw
+
+
+def recall(q, k, lay, rows):
+    """Mean attention mass (exact softmax over all causal keys) that the layout keeps, over sampled query rows."""
+    b, h, n, d = q.shape
+    g = h // k.shape[1]
+    kk = k.repeat_interleave(g, 1).float()
+    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].float(), kk) / math.sqrt(d)
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows[:, None], float("-inf"))
+    p = torch.softmax(s, -1)
+    bm = lay.expand(b, h).block_mask()
+    keep = bm[:, :, rows // lay.block_q].repeat_interleave(lay.block_k, -1)[..., :n]
+    return float((p * keep).sum(-1).mean())
+
+
+SWEEPS = {
+    "sink_window": [f"sink_window:window={w}" for w in (4, 8, 16, 32)],
+    "power": ["power:local=1", "power:local=4", "power:local=16"],
+    "block_topk": [f"block_topk:density={r}" for r in (0.05, 0.1, 0.2)],
+    "block_cdf": [f"block_cdf:tau={t}" for t in (0.7, 0.8, 0.9, 0.95)],
+    "xattention": [f"xattention:stride=16,tau={t}" for t in (0.7, 0.8, 0.9, 0.95)],
+    "vertical_slash": [f"vertical_slash:vertical={v},slash={s}" for v, s in ((500, 1000), (1000, 3000), (2000, 6000))],
+    "radial": ["radial:dense_frames=1", "radial:dense_frames=2", "radial:dense_frames=4"],
+}
+
+
+def mass_recall(frames=128, gh=16, gw=16, h=28, hk=4, d=128):
+    q, k, text, tpf = video_qk(frames, gh, gw, h, hk, d)
+    n = q.shape[2]
+    meta = SeqMeta(128, 128, True, visual=(text, n), tokens_per_frame=tpf, frame_hw=(gh, gw))
+    rows = torch.linspace(n // 8, n - 1, 256, device="cuda").long()
+    out = {}
+    for name, specs in SWEEPS.items():
+        out[name] = []
+        for spec in specs:
+            lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
+            out[name].append({"spec": spec, "density": lay.density(), "recall": recall(q, k, lay, rows)})
+        print(f"recall {name}: " + ", ".join(f"{e['density']:.3f}->{e['recall']:.3f}" for e in out[name]), flush=True)
+    return {"n": n, "frames": frames, "grid": [gh, gw], "heads": h, "kv_heads": hk, "results": out}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="16384,32768,65536,131072")
+    ap.add_argument("--densities", default="0.05,0.1,0.2")
+    ap.add_argument("--quick", action="store_true", help="no FlexAttention, one head config")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,recall")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    dens = [float(x) for x in args.densities.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    payload = {"benchmark": "attention", "date": today(), "device": device_name(),
+               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
+               "kernels": [], "estimation": {}, "recall": None}
+    t0 = time.time()
+    if "kernels" not in skip:
+        for hk in ([4] if args.quick else [4, 28]):
+            for n in sizes:
+                payload["kernels"].append(time_kernels(n, 28, hk, 128, dens, args.quick))
+    if "estimation" not in skip:
+        for n in sizes:
+            payload["estimation"][str(n)] = time_estimation(n, 28, 4, 128)
+    if "recall" not in skip:
+        payload["recall"] = mass_recall()
+    payload["seconds"] = time.time() - t0
+    out = save("attention", payload)
+    print(f"wrote {out}")
+    write_markdown(payload)
+
+
+def write_markdown(p):
+    lines = [f"Device: {p['device']} — {p['date']} — `python benchmarks/attention.py` — bf16, d = 128, batch 1, "
+             "causal, 128×128 blocks. TF/s counts computed blocks only (2·N²·D per head × density).", ""]
+    if p["kernels"]:
+        lines += ["| N | heads/KV | SDPA flash ms (TF/s) | SDPA cuDNN ms (TF/s) | vidsparse all blocks ms (TF/s) | density | "
+                  "vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex | vs cuDNN dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda x: f"{x['ms']:.2f} ({x['tflops']:.0f})" if "ms" in x else "error"
+        for r in p["kernels"]:
+            for e in r["sparse"]:
+                vf = (f"{e['flex']['ms'] / e['vidsparse']['ms']:.2f}x" if "ms" in e.get("flex", {}) else "-")
+                vc = (f"{r['sdpa_cudnn']['ms'] / e['vidsparse']['ms']:.1f}x" if "ms" in r["sdpa_cudnn"] else "-")
+                lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | {fmt(r['sdpa_flash'])} | {fmt(r['sdpa_cudnn'])} | "
+                             f"{fmt(r['vidsparse_dense'])} | {e['density']:.3f} | {fmt(e['vidsparse'])} | "
+                             f"{fmt(e['flex']) if 'flex' in e else '-'} | {vf} | {vc} |")
+    if p["estimation"]:
+        names = list(next(iter(p["estimation"].values())))
+        lines += ["", "Pattern estimation (28 heads / 4 KV heads), ms and the density it chose on random inputs:", "",
+                  "| N | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for n, est in p["estimation"].items():
+            lines.append(f"| {n} | " + " | ".join(f"{est[x]['ms']:.2f} ({est[x]['density']:.2f})" for x in names) + " |")
+    if p["recall"]:
+        r = p["recall"]
+        lines += ["", f"Attention-mass recall on video-structured q/k (M-RoPE over {r['frames']} frames × "
+                  f"{r['grid'][0]}×{r['grid'][1]} tokens + 256 text tokens, N = {r['n']}, 256 sampled query rows):", "",
+                  "| pattern | density → recall |", "|---|---|"]
+        for name, es in r["results"].items():
+            lines.append(f"| `{name}` | " + ", ".join(f"{e['density']:.3f} → {e['recall']:.3f}" for e in es) + " |")
+    update_markdown(f"Sparse attention ({p['device']})", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
