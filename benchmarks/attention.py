@@ -208,6 +208,7 @@ def main():
     ap.add_argument("--densities", default="0.05,0.1,0.2")
     ap.add_argument("--quick", action="store_true", help="no FlexAttention, one head config")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,recall")
+    ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     dens = [float(x) for x in args.densities.split(",")]
@@ -216,17 +217,21 @@ def main():
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
                "kernels": [], "estimation": {}, "recall": None}
     t0 = time.time()
+    name = "attention" + (f"_{args.tag}" if args.tag else "")
     if "kernels" not in skip:
         for hk in ([4] if args.quick else [4, 28]):
             for n in sizes:
                 payload["kernels"].append(time_kernels(n, 28, hk, 128, dens, args.quick))
+                save(name, payload)  # partial results survive a time limit
     if "estimation" not in skip:
         for n in sizes:
             payload["estimation"][str(n)] = time_estimation(n, 28, 4, 128)
+        save(name, payload)
     if "recall" not in skip:
         payload["recall"] = mass_recall()
     payload["seconds"] = time.time() - t0
-    out = save("attention", payload)
+    payload["tag"] = args.tag
+    out = save(name, payload)
     print(f"wrote {out}")
     write_markdown(payload)
 
@@ -258,7 +263,7 @@ def write_markdown(p):
                   "| pattern | density → recall |", "|---|---|"]
         for name, es in r["results"].items():
             lines.append(f"| `{name}` | " + ", ".join(f"{e['density']:.3f} → {e['recall']:.3f}" for e in es) + " |")
-    update_markdown(f"Sparse attention ({p['device']})", "\n".join(lines))
+    update_markdown(f"Sparse attention ({p['device']})" + (f" — {p.get('tag')}" if p.get("tag") else ""), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Block-sparse flash-attention forward in Triton: executes any ``BlockLayout``.
 
-One program per (query block, batch·head). It walks the query block's key-block list (from the layout), keeps the
+One program per (batch·head, query block). It walks the query block's key-block list (from the layout), keeps the
 online-softmax running max/sum in fp32 and accumulates P·V with tensor-core dots. GQA reads the shared K/V head in
-place (no expansion). The element mask (causal triangle, sequence ends) is applied only on blocks that need it,
-decided from geometry in the kernel, so the layout's blocks may come from any pattern. Rows with no key get 0."""
+place (no expansion). Because a row's block indices are sorted, the blocks needing no element mask (inside the causal
+triangle and both sequence ends) form a prefix, counted per row from geometry by ``full_prefix``; the kernel runs
+that prefix in a mask-free loop and only the rest (the diagonal, ragged ends) with the element mask. Rows with no
+key get 0."""
 
 from __future__ import annotations
 
@@ -21,52 +23,19 @@ def _configs():
 
 
 @triton.jit
-def _block_sparse_fwd(
-    Q, K, V, O, IDX, CNT, LQ, LK,
-    s_qb, s_qh, s_qm, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_ob, s_oh, s_om, s_od,
-    s_ib, s_ih, s_im, s_ik,
-    s_cb, s_ch, s_cm,
-    H, GROUP, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    lq = tl.load(LQ + b)
-    lk = tl.load(LK + b)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
-    if pid_m * BLOCK_M >= lq:
-        return
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=offs_m[:, None] < lq, other=0.0)
-    q = (q * qk_scale).to(q.dtype)  # softmax scale and log2(e) folded into Q once
-    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
-    idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    off = lk - lq  # bottom-right causal alignment
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in range(0, cnt):
+def _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, j0, j1, s_ik, s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off,
+            MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    for j in range(j0, j1):
         n = tl.load(idx_base + j * s_ik)
-        start_n = n * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASK:
+            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd)
         qk = tl.dot(q, tl.trans(k))
-        # Only blocks that cross the causal diagonal or a sequence end need the element mask.
-        partial = (start_n + BLOCK_N > lk) | (pid_m * BLOCK_M + BLOCK_M > lq)
-        if CAUSAL:
-            partial = partial | (start_n + BLOCK_N - 1 > pid_m * BLOCK_M + off)
-        if partial:
+        if MASK:
             valid = offs_n[None, :] < lk
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
@@ -78,9 +47,71 @@ def _block_sparse_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, O, IDX, CNT, NFULL, LQ, LK,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_ib, s_ih, s_im, s_ik,
+    s_cb, s_ch, s_cm,
+    s_fb, s_fh, s_fm,
+    H, GROUP, NQB, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    # Heads vary fastest so the query heads sharing a K/V head run together (L2 reuse under GQA), and the longest
+    # causal rows are launched first so the short ones fill the tail.
+    pid_bh = tl.program_id(0)
+    pid_m = NQB - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    lq = tl.load(LQ + b)
+    lk = tl.load(LK + b)
+    if pid_m * BLOCK_M >= lq:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=offs_m[:, None] < lq, other=0.0)
+    q = (q * qk_scale).to(q.dtype)  # softmax scale and log2(e) folded into Q once
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
+    nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
+    idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    off = lk - lq  # bottom-right causal alignment
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Sorted indices make the blocks that need no element mask a prefix: run it without masks, then the rest.
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, 0, nfull, s_ik, s_kn, s_kd, s_vn, s_vd,
+                            offs_m, offs_d, lk, off, False, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, nfull, cnt, s_ik, s_kn, s_kd, s_vn, s_vd,
+                            offs_m, offs_d, lk, off, True, CAUSAL, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
+
+
+def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk):
+    """int32 [B, H, NQ]: how many leading (sorted) blocks of each row need no element mask for each sequence's
+    lengths. Pure tensor ops, no host sync."""
+    nqb = kv_index.shape[2]
+    m = torch.arange(nqb, device=kv_index.device)
+    lk_ = lk.view(-1, 1, 1, 1).long()
+    last_full = (lk_ // block_k) - 1  # key blocks entirely inside the sequence
+    if causal:
+        off = (lk - lq).view(-1, 1, 1, 1).long()
+        diag = (m.view(1, 1, -1, 1) * block_q + off + 1) // block_k - 1  # blocks entirely at or below row m*bq
+        last_full = torch.minimum(last_full, diag)
+    valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
+    return ((kv_index.long() <= last_full) & valid).sum(-1, dtype=torch.int32)
 
 
 _TUNED = []
@@ -106,13 +137,16 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
     lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=q.device)
     lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=q.device)
+    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk)
     si = [kv_index.stride(i) if kv_index.shape[i] > 1 else 0 for i in range(4)]
     sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
-    grid = (triton.cdiv(nq, block_q), b * h)
+    sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
+    nqb = triton.cdiv(nq, block_q)
+    grid = (b * h, nqb)
     _kernel(q.is_cuda)[grid](
-        q, k, v, out, kv_index, kv_count, lq, lk,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si, *sc,
-        h, h // hk, scale * LOG2E,
+        q, k, v, out, kv_index, kv_count, nfull, lq, lk,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si, *sc, *sf,
+        h, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal,
     )
     return out

@@ -48,9 +48,8 @@ class VerticalSlash(Pattern):
         s_keep = keep_topk(slash, min(self.slash, nk))
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
         # Vertical column c -> every query block, key block c // bk.
-        vb = torch.zeros(b, h, nkb, dtype=torch.bool, device=q.device)
         cols = torch.arange(nk, device=q.device) // meta.block_k
-        vb.scatter_reduce_(-1, cols.expand(b, h, nk), v_keep, reduce="amax")
+        vb = torch.zeros(b, h, nkb, device=q.device).scatter_add_(-1, cols.expand(b, h, nk), v_keep.float()) > 0
         # Slash offset o through query block m covers key positions [m*bq - o, (m+1)*bq - 1 - o] (+ off).
         m = torch.arange(nqb, device=q.device)[:, None]
         n = torch.arange(nkb, device=q.device)[None, :]
