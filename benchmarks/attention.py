@@ -209,7 +209,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="no FlexAttention, one head config")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,recall")
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
+    ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     args = ap.parse_args()
+    if args.markdown_from:
+        import json
+
+        write_markdown(json.loads(Path(args.markdown_from).read_text()))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     dens = [float(x) for x in args.densities.split(",")]
     skip = set(filter(None, args.skip.split(",")))
