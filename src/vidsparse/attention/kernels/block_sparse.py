@@ -150,3 +150,100 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal,
     )
     return out
+
+
+@triton.jit
+def _block_sparse_fwd_tma(
+    desc_q, desc_k, desc_v, O, IDX, CNT, NFULL, LQ, LK,
+    s_ob, s_oh, s_om, s_od,
+    s_ib, s_ih, s_im, s_ik,
+    s_cb, s_ch, s_cm,
+    s_fb, s_fh, s_fm,
+    H, HK, GROUP, NQB, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
+):
+    """As ``_block_sparse_fwd`` with Q/K/V tiles brought in by the tensor-memory accelerator (3-D descriptors over
+    [B·heads, N, D], zero-filled past N) and, optionally, warp-specialised pipelining of the main loop."""
+    pid_bh = tl.program_id(0)
+    pid_m = NQB - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    lq = tl.load(LQ + b)
+    lk = tl.load(LK + b)
+    if pid_m * BLOCK_M >= lq:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = desc_q.load([pid_bh, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    q = (q * qk_scale).to(q.dtype)
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
+    nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
+    idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
+    kv_bh = b * HK + hk
+    off = lk - lq
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in tl.range(0, nfull, warp_specialize=WARP_SPEC):
+        n = tl.load(idx_base + j * s_ik)
+        k = desc_k.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    for j in range(nfull, cnt):
+        n = tl.load(idx_base + j * s_ik)
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = desc_k.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        valid = offs_n[None, :] < lk
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
+
+
+def block_sparse_attention_tma(q, k, v, kv_index, kv_count, block_q, block_k, causal, scale, seqlens_q=None,
+                               seqlens_k=None, warp_specialize=False, num_warps=8, num_stages=3):
+    """TMA variant (Hopper+). q, k, v must be contiguous [B, H, N, D]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.zeros_like(q)
+    lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=q.device)
+    lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=q.device)
+    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk)
+    dq = TensorDescriptor(q.view(b * h, nq, d), [b * h, nq, d], [nq * d, d, 1], [1, block_q, d])
+    dk = TensorDescriptor(k.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
+    dv = TensorDescriptor(v.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
+    si = [kv_index.stride(i) if kv_index.shape[i] > 1 else 0 for i in range(4)]
+    sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
+    sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
+    nqb = triton.cdiv(nq, block_q)
+    _block_sparse_fwd_tma[(b * h, nqb)](
+        dq, dk, dv, out, kv_index, kv_count, nfull, lq, lk, *out.stride(), *si, *sc, *sf,
+        h, hk, h // hk, nqb, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, WARP_SPEC=warp_specialize,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
