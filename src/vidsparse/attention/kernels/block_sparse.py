@@ -45,7 +45,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, j0, j1, s_ik, s_kn, s_kd
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
         m_i = m_new
     return acc, l_i, m_i
 
@@ -195,7 +195,7 @@ def _block_sparse_fwd_tma(
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
         m_i = m_new
     for j in range(nfull, cnt):
         n = tl.load(idx_base + j * s_ik)
@@ -212,7 +212,7 @@ def _block_sparse_fwd_tma(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
