@@ -12,6 +12,13 @@ from vidsparse.attention.reference import layout_attention
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.fixture(autouse=True, params=["tma", "pointers"])
+def variant(request, monkeypatch):
+    """Every test runs on both kernel variants (TMA is the default on Hopper for 128x128 blocks)."""
+    monkeypatch.setenv("VIDSPARSE_ATTENTION_TMA", "1" if request.param == "tma" else "0")
+    return request.param
+
+
 def qkv(b, h, hk, n, d, dtype, nk=None, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     nk = nk or n
