@@ -28,6 +28,7 @@ def use_tma(q: Tensor, layout: BlockLayout) -> bool:
     if not q.is_cuda or os.environ.get("VIDSPARSE_ATTENTION_TMA", "1") == "0":
         return False
     return (torch.cuda.get_device_capability(q.device) >= (9, 0) and q.shape[-1] in (64, 128)
+            and q.dtype in (torch.bfloat16, torch.float16)
             and layout.block_q == 128 and layout.block_k == 128)
 
 
