@@ -138,26 +138,28 @@ def mrope(x, t, hh, ww, sections=(16, 24, 24), base=1e6):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def video_qk(frames, gh, gw, h, hk, d, text=256, seed=0):
-    """q, k for ``frames`` × gh × gw visual tokens after a text prefix: content is smooth in space and time (the
-    same patch drifts slowly across frames), positions are M-RoPE (t, h, w) as Qwen2.5-VL builds them."""
+def video_qk(frames, gh, gw, h, hk, d, text=256, seed=0, sharp=1.1):
+    """q, k for ``frames`` × gh × gw visual tokens after a text prefix, shaped like a video LLM's: content repeats
+    within scenes of 8 frames (a patch looks like itself in neighbouring frames, plus noise), q and k share each KV
+    head's projection (so a token attends to tokens with similar content), and positions are M-RoPE (t, h, w) as
+    Qwen2.5-VL builds them. ``sharp`` scales q and k: 1.1 puts most attention mass on same-patch tokens of the scene."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     nv = frames * gh * gw
-    scene = torch.randn(max(1, frames // 8), gh * gw, d, device="cuda", generator=g)
+    scene = torch.randn(max(1, -(-frames // 8)), gh * gw, d, device="cuda", generator=g)
     content = scene.repeat_interleave(8, 0)[:frames] + 0.5 * torch.randn(frames, gh * gw, d, device="cuda", generator=g)
-    content = content.reshape(nv, d)
+    xs = torch.cat([torch.randn(text, d, device="cuda", generator=g), content.reshape(nv, d)])
+    xs = xs / xs.norm(dim=-1, keepdim=True) * math.sqrt(d)
     tt = torch.arange(frames, device="cuda").repeat_interleave(gh * gw)
     hh = torch.arange(gh, device="cuda").repeat_interleave(gw).repeat(frames)
     ww = torch.arange(gw, device="cuda").repeat(gh * frames)
     tpos = torch.arange(text, device="cuda")
-    wq = torch.randn(h, d, d, device="cuda", generator=g) / math.sqrt(d)
     wk = torch.randn(hk, d, d, device="cuda", generator=g) / math.sqrt(d)
-    xs = torch.cat([torch.randn(text, d, device="cuda", generator=g), content])
+    wq = wk.repeat_interleave(h // hk, 0) + 0.3 * torch.randn(h, d, d, device="cuda", generator=g) / math.sqrt(d)
+    q = torch.einsum("nd,hde->hne", xs, wq) * sharp
+    k = torch.einsum("nd,hde->hne", xs, wk) * sharp
     t_all = torch.cat([tpos, tt + text])
     h_all = torch.cat([tpos, hh + text])
     w_all = torch.cat([tpos, ww + text])
-    q = torch.einsum("nd,hde->hne", xs, wq) * 2.0
-    k = torch.einsum("nd,hde->hne", xs, wk) * 2.0
     q = mrope(q.bfloat16(), t_all, h_all, w_all)[None]
     k = mrope(k.bfloat16(), t_all, h_all, w_all)[None]
     return q, k, text, gh * gw
@@ -179,10 +181,11 @@ def recall(q, k, lay, rows):
 SWEEPS = {
     "sink_window": [f"sink_window:window={w}" for w in (4, 8, 16, 32)],
     "power": ["power:local=1", "power:local=4", "power:local=16"],
+    "dense": ["dense"],
     "block_topk": [f"block_topk:density={r}" for r in (0.05, 0.1, 0.2)],
     "block_cdf": [f"block_cdf:tau={t}" for t in (0.7, 0.8, 0.9, 0.95)],
     "xattention": [f"xattention:stride=16,tau={t}" for t in (0.7, 0.8, 0.9, 0.95)],
-    "vertical_slash": [f"vertical_slash:vertical={v},slash={s}" for v, s in ((500, 1000), (1000, 3000), (2000, 6000))],
+    "vertical_slash": [f"vertical_slash:vertical={v},slash={s}" for v, s in ((30, 100), (100, 300), (300, 1000))],
     "radial": ["radial:dense_frames=1", "radial:dense_frames=2", "radial:dense_frames=4"],
 }
 

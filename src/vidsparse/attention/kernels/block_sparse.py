@@ -1,6 +1,6 @@
 """Block-sparse flash-attention forward in Triton: executes any ``BlockLayout``.
 
-One program per (batch·head, query block). It walks the query block's key-block list (from the layout), keeps the
+One program per (query head, query block). It walks the query block's key-block list (from the layout), keeps the
 online-softmax running max/sum in fp32 and accumulates P·V with tensor-core dots. GQA reads the shared K/V head in
 place (no expansion). Because a row's block indices are sorted, the blocks needing no element mask (inside the causal
 triangle and both sequence ends) form a prefix, counted per row from geometry by ``full_prefix``; the kernel runs
@@ -60,16 +60,17 @@ def _block_sparse_fwd(
     s_ib, s_ih, s_im, s_ik,
     s_cb, s_ch, s_cm,
     s_fb, s_fh, s_fm,
-    H, GROUP, NQB, qk_scale,
+    H, HK, GROUP, NQB, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    # Heads vary fastest so the query heads sharing a K/V head run together (L2 reuse under GQA), and the longest
-    # causal rows are launched first so the short ones fill the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = NQB - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    # Launch order: the GROUP query heads that share a K/V head vary fastest, then query blocks (longest causal rows
+    # first, so short ones fill the tail), then K/V heads and batch: neighbours in time read the same K/V from L2.
+    pid_g = tl.program_id(0) % GROUP
+    pid_m = NQB - 1 - tl.program_id(0) // GROUP
+    b = tl.program_id(1) // HK
+    hk = tl.program_id(1) % HK
+    h = hk * GROUP + pid_g
+    pid_bh = b * H + h
     lq = tl.load(LQ + b)
     lk = tl.load(LK + b)
     if pid_m * BLOCK_M >= lq:
@@ -142,11 +143,11 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
     sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
     nqb = triton.cdiv(nq, block_q)
-    grid = (b * h, nqb)
+    grid = ((h // hk) * nqb, b * hk)
     _kernel(q.is_cuda)[grid](
         q, k, v, out, kv_index, kv_count, nfull, lq, lk,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si, *sc, *sf,
-        h, h // hk, nqb, scale * LOG2E,
+        h, hk, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal,
     )
     return out
@@ -165,11 +166,12 @@ def _block_sparse_fwd_tma(
 ):
     """As ``_block_sparse_fwd`` with Q/K/V tiles brought in by the tensor-memory accelerator (3-D descriptors over
     [B·heads, N, D], zero-filled past N) and, optionally, warp-specialised pipelining of the main loop."""
-    pid_bh = tl.program_id(0)
-    pid_m = NQB - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    pid_g = tl.program_id(0) % GROUP
+    pid_m = NQB - 1 - tl.program_id(0) // GROUP
+    b = tl.program_id(1) // HK
+    hk = tl.program_id(1) % HK
+    h = hk * GROUP + pid_g
+    pid_bh = b * H + h
     lq = tl.load(LQ + b)
     lk = tl.load(LK + b)
     if pid_m * BLOCK_M >= lq:
@@ -240,7 +242,7 @@ def block_sparse_attention_tma(q, k, v, kv_index, kv_count, block_q, block_k, ca
     sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
     sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
     nqb = triton.cdiv(nq, block_q)
-    _block_sparse_fwd_tma[(b * h, nqb)](
+    _block_sparse_fwd_tma[((h // hk) * nqb, b * hk)](
         dq, dk, dv, out, kv_index, kv_count, nfull, lq, lk, *out.stride(), *si, *sc, *sf,
         h, hk, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, WARP_SPEC=warp_specialize,

@@ -46,14 +46,16 @@ class Pattern(ABC):
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:
-    """Mean over blocks of the sequence axis: [B, H, N, D] -> [B, H, ceil(N/block), D] (the last block is partial)."""
+    """Mean over blocks of the sequence axis: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the last block is
+    partial). Reads x once in its own dtype, accumulating in fp32."""
     b, h, n, d = x.shape
     nb = -(-n // block)
-    pad = nb * block - n
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block, d).sum(3)
-    counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = block - pad
-    return xs / counts[:, None]
+    full = n // block
+    out = x[:, :, : full * block].reshape(b, h, full, block, d).sum(3, dtype=torch.float32) / block
+    if nb > full:
+        tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (n - full * block)
+        out = torch.cat([out, tail], dim=2)
+    return out
 
 
 def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
