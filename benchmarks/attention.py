@@ -85,10 +85,7 @@ def time_kernels(n, h, hk, d, densities, quick):
             except Exception as exc:  # report, keep measuring the rest
                 entry["flex"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         row["sparse"].append(entry)
-        del lay
     print_row(row)
-    del q, k, v, ke, ve
-    torch.cuda.empty_cache()
     return row
 
 
@@ -231,6 +228,7 @@ def main():
         for hk in ([4] if args.quick else [4, 28]):
             for n in sizes:
                 payload["kernels"].append(time_kernels(n, 28, hk, 128, dens, args.quick))
+                torch.cuda.empty_cache()
                 save(name, payload)  # partial results survive a time limit
     if "estimation" not in skip:
         for n in sizes:

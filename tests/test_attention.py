@@ -1,6 +1,5 @@
 """Attention layer on the CPU: layouts, the reference, every pattern, and the Triton kernel in interpreter mode."""
 
-import math
 import os
 
 import pytest

@@ -1,4 +1,3 @@
-import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +6,6 @@ from vidsparse import FRAMES, Budget
 from vidsparse.errors import InputError
 from vidsparse.frames.base import allocate_tokens, fill_unique, uniform_indices
 from vidsparse.scoring import CandidateScores
-from vidsparse.types import Query
 
 
 def relevance(index, gt):

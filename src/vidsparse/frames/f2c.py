@@ -7,7 +7,6 @@ refilled from the neighbours of the best anchors, so exactly n come back."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

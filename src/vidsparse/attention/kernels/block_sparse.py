@@ -70,7 +70,6 @@ def _block_sparse_fwd(
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     h = hk * GROUP + pid_g
-    pid_bh = b * H + h
     lq = tl.load(LQ + b)
     lk = tl.load(LK + b)
     if pid_m * BLOCK_M >= lq:
