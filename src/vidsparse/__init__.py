@@ -4,13 +4,13 @@ Importing the package is cheap: it patches nothing and imports no Triton, CUDA o
 
 from .errors import InputError, ResourceError, SpecError, UnsupportedError, VidsparseError
 from .recipe import Budget, Recipe
-from .registry import FRAMES, PATTERNS, SCORERS
+from .registry import FRAMES, PATTERNS, SCORERS, TOKENS
 from .types import Frames, Query, Selection, VideoInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "Recipe", "FRAMES", "PATTERNS", "SCORERS", "Frames", "Query", "Selection", "VideoInfo", "VidsparseError",
+    "Budget", "Recipe", "FRAMES", "PATTERNS", "SCORERS", "TOKENS", "Frames", "Query", "Selection", "VideoInfo", "VidsparseError",
     "InputError", "ResourceError", "SpecError", "UnsupportedError", "find_moments",
 ]
 

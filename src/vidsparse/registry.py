@@ -167,3 +167,4 @@ def spec_of(method: Any) -> str:
 FRAMES: Registry = Registry("frame selection", "vidsparse.frames")
 SCORERS: Registry = Registry("scorer", "vidsparse.scoring")
 PATTERNS: Registry = Registry("attention pattern", "vidsparse.attention.patterns")
+TOKENS: Registry = Registry("token reducer", "vidsparse.tokens")

@@ -97,3 +97,84 @@ class Selection:
             "frames_scored": int(self.frames_scored),
             "notes": list(self.notes),
         }
+
+
+@dataclass(frozen=True, eq=False)
+class VisualTokens:
+    """Visual tokens of a video after the vision tower (and projector/merger), in frame-major raster order.
+
+    features float [N, D]; positions int64 [N, 3] = (t, h, w) grid coordinates; frame int64 [N] (0..T-1,
+    non-decreasing); frame_hw int64 [T, 2] = each frame's token grid (h, w) — grids may differ between frames (Qwen2.5-VL
+    resolution per frame); attention float [N] or None: attention each token receives (CLS attention where a tower has
+    a CLS, mean received attention otherwise); keys float [N, Dk] or None: the tower's key vectors (VisionZip)."""
+
+    features: "object"
+    positions: "object"
+    frame: "object"
+    frame_hw: "object"
+    attention: "object" = None
+    keys: "object" = None
+
+    def __post_init__(self):
+        n = self.features.shape[0]
+        if self.features.dim() != 2 or self.positions.shape != (n, 3) or self.frame.shape != (n,):
+            raise ValueError("VisualTokens: features [N, D], positions [N, 3], frame [N] required")
+        if int((self.frame_hw[:, 0] * self.frame_hw[:, 1]).sum()) != n:
+            raise ValueError("VisualTokens: frame_hw does not add up to N tokens")
+        for name in ("attention", "keys"):
+            x = getattr(self, name)
+            if x is not None and x.shape[0] != n:
+                raise ValueError(f"VisualTokens.{name} must have one row per token")
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frame_hw.shape[0])
+
+    def frame_slices(self) -> list[tuple[int, int]]:
+        """[(start, end)) token range of each frame."""
+        import torch
+
+        counts = (self.frame_hw[:, 0] * self.frame_hw[:, 1]).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        return [(e - c, e) for c, e in zip(counts, ends)]
+
+    @classmethod
+    def from_grid(cls, features, frame_hw, attention=None, keys=None) -> "VisualTokens":
+        """Build from features in frame-major raster order and per-frame grids [(h, w), ...]."""
+        import torch
+
+        hw = torch.as_tensor(frame_hw, dtype=torch.int64).reshape(-1, 2)
+        parts_t, parts_h, parts_w = [], [], []
+        for t, (h, w) in enumerate(hw.tolist()):
+            parts_t.append(torch.full((h * w,), t, dtype=torch.int64))
+            parts_h.append(torch.arange(h).repeat_interleave(w))
+            parts_w.append(torch.arange(w).repeat(h))
+        pos = torch.stack([torch.cat(parts_t), torch.cat(parts_h), torch.cat(parts_w)], 1).to(features.device)
+        return cls(features, pos, pos[:, 0].clone(), hw.to(features.device), attention, keys)
+
+
+@dataclass(frozen=True, eq=False)
+class Reduction:
+    """What survives a token reducer. keep_index int64 [K]: sorted unique indices into the original N (the token each
+    output stands at); features float [K, D] (merged tokens carry the merged features at the position of the token they
+    merged into); method: the reducer's name."""
+
+    features: "object"
+    keep_index: "object"
+    source: VisualTokens
+    method: str
+
+    def __len__(self) -> int:
+        return int(self.keep_index.shape[0])
+
+    @property
+    def positions(self):
+        """int64 [K, 3] (t, h, w) of the kept tokens in the unreduced grid: what an adapter needs for M-RoPE."""
+        return self.source.positions[self.keep_index]
+
+    @property
+    def frame(self):
+        return self.source.frame[self.keep_index]

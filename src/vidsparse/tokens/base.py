@@ -1,0 +1,103 @@
+"""``TokenReducer`` and shared helpers: budget checks, per-frame budget splits, exact top-k, building a ``Reduction``.
+
+Contract for every reducer: exactly ``budget`` tokens out, or the input itself (bit for bit) when budget ≥ N;
+``keep_index`` sorted and unique; kept tokens keep their (t, h, w); merged features sit at the position of the token
+they merged into; deterministic. All torch, the same code on CPU and GPU."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..types import Reduction, VisualTokens
+
+
+class TokenReducer(ABC):
+    name: ClassVar[str]
+    capabilities: ClassVar[dict]
+
+    def reduce(self, tokens: VisualTokens, budget: int) -> Reduction:
+        """Keep ``budget`` of ``tokens`` (see the module contract)."""
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise InputError(f"token budget must be a positive integer, got {budget!r}")
+        if budget >= len(tokens):
+            return Reduction(tokens.features, torch.arange(len(tokens), device=tokens.features.device), tokens, self.name)
+        keep, feats = self._reduce(tokens, budget)
+        order = torch.argsort(keep)
+        keep, feats = keep[order], feats[order]
+        if keep.numel() != budget or (keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all())):
+            raise AssertionError(f"{self.name} returned {keep.numel()} tokens (budget {budget}) or duplicates")
+        return Reduction(feats, keep, tokens, self.name)
+
+    @abstractmethod
+    def _reduce(self, tokens: VisualTokens, budget: int) -> tuple[Tensor, Tensor]:
+        """-> (keep_index int64 [budget], features [budget, D]) in any order; called only when budget < N."""
+
+
+def split_budget(counts: Tensor, budget: int) -> Tensor:
+    """int64 [T]: ``budget`` spread over frames in proportion to their token ``counts`` (largest remainder), each at
+    most its count, summing exactly to ``budget`` (≤ counts.sum())."""
+    counts = counts.to(torch.int64)
+    total = int(counts.sum())
+    budget = min(budget, total)
+    share = counts.double() * budget / max(total, 1)
+    out = torch.minimum(torch.floor(share).to(torch.int64), counts)
+    rem = budget - int(out.sum())
+    if rem > 0:
+        # The fractional parts sum to ``rem`` and each is < 1, so at least ``rem`` frames have one; each of those is
+        # below its share, hence below its count: one pass of +1 suffices.
+        frac = share - out.double()
+        out[torch.argsort(-frac, stable=True)[:rem]] += 1
+    return out
+
+
+def topk_per_frame(scores: Tensor, tokens: VisualTokens, per_frame: Tensor) -> Tensor:
+    """Indices of the top ``per_frame[t]`` scores within each frame (ties: lower index first), as one tensor.
+
+    Vectorised: one global sort keyed by (frame, -score, index), then a rank within frame."""
+    n = scores.shape[0]
+    idx = torch.arange(n, device=scores.device)
+    # Sort by score descending (stable on index), then stably by frame: ranks within each frame follow.
+    order = torch.argsort(-scores.double(), stable=True)
+    order = order[torch.argsort(tokens.frame[order], stable=True)]
+    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=scores.device),
+                                     (tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1])[:-1]]), 0)
+    rank = idx - starts[tokens.frame[order]]
+    keep = rank < per_frame.to(scores.device)[tokens.frame[order]]
+    return order[keep]
+
+
+def importance(tokens: VisualTokens) -> Tensor:
+    """Attention received when the tower provided it; otherwise the feature L2 norm (a common proxy: tokens the
+    tower attends to grow in norm)."""
+    if tokens.attention is not None:
+        return tokens.attention.float()
+    return tokens.features.float().norm(dim=-1)
+
+
+def unit(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def minmax(x: Tensor) -> Tensor:
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if float(hi - lo) > 0 else torch.zeros_like(x)
+
+
+def prev_same_position(tokens: VisualTokens) -> Tensor:
+    """int64 [N]: index of the token at the same (h, w) in the previous frame with the same grid, or -1."""
+    n = len(tokens)
+    hw = tokens.frame_hw
+    counts = hw[:, 0] * hw[:, 1]
+    starts = torch.cumsum(torch.cat([counts.new_zeros(1), counts[:-1]]), 0)
+    t = tokens.frame
+    same = torch.zeros_like(t, dtype=torch.bool)
+    same_grid = torch.cat([torch.zeros(1, dtype=torch.bool, device=hw.device), (hw[1:] == hw[:-1]).all(1)])
+    same = same_grid[t]
+    local = torch.arange(n, device=t.device) - starts[t]
+    prev = starts[(t - 1).clamp(min=0)] + local
+    return torch.where(same & (t > 0), prev, torch.full_like(prev, -1))

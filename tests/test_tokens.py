@@ -1,0 +1,189 @@
+"""Token reducers: the shared contract for every reducer, on LLaVA-OneVision and Qwen2.5-VL layouts, plus
+hand-computed cases per method."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vidsparse import TOKENS
+from vidsparse.errors import InputError
+from vidsparse.types import VisualTokens
+
+ALL = TOKENS.names()
+
+
+def make(hw, d=16, seed=0, attention=False, keys=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(h * w for h, w in hw)
+    base = torch.randn(n, d, generator=g)
+    # Temporal redundancy: each frame repeats part of the previous one where grids agree.
+    feats = base.clone()
+    start = 0
+    prev = None
+    for h, w in hw:
+        if prev is not None and prev[1] == (h, w):
+            same = torch.rand(h * w, generator=g) < 0.6
+            feats[start : start + h * w][same] = feats[prev[0] : prev[0] + h * w][same] + 0.01 * base[start : start + h * w][same]
+        prev = (start, (h, w))
+        start += h * w
+    att = torch.rand(n, generator=g) if attention else None
+    k = torch.randn(n, 8, generator=g) if keys else None
+    return VisualTokens.from_grid(feats.to(dtype), hw, attention=att, keys=k)
+
+
+LAYOUTS = {
+    "llava_ov": [(27, 27)] * 6,  # SigLIP 27x27, no CLS
+    "qwen": [(9, 16)] * 3 + [(12, 12)] * 2 + [(7, 11)],  # merged grids, resolution changing between frames
+    "tiny": [(2, 3)] * 5,
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("frac", [0.01, 0.1, 0.26, 0.5, 0.9, 0.999])
+def test_contract(name, layout, frac):
+    vt = make(LAYOUTS[layout], attention=True, keys=True)
+    n = len(vt)
+    budget = max(1, int(n * frac))
+    r = TOKENS.from_spec(name).reduce(vt, budget)
+    assert len(r) == budget and r.features.shape == (budget, vt.features.shape[1])
+    assert bool((r.keep_index[1:] > r.keep_index[:-1]).all())
+    assert torch.equal(r.positions, vt.positions[r.keep_index])
+    again = TOKENS.from_spec(name).reduce(vt, budget)
+    assert torch.equal(again.keep_index, r.keep_index) and torch.equal(again.features, r.features)
+    assert torch.isfinite(r.features).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_identity_at_full_budget(name):
+    vt = make(LAYOUTS["qwen"], dtype=torch.bfloat16)
+    for budget in (len(vt), len(vt) + 7):
+        r = TOKENS.from_spec(name).reduce(vt, budget)
+        assert r.features is vt.features  # bit for bit: the very tensor
+        assert torch.equal(r.keep_index, torch.arange(len(vt)))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("budget", [0, -1, 2.5, True])
+def test_bad_budget(name, budget):
+    with pytest.raises(InputError):
+        TOKENS.from_spec(name).reduce(make(LAYOUTS["tiny"]), budget)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fallback_without_attention_or_keys(name):
+    vt = make(LAYOUTS["llava_ov"])
+    assert len(TOKENS.from_spec(name).reduce(vt, 500)) == 500
+
+
+@settings(max_examples=25, deadline=None)
+@given(frames=st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=6),
+       frac=st.floats(0.0, 1.0), name=st.sampled_from(ALL), seed=st.integers(0, 10**6))
+def test_contract_random_shapes(frames, frac, name, seed):
+    vt = make(frames, d=8, seed=seed, attention=seed % 2 == 0)
+    budget = max(1, int(len(vt) * frac))
+    r = TOKENS.from_spec(name).reduce(vt, budget)
+    assert len(r) == min(budget, len(vt))
+    assert len(set(r.keep_index.tolist())) == len(r)
+
+
+# --- hand-computed cases -------------------------------------------------------------------------------------------
+
+def test_pooling_means_at_top_left():
+    x = torch.arange(16.0)[:, None].repeat(1, 2)
+    vt = VisualTokens.from_grid(x, [(4, 4)])
+    r = TOKENS.from_spec("pooling").reduce(vt, 4)
+    assert r.keep_index.tolist() == [0, 2, 8, 10]
+    assert r.features[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_pooling_unpools_evenly_between_windows_and_tokens():
+    x = torch.arange(16.0)[:, None]
+    vt = VisualTokens.from_grid(x, [(4, 4)])
+    r = TOKENS.from_spec("pooling").reduce(vt, 6)  # 4 windows + 2 extra tokens
+    # Total mass is preserved: every token is either kept alone or averaged into exactly one kept mean.
+    wid = (vt.positions[:, 1] // 2) * 2 + vt.positions[:, 2] // 2
+    assert len(r) == 6
+    kept_w = wid[r.keep_index]
+    assert sorted(set(kept_w.tolist())) == [0, 1, 2, 3]
+
+
+def test_evs_keeps_first_frame_and_changes():
+    a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[[1, 4]] = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    vt = VisualTokens.from_grid(torch.cat([a, b, b]), [(2, 3)] * 3)
+    r = TOKENS.from_spec("evs").reduce(vt, 8)
+    assert r.keep_index.tolist() == [0, 1, 2, 3, 4, 5, 7, 10]  # frame 0 whole, then the two changed tokens
+    from vidsparse.tokens.evs import evs_budget
+
+    assert evs_budget(10, 20, 0.9) == 20  # vLLM's int() truncation gave 19
+    assert evs_budget(2, 10, 0.99) == 10
+
+
+def test_visionzip_merge_matches_reference_formula():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 4, generator=g)
+    att = torch.tensor([0.9, 0.1, 0.2, 0.3, 0.8, 0.4, 0.0, 0.5, 0.6])
+    vt = VisualTokens.from_grid(x, [(3, 3)], attention=att)
+    r = TOKENS.from_spec("visionzip:dominant=2,contextual=1").reduce(vt, 3)
+    # Budget 3 -> 1 contextual (3·1/3) + 2 dominant: tokens 0 and 4 by attention.
+    rest = [1, 2, 3, 5, 6, 7, 8]
+    target = rest[0]
+    others = rest[1:]
+    expect = x[target] + x[others].mean(0)  # one target: every other token joins it
+    assert r.keep_index.tolist() == [0, 1, 4]
+    assert torch.allclose(r.features[1], expect, atol=1e-6)
+    assert torch.equal(r.features[0], x[0]) and torch.equal(r.features[2], x[4])
+
+
+def test_ktv_tokens_score_formula():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 6, generator=g)
+    att = torch.rand(12, generator=g)
+    vt = VisualTokens.from_grid(x, [(3, 4)], attention=att)
+    r = TOKENS.from_spec("ktv_tokens:alpha=0.2").reduce(vt, 5)
+    f = torch.nn.functional.normalize(x, dim=-1)
+    cos = f @ f.T
+    mean_cos = (cos.sum(1) - 1) / 11
+    mm = lambda v: (v - v.min()) / (v.max() - v.min())
+    score = 0.2 * mm(att) + 0.8 * (1 - mm(mean_cos))
+    assert r.keep_index.tolist() == sorted(torch.argsort(-score)[:5].tolist())
+
+
+def test_dycoke_reference_frames():
+    from vidsparse.tokens.dycoke import dycoke_budget, references
+
+    vt = make([(1, 2)] * 8)
+    ref = references(vt)
+    frame_of = lambda i: int(vt.frame[i]) if i >= 0 else -1
+    refs = [frame_of(int(ref[2 * f])) for f in range(8)]
+    assert refs == [-1, 0, 0, 2, -1, 4, 4, 6]  # frame 6 is compared (the reference skipped it)
+    assert dycoke_budget([10] * 5) == 10 + 3 + 3 + 3 + 10
+    vt3 = make([(2, 2)] * 3)  # fewer than 4 frames work
+    assert len(TOKENS.from_spec("dycoke").reduce(vt3, 7)) == 7
+
+
+def test_dycoke_prunes_redundant_tokens_first():
+    a = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    b = a.clone()
+    b[0] = -a[0]  # the only changed token of frame 1
+    vt = VisualTokens.from_grid(torch.cat([a, b]), [(2, 2)] * 2)
+    r = TOKENS.from_spec("dycoke").reduce(vt, 5)
+    assert r.keep_index.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_ts_llava_uniform_pick_and_grid():
+    from vidsparse.tokens.ts_llava import grid_shape, uniform_pick
+
+    assert uniform_pick(10, 6).tolist() == [0, 2, 4, 5, 7, 9]
+    assert grid_shape(6) == (2, 3) and grid_shape(7) == (3, 3) and grid_shape(97)[0] * grid_shape(97)[1] >= 97
+    vt = make([(6, 6)] * 10)
+    r = TOKENS.from_spec("ts_llava").reduce(vt, 60)
+    # Pooled thumbnail cells (features changed by pooling) come from the six uniformly chosen frames only.
+    pooled = ~torch.isclose(r.features, vt.features[r.keep_index]).all(1)
+    assert set(vt.frame[r.keep_index[pooled]].tolist()) == {0, 2, 4, 5, 7, 9}
+    assert 6 <= int(pooled.sum()) <= 30
