@@ -1,7 +1,6 @@
 """Token reducers: the shared contract for every reducer, on LLaVA-OneVision and Qwen2.5-VL layouts, plus
 hand-computed cases per method."""
 
-import math
 
 import pytest
 import torch
@@ -187,3 +186,58 @@ def test_ts_llava_uniform_pick_and_grid():
     pooled = ~torch.isclose(r.features, vt.features[r.keep_index]).all(1)
     assert set(vt.frame[r.keep_index[pooled]].tolist()) == {0, 2, 4, 5, 7, 9}
     assert 6 <= int(pooled.sum()) <= 30
+
+
+def test_dcode_tokens_leaders_and_merge():
+    base = torch.tensor([[1.0, 0, 0, 0], [0.99, 0.1, 0, 0], [0.98, 0.12, 0, 0], [0, 0, 1.0, 0], [0, 0.1, 0, 0.2]])
+    x = base * torch.tensor([[3.0], [2.9], [2.8], [2.0], [1.0]])  # norms: 3 > 2.9 > 2.8 > 2 > ~0.22
+    vt = VisualTokens.from_grid(torch.cat([x, torch.zeros(1, 4) + 0.01]), [(2, 3)])
+    r = TOKENS.from_spec("dcode_tokens:oversample=2").reduce(vt, 2)
+    assert r.keep_index.tolist() == [0, 3]  # token 0 leads, 1 and 2 join it (cos >= 0.8), token 3 leads
+    assert torch.allclose(r.features[0], x[:3].mean(0))
+    assert torch.equal(r.features[1], x[3])
+
+
+def test_dpc_knn_is_deterministic_on_ties():
+    from vidsparse.tokens.base import dpc_knn
+
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    rho, delta = dpc_knn(x, 1)
+    assert torch.equal(rho, dpc_knn(x, 1)[0])
+    assert delta[0] == 3.0  # densest by index among equals: its δ is the largest distance
+
+
+def test_prunevid_static_video_collapses_to_one_frame():
+    f = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    vt = VisualTokens.from_grid(f.repeat(5, 1), [(2, 2)] * 5)
+    r = TOKENS.from_spec("prunevid").reduce(vt, 4)
+    assert r.keep_index.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(r.features, f, atol=1e-6)
+
+
+def test_prunevid_segments_follow_content():
+    from vidsparse.tokens.prunevid import temporal_segments
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(1, 8, generator=g) * 5, torch.randn(1, 8, generator=g) * 5
+    frames = [a + 0.01 * torch.randn(4, 8, generator=g) for _ in range(4)] + \
+             [b + 0.01 * torch.randn(4, 8, generator=g) for _ in range(4)]
+    vt = VisualTokens.from_grid(torch.cat(frames), [(2, 2)] * 8)
+    assert temporal_segments(vt, 0.25, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_fastvid_segments_and_anchor_weight():
+    from vidsparse.tokens.fastvid import fastvid_segments
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    frames = [a + 0.01 * torch.randn(4, 8, generator=g) for _ in range(3)] + \
+             [b + 0.01 * torch.randn(4, 8, generator=g) for _ in range(3)]
+    vt = VisualTokens.from_grid(torch.cat(frames), [(2, 2)] * 6)
+    assert fastvid_segments(vt, cuts=1, tau=0.5).tolist() == [0, 0, 0, 1, 1, 1]
+    from vidsparse.tokens.base import merge_into
+
+    f = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
+    out = merge_into(f, torch.tensor([1, 2, 3]), torch.tensor([0]), torch.tensor([0, 0, 0]), 1,
+                     self_weight=torch.tensor([max(1 / 4, 0.6)]))
+    assert out.item() == pytest.approx(0.6 * 1 + 0.4 * 5)

@@ -101,3 +101,42 @@ def prev_same_position(tokens: VisualTokens) -> Tensor:
     local = torch.arange(n, device=t.device) - starts[t]
     prev = starts[(t - 1).clamp(min=0)] + local
     return torch.where(same & (t > 0), prev, torch.full_like(prev, -1))
+
+
+def dpc_knn(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Density-peak clustering scores (DPC-kNN, as PruneVid and FastVID use it) for points x [M, D].
+
+    density ρ_i = exp(−mean squared distance to the k nearest others); δ_i = distance to the nearest denser point
+    (the largest distance for the densest). Returns (ρ, δ); centres are the top ρ·δ. Ties in density are broken by
+    index (the reference adds random noise instead, which made results depend on the seed)."""
+    m = x.shape[0]
+    xf = x.float()
+    d = torch.cdist(xf, xf)
+    kk = max(1, min(k, m - 1))
+    if m > 1:
+        near = torch.topk(d, kk + 1, largest=False).values[:, 1:]
+        rho = torch.exp(-(near**2).mean(1))
+    else:
+        rho = torch.ones(1, device=x.device)
+    # Strict order: ρ, then lower index wins ties, so "denser" is a total order.
+    idx = torch.arange(m, device=x.device)
+    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
+    big = d.max() if m > 1 else torch.tensor(1.0, device=x.device)
+    delta = torch.where(denser, d, torch.full_like(d, float("inf"))).min(1).values
+    delta = torch.where(torch.isinf(delta), big, delta)
+    return rho, delta
+
+
+def merge_into(features: Tensor, members: Tensor, target: Tensor, into: Tensor, num: int, self_weight: Tensor | None = None):
+    """Mean-merge: rows ``members`` of ``features`` join rows ``into`` (indices 0..num-1 into ``target``).
+
+    Returns float [num, D]: mean of each target and its members (``self_weight`` w: w·target + (1 − w)·mean(members)
+    for targets with members, when given)."""
+    f = features.float()
+    sums = torch.zeros(num, f.shape[1], device=f.device).index_add_(0, into, f[members])
+    cnt = torch.bincount(into, minlength=num).float()
+    if self_weight is None:
+        return (f[target] + sums) / (1 + cnt)[:, None]
+    mean = sums / cnt.clamp(min=1)[:, None]
+    w = self_weight[:, None]
+    return torch.where(cnt[:, None] > 0, w * f[target] + (1 - w) * mean, f[target])
