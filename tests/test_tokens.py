@@ -241,3 +241,44 @@ def test_fastvid_segments_and_anchor_weight():
     out = merge_into(f, torch.tensor([1, 2, 3]), torch.tensor([0]), torch.tensor([0, 0, 0]), 1,
                      self_weight=torch.tensor([max(1 / 4, 0.6)]))
     assert out.item() == pytest.approx(0.6 * 1 + 0.4 * 5)
+
+
+def test_sinkhorn_matches_pot():
+    ot = pytest.importorskip("ot")
+    from vidsparse.tokens.aot import sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    for m, k in [(5, 3), (12, 7), (30, 4)]:
+        cost = torch.rand(m, k, generator=g, dtype=torch.float64)
+        ours = sinkhorn(cost[None].float(), eps=0.1, iters=1000, tol=1e-7)[0].double()
+        ref = ot.sinkhorn(torch.full((m,), 1 / m, dtype=torch.float64).numpy(), torch.full((k,), 1 / k, dtype=torch.float64).numpy(),
+                          cost.numpy(), reg=0.1, numItermax=10000, stopThr=1e-12)
+        assert torch.allclose(ours, torch.from_numpy(ref), atol=1e-6, rtol=1e-3)
+
+
+def test_sinkhorn_batched_with_padding_equals_unpadded():
+    from vidsparse.tokens.aot import sinkhorn
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 4, 3, generator=g)
+    big = torch.rand(1, 6, 5, generator=g)
+    big[:, :4, :3] = a
+    mask = torch.zeros(1, 6, 5, dtype=torch.bool)
+    mask[:, :4, :3] = True
+    padded = sinkhorn(big, mask=mask, tol=1e-9, iters=500)
+    assert torch.allclose(padded[:, :4, :3], sinkhorn(a, tol=1e-9, iters=500), atol=1e-6)
+    assert float(padded[~mask].abs().max()) == 0.0
+
+
+def test_aot_local_maxima_and_duplicate_frames_merge():
+    from vidsparse.tokens.aot import local_maxima
+
+    s = torch.zeros(25)
+    s[6], s[18] = 1.0, 2.0
+    vt = VisualTokens.from_grid(torch.randn(25, 4), [(5, 5)])
+    assert torch.nonzero(local_maxima(s, vt, 3)).flatten().tolist() == [6, 18]
+    # Four identical frames: the inter-frame stage removes copies of the first frame's anchors.
+    f = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    vt4 = VisualTokens.from_grid(f.repeat(4, 1), [(4, 4)] * 4)
+    r = TOKENS.from_spec("aot").reduce(vt4, 12)
+    assert len(r) == 12 and int((r.frame == 0).sum()) >= 4
