@@ -57,7 +57,13 @@ def main():
     ap.add_argument("--no-tower", action="store_true")
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     args = ap.parse_args()
+    if args.markdown_from:
+        import json
+
+        write_markdown(json.loads(Path(args.markdown_from).read_text()))
+        return
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     g = torch.Generator(device=dev).manual_seed(0)
