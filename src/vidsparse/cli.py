@@ -159,6 +159,71 @@ def demo(
     typer.echo(f"wrote {out}/selection.json and {out}/contact_sheet.png")
 
 
+@app.command("eval")
+@_guard
+def eval_cmd(
+    bench: str = typer.Option(..., "--bench", help="videomme, videomme_sub, mlvu, longvideobench, egoschema, lvhaystack."),
+    data: str = typer.Option(..., "--data", help="The dataset folder (annotations + videos) or an annotation file."),
+    model: str = typer.Option("none", "--model", help="Model path or hub id; 'none' evaluates frame search alone."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe file (.yaml/.json)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="YAML of lists to sweep: frames, scorer, budget."),
+    out: str = typer.Option("runs", "--out", help="Directory of run directories."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
+):
+    """Evaluate recipes on a benchmark; one resumable run directory per configuration."""
+    from .eval.harness import evaluate
+    from .recipe import Recipe
+
+    base = Recipe.load(recipe) if recipe else Recipe()
+    results = [evaluate(bench, data, model, r, out, progress=not as_json, limit=limit) for r in _sweep(base, sweep)]
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
+    for m in results:
+        t = m["temporal"]
+        typer.echo(f"{m['bench']} {m['recipe']['frames'] or 'default'} budget {m['recipe']['budget']['frames']}: "
+                   f"F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}) over {m['n']} samples, "
+                   f"{m['frames_scored_mean']:.1f} frames scored per query"
+                   + (f"; {len(m['missing_videos'])} videos missing" if m["missing_videos"] else ""))
+
+
+def _sweep(base, path):
+    """The recipes of a sweep file: the product of its lists (frames, scorer, budget) over the base recipe."""
+    import itertools
+    from dataclasses import replace
+
+    from .errors import SpecError
+
+    if not path:
+        return [base]
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such sweep file") from None
+    if not isinstance(spec, dict) or set(spec) - {"frames", "scorer", "budget"}:
+        raise SpecError("a sweep file maps frames, scorer and/or budget to lists")
+    frames = spec.get("frames") or [base.frames]
+    scorers = spec.get("scorer") or [base.scorer]
+    budgets = spec.get("budget") or [base.budget.frames]
+    return [replace(base, frames=f, scorer=s).with_budget(frames=int(b)) for f, s, b in itertools.product(frames, scorers, budgets)]
+
+
+@app.command()
+@_guard
+def report(
+    runs: str = typer.Argument("runs", help="Directory of run directories."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write report.md and the plots (default: RUNS)."),
+):
+    """Summarise finished runs: a markdown table and PNG plots, one line per recipe."""
+    from .eval.report import write_report
+
+    md = write_report(runs, out or runs)
+    typer.echo(md)
+
+
 def main() -> None:
     # Typer/click usage errors already exit 2; everything else a user can cause is a VidsparseError.
     app()
