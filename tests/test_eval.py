@@ -223,3 +223,26 @@ def test_eval_with_a_model_is_refused_clearly(tmp_path, data_root, synth):
     p = _eval_cli("--bench", "lvhaystack", "--data", str(data_root), "--model", "Qwen/Qwen2.5-VL-7B-Instruct",
                   "--out", str(tmp_path / "o"), check=False)
     assert p.returncode == 2 and "model adapter" in p.stderr
+
+
+def test_needle_haystacks_eval_and_heatmap(tmp_path, synth):
+    from vidsparse.eval.needle import Needle, build_haystacks
+
+    rows = build_haystacks([synth[0]], str(tmp_path / "hay"), lengths=[24, 48], depths=[0.0, 0.5, 1.0],
+                           needle=Needle(text="ZEBRA 9", frames=3), fps=1.0, size=(108, 192))
+    assert len(rows) == 6 and rows[-1]["frame_indexes_video"] == [45, 46, 47] and rows[1]["frame_indexes_video"] == [10, 11, 12]
+    ds = load("lvhaystack", str(tmp_path / "hay"))
+    assert len(ds.samples) == 6 and ds.samples[0].fields == {"needle_depth": 0.0, "haystack_frames": 24}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("frames: tstar\nscorer: ocr\nbudget: {frames: 3}\n")
+    res = json.loads(_eval_cli("--bench", "lvhaystack", "--data", str(tmp_path / "hay"), "--recipe", str(recipe),
+                               "--out", str(tmp_path / "runs"), "--json").stdout)[0]
+    assert res["temporal"]["recall"] == 1.0  # every planted caption is found
+    rep = subprocess.run([sys.executable, "-m", "vidsparse.cli", "report", str(tmp_path / "runs")], capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert list((tmp_path / "runs").glob("*_heatmap.png"))
+    from vidsparse.errors import InputError as IE
+
+    with pytest.raises(IE, match="exactly one needle"):
+        Needle(text="a", image="b")

@@ -213,6 +213,33 @@ def _sweep(base, path):
 
 @app.command()
 @_guard
+def haystack(
+    videos: list[str] = typer.Argument(..., help="Source videos for the haystack (looped as needed)."),
+    out: str = typer.Option(..., "--out", help="Output folder: videos/ and haystack.jsonl (LV-Haystack format)."),
+    lengths: str = typer.Option("300,600,1200", "--lengths", help="Haystack lengths in frames, comma separated."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths in [0, 1], comma separated."),
+    needle_text: Optional[str] = typer.Option(None, "--needle-text", help="Text shown on screen as the needle."),
+    needle_image: Optional[str] = typer.Option(None, "--needle-image", help="Image inserted as the needle."),
+    needle_clip: Optional[str] = typer.Option(None, "--needle-clip", help="Short clip inserted as the needle."),
+    needle_frames: int = typer.Option(3, "--needle-frames", help="Frames the needle lasts."),
+    fps: float = typer.Option(1.0, "--fps", help="Haystack frame rate."),
+):
+    """Build V-NIAH needle-in-a-haystack videos with LV-Haystack annotations."""
+    from .eval.needle import Needle, build_haystacks
+
+    def nums(text, cast):
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"expected comma-separated numbers, got {text!r}") from None
+
+    rows = build_haystacks(videos, out, nums(lengths, int), nums(depths, float),
+                           Needle(text=needle_text, image=needle_image, clip=needle_clip, frames=needle_frames), fps=fps)
+    typer.echo(f"wrote {len(rows)} haystacks and {out}/haystack.jsonl")
+
+
+@app.command()
+@_guard
 def report(
     runs: str = typer.Argument("runs", help="Directory of run directories."),
     out: Optional[str] = typer.Option(None, "--out", help="Where to write report.md and the plots (default: RUNS)."),

@@ -133,11 +133,23 @@ class VisualTokens:
     def num_frames(self) -> int:
         return int(self.frame_hw.shape[0])
 
+    @property
+    def frame_counts(self):
+        """int64 [T]: tokens per frame."""
+        return self.frame_hw[:, 0] * self.frame_hw[:, 1]
+
+    def frame_means(self):
+        """float32 [T, D]: mean feature of each frame."""
+        import torch
+
+        sums = torch.zeros(self.num_frames, self.features.shape[1], device=self.features.device)
+        return sums.index_add_(0, self.frame, self.features.float()) / self.frame_counts.float()[:, None]
+
     def frame_slices(self) -> list[tuple[int, int]]:
         """[(start, end)) token range of each frame."""
         import torch
 
-        counts = (self.frame_hw[:, 0] * self.frame_hw[:, 1]).tolist()
+        counts = self.frame_counts.tolist()
         ends = torch.tensor(counts).cumsum(0).tolist()
         return [(e - c, e) for c, e in zip(counts, ends)]
 

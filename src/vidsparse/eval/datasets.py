@@ -225,7 +225,8 @@ def load_lvhaystack(root: Path) -> Dataset:
         opts = _lettered(opts) if opts else []
         return _pending(f"{r['video_id']}#{i}", r["question"], opts, _letter(r.get("answer"), opts) if opts else None,
                         finder.find(r["video_id"]),
-                        gt_times=[float(f) / fps for f in r.get("frame_indexes_video") or []])
+                        gt_times=[float(f) / fps for f in r.get("frame_indexes_video") or []],
+                        fields={k: r[k] for k in ("needle_depth", "haystack_frames") if k in r})
 
     return _build("lvhaystack", rows, root, make, ())
 

@@ -50,7 +50,8 @@ def evaluate(bench: str, data: str, model: str, recipe: Recipe, out: str, progre
         # Frames decoded for this query's scoring; building the (cached, shared) index is not a per-query cost.
         row = {"id": s.id, "video": os.path.basename(s.video), "pred_times": [round(float(t), 3) for t in m.selection.times],
                "gt_times": s.gt_times, "frames_scored": m.stats["frames_scored"],
-               "frames_decoded": m.stats["frames_decoded"] - index.frames_decoded, "seconds": m.stats["seconds"]}
+               "frames_decoded": m.stats["frames_decoded"] - index.frames_decoded, "seconds": m.stats["seconds"],
+               "fields": s.fields}
         run.append(row)
         done[s.id] = row
         new += 1

@@ -40,6 +40,13 @@ def write_report(runs: str, out: str) -> str:
     outdir.mkdir(parents=True, exist_ok=True)
     write_atomic(str(outdir / "report.md"), lambda p: Path(p).write_text(md))
     _plot(rows, outdir / "f1_vs_frames_scored.png")
+    from .needle import needle_heatmap
+
+    for r in rows:  # V-NIAH runs get their depth x length map
+        pred = Path(runs) / r["run"] / "predictions.jsonl"
+        if pred.is_file() and '"needle_depth"' in pred.read_text():
+            needle_heatmap(str(pred.parent), str(outdir / f"{r['run']}_heatmap.png"))
+            md += f"\n![{r['run']}]({r['run']}_heatmap.png)\n"
     return md
 
 

@@ -94,7 +94,7 @@ class AOT(TokenReducer):
         dev = tokens.features.device
         n = len(tokens)
         t = tokens.num_frames
-        counts = tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]
+        counts = tokens.frame_counts
         b1 = min(n, int(round(budget / (1.0 - self.inter_share)))) if t > 1 else budget
         per = split_budget(counts, b1)
         first_of_clip = (torch.arange(t, device=dev) % self.clip) == 0

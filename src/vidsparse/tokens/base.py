@@ -65,7 +65,7 @@ def topk_per_frame(scores: Tensor, tokens: VisualTokens, per_frame: Tensor) -> T
     order = torch.argsort(-scores.double(), stable=True)
     order = order[torch.argsort(tokens.frame[order], stable=True)]
     starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=scores.device),
-                                     (tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1])[:-1]]), 0)
+                                     tokens.frame_counts[:-1]]), 0)
     rank = idx - starts[tokens.frame[order]]
     keep = rank < per_frame.to(scores.device)[tokens.frame[order]]
     return order[keep]

@@ -25,7 +25,7 @@ class DCoDeTokens(TokenReducer):
     def _reduce(self, tokens, budget):
         dev = tokens.features.device
         n = len(tokens)
-        counts = tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]
+        counts = tokens.frame_counts
         per = split_budget(counts, budget)
         norm = tokens.features.float().norm(dim=-1)
         cand = topk_per_frame(norm, tokens, torch.minimum(counts, torch.ceil(per.double() * self.oversample).long()))

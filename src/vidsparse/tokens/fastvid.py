@@ -21,8 +21,7 @@ from .base import TokenReducer, dpc_knn, importance, merge_into, split_budget, t
 def fastvid_segments(tokens, cuts: int = 7, tau: float = 0.9) -> torch.Tensor:
     """int64 [T]: segment id per frame."""
     t = tokens.num_frames
-    means = torch.zeros(t, tokens.features.shape[1], device=tokens.features.device).index_add_(
-        0, tokens.frame, tokens.features.float())
+    means = tokens.frame_means()
     if t == 1:
         return torch.zeros(1, dtype=torch.int64, device=means.device)
     m = unit(means)
@@ -46,7 +45,7 @@ class FastVID(TokenReducer):
     def _reduce(self, tokens, budget):
         dev = tokens.features.device
         n = len(tokens)
-        counts = tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]
+        counts = tokens.frame_counts
         per = split_budget(counts, budget)
         sal_n = torch.floor(per.double() * self.salient_share).long()
         salient = topk_per_frame(importance(tokens), tokens, sal_n)

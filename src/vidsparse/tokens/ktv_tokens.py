@@ -23,9 +23,9 @@ class KTVTokens(TokenReducer):
         f = unit(tokens.features)
         # Mean cosine to the other tokens of the frame: (f · Σ_frame f − 1) / (n − 1), no N×N matrix needed.
         sums = torch.zeros(tokens.num_frames, f.shape[1], device=f.device).index_add_(0, tokens.frame, f)
-        n = (tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1])[tokens.frame].float()
+        n = tokens.frame_counts[tokens.frame].float()
         mean_cos = ((f * sums[tokens.frame]).sum(-1) - 1.0) / torch.clamp(n - 1, min=1)
         score = self.alpha * minmax(importance(tokens)) + (1 - self.alpha) * (1 - minmax(mean_cos))
-        counts = tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]
+        counts = tokens.frame_counts
         keep = topk_per_frame(score, tokens, split_budget(counts, budget))
         return keep, tokens.features[keep]

@@ -23,9 +23,7 @@ from .base import TokenReducer, dpc_knn, split_budget, unit
 def temporal_segments(tokens, ratio: float, k: int) -> torch.Tensor:
     """int64 [T]: segment id per frame (contiguous runs of the nearest DPC-kNN centre)."""
     t = tokens.num_frames
-    means = torch.zeros(t, tokens.features.shape[1], device=tokens.features.device).index_add_(
-        0, tokens.frame, tokens.features.float())
-    means /= (tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]).float()[:, None]
+    means = tokens.frame_means()
     if t == 1:
         return torch.zeros(1, dtype=torch.int64, device=means.device)
     rho, delta = dpc_knn(means, k)

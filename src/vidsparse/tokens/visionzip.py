@@ -23,7 +23,7 @@ class VisionZip(TokenReducer):
 
     def _reduce(self, tokens, budget):
         dev = tokens.features.device
-        counts = tokens.frame_hw[:, 0] * tokens.frame_hw[:, 1]
+        counts = tokens.frame_counts
         per = split_budget(counts, budget)
         n_ctx = torch.clamp(torch.round(per.double() * self.contextual / (self.dominant + self.contextual)).long(),
                             min=0)

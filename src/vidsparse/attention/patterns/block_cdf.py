@@ -39,13 +39,3 @@ def _dissimilar_key_blocks(k, meta, min_cos, heads):
     centre = torch.nn.functional.normalize(unit.mean(3, keepdim=True), dim=-1)
     cos = (unit * centre).sum(-1).mean(-1)
     return (cos < min_cos).repeat_interleave(heads // hk, dim=1)
-
-
-def _dissimilar_key_blocks(k, meta, min_cos, heads):
-    b, hk, n, d = k.shape
-    nb = -(-n // meta.block_k)
-    kk = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * meta.block_k - n)).view(b, hk, nb, meta.block_k, d)
-    unit = torch.nn.functional.normalize(kk, dim=-1)
-    centre = torch.nn.functional.normalize(unit.mean(3, keepdim=True), dim=-1)
-    cos = (unit * centre).sum(-1).mean(-1)
-    return (cos < min_cos).repeat_interleave(heads // hk, dim=1)
