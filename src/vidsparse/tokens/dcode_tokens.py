@@ -4,7 +4,8 @@ joins it, otherwise it leads (at most k leaders); members are averaged into the 
 with fewer than k leaders take the next tokens by norm.
 
 Fix to the reference (METHODS.md §6): leaders never merge into anything, so a chain of similar tokens can no longer
-make a kept token disappear. Vectorised across frames: the greedy runs one leader per frame per round."""
+make a kept token disappear. The greedy is computed in parallel rounds (see ``_reduce``), identical to the
+sequential scan, vectorised across frames."""
 
 from __future__ import annotations
 
@@ -44,19 +45,25 @@ class DCoDeTokens(TokenReducer):
         valid = pad >= 0
         f = unit(tokens.features)[pad.clamp(min=0)]
         close = (f @ f.transpose(1, 2)) >= self.threshold  # [T, M, M]
+        close &= valid[:, :, None] & valid[:, None, :]
+        # Greedy leaders in norm order, computed in parallel rounds: an undecided candidate with no undecided
+        # higher-norm neighbour leads (nothing before it can cover it any more); its undecided neighbours are covered.
+        # This is exactly the sequential greedy; rounds = the longest chain of overlapping candidates, not k.
+        before = torch.ones(m, m, dtype=torch.bool, device=dev).tril(-1)  # [i, j]: j precedes i in norm order
+        blocked_by = close & before[None]
         undecided = valid.clone()
         leader = torch.zeros_like(valid)
-        n_lead = torch.zeros(t, dtype=torch.int64, device=dev)
-        for _ in range(int(per.max())):  # one leader per frame per round
-            active = undecided.any(1) & (n_lead < per)
-            if not bool(active.any()):
-                break
-            first = torch.argmax(undecided.to(torch.int8), dim=1)
-            rows = torch.nonzero(active).flatten()
-            leader[rows, first[rows]] = True
-            n_lead[rows] += 1
-            covered = close[rows, first[rows]] & undecided[rows]
-            undecided[rows] = undecided[rows] & ~covered
+        while bool(undecided.any()):
+            waiting = (blocked_by & undecided[:, None, :]).any(2)
+            new = undecided & ~waiting
+            covered = (close & new[:, None, :]).any(2) & undecided & ~new
+            leader |= new
+            undecided &= ~(new | covered)
+        # The cap: only the first per[t] leaders (in norm order) of each frame lead; later ones become candidates
+        # that merge into a kept leader when close enough, as in the sequential greedy with a leader limit.
+        rank = leader.long().cumsum(1) - 1
+        leader &= rank < per[:, None]
+        n_lead = leader.sum(1)
         lead_idx = pad[leader]
         # Top up frames with too few leaders by norm among tokens that are not leaders or merged candidates.
         short = per - n_lead
