@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import TOKENS
-from .base import TokenReducer, dpc_knn, split_budget, unit
+from .base import TokenReducer, dpc_cluster, dpc_knn, split_budget, unit
 
 
 def temporal_segments(tokens, ratio: float, k: int) -> torch.Tensor:
@@ -76,28 +76,23 @@ class PruneVid(TokenReducer):
         cnt = torch.bincount(rep, minlength=n).float()
         alive = torch.nonzero(cnt > 0).flatten()
         merged = sums[alive] / cnt[alive][:, None]
-        # Cluster the survivors per segment down to the budget.
+        # Cluster the survivors per segment down to the budget, all segments at once (padded).
         aseg = seg[alive]
         nseg = int(seg.max()) + 1
         per = split_budget(torch.bincount(aseg, minlength=nseg), budget)
-        keep, out = [], []
-        for s in range(nseg):  # segments are independent; a loop over segments, not tokens
-            idx = torch.nonzero(aseg == s).flatten()
-            want = int(per[s])
-            if want == 0 or idx.numel() == 0:
-                continue
-            x = merged[idx]
-            if want >= idx.numel():
-                keep.append(alive[idx])
-                out.append(x)
-                continue
-            rho, delta = dpc_knn(x, self.k)
-            centres = torch.topk(rho * delta, want).indices
-            label = torch.argmin(torch.cdist(x, x[centres]), dim=1)
-            label[centres] = torch.arange(want, device=dev)
-            w = cnt[alive[idx]]  # a static run counts for its frames
-            sums_c = torch.zeros(want, x.shape[1], device=dev).index_add_(0, label, x * w[:, None])
-            wsum = torch.zeros(want, device=dev).index_add_(0, label, w)
-            keep.append(alive[idx[centres]])
-            out.append(sums_c / wsum[:, None])
-        return torch.cat(keep), torch.cat(out).to(tokens.features.dtype)
+        order = torch.argsort(aseg, stable=True)
+        cnt_s = torch.bincount(aseg, minlength=nseg)
+        start = torch.cumsum(torch.cat([cnt_s.new_zeros(1), cnt_s[:-1]]), 0)
+        slot = torch.arange(alive.numel(), device=dev) - start[aseg[order]]
+        width = int(cnt_s.max())
+        pos = torch.full((nseg, width), -1, dtype=torch.int64, device=dev)
+        pos[aseg[order], slot] = order  # index into ``alive``/``merged``
+        valid = pos >= 0
+        x = merged[pos.clamp(min=0)]
+        is_c, label = dpc_cluster(x, valid, per, self.k)
+        w = torch.where(valid, cnt[alive[pos.clamp(min=0)]], torch.zeros_like(valid, dtype=torch.float32))
+        sums = torch.zeros_like(x).scatter_add_(1, label[..., None].expand_as(x), x * w[..., None])
+        wsum = torch.zeros(nseg, width, device=dev).scatter_add_(1, label, w)
+        keep = alive[pos[is_c]]
+        out = (sums / wsum.clamp(min=1e-12)[..., None])[is_c]
+        return keep, out.to(tokens.features.dtype)
