@@ -313,3 +313,11 @@ def test_dcode_tokens_parallel_greedy_equals_sequential(seed):
     ref = _greedy_reference(x, k)
     # The parallel rounds pick the same leaders; frames short of leaders are topped up by norm, so compare leaders.
     assert set(ref) <= set(r.keep_index.tolist())
+
+
+def test_prunevid_memory_chunks_do_not_change_the_result():
+    g = torch.Generator().manual_seed(0)
+    vt = VisualTokens.from_grid(torch.randn(16 * 50, 8, generator=g), [(5, 10)] * 16)
+    a = TOKENS.from_spec("prunevid").reduce(vt, 200)
+    b = TOKENS.from_spec("prunevid:max_pairs=3000").reduce(vt, 200)  # forces one segment per batch
+    assert torch.equal(a.keep_index, b.keep_index) and torch.allclose(a.features, b.features)

@@ -39,6 +39,7 @@ class PruneVid(TokenReducer):
     segment_ratio: float = 0.25
     static_threshold: float = 0.8
     k: int = 5
+    max_pairs: int = 1 << 26  # entries of one batched distance table (memory bound, not a method parameter)
 
     def _reduce(self, tokens, budget):
         dev = tokens.features.device
@@ -76,23 +77,33 @@ class PruneVid(TokenReducer):
         cnt = torch.bincount(rep, minlength=n).float()
         alive = torch.nonzero(cnt > 0).flatten()
         merged = sums[alive] / cnt[alive][:, None]
-        # Cluster the survivors per segment down to the budget, all segments at once (padded).
+        # Cluster the survivors per segment down to the budget, segments batched (padded) in groups whose pairwise
+        # distance tables stay within ``max_pairs`` entries: one set of batched ops per group, bounded memory.
         aseg = seg[alive]
         nseg = int(seg.max()) + 1
-        per = split_budget(torch.bincount(aseg, minlength=nseg), budget)
-        order = torch.argsort(aseg, stable=True)
         cnt_s = torch.bincount(aseg, minlength=nseg)
+        per = split_budget(cnt_s, budget)
+        order = torch.argsort(aseg, stable=True)
         start = torch.cumsum(torch.cat([cnt_s.new_zeros(1), cnt_s[:-1]]), 0)
         slot = torch.arange(alive.numel(), device=dev) - start[aseg[order]]
-        width = int(cnt_s.max())
-        pos = torch.full((nseg, width), -1, dtype=torch.int64, device=dev)
-        pos[aseg[order], slot] = order  # index into ``alive``/``merged``
-        valid = pos >= 0
-        x = merged[pos.clamp(min=0)]
-        is_c, label = dpc_cluster(x, valid, per, self.k)
-        w = torch.where(valid, cnt[alive[pos.clamp(min=0)]], torch.zeros_like(valid, dtype=torch.float32))
-        sums = torch.zeros_like(x).scatter_add_(1, label[..., None].expand_as(x), x * w[..., None])
-        wsum = torch.zeros(nseg, width, device=dev).scatter_add_(1, label, w)
-        keep = alive[pos[is_c]]
-        out = (sums / wsum.clamp(min=1e-12)[..., None])[is_c]
-        return keep, out.to(tokens.features.dtype)
+        keep, out = [], []
+        sizes = cnt_s.tolist()
+        s0 = 0
+        while s0 < nseg:
+            s1, width = s0, 0
+            while s1 < nseg and (s1 - s0 + 1) * max(width, sizes[s1]) ** 2 <= self.max_pairs or s1 == s0:
+                width = max(width, sizes[s1])
+                s1 += 1
+            sel = (aseg[order] >= s0) & (aseg[order] < s1)
+            pos = torch.full((s1 - s0, max(1, width)), -1, dtype=torch.int64, device=dev)
+            pos[aseg[order][sel] - s0, slot[sel]] = order[sel]  # index into ``alive``/``merged``
+            valid = pos >= 0
+            x = merged[pos.clamp(min=0)]
+            is_c, label = dpc_cluster(x, valid, per[s0:s1], self.k)
+            w = torch.where(valid, cnt[alive[pos.clamp(min=0)]], torch.zeros_like(valid, dtype=torch.float32))
+            sums = torch.zeros_like(x).scatter_add_(1, label[..., None].expand_as(x), x * w[..., None])
+            wsum = torch.zeros(s1 - s0, pos.shape[1], device=dev).scatter_add_(1, label, w)
+            keep.append(alive[pos[is_c]])
+            out.append((sums / wsum.clamp(min=1e-12)[..., None])[is_c])
+            s0 = s1
+        return torch.cat(keep), torch.cat(out).to(tokens.features.dtype)
