@@ -111,9 +111,15 @@ class Registry(Generic[T]):
         return deco
 
     def _load(self) -> None:
+        """Import the stage's package and every module in it: a new method is one new file, nothing else."""
         if not self._loaded:
+            import pkgutil
+
             self._loaded = True
-            importlib.import_module(self.package)
+            pkg = importlib.import_module(self.package)
+            for mod in pkgutil.iter_modules(pkg.__path__):
+                if not mod.ispkg and not mod.name.startswith("_"):
+                    importlib.import_module(f"{self.package}.{mod.name}")
 
     def names(self) -> list[str]:
         self._load()

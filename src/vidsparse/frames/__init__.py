@@ -1,6 +1,5 @@
-"""Frame and clip selection. Importing this package registers every selector in ``FRAMES``."""
+"""Frame and clip selection, one file per selector; the ``FRAMES`` registry imports them on first use."""
 
-from . import aks, bolt, dcode, f2c, kffocus, ktv, qframe, scenes, slowfast, tstar, uniform  # noqa: F401
 from .base import FrameSelector, allocate_tokens, tokens_for, uniform_indices
 
 __all__ = ["FrameSelector", "allocate_tokens", "tokens_for", "uniform_indices"]

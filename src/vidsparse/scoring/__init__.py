@@ -1,6 +1,5 @@
-"""Scorers: query -> per-candidate relevance in [0, 1]. Importing this package registers them in ``SCORERS``."""
+"""Scorers: query -> per-candidate relevance in [0, 1], one file each; ``SCORERS`` imports them on first use."""
 
-from . import clip, ocr, subtitles, visual  # noqa: F401  (registration)
 from .base import CandidateScores, CombinedScorer, Scorer
 
 __all__ = ["CandidateScores", "CombinedScorer", "Scorer"]

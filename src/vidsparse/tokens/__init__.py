@@ -1,6 +1,5 @@
-"""Visual-token reducers (after the vision tower). Importing this package registers them in ``TOKENS``."""
+"""Visual-token reducers, one file each; the ``TOKENS`` registry imports them on first use."""
 
-from . import aot, dcode_tokens, dycoke, evs, fastvid, ktv_tokens, pooling, prunevid, ts_llava, visionzip  # noqa: F401
 from .base import TokenReducer
 
 __all__ = ["TokenReducer"]
