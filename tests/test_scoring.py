@@ -138,3 +138,14 @@ def test_clip_scorer_needs_weights(tmp_path, monkeypatch):
         SCORERS.from_spec("clip")
     with pytest.raises(InputError, match="no config.json"):
         SCORERS.from_spec(f"clip:path={tmp_path}")
+
+
+def test_combined_scorer_decodes_at_the_parts_size(tmp_path):
+    """OCR caps decoding at 960 px; combined with subtitles (no pixels) the cap must still apply."""
+    from vidsparse.types import VideoInfo
+
+    p = tmp_path / "s.srt"
+    p.write_text(SRT)
+    both = CombinedScorer((SCORERS.from_spec("ocr"), SCORERS.from_spec(f"subtitles:path={p}")))
+    info = VideoInfo("x", 10.0, 30.0, 3840, 2160, "h264", False, 0.0, 300)
+    assert both.decode_size(info) == (540, 960)

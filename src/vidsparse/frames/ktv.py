@@ -42,7 +42,7 @@ class KTV(FrameSelector):
                 km = KMeans(n_clusters=n, init="k-means++", n_init=self.n_init, random_state=self.seed).fit(x)
             d = ((km.cluster_centers_[:, None, :] - x[None]) ** 2).sum(-1)
             nearest = pre[np.argmin(d, axis=1)]
-            chosen = fill_unique(nearest, n, t, priority=_nearest_uniform(nearest, t, n))
+            chosen = fill_unique(nearest, n, t, priority=_uniform_first(t, n))
         if cs is not None:
             rel = cs.get(chosen)
             rank = np.empty(n, dtype=np.int64)
@@ -54,8 +54,8 @@ class KTV(FrameSelector):
         return self._finish(index, chosen, tokens, cs, notes)
 
 
-def _nearest_uniform(taken, t, n):
-    """Uniform frames first, then the rest by distance from what is taken (for the duplicate fallback)."""
+def _uniform_first(t, n):
+    """Refill order for the duplicate fallback: the uniform frames first, then every other candidate."""
     uni = uniform_indices(t, n)
     rest = np.setdiff1d(np.arange(t), uni)
     return np.concatenate([uni, rest])

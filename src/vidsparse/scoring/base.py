@@ -110,6 +110,14 @@ class CombinedScorer:
         sizes = {p.frame_size for p in self.parts if p.input == "pixels"}
         self.frame_size = sizes.pop() if len(sizes) == 1 else None
 
+    def decode_size(self, info) -> tuple[int, int] | None:
+        """The largest size any pixel-reading part asks for (None = native), so each part gets what it needs."""
+        sizes = [p.decode_size(info) if hasattr(p, "decode_size") else p.frame_size
+                 for p in self.parts if p.input == "pixels"]
+        if not sizes or any(sz is None for sz in sizes):
+            return None
+        return max(sizes, key=lambda hw: hw[0] * hw[1])
+
     def score(self, frames: Frames, query: Query) -> np.ndarray:
         return np.max(np.stack([np.asarray(p.score(frames, query), dtype=np.float64) for p in self.parts]), axis=0)
 
