@@ -1,0 +1,170 @@
+"""vidsparse attention inside transformers models, through the official ``AttentionInterface``.
+
+``attention_scope(model, pattern=..., observers=...)`` registers the "vidsparse" attention function (once, on first
+use, never at import), switches the language model's attention modules to it for the duration of the ``with`` block
+and restores the previous implementation in ``finally``. No module's ``forward`` is reassigned.
+
+In prefill (queries = keys, more than one token, causal) the scope's pattern decides a ``BlockLayout`` per layer and
+``sparse_attention`` executes it (the Triton kernel on CUDA, the fp32 reference elsewhere). Everything else — decode
+steps, a scope without a pattern, non-causal modules — is dense SDPA with the same semantics as transformers' "sdpa"
+implementation. Prefill is detected from shapes, never from ``cache_position``/``cache`` kwargs, which transformers
+versions pass differently. Observers (SnapKV, FastV, ZipVL) see each prefill layer's post-RoPE q, k, v.
+
+Masking: "vidsparse" has no mask function registered, so transformers builds no mask for it and this function applies
+causality itself (bottom-right aligned when queries are fewer than keys). It therefore serves unpadded sequences —
+what ``Pipeline`` runs (batch 1); a padded batch needs the "sdpa" implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+NAME = "vidsparse"
+_SCOPE: contextvars.ContextVar["Scope | None"] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
+_REGISTERED = False
+
+
+@dataclass
+class Scope:
+    """What the attention function does while a scope is active.
+
+    pattern: a ``Pattern`` (None: dense); meta: ``SeqMeta`` for the prefill sequence; observers: objects with
+    ``on_prefill_attention(layer_idx, q, k, v, out)`` (any may be absent); layers: only these layer indices use the
+    pattern (None: all); backend: ``sparse_attention`` backend. ``stats`` collects per-call figures."""
+
+    pattern: Any = None
+    meta: Any = None
+    observers: list = field(default_factory=list)
+    layers: set | None = None
+    backend: str = "auto"
+    stats: dict = field(default_factory=lambda: {"sparse_calls": 0, "dense_calls": 0, "density_sum": 0.0,
+                                                  "estimate_ms": 0.0, "sync_timing": False})
+
+
+def current_scope() -> Scope | None:
+    return _SCOPE.get()
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:
+    """Dense attention [B, H, Nq, D] with GQA; causal is bottom-right aligned when Nq < Nk."""
+    nq, nk = q.shape[2], k.shape[2]
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    if not causal or nq == 1:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    if nq == nk:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    qi = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
+    mask = torch.arange(nk, device=q.device)[None, :] <= qi
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                                scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """The function registered as "vidsparse": q [B, H, Nq, D], k/v [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+    scope = _SCOPE.get()
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    if attention_mask is not None:
+        # Only reached if someone registered a mask function for "vidsparse": honour it densely.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    nq, nk = query.shape[2], key.shape[2]
+    prefill = nq == nk and nq > 1
+    layer = getattr(module, "layer_idx", None)
+    use_pattern = (scope is not None and scope.pattern is not None and prefill and causal
+                   and (scope.layers is None or layer in scope.layers))
+    if use_pattern:
+        from ..attention.ops import sparse_attention
+        from ..attention.patterns.base import SeqMeta
+
+        meta = scope.meta if scope.meta is not None else SeqMeta()
+        t0 = time.perf_counter()
+        layout = scope.pattern.estimate(query, key, meta)
+        if scope.stats.get("sync_timing") and query.is_cuda:
+            torch.cuda.synchronize(query.device)
+        scope.stats["estimate_ms"] += (time.perf_counter() - t0) * 1e3
+        out = sparse_attention(query, key, value, layout, causal=True, scale=scaling, backend=scope.backend)
+        scope.stats["sparse_calls"] += 1
+        scope.stats["density_sum"] += float(layout.density())
+    else:
+        out = _sdpa(query, key, value, scaling, causal)
+        if scope is not None and prefill:
+            scope.stats["dense_calls"] += 1
+    if scope is not None and prefill:
+        for obs in scope.observers:
+            hook = getattr(obs, "on_prefill_attention", None)
+            if hook is not None:
+                hook(layer, query, key, value, out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register "vidsparse" with transformers' ``AttentionInterface`` (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, vidsparse_attention_forward)
+        _REGISTERED = True
+
+
+def llm_attention_configs(llm: torch.nn.Module) -> list:
+    """The distinct config objects the language model's attention modules read ``_attn_implementation`` from."""
+    seen, out = set(), []
+    for m in llm.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(m, "layer_idx") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    if not out:
+        out.append(llm.config)
+    return out
+
+
+@contextlib.contextmanager
+def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(), layers=None, backend: str = "auto",
+                    sync_timing: bool = False) -> Iterator[Scope]:
+    """Run ``llm`` (the language model part: its attention modules) with vidsparse attention inside the block.
+
+    Restores each config's previous attention implementation on exit, also on error."""
+    register()
+    configs = llm_attention_configs(llm)
+    previous = [cfg._attn_implementation for cfg in configs]
+    scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend)
+    scope.stats["sync_timing"] = sync_timing
+    token = _SCOPE.set(scope)
+    try:
+        for cfg in configs:
+            cfg._attn_implementation = NAME
+        yield scope
+    finally:
+        for cfg, prev in zip(configs, previous):
+            cfg._attn_implementation = prev
+        _SCOPE.reset(token)
+
+
+def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | None = None) -> Tensor:
+    """Softmax attention of the last ``rows`` queries over all keys, averaged over query rows and heads (GQA-aware):
+    float32 [B, Nk]. What FastV ranks tokens by; costs O(rows·N) instead of materialising the N×N matrix."""
+    b, h, n, d = q.shape
+    g = h // k.shape[1]
+    qs = q[:, :, -rows:].float()
+    kf = k.float().repeat_interleave(g, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", qs, kf) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    nk = k.shape[2]
+    if rows > 1:  # causal among the last rows
+        qi = torch.arange(nk - rows, nk, device=q.device)[:, None]
+        s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > qi, float("-inf"))
+    return torch.softmax(s, dim=-1).mean(dim=(1, 2))

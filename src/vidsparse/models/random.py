@@ -1,0 +1,87 @@
+"""Random-weight checkpoints of the real architectures, written to a local directory: tests (tiny configs) and
+benchmarks (full-size Qwen2.5-VL-7B shapes) run the real transformers classes without downloading anything.
+
+The tokenizer is a word-level ``tokenizers`` model whose vocabulary holds the chat-format special tokens at the ids the
+config names, plus a handful of words; answers from random weights are meaningless, timings and shapes are real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ["a", "the", "what", "is", "on", "screen", "video", "red", "ball", "gate", "47", "yes", "no", "A", "B", "C",
+         "D", "answer", "color", "?", ".", "show", "shown", "text", "which", "of", "following"]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "system", "user", "assistant", "You", "are", "helpful",
+                "assistant.", "\n"]
+
+SIZES = {
+    # name: (text kwargs, vision kwargs)
+    "tiny": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=32768, initializer_range=0.3,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
+             dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                  tokens_per_second=2)),
+    "7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+           dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                tokens_per_second=2)),
+}
+
+
+def _word_tokenizer(vocab: dict[str, int], eos: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                  pre_tokenizers.WhitespaceSplit()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos, pad_token=eos)
+    specials = [w for w in vocab if w.startswith("<|")]
+    fast.add_special_tokens({"additional_special_tokens": specials})
+    return fast
+
+
+def random_qwen2_5_vl(size: str = "tiny", seed: int = 0, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer): a random-weight ``Qwen2_5_VLForConditionalGeneration`` of ``size`` ("tiny" or "7b"),
+    initialised by transformers' own ``post_init`` directly on ``device`` in ``dtype``."""
+    import torch
+    import transformers
+
+    text, vision = SIZES[size]
+    vocab_size = text["vocab_size"]
+    base = 0 if size == "tiny" else 151643
+    vocab = {"<unk>": vocab_size - 1}
+    for i, w in enumerate(QWEN_SPECIAL):
+        vocab[w] = (base + i) if w.startswith("<|") else (100 if size == "tiny" else 1000) + i
+    for i, w in enumerate(WORDS):
+        vocab.setdefault(w, 20 + i)
+    ids = {w: vocab[w] for w in QWEN_SPECIAL if w.startswith("<|")}
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model.eval(), _word_tokenizer(vocab, "<|im_end|>")
+
+
+def build_random_qwen2_5_vl(path: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> str:
+    """Write ``random_qwen2_5_vl(size)`` (weights + tokenizer) to ``path``; returns the path."""
+    model, tok = random_qwen2_5_vl(size, seed, dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

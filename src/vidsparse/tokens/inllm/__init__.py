@@ -1,0 +1,1 @@
+"""Reducers that act inside the language model (FastV, FrameFusion, ZipVL): registered in ``INLLM``."""
