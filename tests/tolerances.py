@@ -12,3 +12,7 @@ KERNEL_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def kernel_ok(err_kernel: float, err_torch: float, dtype) -> bool:
     return err_kernel <= KERNEL_ERR_FACTOR * err_torch + KERNEL_ATOL[dtype]
+
+# Model integration (fp32 tiny models on the CPU): the fp32 reference attention vs torch SDPA through a whole forward.
+MODEL_FP32_ATOL = 2e-4
+MODEL_FP32_RTOL = 2e-4

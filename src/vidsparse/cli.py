@@ -1,4 +1,4 @@
-"""The ``vidsparse`` command line: ``demo`` and ``select``.
+"""The ``vidsparse`` command line: ``demo``, ``select``, ``ask``, ``eval``, ``haystack``, ``report``.
 
 Every user error is a ``VidsparseError``: one line on stderr, exit code 2, no traceback."""
 
@@ -157,6 +157,66 @@ def demo(
     for e, h in zip(events, hit):
         typer.echo(f"  {'found ' if h else 'MISSED'} {e.start:6.1f}-{e.end:6.1f}s")
     typer.echo(f"wrote {out}/selection.json and {out}/contact_sheet.png")
+
+
+def recipe_from_flags(recipe: Optional[str], frames, tokens, attention, kv, scorer, budget, budget_tokens, density,
+                      kv_bits):
+    """A recipe file (if given) with any stage/budget flag overriding it."""
+    from dataclasses import replace
+
+    from .recipe import Budget, Recipe
+
+    base = Recipe.load(recipe) if recipe else Recipe()
+    stages = {k: v for k, v in dict(frames=frames, tokens=tokens, attention=attention, kv=kv, scorer=scorer).items()
+              if v is not None}
+    b = base.budget
+    nb = Budget(frames=budget if budget is not None else b.frames,
+                tokens=budget_tokens if budget_tokens is not None else b.tokens,
+                density=density if density is not None else b.density,
+                kv_bits=kv_bits if kv_bits is not None else b.kv_bits)
+    return replace(base, **stages, budget=nb)
+
+
+@app.command()
+@_guard
+def ask(
+    video: str = typer.Argument(..., help="Video file."),
+    question: str = typer.Argument(..., help="The question about the video."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint directory (or a hub id already downloaded)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe file (.yaml/.json); flags below override it."),
+    frames: Optional[str] = typer.Option(None, "--frames", help="Frame selector spec (default: uniform at 2 fps)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Scorer spec for query-aware selectors."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Token reducer spec, e.g. aot or fastv:k=2,r=0.5."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Sparse prefill pattern, e.g. block_topk."),
+    kv: Optional[str] = typer.Option(None, "--kv", help="KV cache spec, e.g. snapkv:capacity=4096."),
+    budget: Optional[int] = typer.Option(None, "--budget", "-n", help="Frames the vision tower sees (default 32)."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Visual tokens the LLM sees."),
+    density: Optional[float] = typer.Option(None, "--budget-density", help="Fraction of causal attention blocks computed."),
+    kv_bits: Optional[float] = typer.Option(None, "--budget-kv-bits", help="Bits per cached KV element."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer, in tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
+):
+    """Answer a question about a video with a video LLM under the recipe's budget."""
+    from .pipeline import Pipeline
+
+    r = recipe_from_flags(recipe, frames, tokens, attention, kv, scorer, budget, budget_tokens, density, kv_bits)
+    if not os.path.isfile(video):
+        raise InputError(f"video {video} does not exist")
+    pipe = Pipeline.from_pretrained(model, r, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    ans = pipe.ask(video, question)
+    if as_json:
+        d = ans.to_dict()
+        d["recipe"] = r.to_dict()
+        typer.echo(json.dumps(d))
+        return
+    st = ans.stats
+    typer.echo(ans.text)
+    typer.echo(f"[{st.frames} frames at {st.frame_size[1]}x{st.frame_size[0]} -> {st.tower_tokens} tower tokens -> "
+               f"{st.visual_tokens} visual -> {st.prompt_tokens} prompt tokens; first token {st.ms_first_token:.0f} ms "
+               f"(decode {st.ms_decode:.0f}, vision {st.ms_vision:.0f}, reduce {st.ms_reduction:.0f}, prefill "
+               f"{st.ms_prefill:.0f}); peak {st.peak_memory_mb:.0f} MB]", err=True)
 
 
 @app.command("eval")

@@ -1,0 +1,406 @@
+"""Model integration on tiny random-config Qwen2.5-VL models (real transformers classes, built in the test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vidsparse.models.hf import attention_scope, last_query_attention  # noqa: E402
+from vidsparse.models.qwen2_5_vl import QwenVLAdapter, pixel_values_videos, smart_resize  # noqa: E402
+from vidsparse.models.random import build_random_qwen2_5_vl  # noqa: E402
+from vidsparse.recipe import Budget, Recipe  # noqa: E402
+from vidsparse.registry import INLLM, KV, PATTERNS, TOKENS  # noqa: E402
+from vidsparse.types import Frames  # noqa: E402
+
+from tolerances import MODEL_FP32_ATOL, MODEL_FP32_RTOL  # noqa: E402
+
+Q = "what is on screen ?"
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_random_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def adapter(qwen_dir):
+    from vidsparse.models import load_adapter
+
+    return load_adapter(qwen_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoded(adapter):
+    rng = np.random.default_rng(0)
+    # 6 frames at 84x112: 3 temporal patches of 3x4 merged tokens = 36 visual tokens
+    frames = Frames(rng.integers(0, 255, (6, 84, 112, 3), dtype=np.uint8), np.arange(6) * 0.5)
+    return adapter.encode_video(frames)
+
+
+def vanilla_inputs(adapter, encoded):
+    inp = adapter.full_inputs(encoded, Q)
+    inp.pop("_span")
+    return inp
+
+
+def prompt_logits(adapter, prompt, cache=None):
+    with torch.inference_mode():
+        return adapter.forward_logits(prompt.inputs_embeds, prompt.position_ids,
+                                      cache if cache is not None else transformers.DynamicCache(), embeds=True)
+
+
+# ---- pixels ------------------------------------------------------------------------------------------------------
+
+def test_pixel_layout_matches_qwen_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)
+    proc = Qwen2VLImageProcessorPil()
+    ref = proc(images=[img], return_tensors="pt")
+    # a still image is a video of two identical frames in the Qwen layout
+    pv, grid = pixel_values_videos(np.stack([img, img]), proc.image_mean, proc.image_std)
+    assert grid == tuple(ref["image_grid_thw"][0].tolist()) == (1, 4, 6)
+    torch.testing.assert_close(pv, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_smart_resize_rules():
+    assert smart_resize(252, 448, max_pixels=10_000_000) == (252, 448)
+    h, w = smart_resize(720, 1280, max_pixels=144 * 784)
+    assert h % 28 == 0 and w % 28 == 0 and h * w <= 144 * 784 and abs(w / h - 16 / 9) < 0.2
+    h, w = smart_resize(10, 10, min_pixels=4 * 784)
+    assert (h, w) == (56, 56)
+    from vidsparse.errors import InputError
+
+    with pytest.raises(InputError):
+        smart_resize(1, 500)
+
+
+# ---- null recipe = vanilla transformers ---------------------------------------------------------------------------
+
+def test_null_recipe_logits_and_tokens_equal_vanilla(adapter, encoded):
+    inp = vanilla_inputs(adapter, encoded)
+    with torch.inference_mode():
+        ref = adapter.model(**inp, logits_to_keep=1).logits[:, -1].float()
+    prompt = adapter.build_prompt(encoded, None, Q)
+    got = prompt_logits(adapter, prompt)
+    assert torch.equal(got, ref)
+    # generation: vanilla generate vs the pipeline's decode loop with explicit positions
+    gen = adapter.model.generate(**inp, max_new_tokens=8, do_sample=False)[0, inp["input_ids"].shape[1]:].tolist()
+    from vidsparse.pipeline import Pipeline
+
+    pipe = Pipeline(adapter, Recipe(), max_new_tokens=8)
+    cache = transformers.DynamicCache()
+    _, logits, _ = pipe._prefill(prompt, cache, _Stats())
+    toks = pipe._decode(prompt, cache, logits)
+    eos = adapter.eos_token_ids()
+    assert toks == gen[: len(toks)] and (len(toks) == 8 or toks[-1] in eos)
+    assert len(set(gen)) > 1  # the tiny model's output is not constant, so equality means something
+
+
+class _Stats:
+    prompt_tokens = 0
+    llm_tokens_after_cut = 0
+    attention_density = 1.0
+    ms_estimate = 0.0
+
+
+def test_reducer_at_full_budget_is_identity(adapter, encoded):
+    base = prompt_logits(adapter, adapter.build_prompt(encoded, None, Q))
+    n = len(encoded.tokens)
+    for name in ("pooling", "evs", "dycoke", "visionzip"):
+        red = TOKENS.from_spec(name).reduce(encoded.tokens, n)
+        assert torch.equal(prompt_logits(adapter, adapter.build_prompt(encoded, red, Q)), base), name
+
+
+def test_positions_after_reduction_are_the_unreduced_positions(adapter, encoded):
+    inp = adapter.full_inputs(encoded, Q)
+    s, e = inp.pop("_span")
+    full, _ = adapter.model.model.get_rope_index(inp["input_ids"], mm_token_type_ids=inp["mm_token_type_ids"],
+                                                 video_grid_thw=inp["video_grid_thw"],
+                                                 second_per_grid_ts=inp["second_per_grid_ts"])
+    red = TOKENS.from_spec("evs").reduce(encoded.tokens, 14)
+    p = adapter.build_prompt(encoded, red, Q)
+    k = len(red)
+    assert p.visual == (s, s + k) and p.input_ids.shape[1] == full.shape[2] - (e - s - k)
+    keep = red.keep_index
+    assert torch.equal(p.position_ids[:, 0, s:s + k], full[:, 0, s + keep])
+    assert torch.equal(p.position_ids[:, 0, :s], full[:, 0, :s])
+    assert torch.equal(p.position_ids[:, 0, s + k:], full[:, 0, e:])
+    assert p.next_position == int(full.max()) + 1
+    # the merged grid positions are the kept tokens' (t, h, w) in the unreduced grid
+    assert torch.equal(p.visual_grid, encoded.tokens.positions[keep])
+    ids = p.input_ids[0]
+    assert int((ids == adapter.video_token_id).sum()) == k
+
+
+# ---- attention interface -----------------------------------------------------------------------------------------
+
+def test_dense_pattern_through_attention_interface_equals_sdpa(adapter, encoded):
+    prompt = adapter.build_prompt(encoded, None, Q)
+    ref = prompt_logits(adapter, prompt)
+    llm = adapter.language_model()
+    before = {id(c): c._attn_implementation for c in [llm.config]}
+    with attention_scope(llm, pattern=PATTERNS.from_spec("dense"), backend="reference") as scope:
+        got = prompt_logits(adapter, prompt)
+    assert scope.stats["sparse_calls"] == adapter.num_layers
+    assert llm.config._attn_implementation == before[id(llm.config)]  # restored
+    torch.testing.assert_close(got, ref, atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
+
+
+def test_scope_restores_implementation_on_error(adapter):
+    llm = adapter.language_model()
+    prev = llm.config._attn_implementation
+    with pytest.raises(RuntimeError):
+        with attention_scope(llm):
+            assert llm.config._attn_implementation == "vidsparse"
+            raise RuntimeError("boom")
+    assert llm.config._attn_implementation == prev
+
+
+@pytest.mark.parametrize("spec", ["sink_window:sink=1,window=1", "block_topk:density=0.5", "power", "radial"])
+def test_sparse_patterns_run_through_the_model(adapter, encoded, spec):
+    """Small blocks (8) so the tiny prompt has many: every layer runs the pattern and the logits stay finite and
+    differ from dense only by what the pattern drops."""
+    from vidsparse.attention.patterns.base import SeqMeta
+
+    prompt = adapter.build_prompt(encoded, None, Q)
+    n = prompt.input_ids.shape[1]
+    with attention_scope(adapter.language_model(), pattern=PATTERNS.from_spec(spec),
+                         meta=SeqMeta(block_q=8, block_k=8, visual=prompt.visual, tokens_per_frame=12, frame_hw=(3, 4)),
+                         backend="reference") as sc:
+        got = prompt_logits(adapter, prompt)
+    assert sc.stats["sparse_calls"] == adapter.num_layers and torch.isfinite(got).all()
+    assert sc.stats["density_sum"] / adapter.num_layers < 1.0 or n <= 16
+
+
+def test_last_query_attention_matches_eager_weights():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    kk = k.repeat_interleave(2, 1)
+    full = torch.softmax((q @ kk.transpose(-1, -2)) / 8 ** 0.5 + torch.full((10, 10), float("-inf")).triu(1), -1)
+    torch.testing.assert_close(last_query_attention(q, k), full[:, :, -1].mean(1))
+    torch.testing.assert_close(last_query_attention(q, k, rows=3), full[:, :, -3:].mean((1, 2)))
+
+
+# ---- in-LLM reducers ---------------------------------------------------------------------------------------------
+
+def _run_cut(adapter, prompt, method, cache=None):
+    cut = method.plan(prompt.visual, prompt.input_ids.shape[1], adapter.num_layers, prompt.visual_grid)
+    cache = cache if cache is not None else transformers.DynamicCache()
+    with attention_scope(adapter.language_model(), observers=[cut]), cut.installed(adapter.decoder_layers()):
+        logits = prompt_logits(adapter, prompt, cache)
+    return cut, cache, logits
+
+
+def test_fastv_keeps_top_attended_tokens_and_shortens_later_layers(adapter, encoded):
+    prompt = adapter.build_prompt(encoded, None, Q)
+    n = prompt.input_ids.shape[1]
+    s, e = prompt.visual
+    cut, cache, logits = _run_cut(adapter, prompt, INLLM.from_spec("fastv:k=2,r=0.5"))
+    keep_visual = (e - s) - round(0.5 * (e - s))
+    assert cut.current == n - (e - s) + keep_visual
+    assert [c.keys.shape[2] for c in cache.layers] == [n, n] + [cut.current] * (adapter.num_layers - 2)
+    # independent check: eager attention weights of layer k-1 (= 1), last row, head mean
+    model = adapter.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    row = out.attentions[1][0, :, -1].mean(0)[s:e]
+    expect = row.topk(keep_visual).indices.sort().values + s
+    got = cut.columns[(cut.columns >= s) & (cut.columns < e)]
+    assert torch.equal(got, expect)
+
+
+def test_fastv_r0_is_identity(adapter, encoded):
+    prompt = adapter.build_prompt(encoded, None, Q)
+    ref = prompt_logits(adapter, prompt)
+    cut, _, logits = _run_cut(adapter, prompt, INLLM.from_spec("fastv:k=2,r=0"))
+    assert cut.current == prompt.input_ids.shape[1]
+    torch.testing.assert_close(logits, ref, atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
+
+
+# ---- KV caches ---------------------------------------------------------------------------------------------------
+
+def _prefill_with(adapter, prompt, cache, observe: bool):
+    if observe:
+        with attention_scope(adapter.language_model(), observers=[cache]):
+            return prompt_logits(adapter, prompt, cache)
+    return prompt_logits(adapter, prompt, cache)
+
+
+def test_streaming_keeps_sinks_and_recent(adapter, encoded):
+    prompt = adapter.build_prompt(encoded, None, Q)
+    full = transformers.DynamicCache()
+    ref = prompt_logits(adapter, prompt, full)
+    cache = KV.from_spec("streaming:capacity=20,sinks=4").make_cache()
+    got = _prefill_with(adapter, prompt, cache, observe=False)
+    assert torch.equal(got, ref)  # prefill attention itself is untouched
+    for lf, lc in zip(full.layers, cache.layers):
+        assert torch.equal(lc.keys, torch.cat([lf.keys[:, :, :4], lf.keys[:, :, -16:]], 2))
+        assert torch.equal(lc.values, torch.cat([lf.values[:, :, :4], lf.values[:, :, -16:]], 2))
+
+
+def test_snapkv_keeps_the_window_and_top_pooled_scores(adapter, encoded):
+    from vidsparse.kv.snapkv import snapkv_scores
+
+    prompt = adapter.build_prompt(encoded, None, Q)
+    full = transformers.DynamicCache()
+    seen = {}
+
+    class Grab:
+        def on_prefill_attention(self, layer, q, k, v, out):
+            seen[layer] = (q.clone(), k.clone())
+
+    with attention_scope(adapter.language_model(), observers=[Grab()]):
+        prompt_logits(adapter, prompt, full)
+    cache = KV.from_spec("snapkv:capacity=24,window=8,kernel=5").make_cache()
+    _prefill_with(adapter, prompt, cache, observe=True)
+    n = prompt.input_ids.shape[1]
+    for layer, (q, k) in seen.items():
+        sc = snapkv_scores(q, k, 8, 5)
+        # naive check of the score: per KV head, sum over window queries of softmax weights, GQA mean, then pooled
+        assert sc.shape == (1, k.shape[1], n - 8)
+        top = sc.topk(16, -1).indices.sort(-1).values
+        idx = torch.cat([top, torch.arange(n - 8, n).expand(1, k.shape[1], 8)], -1)
+        expect = torch.gather(full.layers[layer].keys, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
+        assert torch.equal(cache.layers[layer].keys, expect)
+
+
+def test_snapkv_scores_against_a_loop():
+    from vidsparse.kv.snapkv import snapkv_scores
+
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    w = 4
+    raw = torch.zeros(2, 8)
+    for h in range(4):
+        kh = k[0, h // 2]
+        for i in range(12 - w, 12):
+            s = (q[0, h, i] @ kh[: i + 1].T) / 8 ** 0.5
+            p = torch.softmax(s, -1)
+            raw[h // 2] += p[: 12 - w] / 2
+    pooled = torch.stack([torch.stack([raw[h, max(0, j - 2): j + 3].mean() for j in range(8)]) for h in range(2)])
+    torch.testing.assert_close(snapkv_scores(q, k, w, 5)[0], pooled, atol=1e-6, rtol=1e-5)
+
+
+def test_snapkv_without_queries_is_a_clear_error(adapter, encoded):
+    from vidsparse.errors import UnsupportedError
+
+    prompt = adapter.build_prompt(encoded, None, Q)
+    cache = KV.from_spec("snapkv:capacity=24,window=8").make_cache()
+    logits = prompt_logits(adapter, prompt, cache)
+    with pytest.raises(UnsupportedError, match="prefill queries"):
+        adapter.forward_logits(logits.argmax(-1, keepdim=True), adapter.decode_position_ids(prompt, 0), cache, False)
+
+
+# ---- pipeline ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory):
+    from vidsparse.video.synthetic import make_synthetic_video
+
+    path = str(tmp_path_factory.mktemp("askvid") / "v.mp4")
+    make_synthetic_video(path, duration_s=60.0, fps=4.0, width=192, height=108, seed=3, needles=1, distractors=0,
+                         objects=0)
+    return path
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(budget=Budget(frames=8)),
+    Recipe(tokens="pooling", budget=Budget(frames=8, tokens=40)),
+    Recipe(tokens="fastv:k=2,r=0.5", budget=Budget(frames=8)),
+    Recipe(attention="block_topk", kv="snapkv:capacity=40,window=8", budget=Budget(frames=8, density=0.5)),
+    Recipe(frames="uniform", kv="streaming:capacity=40", budget=Budget(frames=6, tokens=60)),
+], ids=lambda r: r.to_cli())
+def test_pipeline_stats_account_for_every_stage(adapter, short_video, recipe):
+    from vidsparse.pipeline import Pipeline
+
+    ans = Pipeline(adapter, recipe, max_new_tokens=4).ask(short_video, Q)
+    st = ans.stats
+    b = recipe.budget
+    assert st.frames == b.frames and 1 <= st.new_tokens <= 4 and len(ans.token_ids) == st.new_tokens
+    if recipe.tokens == "pooling":
+        assert st.visual_tokens == 40 and st.tower_tokens > 40
+    elif b.tokens is not None:
+        assert st.visual_tokens <= b.tokens
+    else:
+        assert st.visual_tokens == st.tower_tokens
+    assert st.prompt_tokens == st.visual_tokens + 20  # the chat template's 20 text tokens around the video
+    if recipe.tokens and recipe.tokens.startswith("fastv"):
+        assert st.llm_tokens_after_cut == st.prompt_tokens - st.visual_tokens // 2
+    if recipe.kv:
+        assert st.kv_entries[0] <= 40 + st.new_tokens
+    assert st.ms_first_token >= st.ms_prefill + st.ms_vision > 0
+    assert st.ms_first_token == pytest.approx(st.ms_selection + st.ms_decode + st.ms_vision + st.ms_reduction
+                                              + st.ms_prefill, rel=0.05, abs=5.0)
+
+
+def test_pipeline_bad_inputs(adapter, short_video, tmp_path):
+    from vidsparse.errors import InputError, SpecError
+    from vidsparse.pipeline import Pipeline
+
+    with pytest.raises(SpecError):
+        Pipeline(adapter, Recipe(tokens="fastvv"))
+    with pytest.raises(SpecError):
+        Pipeline(adapter, Recipe(kv="snapkv:capacity=4,window=8"))
+    with pytest.raises(InputError):
+        Pipeline(adapter, Recipe()).ask(str(tmp_path / "missing.mp4"), Q)
+    with pytest.raises(InputError):
+        Pipeline(adapter, Recipe()).ask(short_video, "   ")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(InputError):
+        Pipeline(adapter, Recipe()).ask(str(bad), Q)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+
+def test_cli_ask_end_to_end(qwen_dir, short_video):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vidsparse.cli import app
+
+    res = CliRunner().invoke(app, ["ask", short_video, Q, "--model", qwen_dir, "--budget", "8", "--tokens", "evs",
+                                   "--budget-tokens", "48", "--kv", "streaming:capacity=50", "--max-new-tokens", "3",
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["stats"]["frames"] == 8 and d["stats"]["visual_tokens"] == 48 and d["stats"]["new_tokens"] <= 3
+    assert d["recipe"]["tokens"] == "evs" and isinstance(d["answer"], str)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--model", "/tmp"], "cannot load a model config"),
+    (["--tokens", "nosuch"], "unknown"),
+    (["--budget", "0"], "budget.frames"),
+    (["--attention", "block_topk:density=x"], "density"),
+])
+def test_cli_ask_errors_exit_2(qwen_dir, short_video, args, msg):
+    from typer.testing import CliRunner
+
+    from vidsparse.cli import app
+
+    base = ["ask", short_video, Q, "--device", "cpu"]
+    if "--model" not in args:
+        base += ["--model", qwen_dir]
+    res = CliRunner().invoke(app, base + args)
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output
+
+
+def test_cli_ask_missing_video(qwen_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from vidsparse.cli import app
+
+    res = CliRunner().invoke(app, ["ask", str(tmp_path / "nope.mp4"), Q, "--model", qwen_dir])
+    assert res.exit_code == 2 and "does not exist" in res.output
