@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from vidsparse.models.hf import attention_scope, last_query_attention  # noqa: E402
 from vidsparse.models.qwen2_5_vl import QwenVLAdapter, pixel_values_videos, smart_resize  # noqa: E402
 from vidsparse.models.random import build_random_qwen2_5_vl  # noqa: E402
+from vidsparse.pipeline import RunStats  # noqa: E402
 from vidsparse.recipe import Budget, Recipe  # noqa: E402
 from vidsparse.registry import INLLM, KV, PATTERNS, TOKENS  # noqa: E402
 from vidsparse.types import Frames  # noqa: E402
@@ -26,6 +27,13 @@ def qwen_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from vidsparse.models.random import build_random_llava_onevision
+
+    return build_random_llava_onevision(tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module")
 def adapter(qwen_dir):
     from vidsparse.models import load_adapter
 
@@ -33,11 +41,30 @@ def adapter(qwen_dir):
 
 
 @pytest.fixture(scope="module")
-def encoded(adapter):
+def llava(llava_dir):
+    from vidsparse.models import load_adapter
+
+    return load_adapter(llava_dir, device="cpu")
+
+
+def _encode(ad, hw):
     rng = np.random.default_rng(0)
+    frames = Frames(rng.integers(0, 255, (6, hw[0], hw[1], 3), dtype=np.uint8), np.arange(6) * 0.5)
+    return ad.encode_video(frames)
+
+
+@pytest.fixture(scope="module")
+def encoded(adapter):
     # 6 frames at 84x112: 3 temporal patches of 3x4 merged tokens = 36 visual tokens
-    frames = Frames(rng.integers(0, 255, (6, 84, 112, 3), dtype=np.uint8), np.arange(6) * 0.5)
-    return adapter.encode_video(frames)
+    return _encode(adapter, (84, 112))
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava_onevision"])
+def both(request, adapter, encoded, llava):
+    """(adapter, encoded video) for each supported family."""
+    if request.param == "qwen2_5_vl":
+        return adapter, encoded
+    return llava, _encode(llava, (84, 84))  # 6 frames of 3x3 pooled tokens + the newline token
 
 
 def vanilla_inputs(adapter, encoded):
@@ -81,7 +108,8 @@ def test_smart_resize_rules():
 
 # ---- null recipe = vanilla transformers ---------------------------------------------------------------------------
 
-def test_null_recipe_logits_and_tokens_equal_vanilla(adapter, encoded):
+def test_null_recipe_logits_and_tokens_equal_vanilla(both):
+    adapter, encoded = both
     inp = vanilla_inputs(adapter, encoded)
     with torch.inference_mode():
         ref = adapter.model(**inp, logits_to_keep=1).logits[:, -1].float()
@@ -94,21 +122,15 @@ def test_null_recipe_logits_and_tokens_equal_vanilla(adapter, encoded):
 
     pipe = Pipeline(adapter, Recipe(), max_new_tokens=8)
     cache = transformers.DynamicCache()
-    _, logits, _ = pipe._prefill(prompt, cache, _Stats())
+    _, logits, _ = pipe._prefill(prompt, cache, RunStats())
     toks = pipe._decode(prompt, cache, logits)
     eos = adapter.eos_token_ids()
     assert toks == gen[: len(toks)] and (len(toks) == 8 or toks[-1] in eos)
     assert len(set(gen)) > 1  # the tiny model's output is not constant, so equality means something
 
 
-class _Stats:
-    prompt_tokens = 0
-    llm_tokens_after_cut = 0
-    attention_density = 1.0
-    ms_estimate = 0.0
-
-
-def test_reducer_at_full_budget_is_identity(adapter, encoded):
+def test_reducer_at_full_budget_is_identity(both):
+    adapter, encoded = both
     base = prompt_logits(adapter, adapter.build_prompt(encoded, None, Q))
     n = len(encoded.tokens)
     for name in ("pooling", "evs", "dycoke", "visionzip"):
@@ -139,7 +161,8 @@ def test_positions_after_reduction_are_the_unreduced_positions(adapter, encoded)
 
 # ---- attention interface -----------------------------------------------------------------------------------------
 
-def test_dense_pattern_through_attention_interface_equals_sdpa(adapter, encoded):
+def test_dense_pattern_through_attention_interface_equals_sdpa(both):
+    adapter, encoded = both
     prompt = adapter.build_prompt(encoded, None, Q)
     ref = prompt_logits(adapter, prompt)
     llm = adapter.language_model()
@@ -196,7 +219,8 @@ def _run_cut(adapter, prompt, method, cache=None):
     return cut, cache, logits
 
 
-def test_fastv_keeps_top_attended_tokens_and_shortens_later_layers(adapter, encoded):
+def test_fastv_keeps_top_attended_tokens_and_shortens_later_layers(both):
+    adapter, encoded = both
     prompt = adapter.build_prompt(encoded, None, Q)
     n = prompt.input_ids.shape[1]
     s, e = prompt.visual
@@ -206,19 +230,21 @@ def test_fastv_keeps_top_attended_tokens_and_shortens_later_layers(adapter, enco
     assert [c.keys.shape[2] for c in cache.layers] == [n, n] + [cut.current] * (adapter.num_layers - 2)
     # independent check: eager attention weights of layer k-1 (= 1), last row, head mean
     model = adapter.model
-    model.set_attn_implementation("eager")
+    llm_cfg = adapter.language_model().config
+    llm_cfg._attn_implementation = "eager"
     try:
         with torch.inference_mode():
             out = model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids, output_attentions=True)
     finally:
-        model.set_attn_implementation("sdpa")
+        llm_cfg._attn_implementation = "sdpa"
     row = out.attentions[1][0, :, -1].mean(0)[s:e]
     expect = row.topk(keep_visual).indices.sort().values + s
     got = cut.columns[(cut.columns >= s) & (cut.columns < e)]
     assert torch.equal(got, expect)
 
 
-def test_fastv_r0_is_identity(adapter, encoded):
+def test_fastv_r0_is_identity(both):
+    adapter, encoded = both
     prompt = adapter.build_prompt(encoded, None, Q)
     ref = prompt_logits(adapter, prompt)
     cut, _, logits = _run_cut(adapter, prompt, INLLM.from_spec("fastv:k=2,r=0"))
@@ -235,7 +261,8 @@ def _prefill_with(adapter, prompt, cache, observe: bool):
     return prompt_logits(adapter, prompt, cache)
 
 
-def test_streaming_keeps_sinks_and_recent(adapter, encoded):
+def test_streaming_keeps_sinks_and_recent(both):
+    adapter, encoded = both
     prompt = adapter.build_prompt(encoded, None, Q)
     full = transformers.DynamicCache()
     ref = prompt_logits(adapter, prompt, full)
@@ -247,7 +274,8 @@ def test_streaming_keeps_sinks_and_recent(adapter, encoded):
         assert torch.equal(lc.values, torch.cat([lf.values[:, :, :4], lf.values[:, :, -16:]], 2))
 
 
-def test_snapkv_keeps_the_window_and_top_pooled_scores(adapter, encoded):
+def test_snapkv_keeps_the_window_and_top_pooled_scores(both):
+    adapter, encoded = both
     from vidsparse.kv.snapkv import snapkv_scores
 
     prompt = adapter.build_prompt(encoded, None, Q)
@@ -404,3 +432,18 @@ def test_cli_ask_missing_video(qwen_dir, tmp_path):
 
     res = CliRunner().invoke(app, ["ask", str(tmp_path / "nope.mp4"), Q, "--model", qwen_dir])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_llava_pipeline_with_reducer(llava, short_video):
+    from vidsparse.errors import InputError
+    from vidsparse.pipeline import Pipeline
+
+    ans = Pipeline(llava, Recipe(tokens="dycoke", budget=Budget(frames=6, tokens=30)), max_new_tokens=3).ask(
+        short_video, Q)
+    st = ans.stats
+    assert st.frame_size == (84, 84) and st.tower_tokens == 54 and st.visual_tokens == 30
+    before, after = llava.prompt_text(Q)
+    text = sum(len(llava.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (before, after))
+    assert st.prompt_tokens == 30 + 1 + text  # + the newline token
+    with pytest.raises(InputError, match="token reducer"):
+        Pipeline(llava, Recipe(budget=Budget(frames=6, tokens=30))).ask(short_video, Q)

@@ -203,6 +203,11 @@ class Pipeline:
         st.ms_vision = (t3 - t2) * 1e3
         st.tower_tokens = len(enc.tokens)
 
+        if (self.reducer is None and b.tokens is not None and len(enc.tokens) > b.tokens
+                and getattr(ad, "fixed_resolution", False)):
+            raise InputError(f"{type(ad.model).__name__} encodes {len(enc.tokens)} visual tokens at its fixed "
+                             f"resolution, above the budget of {b.tokens}: add a token reducer (--tokens pooling) "
+                             "or raise the token budget")
         red = None
         if self.reducer is not None and b.tokens is not None and b.tokens < len(enc.tokens):
             with torch.inference_mode():

@@ -85,3 +85,47 @@ def build_random_qwen2_5_vl(path: str | Path, size: str = "tiny", seed: int = 0,
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+LLAVA_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "user", "assistant", "\n"]
+
+
+def random_llava_onevision(seed: int = 0, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer): a tiny random-weight ``LlavaOnevisionForConditionalGeneration`` (Qwen2 LLM, SigLIP tower
+    at 84 px: 6×6 patches pooled to 3×3 tokens a frame)."""
+    import torch
+    import transformers
+
+    vocab = {"<unk>": 127}
+    for i, w in enumerate(LLAVA_SPECIAL):
+        vocab[w] = i if w.startswith("<") else 100 + i
+    for i, w in enumerate(WORDS):
+        vocab.setdefault(w, 20 + i)
+    cfg = transformers.LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096,
+                         initializer_range=0.3, eos_token_id=vocab["<|im_end|>"]),
+        vision_config=dict(model_type="siglip_vision_model", image_size=84, patch_size=14, hidden_size=32,
+                           intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+        image_token_id=vocab["<image>"], video_token_id=vocab["<video>"], vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    return model.eval(), _word_tokenizer(vocab, "<|im_end|>")
+
+
+def build_random_llava_onevision(path: str | Path, seed: int = 0) -> str:
+    model, tok = random_llava_onevision(seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
