@@ -109,6 +109,7 @@ def test_smart_resize_rules():
 # ---- null recipe = vanilla transformers ---------------------------------------------------------------------------
 
 def test_null_recipe_logits_and_tokens_equal_vanilla(both):
+    """Vanilla = transformers' own forward/generate on the processed inputs (its own vision tower code path too)."""
     adapter, encoded = both
     inp = vanilla_inputs(adapter, encoded)
     with torch.inference_mode():
@@ -447,3 +448,42 @@ def test_llava_pipeline_with_reducer(llava, short_video):
     assert st.prompt_tokens == 30 + 1 + text  # + the newline token
     with pytest.raises(InputError, match="token reducer"):
         Pipeline(llava, Recipe(budget=Budget(frames=6, tokens=30))).ask(short_video, Q)
+
+
+# ---- vision tower fast path (issue 7) ----------------------------------------------------------------------------
+
+def test_varlen_attention_equals_per_segment_sdpa():
+    from vidsparse.models.hf import varlen_attention
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [64, 16, 64, 5, 16, 64, 1]
+    cu = torch.tensor([0] + list(np.cumsum(lengths)))
+    n = int(cu[-1])
+    q, k, v = (torch.randn(1, 3, n, 8, generator=g) for _ in range(3))
+    got = varlen_attention(q, k, v, cu, scale=0.3)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.3)
+        torch.testing.assert_close(got[:, :, a:b], ref, atol=1e-6, rtol=1e-6)
+    # equal segments back to back take the reshape path
+    cu2 = torch.arange(0, n + 1, n // 7 if n % 7 == 0 else 1)
+    got2 = varlen_attention(q, k, v, cu2)
+    ref2 = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+                      for a, b in zip(cu2[:-1].tolist(), cu2[1:].tolist())], 2)
+    torch.testing.assert_close(got2, ref2, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(84, 112), (252, 448)])
+def test_fast_tower_equals_transformers_tower(adapter, hw):
+    """The packed path vs transformers' own per-window SDPA loop on the same pixels (windows of unequal size at the
+    bottom edge for 252x448)."""
+    rng = np.random.default_rng(5)
+    frames = Frames(rng.integers(0, 255, (4, hw[0], hw[1], 3), dtype=np.uint8), np.arange(4) * 0.5)
+    try:
+        adapter.fast_tower = False
+        ref = adapter.encode_video(frames).tokens.features
+        adapter.fast_tower = True
+        got = adapter.encode_video(frames).tokens.features
+    finally:
+        adapter.fast_tower = True
+    torch.testing.assert_close(got, ref, atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
+    assert adapter.vision_tower().config._attn_implementation == "sdpa"  # restored

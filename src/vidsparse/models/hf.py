@@ -168,3 +168,108 @@ def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | Non
         qi = torch.arange(nk - rows, nk, device=q.device)[:, None]
         s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > qi, float("-inf"))
     return torch.softmax(s, dim=-1).mean(dim=(1, 2))
+
+
+# ---- vision towers: packed (varlen) attention in a few batched launches -------------------------------------------
+
+VARLEN_NAME = "vidsparse_varlen_flash"  # transformers hands cu_seqlens only to implementations named "*flash*"
+_VARLEN_REGISTERED = False
+_PLAN_CACHE: dict = {}
+
+
+def _varlen_plan(cu: Tensor):
+    """Group the packed segments of ``cu`` (int [S+1]) by length: [(length, token index [S_L, L] or None, start)].
+
+    One host read of the boundaries per distinct ``cu`` tensor (the tower reuses the same two tensors in all layers)."""
+    key = (cu.data_ptr(), cu.numel(), cu.device)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0] is cu:
+        return hit[1]
+    bounds = cu.tolist()
+    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    groups: dict[int, list[int]] = {}
+    for s, n in zip(starts, lengths):
+        if n > 0:
+            groups.setdefault(n, []).append(s)
+    plan = []
+    if len(groups) == 1:
+        (n, st), = groups.items()
+        if st == list(range(bounds[0], bounds[0] + n * len(st), n)):  # equal segments back to back: a reshape
+            plan.append((n, None, bounds[0], len(st)))
+    if not plan:
+        for n, st in groups.items():
+            idx = torch.tensor(st, device=cu.device)[:, None] + torch.arange(n, device=cu.device)
+            plan.append((n, idx, None, len(st)))
+    if len(_PLAN_CACHE) > 64:
+        _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = (cu, plan)
+    return plan
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None = None) -> Tensor:
+    """Block-diagonal (packed) non-causal attention: q, k, v [1, H, N, D], segments given by ``cu`` (int [S+1]).
+
+    Segments of equal length are batched into one dense SDPA call each ([S_L, H, L, D]), so a layer costs one launch
+    per distinct segment length instead of one per segment, with no padding and SDPA's own numerics. Returns
+    [1, H, N, D]."""
+    _, h, n, d = q.shape
+    out = torch.empty_like(q)
+    for length, idx, start, count in _varlen_plan(cu):
+        if idx is None:
+            sl = slice(start, start + length * count)
+            parts = [t[0, :, sl].reshape(h, count, length, d).transpose(0, 1) for t in (q, k, v)]
+            o = torch.nn.functional.scaled_dot_product_attention(*parts, scale=scale)
+            out[0, :, sl] = o.transpose(0, 1).reshape(h, length * count, d)
+        else:
+            flat = idx.reshape(-1)
+            parts = [t[0][:, flat].reshape(h, count, length, d).transpose(0, 1) for t in (q, k, v)]
+            o = torch.nn.functional.scaled_dot_product_attention(*parts, scale=scale)
+            out[0][:, flat] = o.transpose(0, 1).reshape(h, count * length, d)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+    """The function registered as ``VARLEN_NAME``: packed non-causal attention for vision towers."""
+    if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
+        out = _sdpa(query, key, value, scaling, bool(kwargs.get("is_causal", False)))
+        return out.transpose(1, 2).contiguous(), None
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_k,
+                                                                                            cu_seq_lens_q):
+        raise ValueError("varlen attention needs the same segments for queries and keys")
+    if key.shape[1] != query.shape[1]:
+        g = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    out = varlen_attention(query, key, value, cu_seq_lens_q, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_varlen() -> None:
+    global _VARLEN_REGISTERED
+    if not _VARLEN_REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(VARLEN_NAME, varlen_attention_forward)
+        _VARLEN_REGISTERED = True
+
+
+@contextlib.contextmanager
+def vision_scope(tower: torch.nn.Module) -> Iterator[None]:
+    """Run a vision tower whose attention splits packed sequences by ``cu_seqlens`` (Qwen2-VL, Qwen2.5-VL) with
+    ``varlen_attention``: one batched launch per distinct window/frame length per layer instead of a Python loop of
+    one SDPA call per window. Restores the previous implementation on exit."""
+    register_varlen()
+    seen, configs = set(), []
+    for m in tower.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation"):
+            seen.add(id(cfg))
+            configs.append(cfg)
+    previous = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = VARLEN_NAME
+        yield
+    finally:
+        for c, p in zip(configs, previous):
+            c._attn_implementation = p

@@ -56,7 +56,10 @@ class LlavaOneVisionAdapter(ModelAdapter):
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         feats = getattr(out, "pooler_output", out)
         feats = feats[0] if feats.dim() == 3 else feats
-        body, newline = feats[:-1], feats[-1:]
+        n_body = len(frames) * self.side * self.side
+        body = feats[:n_body]
+        # transformers >= 5.2x appends the video's newline token in get_video_features, earlier ones in forward
+        newline = feats[n_body:] if feats.shape[0] > n_body else self.model.model.image_newline[None].to(feats)
         tokens = VisualTokens.from_grid(body, [(self.side, self.side)] * len(frames))
         return EncodedVideo(tokens, np.asarray(frames.pts_s, dtype=np.float64), {"newline": newline,
                                                                                   "pixel_values": pv})

@@ -79,8 +79,9 @@ class QwenVLAdapter(ModelAdapter):
     mean = (0.48145466, 0.4578275, 0.40821073)
     std = (0.26862954, 0.26130258, 0.27577711)
 
-    def __init__(self, model, tokenizer, device=None):
+    def __init__(self, model, tokenizer, device=None, fast_tower: bool = True):
         super().__init__(model, tokenizer, device)
+        self.fast_tower = fast_tower  # packed window attention (models.hf.vision_scope) instead of a per-window loop
         vc = model.config.vision_config
         self.patch = int(getattr(vc, "patch_size", 14))
         self.temporal = int(getattr(vc, "temporal_patch_size", 2))
@@ -115,7 +116,12 @@ class QwenVLAdapter(ModelAdapter):
             raise InputError("no frames to encode")
         pv, (gt, gh, gw) = self.pixels(frames)
         grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
-        out = self.model.model.get_video_features(pv.to(self.device, self.dtype), grid)
+        import contextlib
+
+        from .hf import vision_scope
+
+        with vision_scope(self.vision_tower()) if self.fast_tower else contextlib.nullcontext():
+            out = self.model.model.get_video_features(pv.to(self.device, self.dtype), grid)
         feats = getattr(out, "pooler_output", out)
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), 0)
