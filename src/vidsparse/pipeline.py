@@ -197,7 +197,14 @@ class Pipeline:
         st.ms_decode = (t2 - t1) * 1e3
         st.frames, st.frame_size, st.times = len(frames), tuple(size), list(frames.pts_s)
 
-        enc = ad.encode_video(frames)
+        keep = getattr(ad, "keep_pixels", None)
+        if keep is not None:
+            ad.keep_pixels = False  # the pixels are not needed after the tower: do not hold them through prefill
+        try:
+            enc = ad.encode_video(frames)
+        finally:
+            if keep is not None:
+                ad.keep_pixels = keep
         self._sync()
         t3 = time.perf_counter()
         st.ms_vision = (t3 - t2) * 1e3

@@ -53,6 +53,33 @@ def current_scope() -> Scope | None:
     return _SCOPE.get()
 
 
+def _sdpa_backends():
+    """SDPA backend priority on CUDA: cuDNN first (about 1.8x flash on H100 at long sequences, benchmarks/attention.py),
+    then flash, memory-efficient, math. ``VIDSPARSE_SDPA=default`` leaves PyTorch's own order."""
+    import os
+
+    if os.environ.get("VIDSPARSE_SDPA", "cudnn") == "default":
+        return None
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """``scaled_dot_product_attention`` with vidsparse's backend priority on CUDA."""
+    order = _sdpa_backends() if q.is_cuda else None
+    if order is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority, cuDNN only when asked alone
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:
     """Dense attention [B, H, Nq, D] with GQA; causal is bottom-right aligned when Nq < Nk."""
     nq, nk = q.shape[2], k.shape[2]
@@ -61,12 +88,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) ->
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
     if not causal or nq == 1:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return sdpa(q, k, v, scale=scale)
     if nq == nk:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     qi = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
     mask = torch.arange(nk, device=q.device)[None, :] <= qi
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return sdpa(q, k, v, attn_mask=mask, scale=scale)
 
 
 def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -218,12 +245,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float |
         if idx is None:
             sl = slice(start, start + length * count)
             parts = [t[0, :, sl].reshape(h, count, length, d).transpose(0, 1) for t in (q, k, v)]
-            o = torch.nn.functional.scaled_dot_product_attention(*parts, scale=scale)
+            o = sdpa(*parts, scale=scale)
             out[0, :, sl] = o.transpose(0, 1).reshape(h, length * count, d)
         else:
             flat = idx.reshape(-1)
             parts = [t[0][:, flat].reshape(h, count, length, d).transpose(0, 1) for t in (q, k, v)]
-            o = torch.nn.functional.scaled_dot_product_attention(*parts, scale=scale)
+            o = sdpa(*parts, scale=scale)
             out[0][:, flat] = o.transpose(0, 1).reshape(h, count * length, d)
     return out
 

@@ -55,18 +55,21 @@ def default_tokens_per_frame(num_frames: int) -> int:
     return int(pixels // 784)
 
 
-def pixel_values_videos(frames: np.ndarray, mean, std, patch: int = 14, temporal: int = 2, merge: int = 2):
+def pixel_values_videos(frames: np.ndarray, mean, std, patch: int = 14, temporal: int = 2, merge: int = 2,
+                        device=None):
     """uint8 [T, H, W, 3] (H, W multiples of patch·merge) -> (float32 [gt·gh·gw, 3·temporal·patch²], (gt, gh, gw)).
 
-    T is padded to a multiple of ``temporal`` by repeating the last frame (as the Qwen processors do)."""
+    T is padded to a multiple of ``temporal`` by repeating the last frame (as the Qwen processors do). The uint8
+    frames move to ``device`` first, so the float work runs there (768 frames: ~1 s on a CPU, ~ms on a GPU)."""
     t, h, w, _ = frames.shape
     if h % (patch * merge) or w % (patch * merge):
         raise InputError(f"frame size {w}x{h} is not a multiple of {patch * merge}")
     if t % temporal:
         frames = np.concatenate([frames, np.repeat(frames[-1:], temporal - t % temporal, 0)])
         t = frames.shape[0]
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().mul_(1.0 / 255.0)
-    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device or "cpu").float().mul_(1.0 / 255.0)
+    x = (x - torch.tensor(mean, dtype=torch.float32, device=x.device)) / torch.tensor(std, dtype=torch.float32,
+                                                                                      device=x.device)
     x = x.permute(0, 3, 1, 2)  # T, C, H, W
     gt, gh, gw = t // temporal, h // patch, w // patch
     x = x.reshape(gt, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
@@ -82,6 +85,7 @@ class QwenVLAdapter(ModelAdapter):
     def __init__(self, model, tokenizer, device=None, fast_tower: bool = True):
         super().__init__(model, tokenizer, device)
         self.fast_tower = fast_tower  # packed window attention (models.hf.vision_scope) instead of a per-window loop
+        self.keep_pixels = True  # keep pixel_values for full_inputs (vanilla comparisons); Pipeline turns it off
         vc = model.config.vision_config
         self.patch = int(getattr(vc, "patch_size", 14))
         self.temporal = int(getattr(vc, "temporal_patch_size", 2))
@@ -108,13 +112,20 @@ class QwenVLAdapter(ModelAdapter):
                             max_pixels=max(4, tpf) * self.factor ** 2)
 
     def pixels(self, frames: Frames):
-        return pixel_values_videos(frames.data, self.mean, self.std, self.patch, self.temporal, self.merge)
+        return pixel_values_videos(frames.data, self.mean, self.std, self.patch, self.temporal, self.merge,
+                                   device=self.device)
 
     @torch.inference_mode()
     def encode_video(self, frames: Frames) -> EncodedVideo:
         if len(frames) == 0:
             raise InputError("no frames to encode")
         pv, (gt, gh, gw) = self.pixels(frames)
+        return self.encode_pixels(pv, (gt, gh, gw), np.asarray(frames.pts_s, dtype=np.float64))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pv: torch.Tensor, thw: tuple[int, int, int], times: np.ndarray) -> EncodedVideo:
+        """``pixel_values_videos`` [gt·gh·gw, C·2·14²] -> tokens (the tower, packed when ``fast_tower``)."""
+        gt, gh, gw = thw
         grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
         import contextlib
 
@@ -127,11 +138,11 @@ class QwenVLAdapter(ModelAdapter):
             feats = torch.cat(list(feats), 0)
         m = self.merge
         tokens = VisualTokens.from_grid(feats, [(gh // m, gw // m)] * gt)
-        times = np.asarray(frames.pts_s, dtype=np.float64)
         spacing = float(np.mean(np.diff(times))) if len(times) > 1 else 0.5
         spacing = spacing if spacing > 0 else 0.5
         return EncodedVideo(tokens, times[:: self.temporal][:gt] if len(times) else times,
-                            {"grid": grid, "second_per_grid": self.temporal * spacing, "pixel_values": pv})
+                            {"grid": grid, "second_per_grid": self.temporal * spacing,
+                             "pixel_values": pv if self.keep_pixels else None})
 
     # --- prompt ---
     def prompt_text(self, question: str) -> tuple[str, str]:
@@ -152,11 +163,13 @@ class QwenVLAdapter(ModelAdapter):
         ids = torch.tensor([a + [self.video_token_id] * n + b], dtype=torch.long, device=self.device)
         types = torch.zeros_like(ids, dtype=torch.int32)
         types[0, len(a): len(a) + n] = 2
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
-                "pixel_values_videos": encoded.extra["pixel_values"].to(self.device),
-                "video_grid_thw": encoded.extra["grid"],
-                "second_per_grid_ts": torch.tensor([encoded.extra["second_per_grid"]], device=self.device),
-                "_span": (len(a), len(a) + n)}
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
+               "video_grid_thw": encoded.extra["grid"],
+               "second_per_grid_ts": torch.tensor([encoded.extra["second_per_grid"]], device=self.device),
+               "_span": (len(a), len(a) + n)}
+        if encoded.extra.get("pixel_values") is not None:
+            out["pixel_values_videos"] = encoded.extra["pixel_values"].to(self.device)
+        return out
 
     def rope_index(self, inputs: dict) -> torch.Tensor:
         fn = self.model.model.get_rope_index
