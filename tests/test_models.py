@@ -487,3 +487,75 @@ def test_fast_tower_equals_transformers_tower(adapter, hw):
         adapter.fast_tower = True
     torch.testing.assert_close(got, ref, atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
     assert adapter.vision_tower().config._attn_implementation == "sdpa"  # restored
+
+
+# ---- FrameFusion and ZipVL ---------------------------------------------------------------------------------------
+
+def test_framefusion_merges_identical_frames_into_the_first(adapter):
+    """Four identical frame pairs: every token of pairs 2-4 has cosine 1 with its predecessor and merges into pair 1's
+    token at the same (h, w); with cost=1 nothing is pruned, and the merged hidden state is the original one, so the
+    logits equal those of a prompt holding only the first pair's tokens at their own positions."""
+    rng = np.random.default_rng(7)
+    one = rng.integers(0, 255, (2, 84, 112, 3), dtype=np.uint8)
+    enc = adapter.encode_video(Frames(np.concatenate([one] * 4), np.arange(8) * 0.5))
+    prompt = adapter.build_prompt(enc, None, Q)
+    cut, cache, logits = _run_cut(adapter, prompt, INLLM.from_spec("framefusion:sim=0.999,cost=1.0,merge_layers=1"))
+    s, e = prompt.visual
+    per = 12
+    assert cut.merged == 3 * per
+    assert cut.trace[0] == (0, prompt.input_ids.shape[1] - 3 * per)
+    vis_cols = cut.columns[(cut.columns >= s) & (cut.columns < e)]
+    assert torch.equal(vis_cols, torch.arange(s, s + per))
+    keep = torch.arange(per)
+    from vidsparse.types import Reduction
+
+    only_first = adapter.build_prompt(enc, Reduction(enc.tokens.features[:per], keep, enc.tokens, "first"), Q)
+    torch.testing.assert_close(logits, prompt_logits(adapter, only_first), atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
+
+
+def test_framefusion_prunes_to_the_cost_budget(adapter, encoded):
+    prompt = adapter.build_prompt(encoded, None, Q)
+    n, layers = prompt.input_ids.shape[1], adapter.num_layers
+    cut, cache, _ = _run_cut(adapter, prompt, INLLM.from_spec("framefusion:sim=1.01,cost=0.8,k=2"))
+    assert cut.merged == 0
+    # layers 0-1 see all n tokens; the last two share what is left of 0.8 x layers x n
+    assert cut.current == round((0.8 * layers * n - 2 * n) / (layers - 2))
+    assert sum(c for _, c in cut.trace) <= 0.8 * layers * n + layers  # rounding: at most one token per layer
+    assert [c.keys.shape[2] for c in cache.layers][2:] == [cut.current] * (layers - 2)
+
+
+def test_subset_attention_against_masked_reference():
+    from vidsparse.attention.reference import masked_attention
+    from vidsparse.models.hf import subset_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 4, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8,
+                                                                                                         generator=g)
+    keys = torch.tensor([0, 1, 5, 9, 10, 22, 39])
+    kept = torch.zeros(40, dtype=torch.bool)
+    kept[keys] = True
+    i = torch.arange(40)
+    mask = (i[None, :] <= i[:, None]) & (kept[None, :] | torch.eye(40, dtype=torch.bool))
+    ref = masked_attention(q, k, v, mask)
+    for chunk in (7, 4096):
+        torch.testing.assert_close(subset_attention(q, k, v, keys, chunk=chunk), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_zipvl_top_mass_and_full_tau_identity(adapter, encoded):
+    from vidsparse.tokens.inllm.zipvl import top_mass
+
+    mass = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])
+    assert top_mass(mass, torch.arange(5), 0.7).tolist() == [1, 3]
+    assert top_mass(mass, torch.arange(5), 0.71).tolist() == [1, 3, 4]
+    prompt = adapter.build_prompt(encoded, None, Q)
+    ref = prompt_logits(adapter, prompt)
+    sel = INLLM.from_spec("zipvl:tau=1.0").plan(prompt.visual, prompt.input_ids.shape[1], adapter.num_layers)
+    with attention_scope(adapter.language_model(), observers=[sel]) as sc:
+        got = prompt_logits(adapter, prompt)
+    torch.testing.assert_close(got, ref, atol=MODEL_FP32_ATOL, rtol=MODEL_FP32_RTOL)
+    assert sc.stats["subset_calls"] == adapter.num_layers - 1
+    sel = INLLM.from_spec("zipvl:tau=0.5").plan(prompt.visual, prompt.input_ids.shape[1], adapter.num_layers)
+    with attention_scope(adapter.language_model(), observers=[sel]):
+        prompt_logits(adapter, prompt)
+    n_vis = prompt.visual[1] - prompt.visual[0]
+    assert all(1 <= c < n_vis for c in sel.kept.values())

@@ -287,7 +287,11 @@ class Pipeline:
         st.llm_tokens_after_cut = cut.current if cut is not None else st.prompt_tokens
         if scope is not None:
             n = scope.stats["sparse_calls"]
-            st.attention_density = scope.stats["density_sum"] / n if n else 1.0
+            sub = scope.stats.get("subset_calls", 0)
+            if n:
+                st.attention_density = scope.stats["density_sum"] / n
+            elif sub:  # ZipVL: fraction of keys kept, over the layers that applied it
+                st.attention_density = scope.stats["key_fraction_sum"] / sub
             st.ms_estimate = scope.stats["estimate_ms"]
         return prompt.input_ids, logits, scope
 

@@ -110,7 +110,15 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
     nq, nk = query.shape[2], key.shape[2]
     prefill = nq == nk and nq > 1
     layer = getattr(module, "layer_idx", None)
-    use_pattern = (scope is not None and scope.pattern is not None and prefill and causal
+    keys = None
+    if scope is not None and prefill and causal:
+        for obs in scope.observers:
+            sel = getattr(obs, "select_keys", None)
+            if sel is not None:
+                keys = sel(layer, query, key)
+                if keys is not None:
+                    break
+    use_pattern = (keys is None and scope is not None and scope.pattern is not None and prefill and causal
                    and (scope.layers is None or layer in scope.layers))
     if use_pattern:
         from ..attention.ops import sparse_attention
@@ -125,6 +133,10 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
         out = sparse_attention(query, key, value, layout, causal=True, scale=scaling, backend=scope.backend)
         scope.stats["sparse_calls"] += 1
         scope.stats["density_sum"] += float(layout.density())
+    elif keys is not None:
+        out = subset_attention(query, key, value, keys, scaling)
+        scope.stats["subset_calls"] = scope.stats.get("subset_calls", 0) + 1
+        scope.stats["key_fraction_sum"] = scope.stats.get("key_fraction_sum", 0.0) + keys.numel() / key.shape[2]
     else:
         out = _sdpa(query, key, value, scaling, causal)
         if scope is not None and prefill:
@@ -135,6 +147,28 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
             if hook is not None:
                 hook(layer, query, key, value, out)
     return out.transpose(1, 2).contiguous(), None
+
+
+def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float | None = None,
+                     chunk: int = 4096) -> Tensor:
+    """Causal prefill attention of every query over only the keys ``keys`` (sorted int64 [K'] into the sequence):
+    query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. Queries go in chunks so the
+    mask stays [chunk, K']. A query that sees no kept key attends to itself (its own key is always allowed)."""
+    n = q.shape[2]
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    out = torch.empty_like(q)
+    kept = torch.zeros(n, dtype=torch.bool, device=q.device)
+    kept[keys] = True
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        qi = torch.arange(a, b, device=q.device)
+        # the chunk's own positions join the gathered keys so that every query can see itself
+        sub = torch.unique(torch.cat([keys[keys < b], qi]))
+        mask = (sub[None, :] <= qi[:, None]) & (kept[sub][None, :] | (sub[None, :] == qi[:, None]))
+        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, sub], v[:, :, sub], attn_mask=mask, scale=scale)
+    return out
 
 
 def register() -> None:
