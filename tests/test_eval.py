@@ -218,11 +218,60 @@ def test_sweep_and_report(tmp_path, data_root, synth):
     assert (tmp_path / "o" / "report.md").is_file() and (tmp_path / "o" / "f1_vs_frames_scored.png").stat().st_size > 1000
 
 
-def test_eval_with_a_model_is_refused_clearly(tmp_path, data_root, synth):
-    _haystack(data_root, synth, n=1)
-    p = _eval_cli("--bench", "lvhaystack", "--data", str(data_root), "--model", "Qwen/Qwen2.5-VL-7B-Instruct",
+def test_eval_with_a_model_errors_are_clear(tmp_path, data_root, synth):
+    _videomme(data_root)
+    # a hub id that is not in the local cache is never downloaded
+    p = _eval_cli("--bench", "videomme", "--data", str(data_root), "--model", "nobody/not-downloaded",
                   "--out", str(tmp_path / "o"), check=False)
-    assert p.returncode == 2 and "model adapter" in p.stderr
+    assert p.returncode == 2 and "cannot load a model config" in p.stderr and "Traceback" not in p.stderr
+
+
+def _videomme(root):
+    rows = [{"video_id": f"00{i}", "duration": d, "domain": "Sports", "sub_category": "x", "videoID": v,
+             "question_id": f"{v}-{i}", "task_type": "Counting", "question": "What is on screen?", "options": OPTS,
+             "answer": "ABCD"[i % 4]}
+            for i, (v, d) in enumerate([("vid1", "short"), ("vid1", "short"), ("vid2", "long"), ("gone", "long")])]
+    _write(root / "videomme" / "test-00000-of-00001.json", rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from vidsparse.models.random import build_random_qwen2_5_vl
+
+    return build_random_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny")
+
+
+def test_qa_eval_with_a_model_resumes_to_identical_metrics(tmp_path, data_root, tiny_qwen):
+    _videomme(data_root)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tokens: evs\nbudget: {frames: 4, tokens: 24}\n")
+    args = ["--bench", "videomme", "--data", str(data_root), "--model", tiny_qwen, "--recipe", str(recipe)]
+    clean = json.loads(_eval_cli(*args, "--out", str(tmp_path / "clean"), "--json").stdout)[0]
+    assert clean["task"] == "qa" and clean["n"] == 3 and clean["missing_videos"] == ["gone-3"]
+    [rundir] = list((tmp_path / "clean").iterdir())
+    rows = [json.loads(x) for x in (rundir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["vid1-0", "vid1-1", "vid2-2"]
+    assert all(r["visual_tokens"] == 24 and r["frames"] == 4 and r["ttft_ms"] > 0 for r in rows)
+    assert clean["accuracy"]["accuracy"] == pytest.approx(sum(r["pred"] == r["answer"] for r in rows) / 3)
+    assert set(clean["accuracy"]["by"]["duration"]) == {"short", "long"}
+    assert clean["visual_tokens_mean"] == 24
+    code = ("from vidsparse.eval.harness import evaluate; from vidsparse.recipe import Recipe; "
+            f"evaluate('videomme', {str(data_root)!r}, {tiny_qwen!r}, Recipe.load({str(recipe)!r}), "
+            f"{str(tmp_path / 'killed')!r}, crash_after=2)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3
+    resumed = json.loads(_eval_cli(*args, "--out", str(tmp_path / "killed"), "--json").stdout)[0]
+    strip = ("ttft_ms_mean", "ttft_ms_median", "peak_memory_mb_max")
+    assert {k: v for k, v in resumed.items() if k not in strip} == {k: v for k, v in clean.items() if k not in strip}
+    [killed] = list((tmp_path / "killed").iterdir())
+    assert len((killed / "predictions.jsonl").read_text().splitlines()) == 3
+    assert killed.name == "videomme__tiny__uniform+evs+dense+fullkv+t24__4"
+    rep = subprocess.run([sys.executable, "-m", "vidsparse.cli", "report", str(tmp_path / "clean")],
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and "accuracy" in rep.stdout
+    assert (tmp_path / "clean" / "accuracy_vs_visual_tokens.png").is_file()
+    assert (tmp_path / "clean" / "ttft_vs_visual_tokens.png").is_file()
 
 
 def test_needle_haystacks_eval_and_heatmap(tmp_path, synth):

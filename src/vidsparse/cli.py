@@ -241,6 +241,13 @@ def eval_cmd(
         typer.echo(json.dumps(results))
         return
     for m in results:
+        if m.get("task") == "qa":
+            a = m["accuracy"]
+            typer.echo(f"{m['bench']} {m['model']} {Recipe.from_dict(m['recipe']).to_cli()}: accuracy "
+                       f"{a['accuracy']:.3f} over {m['n']} questions ({m['unanswered']} unanswered); "
+                       f"{m['visual_tokens_mean']:.0f} visual tokens, TTFT {m['ttft_ms_median']:.0f} ms median"
+                       + (f"; {len(m['missing_videos'])} videos missing" if m["missing_videos"] else ""))
+            continue
         t = m["temporal"]
         typer.echo(f"{m['bench']} {m['recipe']['frames'] or 'default'} budget {m['recipe']['budget']['frames']}: "
                    f"F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}) over {m['n']} samples, "
@@ -249,7 +256,8 @@ def eval_cmd(
 
 
 def _sweep(base, path):
-    """The recipes of a sweep file: the product of its lists (frames, scorer, budget) over the base recipe."""
+    """The recipes of a sweep file: the product of its lists over the base recipe. Keys: frames, scorer, tokens,
+    attention, kv (method specs), budget (frames), visual_tokens (budget.tokens), density (budget.density)."""
     import itertools
     from dataclasses import replace
 
@@ -263,12 +271,21 @@ def _sweep(base, path):
         spec = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: no such sweep file") from None
-    if not isinstance(spec, dict) or set(spec) - {"frames", "scorer", "budget"}:
-        raise SpecError("a sweep file maps frames, scorer and/or budget to lists")
-    frames = spec.get("frames") or [base.frames]
-    scorers = spec.get("scorer") or [base.scorer]
-    budgets = spec.get("budget") or [base.budget.frames]
-    return [replace(base, frames=f, scorer=s).with_budget(frames=int(b)) for f, s, b in itertools.product(frames, scorers, budgets)]
+    keys = {"frames", "scorer", "tokens", "attention", "kv", "budget", "visual_tokens", "density"}
+    if not isinstance(spec, dict) or set(spec) - keys:
+        raise SpecError(f"a sweep file maps some of {', '.join(sorted(keys))} to lists")
+    lists = {k: (spec.get(k) if isinstance(spec.get(k), list) else [spec.get(k)]) or [None] for k in keys}
+    out = []
+    for combo in itertools.product(*(lists[k] for k in sorted(keys))):
+        c = dict(zip(sorted(keys), combo))
+        r = replace(base, **{k: c[k] if c[k] is not None else getattr(base, k)
+                             for k in ("frames", "scorer", "tokens", "attention", "kv")})
+        b = r.budget
+        out.append(replace(r, budget=replace(b, frames=int(c["budget"]) if c["budget"] is not None else b.frames,
+                                             tokens=int(c["visual_tokens"]) if c["visual_tokens"] is not None
+                                             else b.tokens,
+                                             density=float(c["density"]) if c["density"] is not None else b.density)))
+    return out
 
 
 @app.command()

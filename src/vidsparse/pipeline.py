@@ -191,6 +191,9 @@ class Pipeline:
         t1 = time.perf_counter()
         st.ms_selection = (t1 - t_start) * 1e3
         tpf = self._tower_tokens_per_frame(len(sel), b)
+        if tpf is None and self.reducer is None and self.recipe.frames is not None and np.any(sel.tokens > 0):
+            # the selector's per-frame resolution; one grid per video in Qwen/LLaVA, so its mean
+            tpf = max(1, int(np.mean(sel.tokens)))
         size = ad.frame_size(info, sel, tpf)
         frames = VideoReader(video, _probed=probed).read_at(sel.times, size=size)
         t2 = time.perf_counter()
