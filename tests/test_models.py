@@ -559,3 +559,62 @@ def test_zipvl_top_mass_and_full_tau_identity(adapter, encoded):
         prompt_logits(adapter, prompt)
     n_vis = prompt.visual[1] - prompt.visual[0]
     assert all(1 <= c < n_vis for c in sel.kept.values())
+
+
+# ---- static patch skipping (issue 7) -----------------------------------------------------------------------------
+
+def _static_video(noise: int, seed=11):
+    """8 frames = 4 temporal patches: patch 0 random, patch 1 = patch 0 (+ noise), patch 2 new content, patch 3 = 2
+    except one 28x28 block that changes."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(20, 235, (2, 84, 112, 3), dtype=np.int16)
+    b = rng.integers(20, 235, (2, 84, 112, 3), dtype=np.int16)
+    c = b.copy()
+    c[:, 28:56, 56:84] = rng.integers(20, 235, (2, 28, 28, 3))
+    jitter = lambda x: x + rng.integers(-noise, noise + 1, x.shape) if noise else x  # noqa: E731
+    frames = np.concatenate([a, jitter(a), b, c]).clip(0, 255).astype(np.uint8)
+    return Frames(frames, np.arange(8) * 0.5)
+
+
+def test_static_patches_skip_exact_when_pixels_repeat(adapter):
+    fr = _static_video(noise=0)
+    full = adapter.encode_video(fr)
+    enc = adapter.encode_video(fr, skip_static=0.02)
+    assert enc.extra["encoded_patches"] == 3  # patch 1 repeats patch 0 and is not encoded
+    torch.testing.assert_close(enc.tokens.features, full.tokens.features, atol=1e-6, rtol=1e-6)
+    m = enc.tokens.motion.view(4, 12)
+    assert torch.isinf(m[0]).all() and (m[1] == 0).all() and (m[2] > 0.1).all()
+    moved = (m[3] > 0.02).nonzero().squeeze(1).tolist()
+    assert moved == [6]  # the one 28x28 block at merged (row 1, col 2) of the 3x4 grid
+
+
+def test_static_patches_reuse_fidelity_under_noise(adapter):
+    from tolerances import STATIC_REUSE_COS
+
+    fr = _static_video(noise=2)
+    full = adapter.encode_video(fr)
+    enc = adapter.encode_video(fr, skip_static=0.05)
+    assert enc.extra["encoded_patches"] == 3
+    cos = torch.nn.functional.cosine_similarity(enc.tokens.features[12:24], full.tokens.features[12:24], dim=-1)
+    assert cos.min() >= STATIC_REUSE_COS, cos.min()
+
+
+def test_static_patches_reducer_keeps_what_moves(adapter):
+    enc = adapter.encode_video(_static_video(noise=0), skip_static=0.02)
+    red = TOKENS.from_spec("static_patches").reduce(enc.tokens, 12 + 12 + 1)
+    # patch 0 (always), patch 2 (new content), and the one moving token of patch 3
+    assert red.keep_index.tolist() == list(range(12)) + list(range(24, 36)) + [36 + 6]
+
+
+def test_pipeline_static_patches_reports_encoded_frames(adapter, tmp_path):
+    from vidsparse.pipeline import Pipeline
+    from vidsparse.video.synthetic import write_video
+
+    rng = np.random.default_rng(3)
+    still = rng.integers(0, 255, (84, 112, 3), dtype=np.uint8)
+    frames = [still] * 16 + [rng.integers(0, 255, (84, 112, 3), dtype=np.uint8) for _ in range(16)]
+    path = str(tmp_path / "half_static.mp4")
+    write_video(path, frames, fps=2.0, codec="libx264", options={"crf": "0", "preset": "ultrafast"})
+    st = Pipeline(adapter, Recipe(tokens="static_patches:tau=0.05", budget=Budget(frames=16, tokens=60)),
+                  max_new_tokens=2).ask(path, Q).stats
+    assert st.frames == 16 and st.encoded_frames < st.frames and st.visual_tokens == 60

@@ -10,6 +10,7 @@ Every stage is timed (CUDA-synchronised at stage ends on a GPU) and counted in `
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,8 @@ from .types import Selection
 class RunStats:
     """Tokens after each stage and milliseconds per stage of one ``ask``.
 
-    frames: frames decoded for the tower; tower_tokens: visual tokens out of the tower (after the merger);
+    frames: frames decoded for the tower; encoded_frames: frames the tower actually encoded (fewer when
+    ``static_patches`` skips static temporal patches); tower_tokens: visual tokens out of the tower (after the merger);
     visual_tokens: after the token reducer; prompt_tokens: the LLM's prefill length; llm_tokens_after_cut: prefill
     tokens after an in-LLM reducer's cut (== prompt_tokens without one); kv_entries: cache entries per layer (layer 0
     and the last) after prefill; new_tokens: generated tokens. ms_*: decode (video), selection, vision, reduction,
@@ -33,6 +35,7 @@ class RunStats:
     tokens). attention_density: mean fraction of causal blocks computed over sparse prefill calls (1.0 if dense)."""
 
     frames: int = 0
+    encoded_frames: int = 0
     tower_tokens: int = 0
     visual_tokens: int = 0
     prompt_tokens: int = 0
@@ -204,7 +207,13 @@ class Pipeline:
         if keep is not None:
             ad.keep_pixels = False  # the pixels are not needed after the tower: do not hold them through prefill
         try:
-            enc = ad.encode_video(frames)
+            if self.reducer is not None and self.reducer.capabilities.get("pixel_motion"):
+                if "skip_static" not in inspect.signature(ad.encode_video).parameters:
+                    raise UnsupportedError(f"{self.reducer.name} needs pixel motion, which the "
+                                           f"{type(ad).__name__} adapter does not measure")
+                enc = ad.encode_video(frames, skip_static=self.reducer.tau)
+            else:
+                enc = ad.encode_video(frames)
         finally:
             if keep is not None:
                 ad.keep_pixels = keep
@@ -212,6 +221,8 @@ class Pipeline:
         t3 = time.perf_counter()
         st.ms_vision = (t3 - t2) * 1e3
         st.tower_tokens = len(enc.tokens)
+        st.encoded_frames = 2 * enc.extra.get("encoded_patches", -(-st.frames // 2)) if hasattr(ad, "temporal") \
+            else st.frames
 
         if (self.reducer is None and b.tokens is not None and len(enc.tokens) > b.tokens
                 and getattr(ad, "fixed_resolution", False)):

@@ -106,7 +106,9 @@ class VisualTokens:
     features float [N, D]; positions int64 [N, 3] = (t, h, w) grid coordinates; frame int64 [N] (0..T-1,
     non-decreasing); frame_hw int64 [T, 2] = each frame's token grid (h, w) — grids may differ between frames (Qwen2.5-VL
     resolution per frame); attention float [N] or None: attention each token receives (CLS attention where a tower has
-    a CLS, mean received attention otherwise); keys float [N, Dk] or None: the tower's key vectors (VisionZip)."""
+    a CLS, mean received attention otherwise); keys float [N, Dk] or None: the tower's key vectors (VisionZip);
+    motion float [N] or None: mean absolute pixel change of each token's pixels from the same pixels one token-frame
+    earlier (+inf in the first frame), measured before the tower (``static_patches``)."""
 
     features: "object"
     positions: "object"
@@ -114,6 +116,7 @@ class VisualTokens:
     frame_hw: "object"
     attention: "object" = None
     keys: "object" = None
+    motion: "object" = None
 
     def __post_init__(self):
         n = self.features.shape[0]
@@ -121,7 +124,7 @@ class VisualTokens:
             raise ValueError("VisualTokens: features [N, D], positions [N, 3], frame [N] required")
         if int((self.frame_hw[:, 0] * self.frame_hw[:, 1]).sum()) != n:
             raise ValueError("VisualTokens: frame_hw does not add up to N tokens")
-        for name in ("attention", "keys"):
+        for name in ("attention", "keys", "motion"):
             x = getattr(self, name)
             if x is not None and x.shape[0] != n:
                 raise ValueError(f"VisualTokens.{name} must have one row per token")
@@ -154,7 +157,7 @@ class VisualTokens:
         return [(e - c, e) for c, e in zip(counts, ends)]
 
     @classmethod
-    def from_grid(cls, features, frame_hw, attention=None, keys=None) -> "VisualTokens":
+    def from_grid(cls, features, frame_hw, attention=None, keys=None, motion=None) -> "VisualTokens":
         """Build from features in frame-major raster order and per-frame grids [(h, w), ...]."""
         import torch
 
@@ -165,7 +168,7 @@ class VisualTokens:
             parts_h.append(torch.arange(h).repeat_interleave(w))
             parts_w.append(torch.arange(w).repeat(h))
         pos = torch.stack([torch.cat(parts_t), torch.cat(parts_h), torch.cat(parts_w)], 1).to(features.device)
-        return cls(features, pos, pos[:, 0].clone(), hw.to(features.device), attention, keys)
+        return cls(features, pos, pos[:, 0].clone(), hw.to(features.device), attention, keys, motion)
 
 
 @dataclass(frozen=True, eq=False)

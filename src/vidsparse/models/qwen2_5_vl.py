@@ -116,32 +116,59 @@ class QwenVLAdapter(ModelAdapter):
                                    device=self.device)
 
     @torch.inference_mode()
-    def encode_video(self, frames: Frames) -> EncodedVideo:
+    def encode_video(self, frames: Frames, skip_static: float | None = None) -> EncodedVideo:
+        """``skip_static``: temporal patches whose every token changed less than this (``token_motion``) since the
+        previous patch are not encoded and reuse its tokens (``tokens/static_patches.py``)."""
         if len(frames) == 0:
             raise InputError("no frames to encode")
         pv, (gt, gh, gw) = self.pixels(frames)
-        return self.encode_pixels(pv, (gt, gh, gw), np.asarray(frames.pts_s, dtype=np.float64))
+        return self.encode_pixels(pv, (gt, gh, gw), np.asarray(frames.pts_s, dtype=np.float64), skip_static)
+
+    def token_motion(self, pv: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
+        """float32 [gt·(gh/2)·(gw/2)]: mean |Δ| of each merged token's normalised pixels vs the same token one
+        temporal patch earlier (+inf for the first patch). Rows of ``pv`` come merge-window-contiguous, so a token's
+        pixels are ``merge²`` consecutive rows."""
+        gt, gh, gw = thw
+        per = self.merge ** 2
+        x = pv.float().reshape(gt, (gh * gw) // per, -1)
+        motion = torch.full(x.shape[:2], float("inf"), device=pv.device)
+        if gt > 1:
+            motion[1:] = (x[1:] - x[:-1]).abs().mean(-1)
+        return motion.reshape(-1)
 
     @torch.inference_mode()
-    def encode_pixels(self, pv: torch.Tensor, thw: tuple[int, int, int], times: np.ndarray) -> EncodedVideo:
+    def encode_pixels(self, pv: torch.Tensor, thw: tuple[int, int, int], times: np.ndarray,
+                      skip_static: float | None = None) -> EncodedVideo:
         """``pixel_values_videos`` [gt·gh·gw, C·2·14²] -> tokens (the tower, packed when ``fast_tower``)."""
         gt, gh, gw = thw
-        grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
         import contextlib
 
         from .hf import vision_scope
 
+        motion = self.token_motion(pv, thw) if skip_static is not None else None
+        rows = torch.arange(gt, device=pv.device)
+        if motion is not None:
+            moving = (motion.view(gt, -1) >= skip_static).any(1)
+            moving[0] = True
+            rows = torch.nonzero(moving).squeeze(1)
+        n_patch = gh * gw
+        sub = pv if len(rows) == gt else pv.view(gt, n_patch, -1)[rows].reshape(-1, pv.shape[-1])
+        grid = torch.tensor([[len(rows), gh, gw]], dtype=torch.long, device=self.device)
         with vision_scope(self.vision_tower()) if self.fast_tower else contextlib.nullcontext():
-            out = self.model.model.get_video_features(pv.to(self.device, self.dtype), grid)
+            out = self.model.model.get_video_features(sub.to(self.device, self.dtype), grid)
         feats = getattr(out, "pooler_output", out)
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), 0)
         m = self.merge
-        tokens = VisualTokens.from_grid(feats, [(gh // m, gw // m)] * gt)
+        if len(rows) < gt:  # skipped patches reuse the last encoded patch's tokens
+            src = torch.cumsum(moving.long(), 0) - 1  # index into the encoded patches
+            feats = feats.view(len(rows), -1, feats.shape[-1])[src].reshape(-1, feats.shape[-1])
+        tokens = VisualTokens.from_grid(feats, [(gh // m, gw // m)] * gt, motion=motion)
         spacing = float(np.mean(np.diff(times))) if len(times) > 1 else 0.5
         spacing = spacing if spacing > 0 else 0.5
+        grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
         return EncodedVideo(tokens, times[:: self.temporal][:gt] if len(times) else times,
-                            {"grid": grid, "second_per_grid": self.temporal * spacing,
+                            {"encoded_patches": int(len(rows)), "grid": grid, "second_per_grid": self.temporal * spacing,
                              "pixel_values": pv if self.keep_pixels else None})
 
     # --- prompt ---
