@@ -1,0 +1,20 @@
+"""The documentation's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize("page", ["ask.md"])
+def test_python_blocks_run(page, capsys):
+    pytest.importorskip("transformers")
+    text = (DOCS / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, f"{page}", "exec"), {})
+    out = capsys.readouterr().out
+    assert "vanilla" in out and "fastv" in out
