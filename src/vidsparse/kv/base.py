@@ -5,7 +5,9 @@ policy sees each layer right after its keys/values are stored: in prefill (a chu
 decode step. It may replace the layer's stored tensors with fewer entries; the attention call in progress still gets
 the full tensors it was returned. Rotary phases are already in the keys, so dropping entries never shifts positions —
 but the cache length then no longer equals the position of the next token, which is why ``Pipeline`` passes positions
-explicitly (transformers' ``generate`` would derive them from the cache length).
+explicitly. ``get_seq_length`` reports the tokens *seen*, not the entries kept — transformers' own convention for its
+sliding-window layers — so ``model.generate(..., past_key_values=cache)`` still places new tokens correctly, while
+mask sizes come from the entries actually stored (``get_mask_sizes`` of each layer).
 
 Policies that need queries (SnapKV) also observe the prefill attention through ``models.hf.attention_scope``
 (``on_prefill_attention``), which runs after the layer's ``update``.
@@ -59,8 +61,14 @@ class CompressingCache(_dynamic_cache()):
         self.method = method
         self.stats: dict = {"prefill_entries": {}, "kept_entries": {}}
         self.queries_seen: set[int] = set()
+        self.seen: dict[int, int] = {}
+
+    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
+        """Tokens seen by ``layer_idx`` (positions advance by this), not the entries kept."""
+        return self.seen.get(layer_idx, 0)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        self.seen[layer_idx] = self.seen.get(layer_idx, 0) + int(key_states.shape[-2])
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if key_states.shape[-2] > 1:
             self.stats["prefill_entries"][layer_idx] = int(k.shape[-2])
