@@ -68,3 +68,17 @@ def update_markdown(section: str, body: str) -> None:
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+def cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_empty() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -23,19 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import cuda_empty as _empty
+from common import cuda_sync as _sync
+from common import device_name, save, today, update_markdown, versions
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _empty():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-from common import device_name, save, today, update_markdown, versions  # noqa: E402
-
-from vidsparse.recipe import Budget, Recipe  # noqa: E402
+from vidsparse.recipe import Budget, Recipe
 
 Q = "What is written on the screen when the red ball appears?"
 
@@ -68,11 +60,11 @@ def ensure_video(path: str) -> str:
 
 def hf_generate_ms(ad, video: str, frames: int) -> dict:
     """transformers' own path on the same processed inputs: generate(max_new_tokens=1) = tower + prefill + 1 token."""
+    import numpy as np
+
     from vidsparse.pipeline import uniform_times
     from vidsparse.types import Selection
     from vidsparse.video.reader import VideoReader
-
-    import numpy as np
 
     r = VideoReader(video)
     times = uniform_times(r.info, frames)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, save, today, versions  # noqa: E402
+from common import device_name, save, today, versions
 
 
 def ms(fn, reps=3):

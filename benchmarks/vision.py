@@ -21,17 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _empty():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-from common import device_name, save, today, update_markdown, versions  # noqa: E402
+from common import cuda_empty as _empty
+from common import cuda_sync as _sync
+from common import device_name, save, today, update_markdown, versions
 
 Q = "What is written on the screen?"
 

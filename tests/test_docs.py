@@ -12,7 +12,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def test_python_blocks_run(page, capsys):
     pytest.importorskip("transformers")
     text = (DOCS / page).read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert blocks
     for code in blocks:
         exec(compile(code, f"{page}", "exec"), {})

@@ -8,15 +8,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vidsparse.models.hf import attention_scope, last_query_attention  # noqa: E402
-from vidsparse.models.qwen2_5_vl import QwenVLAdapter, pixel_values_videos, smart_resize  # noqa: E402
-from vidsparse.models.random import build_random_qwen2_5_vl  # noqa: E402
-from vidsparse.pipeline import RunStats  # noqa: E402
-from vidsparse.recipe import Budget, Recipe  # noqa: E402
-from vidsparse.registry import INLLM, KV, PATTERNS, TOKENS  # noqa: E402
-from vidsparse.types import Frames  # noqa: E402
+from tolerances import MODEL_FP32_ATOL, MODEL_FP32_RTOL
 
-from tolerances import MODEL_FP32_ATOL, MODEL_FP32_RTOL  # noqa: E402
+from vidsparse.models.hf import attention_scope, last_query_attention
+from vidsparse.models.qwen2_5_vl import pixel_values_videos, smart_resize
+from vidsparse.models.random import build_random_qwen2_5_vl
+from vidsparse.pipeline import RunStats
+from vidsparse.recipe import Budget, Recipe
+from vidsparse.registry import INLLM, KV, PATTERNS, TOKENS
+from vidsparse.types import Frames
 
 Q = "what is on screen ?"
 
@@ -82,7 +82,9 @@ def prompt_logits(adapter, prompt, cache=None):
 # ---- pixels ------------------------------------------------------------------------------------------------------
 
 def test_pixel_layout_matches_qwen_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     rng = np.random.default_rng(1)
     img = rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)
@@ -178,10 +180,9 @@ def test_dense_pattern_through_attention_interface_equals_sdpa(both):
 def test_scope_restores_implementation_on_error(adapter):
     llm = adapter.language_model()
     prev = llm.config._attn_implementation
-    with pytest.raises(RuntimeError):
-        with attention_scope(llm):
-            assert llm.config._attn_implementation == "vidsparse"
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), attention_scope(llm):
+        assert llm.config._attn_implementation == "vidsparse"
+        raise RuntimeError("boom")
     assert llm.config._attn_implementation == prev
 
 
@@ -571,7 +572,7 @@ def _static_video(noise: int, seed=11):
     b = rng.integers(20, 235, (2, 84, 112, 3), dtype=np.int16)
     c = b.copy()
     c[:, 28:56, 56:84] = rng.integers(20, 235, (2, 28, 28, 3))
-    jitter = lambda x: x + rng.integers(-noise, noise + 1, x.shape) if noise else x  # noqa: E731
+    jitter = lambda x: x + rng.integers(-noise, noise + 1, x.shape) if noise else x
     frames = np.concatenate([a, jitter(a), b, c]).clip(0, 255).astype(np.uint8)
     return Frames(frames, np.arange(8) * 0.5)
 

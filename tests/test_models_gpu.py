@@ -4,7 +4,6 @@ Triton kernel agree with transformers' own SDPA paths within the bf16 rule of te
 import numpy as np
 import pytest
 import torch
-
 from tolerances import kernel_ok
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -12,10 +11,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def cuda_adapter():
+    import copy
+
     from vidsparse.models.qwen2_5_vl import QwenVLAdapter
     from vidsparse.models.random import random_qwen2_5_vl
-
-    import copy
 
     m32, tok = random_qwen2_5_vl("small", dtype="float32", device="cuda")
     m16 = copy.deepcopy(m32).to(torch.bfloat16)  # the same weights, rounded

@@ -129,7 +129,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, recipe: Recipe | None = None, device: str | None = None,
-                        dtype: str | None = None, **kwargs) -> "Pipeline":
+                        dtype: str | None = None, **kwargs) -> Pipeline:
         from .models import load_adapter
 
         return cls(load_adapter(path, device=device, dtype=dtype), recipe, **kwargs)

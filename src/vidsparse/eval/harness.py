@@ -44,26 +44,19 @@ def evaluate(bench: str, data: str, model: str, recipe: Recipe, out: str, progre
         return json.loads(run.metrics_path.read_text())
     from ..moments import find_moments
 
-    done = run.done()
     samples = ds.samples[:limit] if limit else ds.samples
-    new = 0
-    for i, s in enumerate(samples):
-        if s.id in done:
-            continue
+
+    def predict(s):
         m, index = find_moments(s.video, recipe.budget, recipe.frames, query=s.question, scorer=recipe.scorer,
                                 subtitles=s.subtitles if recipe.scorer is None else None, progress=False)
         # Frames decoded for this query's scoring; building the (cached, shared) index is not a per-query cost.
-        row = {"id": s.id, "video": os.path.basename(s.video), "pred_times": [round(float(t), 3) for t in m.selection.times],
-               "gt_times": s.gt_times, "frames_scored": m.stats["frames_scored"],
-               "frames_decoded": m.stats["frames_decoded"] - index.frames_decoded, "seconds": m.stats["seconds"],
-               "fields": s.fields}
-        run.append(row)
-        done[s.id] = row
-        new += 1
-        if progress and sys.stderr.isatty():
-            print(f"\r{bench}: {len(done)}/{len(samples)}", end="", file=sys.stderr, flush=True)
-        if crash_after is not None and new >= crash_after:
-            os._exit(3)
+        return {"id": s.id, "video": os.path.basename(s.video),
+                "pred_times": [round(float(t), 3) for t in m.selection.times], "gt_times": s.gt_times,
+                "frames_scored": m.stats["frames_scored"],
+                "frames_decoded": m.stats["frames_decoded"] - index.frames_decoded, "seconds": m.stats["seconds"],
+                "fields": s.fields}
+
+    done = _run_samples(run, samples, predict, bench, progress, crash_after)
     rows = [done[s.id] for s in samples if s.id in done]
     metrics = {"bench": bench, "model": model, "recipe": recipe.to_dict(), "temporal": temporal_summary(rows),
                "frames_scored_mean": _mean(r["frames_scored"] for r in rows),
@@ -71,6 +64,25 @@ def evaluate(bench: str, data: str, model: str, recipe: Recipe, out: str, progre
                "n": len(rows), "missing_videos": ds.missing}
     run.finish(metrics)
     return metrics
+
+
+def _run_samples(run: Run, samples, predict, bench: str, progress: bool, crash_after: int | None) -> dict:
+    """Predict every sample not yet in ``run`` (appending each row atomically); returns {id: row}. ``crash_after``
+    (tests only) exits the process after that many new rows, as a kill would."""
+    done = run.done()
+    new = 0
+    for s in samples:
+        if s.id in done:
+            continue
+        row = predict(s)
+        run.append(row)
+        done[s.id] = row
+        new += 1
+        if progress and sys.stderr.isatty():
+            print(f"\r{bench}: {len(done)}/{len(samples)}", end="", file=sys.stderr, flush=True)
+        if crash_after is not None and new >= crash_after:
+            os._exit(3)
+    return done
 
 
 def _mean(xs) -> float:
@@ -130,26 +142,18 @@ def evaluate_qa(bench: str, data: str, model, recipe: Recipe, out: str, progress
 
         return json.loads(run.metrics_path.read_text())
     pipe = Pipeline(_adapter(model), recipe, max_new_tokens=max_new_tokens)
-    done = run.done()
     samples = qa[:limit] if limit else qa
-    new = 0
-    for s in samples:
-        if s.id in done:
-            continue
+
+    def predict(s):
         ans = pipe.ask(s.video, PROMPT.format(question=s.question, options="\n".join(s.options)))
         st = ans.stats
         pred = extract_letter(ans.text, s.options)
-        row = {"id": s.id, "video": os.path.basename(s.video), "reply": ans.text, "pred": pred, "answer": s.answer,
-               "correct": pred == s.answer, "visual_tokens": st.visual_tokens, "prompt_tokens": st.prompt_tokens,
-               "llm_tokens": st.llm_tokens_after_cut, "frames": st.frames, "ttft_ms": round(st.ms_first_token, 2),
-               "peak_memory_mb": round(st.peak_memory_mb, 1), "fields": s.fields}
-        run.append(row)
-        done[s.id] = row
-        new += 1
-        if progress and sys.stderr.isatty():
-            print(f"\r{bench}: {len(done)}/{len(samples)}", end="", file=sys.stderr, flush=True)
-        if crash_after is not None and new >= crash_after:
-            os._exit(3)
+        return {"id": s.id, "video": os.path.basename(s.video), "reply": ans.text, "pred": pred, "answer": s.answer,
+                "correct": pred == s.answer, "visual_tokens": st.visual_tokens, "prompt_tokens": st.prompt_tokens,
+                "llm_tokens": st.llm_tokens_after_cut, "frames": st.frames, "ttft_ms": round(st.ms_first_token, 2),
+                "peak_memory_mb": round(st.peak_memory_mb, 1), "fields": s.fields}
+
+    done = _run_samples(run, samples, predict, bench, progress, crash_after)
     rows = [done[s.id] for s in samples if s.id in done]
     metrics = {"bench": bench, "model": name, "recipe": recipe.to_dict(), "task": "qa",
                "accuracy": accuracy([{**r.get("fields", {}), **r} for r in rows], by=ds.breakdown),

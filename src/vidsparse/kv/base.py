@@ -31,13 +31,13 @@ class KVMethod(ABC):
     def make_cache(self):
         return CompressingCache(self)
 
-    def after_prefill(self, cache: "CompressingCache", layer_idx: int) -> None:
+    def after_prefill(self, cache: CompressingCache, layer_idx: int) -> None:
         """Called after a multi-token chunk was stored in ``layer_idx``."""
 
-    def after_decode(self, cache: "CompressingCache", layer_idx: int) -> None:
+    def after_decode(self, cache: CompressingCache, layer_idx: int) -> None:
         """Called after a decode step's entry was stored in ``layer_idx``."""
 
-    def on_prefill_attention(self, cache: "CompressingCache", layer_idx: int, q: Tensor, k: Tensor, v: Tensor,
+    def on_prefill_attention(self, cache: CompressingCache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor,
                              out: Tensor) -> None:
         """Called with the layer's post-RoPE queries after its prefill attention (needs vidsparse attention)."""
 

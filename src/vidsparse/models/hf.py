@@ -21,14 +21,15 @@ import contextlib
 import contextvars
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 NAME = "vidsparse"
-_SCOPE: contextvars.ContextVar["Scope | None"] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
+_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
 _REGISTERED = False
 
 

@@ -168,7 +168,7 @@ class QwenVLAdapter(ModelAdapter):
         spacing = spacing if spacing > 0 else 0.5
         grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
         return EncodedVideo(tokens, times[:: self.temporal][:gt] if len(times) else times,
-                            {"encoded_patches": int(len(rows)), "grid": grid, "second_per_grid": self.temporal * spacing,
+                            {"encoded_patches": len(rows), "grid": grid, "second_per_grid": self.temporal * spacing,
                              "pixel_values": pv if self.keep_pixels else None})
 
     # --- prompt ---

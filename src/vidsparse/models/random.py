@@ -51,10 +51,34 @@ def _word_tokenizer(vocab: dict[str, int], eos: str):
     return fast
 
 
+def _instantiate(cls, cfg, seed: int, dtype: str, device: str, eos: int, pad: int):
+    """``cls(cfg)`` initialised by transformers' ``post_init`` directly on ``device`` in ``dtype``, seeded."""
+    import torch
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    return model.eval()
+
+
+def _save(model, tok, path) -> str:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def random_qwen2_5_vl(size: str = "tiny", seed: int = 0, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer): a random-weight ``Qwen2_5_VLForConditionalGeneration`` of ``size`` ("tiny" or "7b"),
     initialised by transformers' own ``post_init`` directly on ``device`` in ``dtype``."""
-    import torch
     import transformers
 
     text, vision = SIZES[size]
@@ -71,27 +95,14 @@ def random_qwen2_5_vl(size: str = "tiny", seed: int = 0, dtype: str = "float32",
         vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    return model.eval(), _word_tokenizer(vocab, "<|im_end|>")
+    model = _instantiate(transformers.Qwen2_5_VLForConditionalGeneration, cfg, seed, dtype, device,
+                         ids["<|im_end|>"], ids["<|endoftext|>"])
+    return model, _word_tokenizer(vocab, "<|im_end|>")
 
 
 def build_random_qwen2_5_vl(path: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> str:
     """Write ``random_qwen2_5_vl(size)`` (weights + tokenizer) to ``path``; returns the path."""
-    model, tok = random_qwen2_5_vl(size, seed, dtype)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return _save(*random_qwen2_5_vl(size, seed, dtype), path)
 
 
 LLAVA_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "user", "assistant", "\n"]
@@ -100,7 +111,6 @@ LLAVA_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<vid
 def random_llava_onevision(seed: int = 0, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer): a tiny random-weight ``LlavaOnevisionForConditionalGeneration`` (Qwen2 LLM, SigLIP tower
     at 84 px: 6×6 patches pooled to 3×3 tokens a frame)."""
-    import torch
     import transformers
 
     vocab = {"<unk>": 127}
@@ -116,23 +126,11 @@ def random_llava_onevision(seed: int = 0, dtype: str = "float32", device: str = 
                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
         image_token_id=vocab["<image>"], video_token_id=vocab["<video>"], vision_feature_layer=-1,
         vision_feature_select_strategy="full", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.eos_token_id = vocab["<|im_end|>"]
-    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
-    return model.eval(), _word_tokenizer(vocab, "<|im_end|>")
+    model = _instantiate(transformers.LlavaOnevisionForConditionalGeneration, cfg, seed, dtype, device,
+                         vocab["<|im_end|>"], vocab["<|endoftext|>"])
+    return model, _word_tokenizer(vocab, "<|im_end|>")
 
 
 def build_random_llava_onevision(path: str | Path, seed: int = 0) -> str:
-    model, tok = random_llava_onevision(seed)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    """Write ``random_llava_onevision()`` (weights + tokenizer) to ``path``; returns the path."""
+    return _save(*random_llava_onevision(seed), path)
