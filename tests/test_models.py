@@ -59,11 +59,21 @@ def encoded(adapter):
     return _encode(adapter, (84, 112))
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava_onevision"])
-def both(request, adapter, encoded, llava):
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    from vidsparse.models import load_adapter
+    from vidsparse.models.random import build_random_qwen2_vl
+
+    return load_adapter(build_random_qwen2_vl(tmp_path_factory.mktemp("qwen2") / "tiny"), device="cpu")
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava_onevision", "qwen2_vl"])
+def both(request, adapter, encoded, llava, qwen2):
     """(adapter, encoded video) for each supported family."""
     if request.param == "qwen2_5_vl":
         return adapter, encoded
+    if request.param == "qwen2_vl":
+        return qwen2, _encode(qwen2, (84, 112))
     return llava, _encode(llava, (84, 84))  # 6 frames of 3x3 pooled tokens + the newline token
 
 
@@ -473,10 +483,12 @@ def test_varlen_attention_equals_per_segment_sdpa():
     torch.testing.assert_close(got2, ref2, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 @pytest.mark.parametrize("hw", [(84, 112), (252, 448)])
-def test_fast_tower_equals_transformers_tower(adapter, hw):
+def test_fast_tower_equals_transformers_tower(adapter, qwen2, hw, family):
     """The packed path vs transformers' own per-window SDPA loop on the same pixels (windows of unequal size at the
     bottom edge for 252x448)."""
+    adapter = adapter if family == "qwen2_5_vl" else qwen2
     rng = np.random.default_rng(5)
     frames = Frames(rng.integers(0, 255, (4, hw[0], hw[1], 3), dtype=np.uint8), np.arange(4) * 0.5)
     try:

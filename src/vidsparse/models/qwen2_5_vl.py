@@ -196,13 +196,15 @@ class QwenVLAdapter(ModelAdapter):
                "_span": (len(a), len(a) + n)}
         if encoded.extra.get("pixel_values") is not None:
             out["pixel_values_videos"] = encoded.extra["pixel_values"].to(self.device)
+        if "second_per_grid_ts" not in inspect.signature(type(self.model).forward).parameters:
+            out.pop("second_per_grid_ts")  # Qwen2-VL: temporal ids are the patch index, not time
         return out
 
     def rope_index(self, inputs: dict) -> torch.Tensor:
         fn = self.model.model.get_rope_index
         params = inspect.signature(fn).parameters
         kw = {k: inputs[k] for k in ("mm_token_type_ids", "video_grid_thw", "second_per_grid_ts", "attention_mask")
-              if k in params}
+              if k in params and k in inputs}
         pos, _ = fn(inputs["input_ids"], **kw)
         return pos  # [3, 1, L]
 

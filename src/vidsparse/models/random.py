@@ -100,6 +100,35 @@ def random_qwen2_5_vl(size: str = "tiny", seed: int = 0, dtype: str = "float32",
     return model, _word_tokenizer(vocab, "<|im_end|>")
 
 
+def random_qwen2_vl(seed: int = 0, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer): a tiny random-weight ``Qwen2VLForConditionalGeneration`` (full attention per frame pair in
+    the tower, 1-D temporal M-RoPE ids)."""
+    import transformers
+
+    text, _ = SIZES["tiny"]
+    vocab = {"<unk>": text["vocab_size"] - 1}
+    for i, w in enumerate(QWEN_SPECIAL):
+        vocab[w] = i if w.startswith("<|") else 100 + i
+    for i, w in enumerate(WORDS):
+        vocab.setdefault(w, 20 + i)
+    ids = {w: vocab[w] for w in QWEN_SPECIAL if w.startswith("<|")}
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    model = _instantiate(transformers.Qwen2VLForConditionalGeneration, cfg, seed, dtype, device,
+                         ids["<|im_end|>"], ids["<|endoftext|>"])
+    return model, _word_tokenizer(vocab, "<|im_end|>")
+
+
+def build_random_qwen2_vl(path: str | Path, seed: int = 0) -> str:
+    """Write ``random_qwen2_vl()`` (weights + tokenizer) to ``path``; returns the path."""
+    return _save(*random_qwen2_vl(seed), path)
+
+
 def build_random_qwen2_5_vl(path: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> str:
     """Write ``random_qwen2_5_vl(size)`` (weights + tokenizer) to ``path``; returns the path."""
     return _save(*random_qwen2_5_vl(size, seed, dtype), path)
