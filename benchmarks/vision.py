@@ -64,10 +64,15 @@ def markdown(p: dict) -> str:
              "GPU = sum of CUDA kernel time of one run (torch.profiler).", "",
              "| frames | patches | SDPA path wall ms | SDPA path GPU ms | packed wall ms | packed GPU ms | speed-up (wall) "
              "| max abs diff | rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
+    if any("compiled_wall_ms" in r for r in p["tower"]):
+        lines[2] = lines[2].rstrip() + " packed + compiled wall ms | compiled speed-up | compiled rel. diff |"
+        lines[3] = lines[3] + "---|---|---|"
     for r in p["tower"]:
+        extra = (f" {r['compiled_wall_ms']:.0f} | **{r['sdpa_wall_ms'] / r['compiled_wall_ms']:.2f}×** | "
+                 f"{r['compiled_rel_diff']:.3g} |") if "compiled_wall_ms" in r else ""
         lines.append(f"| {r['frames']} | {r['patches']:,} | {r['sdpa_wall_ms']:.0f} | {r['sdpa_gpu_ms']:.0f} | "
                      f"{r['packed_wall_ms']:.0f} | {r['packed_gpu_ms']:.0f} | **{r['sdpa_wall_ms'] / r['packed_wall_ms']:.2f}×** "
-                     f"| {r['max_abs_diff']:.3g} | {r['rel_diff']:.3g} |")
+                     f"| {r['max_abs_diff']:.3g} | {r['rel_diff']:.3g} |" + extra)
     w = p.get("whole")
     if w:
         lines += ["", f"Whole 7B forward on {w['frames']} frames ({w['prompt_tokens']:,} prompt tokens; pixels "
@@ -75,6 +80,11 @@ def markdown(p: dict) -> str:
                       f"(packed tower + cuDNN-first dense prefill) {w['vidsparse_ms']:.0f} ms "
                       f"({w['vanilla_ms'] / w['vidsparse_ms']:.2f}×; tower {w['vidsparse_tower_ms']:.0f} ms, prefill "
                       f"{w['vidsparse_prefill_ms']:.0f} ms); first-token argmax equal: {w['same_argmax']}."]
+        if "vidsparse_compiled_ms" in w:
+            lines[-1] += (f" With the tower's blocks compiled (`torch.compile`, after a first compiling call): "
+                          f"{w['vidsparse_compiled_ms']:.0f} ms ({w['vanilla_ms'] / w['vidsparse_compiled_ms']:.2f}×; "
+                          f"tower {w['vidsparse_compiled_tower_ms']:.0f} ms, prefill "
+                          f"{w['vidsparse_compiled_prefill_ms']:.0f} ms); argmax equal: {w['compiled_same_argmax']}.")
     return "\n".join(lines)
 
 
@@ -82,6 +92,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", default="64,256,768")
     ap.add_argument("--no-whole", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also the packed path with torch.compile'd blocks")
     ap.add_argument("--markdown-from", default="")
     ap.add_argument("--size", default="7b", help="7b (the benchmark) or tiny (a smoke test of this script)")
     ap.add_argument("--device", default="cuda")
@@ -117,11 +128,23 @@ def main():
             with torch.inference_mode(), vision_scope(tower):
                 return tower(pv, grid_thw=grid).pooler_output
 
+        def fast_compiled():
+            with torch.inference_mode(), vision_scope(tower, compile_blocks=True):
+                return tower(pv, grid_thw=grid).pooler_output
+
         ref, got = slow(), fast()
         diff = (got.float() - ref.float()).abs()
         row = {"frames": n, "patches": int(pv.shape[0]), "sdpa_wall_ms": wall_ms(slow), "packed_wall_ms": wall_ms(fast),
                "sdpa_gpu_ms": gpu_ms(slow), "packed_gpu_ms": gpu_ms(fast), "max_abs_diff": float(diff.max()),
                "rel_diff": float(diff.norm() / ref.float().norm())}
+        if args.compile:
+            t0 = time.perf_counter()
+            comp = fast_compiled()
+            _sync()
+            row["compiled_first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            cd = (comp.float() - ref.float()).abs()
+            row.update(compiled_wall_ms=wall_ms(fast_compiled), compiled_gpu_ms=gpu_ms(fast_compiled),
+                       compiled_max_abs_diff=float(cd.max()), compiled_rel_diff=float(cd.norm() / ref.float().norm()))
         payload["tower"].append(row)
         print(json.dumps(row), flush=True)
         del ref, got, pv
@@ -147,6 +170,7 @@ def main():
             _sync()
             t0 = time.perf_counter()
             ad.fast_tower = True
+            ad.compile_tower = compile_now
             e = ad.encode_pixels(pv_whole, thw, frames.pts_s)
             _sync()
             t1 = time.perf_counter()
@@ -157,9 +181,18 @@ def main():
             times.update(tower=(t1 - t0) * 1e3, prefill=(time.perf_counter() - t1) * 1e3)
             return lg
 
+        compile_now = False
         a = vanilla()
         b = ours()
-        payload["whole"] = {"frames": n, "prompt_tokens": int(inp["input_ids"].shape[1]),
+        extra = {}
+        if args.compile:
+            compile_now = True
+            c = ours()
+            extra = {"vidsparse_compiled_ms": wall_ms(ours), "vidsparse_compiled_tower_ms": times["tower"],
+                     "vidsparse_compiled_prefill_ms": times["prefill"],
+                     "compiled_same_argmax": bool(a.argmax() == c.argmax())}
+            compile_now = False
+        payload["whole"] = {**extra, "frames": n, "prompt_tokens": int(inp["input_ids"].shape[1]),
                             "vanilla_ms": wall_ms(vanilla), "vidsparse_ms": wall_ms(ours),
                             "vidsparse_tower_ms": times["tower"], "vidsparse_prefill_ms": times["prefill"],
                             "same_argmax": bool(a.argmax() == b.argmax()),

@@ -290,9 +290,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float |
     return out
 
 
+@torch.compiler.disable
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
-    """The function registered as ``VARLEN_NAME``: packed non-causal attention for vision towers."""
+    """The function registered as ``VARLEN_NAME``: packed non-causal attention for vision towers (never traced by
+    ``torch.compile``: its plan reads segment boundaries on the host; compiled blocks break the graph here)."""
     if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
         out = _sdpa(query, key, value, scaling, bool(kwargs.get("is_causal", False)))
         return out.transpose(1, 2).contiguous(), None
@@ -315,12 +317,31 @@ def register_varlen() -> None:
         _VARLEN_REGISTERED = True
 
 
+_COMPILED: dict = {}
+
+
+def _compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """A ``torch.compile`` wrapper of ``module``, made once per module and process (dynamic sequence length)."""
+    key = id(module)
+    hit = _COMPILED.get(key)
+    if hit is None or hit[0] is not module:
+        hit = (module, torch.compile(module, dynamic=True))
+        _COMPILED[key] = hit
+    return hit[1]
+
+
 @contextlib.contextmanager
-def vision_scope(tower: torch.nn.Module) -> Iterator[None]:
+def vision_scope(tower: torch.nn.Module, compile_blocks: bool = False) -> Iterator[None]:
     """Run a vision tower whose attention splits packed sequences by ``cu_seqlens`` (Qwen2-VL, Qwen2.5-VL) with
     ``varlen_attention``: one batched launch per distinct window/frame length per layer instead of a Python loop of
-    one SDPA call per window. Restores the previous implementation on exit."""
+    one SDPA call per window. Restores the previous implementation on exit.
+
+    ``compile_blocks``: inside the scope the tower's blocks are swapped for ``torch.compile`` wrappers of themselves
+    (fusing the norms, the fp32 rotary arithmetic and the MLP's elementwise work; the attention call stays a graph
+    break) and swapped back on exit. The first call per shape pays the compilation."""
     register_varlen()
+    blocks = getattr(tower, "blocks", None) if compile_blocks else None
+    originals = list(blocks) if blocks is not None else []
     seen, configs = set(), []
     for m in tower.modules():
         cfg = getattr(m, "config", None)
@@ -331,7 +352,11 @@ def vision_scope(tower: torch.nn.Module) -> Iterator[None]:
     try:
         for c in configs:
             c._attn_implementation = VARLEN_NAME
+        for i, blk in enumerate(originals):
+            blocks[i] = _compiled(blk)
         yield
     finally:
+        for i, blk in enumerate(originals):
+            blocks[i] = blk
         for c, p in zip(configs, previous):
             c._attn_implementation = p

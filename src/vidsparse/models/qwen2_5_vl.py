@@ -86,6 +86,7 @@ class QwenVLAdapter(ModelAdapter):
         super().__init__(model, tokenizer, device)
         self.fast_tower = fast_tower  # packed window attention (models.hf.vision_scope) instead of a per-window loop
         self.keep_pixels = True  # keep pixel_values for full_inputs (vanilla comparisons); Pipeline turns it off
+        self.compile_tower = False  # torch.compile the tower's blocks inside the packed path (first call compiles)
         vc = model.config.vision_config
         self.patch = int(getattr(vc, "patch_size", 14))
         self.temporal = int(getattr(vc, "temporal_patch_size", 2))
@@ -154,7 +155,8 @@ class QwenVLAdapter(ModelAdapter):
         n_patch = gh * gw
         sub = pv if len(rows) == gt else pv.view(gt, n_patch, -1)[rows].reshape(-1, pv.shape[-1])
         grid = torch.tensor([[len(rows), gh, gw]], dtype=torch.long, device=self.device)
-        with vision_scope(self.vision_tower()) if self.fast_tower else contextlib.nullcontext():
+        with vision_scope(self.vision_tower(), compile_blocks=self.compile_tower) if self.fast_tower \
+                else contextlib.nullcontext():
             out = self.model.model.get_video_features(sub.to(self.device, self.dtype), grid)
         feats = getattr(out, "pooler_output", out)
         if isinstance(feats, (list, tuple)):
