@@ -57,6 +57,35 @@ def gpu_ms(fn) -> float:
     return total / 1e3
 
 
+def fp32_check(ad, tower, n: int, device: str) -> dict:
+    """Max abs error to the fp32 tower (same weights) of: transformers' bf16 SDPA path (the baseline), the packed
+    path and the packed + compiled path; the rule of tests/tolerances.py: err ≤ 2·err(baseline) + atol(bf16)."""
+    import copy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tolerances import kernel_ok
+
+    from vidsparse.models.hf import vision_scope
+    from vidsparse.types import Frames
+
+    frames = Frames(np.random.default_rng(1).integers(0, 255, (n, 252, 448, 3), dtype=np.uint8), np.arange(n) * 0.5)
+    pv, thw = ad.pixels(frames)
+    grid = torch.tensor([thw], device=device)
+    t32 = copy.deepcopy(tower).float()
+    with torch.inference_mode():
+        ref = t32(pv.float(), grid_thw=grid).pooler_output.float()
+        del t32
+        base = tower(pv.to(ad.dtype), grid_thw=grid).pooler_output.float()
+        with vision_scope(tower):
+            packed = tower(pv.to(ad.dtype), grid_thw=grid).pooler_output.float()
+        with vision_scope(tower, compile_blocks=True):
+            comp = tower(pv.to(ad.dtype), grid_thw=grid).pooler_output.float()
+    e = {k: float((x - ref).abs().max()) for k, x in (("sdpa_bf16", base), ("packed", packed), ("compiled", comp))}
+    return {"frames": n, "max_abs_err_vs_fp32": e,
+            "packed_within_rule": kernel_ok(e["packed"], e["sdpa_bf16"], torch.bfloat16),
+            "compiled_within_rule": kernel_ok(e["compiled"], e["sdpa_bf16"], torch.bfloat16)}
+
+
 def markdown(p: dict) -> str:
     lines = [f"Device: {p['device']}, {p['date']}; `python benchmarks/vision.py`; Qwen2.5-VL-7B vision tower (32 "
              "layers, 4 with full attention per frame pair, the rest in 8×8-patch windows), random bf16 weights, "
@@ -73,6 +102,13 @@ def markdown(p: dict) -> str:
         lines.append(f"| {r['frames']} | {r['patches']:,} | {r['sdpa_wall_ms']:.0f} | {r['sdpa_gpu_ms']:.0f} | "
                      f"{r['packed_wall_ms']:.0f} | {r['packed_gpu_ms']:.0f} | **{r['sdpa_wall_ms'] / r['packed_wall_ms']:.2f}×** "
                      f"| {r['max_abs_diff']:.3g} | {r['rel_diff']:.3g} |" + extra)
+    c = p.get("fp32_check")
+    if c:
+        e = c["max_abs_err_vs_fp32"]
+        lines += ["", f"Against the fp32 tower on {c['frames']} frames (max abs error of the merged tokens): transformers' "
+                      f"bf16 SDPA path {e['sdpa_bf16']:.3g}, packed {e['packed']:.3g}, packed + compiled "
+                      f"{e['compiled']:.3g}; within the bf16 rule of tests/tolerances.py (≤ 2× the bf16 baseline's "
+                      f"error + 0.016): packed {c['packed_within_rule']}, compiled {c['compiled_within_rule']}."]
     w = p.get("whole")
     if w:
         lines += ["", f"Whole 7B forward on {w['frames']} frames ({w['prompt_tokens']:,} prompt tokens; pixels "
@@ -93,7 +129,10 @@ def main():
     ap.add_argument("--frames", default="64,256,768")
     ap.add_argument("--no-whole", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also the packed path with torch.compile'd blocks")
+    ap.add_argument("--fp32-check", type=int, default=0,
+                    help="frames for a check against the fp32 tower with tests/tolerances.py's bf16 rule (0: skip)")
     ap.add_argument("--markdown-from", default="")
+    ap.add_argument("--name", default="vision", help="results file name; BENCHMARKS.md is updated only for 'vision'")
     ap.add_argument("--size", default="7b", help="7b (the benchmark) or tiny (a smoke test of this script)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -114,6 +153,9 @@ def main():
     rng = np.random.default_rng(0)
     payload = {"device": device_name(), "date": today(), "versions": versions("torch", "transformers", "triton"),
                "tower": []}
+    if args.fp32_check:
+        payload["fp32_check"] = fp32_check(ad, tower, args.fp32_check, args.device)
+        print(json.dumps(payload["fp32_check"]), flush=True)
     for n in [int(x) for x in args.frames.split(",")]:
         frames = Frames(rng.integers(0, 255, (n, 252, 448, 3), dtype=np.uint8), np.arange(n) * 0.5)
         pv, (gt, gh, gw) = ad.pixels(frames)
@@ -198,9 +240,10 @@ def main():
                             "same_argmax": bool(a.argmax() == b.argmax()),
                             "logit_rel_diff": float((a.float() - b.float()).norm() / a.float().norm())}
         print(json.dumps(payload["whole"]), flush=True)
-    path = save("vision", payload)
+    path = save(args.name, payload)
     print(f"saved {path}")
-    update_markdown("Vision tower (issue 7)", markdown(payload))
+    if args.name == "vision":
+        update_markdown("Vision tower (issue 7)", markdown(payload))
     print(markdown(payload))
 
 

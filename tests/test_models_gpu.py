@@ -84,3 +84,20 @@ def test_pipeline_recipes_on_cuda(cuda_adapter, tmp_path):
             assert st.attention_density < 1.0
         if r.kv:
             assert st.kv_entries[1] <= 256 + st.new_tokens
+
+
+def test_compiled_packed_tower_bf16_within_rule(cuda_adapter):
+    ref_ad, ad = cuda_adapter
+    fr = _frames(8, (252, 448), seed=2)
+    ref_ad.fast_tower = False
+    ref = ref_ad.encode_video(fr).tokens.features.float()
+    ad.fast_tower, ad.compile_tower = False, False
+    base = ad.encode_video(fr).tokens.features.float()
+    ad.fast_tower, ad.compile_tower = True, True
+    try:
+        got = ad.encode_video(fr).tokens.features.float()
+    finally:
+        ad.compile_tower = False
+    err, err_base = (got - ref).abs().max().item(), (base - ref).abs().max().item()
+    assert kernel_ok(err, err_base, torch.bfloat16), (err, err_base)
+    assert type(ad.vision_tower().blocks[0]).__name__.endswith("VisionBlock")  # swapped back
