@@ -102,6 +102,12 @@ def markdown(p: dict) -> str:
         lines.append(f"| {r['frames']} | {r['patches']:,} | {r['sdpa_wall_ms']:.0f} | {r['sdpa_gpu_ms']:.0f} | "
                      f"{r['packed_wall_ms']:.0f} | {r['packed_gpu_ms']:.0f} | **{r['sdpa_wall_ms'] / r['packed_wall_ms']:.2f}×** "
                      f"| {r['max_abs_diff']:.3g} | {r['rel_diff']:.3g} |" + extra)
+    firsts = [r for r in p["tower"] if "compiled_first_call_ms" in r]
+    if firsts:
+        lines += ["", "Compilation: the first compiled call (" + f"{firsts[0]['frames']} frames) took "
+                      f"{firsts[0]['compiled_first_call_ms'] / 1e3:.1f} s; later frame counts reused the graphs (first "
+                      "calls " + ", ".join(f"{r['frames']} frames {r['compiled_first_call_ms']:.0f} ms"
+                                            for r in firsts[1:]) + ")."]
     c = p.get("fp32_check")
     if c:
         e = c["max_abs_err_vs_fp32"]

@@ -196,6 +196,8 @@ def ask(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer, in tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32."),
+    compile_tower: bool = typer.Option(False, "--compile-tower",
+                                       help="torch.compile the vision tower's blocks (faster after a one-time compile)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
 ):
     """Answer a question about a video with a video LLM under the recipe's budget."""
@@ -204,7 +206,8 @@ def ask(
     r = recipe_from_flags(recipe, frames, tokens, attention, kv, scorer, budget, budget_tokens, density, kv_bits)
     if not os.path.isfile(video):
         raise InputError(f"video {video} does not exist")
-    pipe = Pipeline.from_pretrained(model, r, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    pipe = Pipeline.from_pretrained(model, r, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+                                    compile_tower=compile_tower)
     ans = pipe.ask(video, question)
     if as_json:
         d = ans.to_dict()
