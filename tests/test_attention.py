@@ -98,8 +98,45 @@ SPECS = ["dense", "sink_window", "power", "radial", "block_topk", "block_cdf", "
          "vertical_slash:vertical=40,slash=60"]
 
 
+TOKEN_SPECS = ["token_sparse"]  # token-level layouts (TokenLayout), tested below
+
+
 def test_every_pattern_is_tested():
-    assert sorted(s.split(":")[0] for s in SPECS) == PATTERNS.names()
+    assert sorted(s.split(":")[0] for s in SPECS + TOKEN_SPECS) == PATTERNS.names()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("coverage", [1.0, 0.8, 0.4])
+def test_token_sparse_layout_and_execution(coverage, backend):
+    from vidsparse.attention.layout import TokenLayout
+    from vidsparse.attention.reference import masked_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 300, 64, generator=g) for h in (4, 2, 2))
+    p = PATTERNS.from_spec(f"token_sparse:coverage={coverage},window=32,sink=4")
+    lay = p.estimate(q, k, SeqMeta(visual=(10, 280)))
+    assert isinstance(lay, TokenLayout)
+    kept = lay.kept_mask()[0]
+    assert kept[:, :10].all() and kept[:, 280:].all()  # text (and the window inside it) always kept
+    sc = p.scores(q, k)[0]
+    dropped_mass = (sc * ~kept).sum(-1)
+    assert (dropped_mass <= (1 - coverage) + 1e-5).all()
+    if coverage == 1.0:
+        assert kept.all()
+    else:
+        assert (lay.count < 300).all()
+        # the drop is maximal: dropping the least attended kept droppable token too would exceed the budget
+        droppable = torch.zeros(300, dtype=torch.bool)
+        droppable[10:268] = True  # not sink or text (< 10, >= 280), not the last 32 (window)
+        nxt = torch.where(kept & droppable, sc, torch.full_like(sc, float("inf"))).min(-1).values
+        assert (dropped_mass + nxt > (1 - coverage) - 1e-6).all()
+        assert lay.density() < 1.0
+    ref = masked_attention(q, k, v, lay.dense_mask()) * lay.kept_mask()[..., None]
+    out = sparse_attention(q, k, v, lay, backend=backend)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    if coverage == 1.0:
+        dense = masked_attention(q, k, v, torch.ones(300, 300, dtype=torch.bool).tril())
+        torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -651,3 +651,12 @@ def test_compressing_cache_works_with_transformers_generate(adapter, encoded):
     assert toks == gen.tolist()[: len(toks)]
     full = adapter.model.generate(**inp, max_new_tokens=6, do_sample=False)[0, inp["input_ids"].shape[1]:]
     assert full.tolist() != gen.tolist()  # eviction changes the answer of this random model: the check has teeth
+
+
+def test_token_sparse_pattern_through_the_model_from_its_layer(adapter, short_video):
+    from vidsparse.pipeline import Pipeline
+
+    pipe = Pipeline(adapter, Recipe(attention="token_sparse:coverage=0.5,window=8,from_layer=2",
+                                    budget=Budget(frames=8)), max_new_tokens=2, backend="reference")
+    st = pipe.ask(short_video, Q).stats
+    assert st.attention_density < 1.0 and st.new_tokens >= 1

@@ -296,8 +296,10 @@ class Pipeline:
         with contextlib.ExitStack() as stack, torch.inference_mode():
             scope = None
             if use_scope:
+                first = getattr(self.pattern, "from_layer", 0) if self.pattern is not None else 0
+                layers = set(range(first, ad.num_layers)) if first else None
                 scope = stack.enter_context(attention_scope(ad.language_model(), pattern=self.pattern, meta=meta,
-                                                            observers=observers, backend=self.backend,
+                                                            observers=observers, layers=layers, backend=self.backend,
                                                             sync_timing=False))
             if cut is not None:
                 stack.enter_context(cut.installed(ad.decoder_layers()))

@@ -151,3 +151,39 @@ class BlockLayout:
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
                                         BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod,
                                         seq_lengths=(self.q_len, self.k_len))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenLayout:
+    """Token-level sparsity (Token Sparse Attention): per batch and head, the sorted tokens that take part at all.
+
+    index int64 [B, H, L] (sorted; padded with -1 past ``count``); count int64 [B, H]. Kept tokens attend causally to
+    kept tokens (sorted, so causal order in the gathered sequence is causal order in the original); a dropped token's
+    attention output is 0 (the residual stream carries it). Executed by gathering Q/K/V, running the dense block
+    kernel with per-(batch, head) lengths and scattering back."""
+
+    index: Tensor
+    count: Tensor
+    q_len: int
+    k_len: int
+    causal: bool = True
+
+    def density(self) -> float:
+        """Attention work kept: mean over heads of (kept / N)², the fraction of the causal triangle computed."""
+        return float(((self.count.float() / max(self.q_len, 1)) ** 2).mean().item())
+
+    def kept_mask(self) -> Tensor:
+        """bool [B, H, N]: which tokens take part."""
+        b, h, _ = self.index.shape
+        m = torch.zeros(b, h, self.q_len + 1, dtype=torch.bool, device=self.index.device)
+        m.scatter_(2, torch.where(self.index < 0, self.q_len, self.index), True)
+        return m[..., : self.q_len]
+
+    def dense_mask(self) -> Tensor:
+        """bool [B, H, N, N] for the reference."""
+        kept = self.kept_mask()
+        m = kept[..., :, None] & kept[..., None, :]
+        if self.causal:
+            i = torch.arange(self.q_len, device=m.device)
+            m &= i[None, :] <= i[:, None]
+        return m

@@ -42,6 +42,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, ca
     ``backend``: "auto" (kernel when available), "kernel", or "reference"."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InputError("q, k, v must be [B, H, N, D]")
+    from .layout import TokenLayout
+
+    if isinstance(layout, TokenLayout):
+        return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -68,3 +72,35 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, ca
     from .reference import layout_attention
 
     return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)
+
+
+def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
+                           backend: str = "auto") -> Tensor:
+    """Execute a ``TokenLayout``: gather each head's kept tokens, run dense (causal) attention on them as a batch of
+    B·H sequences of per-head length through ``sparse_attention`` (kernel or reference), scatter back; dropped rows
+    are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
+    import torch
+
+    from .layout import BlockLayout
+
+    b, h, n, d = q.shape
+    if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
+        raise InputError(f"token layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
+    g = h // k.shape[1]
+    idx = layout.index.expand(b, h, -1) if layout.index.shape[:2] != (b, h) else layout.index
+    cnt = layout.count.expand(b, h) if layout.count.shape != (b, h) else layout.count
+    lmax = max(int(cnt.max().item()), 1)
+    idx = idx[..., :lmax]
+    safe = idx.clamp(min=0)[..., None].expand(-1, -1, -1, d)
+    heads = torch.arange(h, device=q.device) // g
+    qg = torch.gather(q, 2, safe).reshape(b * h, 1, lmax, d)
+    kg = torch.gather(k[:, heads], 2, safe).reshape(b * h, 1, lmax, d)
+    vg = torch.gather(v[:, heads], 2, safe).reshape(b * h, 1, lmax, d)
+    lens = cnt.reshape(-1).to(torch.int32)
+    dense = BlockLayout.dense(lmax, lmax, causal=layout.causal, device=q.device)
+    og = sparse_attention(qg, kg, vg, dense, causal=layout.causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
+                          backend=backend)
+    out = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
+    dest = torch.where(idx < 0, n, idx)[..., None].expand(-1, -1, -1, d)
+    out.scatter_(2, dest, og.reshape(b, h, lmax, d))
+    return out[:, :, :n]

@@ -1,0 +1,69 @@
+"""``token_sparse`` (Token Sparse Attention): per head, drop the tokens the last ``window`` queries attend to least,
+up to ``1 − coverage`` of their attention mass, and run dense attention on the rest (gather, dense kernel, scatter).
+
+Scores: softmax(q·kᵀ/√D) of the last ``window`` queries (causal), averaged over them — per query head (GQA heads
+share keys but not scores). Never dropped: the last ``window`` tokens (they produce the next token's context), the
+first ``sink`` tokens, and — when the sequence metadata marks a visual span — every text token. Returns a
+``TokenLayout``; ``Pipeline`` applies it from layer ``from_layer`` on (the paper keeps early layers dense)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import PATTERNS
+from ..layout import TokenLayout
+from .base import Pattern, SeqMeta
+
+
+@PATTERNS.register("token_sparse", returns="tokens")
+@dataclass
+class TokenSparse(Pattern):
+    coverage: float = 0.95
+    window: int = 128
+    sink: int = 4
+    from_layer: int = 2
+
+    def __post_init__(self):
+        if not 0.0 < self.coverage <= 1.0:
+            raise ValueError("coverage must be in (0, 1]")
+        if self.window < 1 or self.sink < 0 or self.from_layer < 0:
+            raise ValueError("window must be >= 1, sink and from_layer >= 0")
+
+    def scores(self, q, k) -> torch.Tensor:
+        """float32 [B, H, N]: mean softmax weight each key gets from the last ``window`` queries."""
+        b, h, n, d = q.shape
+        g = h // k.shape[1]
+        w = min(self.window, n)
+        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, n - w:].float(), k.float().repeat_interleave(g, 1))
+        s = s / math.sqrt(d)
+        qi = torch.arange(n - w, n, device=q.device)[:, None]
+        s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > qi, float("-inf"))
+        return torch.softmax(s, -1).mean(2)
+
+    def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
+        b, h, n, _ = q.shape
+        raw = self.scores(q, k)
+        total = raw.sum(-1, keepdim=True)  # 1 up to rounding: the window queries' whole mass
+        protect = torch.zeros(n, dtype=torch.bool, device=q.device)
+        protect[: self.sink] = True
+        protect[max(0, n - self.window):] = True
+        if meta.visual is not None:
+            s, e = meta.visual
+            protect[:s] = True
+            protect[e:] = True
+        cand = raw.masked_fill(protect, float("inf"))
+        order = torch.argsort(cand, dim=-1, stable=True)  # least attended first, protected last
+        srt = torch.gather(cand, -1, order)
+        finite = torch.where(torch.isinf(srt), torch.zeros_like(srt), srt)
+        # drop the longest ascending prefix whose mass stays within 1 - coverage of the whole
+        drop = (torch.cumsum(finite, -1) <= (1.0 - self.coverage) * total) & ~torch.isinf(srt)
+        keep = torch.zeros_like(drop).scatter(-1, order, ~drop)
+        count = keep.sum(-1)
+        lmax = int(count.max())
+        pos = torch.arange(n, device=q.device).expand(b, h, n)
+        index = torch.where(keep, pos, torch.full_like(pos, n)).sort(-1).values[..., :lmax]
+        index = torch.where(index >= n, torch.full_like(index, -1), index)
+        return TokenLayout(index, count, n, k.shape[2], meta.causal)
