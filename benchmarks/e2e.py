@@ -45,6 +45,11 @@ RECIPES = [
                                                budget=Budget(frames=256, tokens=16384, density=0.3)), True),
     ("32K: 512 frames, block_topk 0.2, snapkv", Recipe(attention="block_topk", kv="snapkv:capacity=4096",
                                                         budget=Budget(frames=512, tokens=32768, density=0.2)), True),
+    # the same with the tower's blocks compiled (fast_tower == "compiled"); the warm-up run pays the compilation
+    ("vanilla + compiled tower", Recipe(budget=Budget(frames=768)), "compiled"),
+    ("8K: 128 frames, compiled tower", Recipe(budget=Budget(frames=128, tokens=8192)), "compiled"),
+    ("8K: 128 frames, fastv, compiled tower", Recipe(tokens="fastv:k=2,r=0.5", budget=Budget(frames=128, tokens=8192)),
+     "compiled"),
 ]
 
 
@@ -175,7 +180,8 @@ def main():
     for name, recipe, fast in RECIPES:
         if only and name not in only:
             continue
-        ad.fast_tower = fast
+        ad.fast_tower = bool(fast)
+        ad.compile_tower = fast == "compiled"
         pipe = Pipeline(ad, recipe, max_new_tokens=args.new_tokens)
         warm = pipe.ask(video, Q)
         gc.collect()
@@ -188,6 +194,7 @@ def main():
         print(json.dumps(payload["runs"][-1]), flush=True)
         gc.collect()
         _empty()
+    ad.compile_tower = False
     if not args.no_hf:
         payload["hf_generate"] = hf_generate_ms(ad, video, 768)
         print(json.dumps(payload["hf_generate"]), flush=True)
