@@ -141,8 +141,9 @@ def markdown(payload: dict) -> str:
                       f"rest {hf.get('run1_after_tower', float('nan')):.0f} ms; the vanilla row's vision + prefill: "
                       f"{next(r for r in rows if r['name'] == 'vanilla')['stats']['ms_vision'] + next(r for r in rows if r['name'] == 'vanilla')['stats']['ms_prefill']:.0f} ms."]
     lines += ["", "transformers' vanilla vision tower calls SDPA once per window from a Python loop, so its time is CPU-bound "
-                  "and varies between machines with the same card: 7.9 s and 6.0 s on two fresh H100 machines on "
-                  "2026-11-27 (and the ratios above with it, by about ±15%). `static_patches` skipped nothing on this "
+                  "and varies between machines with the same card: 6.0–7.9 s on three fresh H100 machines on "
+                  "2026-11-27 (and the ratios above with it, by about ±15%). Rows marked 'compiled tower' run the "
+                  "tower's blocks through torch.compile; their warm-up run paid the one-time compilation. `static_patches` skipped nothing on this "
                   "video: its synthetic scenes move in every frame pair (tau 0.02)."]
     return "\n".join(lines)
 
