@@ -48,6 +48,18 @@ def test_read_at_returns_frame_shown_at_time(coded):
     assert np.allclose(got.pts_s, expect / 10)
 
 
+def test_parallel_read_equals_sequential(coded):
+    path, _ = coded
+    rng = np.random.default_rng(1)
+    times = np.concatenate([rng.uniform(0, N / 10 - 1e-3, 40), [0.0, 0.0, N / 10 - 0.05]])  # unsorted, repeats
+    seq = VideoReader(path).read_at(times, workers=1)
+    for workers in (2, 3, 8):
+        r = VideoReader(path)
+        par = r.read_at(times, workers=workers)
+        assert np.array_equal(par.data, seq.data) and np.array_equal(par.pts_s, seq.pts_s)
+        assert r.frames_decoded >= len(np.unique(np.floor(times * 10)))
+
+
 def test_probe_consistent_with_decode(coded):
     import av
 

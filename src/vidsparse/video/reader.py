@@ -6,6 +6,8 @@ The frame shown at time ``t`` is the last frame whose pts ≤ t (the first frame
 
 from __future__ import annotations
 
+import os
+
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -111,27 +113,55 @@ class VideoReader:
         pts_s: Sequence[float],
         size: tuple[int, int] | None = None,
         progress: Callable[[int], None] | None = None,
+        workers: int | None = None,
     ) -> Frames:
         """Frames shown at ``pts_s`` (seconds), as uint8 [T, H, W, 3] RGB in the order asked.
 
         ``size`` = (height, width) resizes with area interpolation when shrinking. ``Frames.pts_s`` holds the actual
-        pts of each frame returned."""
+        pts of each frame returned. ``workers``: decode that many contiguous stretches of the sorted targets in
+        parallel, each from its own container (PyAV releases the GIL while decoding); the frames are identical to a
+        sequential read. Default: up to 4 on a machine with that many cores, 1 with a ``progress`` callback or for
+        fewer than 16 targets."""
         times = np.asarray(pts_s, dtype=np.float64)
         h, w = size if size is not None else (self.info.height, self.info.width)
         if h <= 0 or w <= 0:
             raise InputError(f"frame size must be positive, got {size}")
         out = np.empty((len(times), h, w, 3), dtype=np.uint8)
         actual = np.empty(len(times), dtype=np.float64)
+        if workers is None:
+            workers = 1 if progress is not None or len(times) < 16 else min(4, os.cpu_count() or 1)
+        workers = max(1, min(int(workers), len(times) // 4 or 1))
+        if workers == 1:
+            self.frames_decoded += self._fill(self, times, np.arange(len(times)), out, actual, w, h, progress)
+            return Frames(out, actual)
+        if times.ndim != 1 or not np.all(np.isfinite(times)):
+            raise InputError("timestamps must be a 1-D list of finite seconds")
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = np.argsort(times, kind="stable")
+        groups = [g for g in np.array_split(order, workers) if len(g)]
+        readers = [VideoReader(self.path, threads=1, _probed=(self.info, self.packets)) for _ in groups]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            counts = list(pool.map(lambda rg: self._fill(rg[0], times[rg[1]], rg[1], out, actual, w, h, None),
+                                   zip(readers, groups)))
+        self.frames_decoded += sum(counts)
+        return Frames(out, actual)
+
+    @staticmethod
+    def _fill(reader: "VideoReader", times: np.ndarray, dest: np.ndarray, out: np.ndarray, actual: np.ndarray,
+              w: int, h: int, progress) -> int:
+        """Decode ``times`` with ``reader`` into ``out[dest]``; returns the pictures converted."""
+        converted = 0
         last_frame, last_rgb = None, None  # one picture may serve several nearby targets
-        for i, frame, t in self.iter_at(times):
+        for i, frame, t in reader.iter_at(times):
             if frame is not last_frame:
                 last_frame, last_rgb = frame, _to_rgb(frame, w, h)
-                self.frames_decoded += 1
-            out[i] = last_rgb
-            actual[i] = t
+                converted += 1
+            out[dest[i]] = last_rgb
+            actual[dest[i]] = t
             if progress is not None:
                 progress(1)
-        return Frames(out, actual)
+        return converted
 
     def thumbnails(self, fps: float = 1.0, size: tuple[int, int] = (64, 64), progress=None) -> Frames:
         """Frames at ``fps`` from the start, resized to ``size`` = (height, width); ``pts_s`` are the grid times."""
