@@ -208,7 +208,7 @@ def ask(
         raise InputError(f"video {video} does not exist")
     pipe = Pipeline.from_pretrained(model, r, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
                                     compile_tower=compile_tower)
-    ans = pipe.ask(video, question)
+    ans = pipe.ask(video, question, progress=not as_json)
     if as_json:
         d = ans.to_dict()
         d["recipe"] = r.to_dict()

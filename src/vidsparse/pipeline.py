@@ -162,10 +162,14 @@ class Pipeline:
         selector = FRAMES.get(parse_spec(r.frames)[0])
         needs_query = selector.capabilities.get("query") in ("required", "optional")
         moments, index = find_moments(video, r.budget, frames=r.frames, query=question if needs_query else None,
-                                      scorer=r.scorer)
+                                      scorer=r.scorer, progress=getattr(self, "_progress", False))
         return moments.selection, (index.info, index.packets)
 
     def ask(self, video: str, question: str, progress: bool = False) -> Answer:
+        """``progress``: one status line per stage on stderr when it is a terminal (quiet in pipes)."""
+        import sys
+
+        self._progress = bool(progress) and sys.stderr.isatty()
         try:
             return self._ask(video, question)
         except (InputError, SpecError, UnsupportedError, ResourceError):
@@ -178,6 +182,12 @@ class Pipeline:
                 raise ResourceError(f"out of GPU memory ({exc.__class__.__name__}); lower the budget: fewer frames "
                                     "(--budget) or fewer visual tokens (--tokens N, or a token reducer)") from None
             raise
+
+    def _stage(self, msg: str) -> None:
+        if getattr(self, "_progress", False):
+            import sys
+
+            print(f"\r\033[K{msg}", end="" if msg else "\r", file=sys.stderr, flush=True)
 
     def _ask(self, video: str, question: str) -> Answer:
         import torch
@@ -193,6 +203,7 @@ class Pipeline:
             torch.cuda.reset_peak_memory_stats(ad.device)
         b = self.recipe.budget
         t_start = time.perf_counter()
+        self._stage("selecting frames…")
         sel, probed = self.select(video, question)
         info = probed[0]
         t1 = time.perf_counter()
@@ -202,11 +213,13 @@ class Pipeline:
             # the selector's per-frame resolution; one grid per video in Qwen/LLaVA, so its mean
             tpf = max(1, int(np.mean(sel.tokens)))
         size = ad.frame_size(info, sel, tpf)
+        self._stage(f"decoding {len(sel)} frames at {size[1]}x{size[0]}…")
         frames = VideoReader(video, _probed=probed).read_at(sel.times, size=size)
         t2 = time.perf_counter()
         st.ms_decode = (t2 - t1) * 1e3
         st.frames, st.frame_size, st.times = len(frames), tuple(size), list(frames.pts_s)
 
+        self._stage(f"encoding {len(frames)} frames…")
         keep = getattr(ad, "keep_pixels", None)
         if keep is not None:
             ad.keep_pixels = False  # the pixels are not needed after the tower: do not hold them through prefill
@@ -244,13 +257,16 @@ class Pipeline:
 
         prompt = ad.build_prompt(enc, red, question)
         st.prompt_tokens = int(prompt.input_ids.shape[1])
+        self._stage(f"prefill of {st.prompt_tokens} tokens…")
         cache = self.kv.make_cache() if self.kv is not None else _dynamic_cache()
         ids, logits, pre = self._prefill(prompt, cache, st)
         self._sync()
         t5 = time.perf_counter()
         st.ms_prefill = (t5 - t4) * 1e3
         st.ms_first_token = (t5 - t_start) * 1e3
+        self._stage("generating…")
         tokens = self._decode(prompt, cache, logits)
+        self._stage("")
         self._sync()
         st.ms_generate = (time.perf_counter() - t5) * 1e3
         st.new_tokens = len(tokens)
@@ -290,9 +306,14 @@ class Pipeline:
             from .attention.patterns.base import SeqMeta
 
             hw = prompt.frame_hw
-            meta = SeqMeta(visual=prompt.visual, tokens_per_frame=(hw[0] * hw[1]) if hw and prompt.visual_grid is not None
-                           and len(prompt.visual_grid) % (hw[0] * hw[1]) == 0 and self.reducer is None else None,
-                           frame_hw=hw)
+            if cut is not None:
+                # after an in-LLM cut the sequence no longer has the prompt's layout: no span or frame structure
+                meta = SeqMeta()
+            else:
+                regular = (hw and prompt.visual_grid is not None and len(prompt.visual_grid) % (hw[0] * hw[1]) == 0
+                           and self.reducer is None)
+                meta = SeqMeta(visual=prompt.visual, tokens_per_frame=hw[0] * hw[1] if regular else None,
+                               frame_hw=hw)
         with contextlib.ExitStack() as stack, torch.inference_mode():
             scope = None
             if use_scope:

@@ -28,9 +28,13 @@ def load_adapter(path: str, device: str | None = None, dtype: str | None = None)
 
     ``device``: "cuda", "cpu", ... (default: CUDA when available); ``dtype``: "bfloat16", "float16", "float32"
     (default: bfloat16 on CUDA, float32 on CPU). Never downloads: hub ids resolve only from the local cache."""
+    import sys
+
     import torch
     import transformers
 
+    if not sys.stderr.isatty():  # progress bars only on a terminal (DESIGN rule 7)
+        transformers.utils.logging.disable_progress_bar()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
