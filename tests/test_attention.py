@@ -98,7 +98,7 @@ SPECS = ["dense", "sink_window", "power", "radial", "block_topk", "block_cdf", "
          "vertical_slash:vertical=40,slash=60"]
 
 
-TOKEN_SPECS = ["token_sparse"]  # token-level layouts (TokenLayout), tested below
+TOKEN_SPECS = ["token_sparse", "grid"]  # TokenLayout / GroupLayout patterns, tested below
 
 
 def test_every_pattern_is_tested():
@@ -281,3 +281,44 @@ def test_kernel_pattern_layouts(interpreter):
     for spec in ["sink_window:window=2", "block_topk:topk=2", "xattention:stride=4"]:
         lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(16, 16))
         _check(q, k, v, lay)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("stride", [1, 4, 12])
+def test_grid_group_execution_matches_mask(stride, backend):
+    """Span rows see the text before the span plus same-phase span tokens (causally); other rows see everything."""
+    from vidsparse.attention.layout import GroupLayout
+    from vidsparse.attention.reference import masked_attention
+
+    g = torch.Generator().manual_seed(6)
+    s, t, f = 7, 6, 12
+    n = s + t * f + 9
+    q, k, v = (torch.randn(1, h, n, 64, generator=g) for h in (4, 2, 2))
+    meta = SeqMeta(visual=(s, s + t * f), tokens_per_frame=f, frame_hw=(3, 4))
+    lay = PATTERNS.from_spec(f"grid:stride={stride}").estimate(q, k, meta)
+    assert isinstance(lay, GroupLayout)
+    i = torch.arange(n)
+    phase = (i - s) % stride
+    in_span = (i >= s) & (i < s + t * f)
+    expect = (i[None, :] <= i[:, None]) & (~in_span[:, None] | ~in_span[None, :] & (i[None, :] < s)
+                                           | in_span[None, :] & (phase[None, :] == phase[:, None]))
+    assert torch.equal(lay.dense_mask()[0, 0], expect)
+    out = sparse_attention(q, k, v, lay, backend=backend)
+    torch.testing.assert_close(out, masked_attention(q, k, v, expect), atol=2e-5, rtol=2e-5)
+    assert (lay.density() < 1.0) == (stride > 1)
+
+
+def test_grid_finds_a_planted_stride_and_stays_dense_otherwise():
+    g = torch.Generator().manual_seed(7)
+    s, t, f = 5, 8, 12
+    n = s + t * f + 6
+    q, k = torch.randn(1, 4, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)
+    meta = SeqMeta(visual=(s, s + t * f), tokens_per_frame=f, frame_hw=(3, 4))
+    assert (PATTERNS.from_spec("grid").estimate(q, k, meta).num_groups == 1).all()  # no structure: dense
+    emb = 4 * torch.randn(f, 64, generator=g)
+    phase = torch.arange(t * f) % f
+    q[0, :, s:s + t * f] = emb[phase]
+    k[0, :, s:s + t * f] = emb[phase]
+    assert (PATTERNS.from_spec("grid").estimate(q, k, meta).num_groups == f).all()
+    with pytest.raises(Exception, match="tokens_per_frame"):
+        PATTERNS.from_spec("grid").estimate(q, k, SeqMeta())

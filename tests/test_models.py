@@ -660,3 +660,11 @@ def test_token_sparse_pattern_through_the_model_from_its_layer(adapter, short_vi
                                     budget=Budget(frames=8)), max_new_tokens=2, backend="reference")
     st = pipe.ask(short_video, Q).stats
     assert st.attention_density < 1.0 and st.new_tokens >= 1
+
+
+def test_grid_pattern_through_the_pipeline(adapter, short_video):
+    from vidsparse.pipeline import Pipeline
+
+    st = Pipeline(adapter, Recipe(attention="grid:stride=4", budget=Budget(frames=8)), max_new_tokens=2,
+                  backend="reference").ask(short_video, Q).stats
+    assert st.attention_density < 1.0 and st.new_tokens >= 1

@@ -187,3 +187,47 @@ class TokenLayout:
             i = torch.arange(self.q_len, device=m.device)
             m &= i[None, :] <= i[:, None]
         return m
+
+
+@dataclass(frozen=True, eq=False)
+class GroupLayout:
+    """Grouped attention for permutation patterns (``grid``): rows of the visual span [s, e) attend only to the
+    tokens of their group — every token before the span plus the span tokens of the same group — and every other row
+    attends causally to everything.
+
+    group int64 [B, H, N_span] (the group of each span token; one group = dense); span = (s, e). Executed by gathering
+    each group (the span prefix plus its members, in original order, so causal order in the gathered sequence is causal
+    order in the original), running the dense block kernel over all groups as one batch with per-group lengths,
+    scattering the span rows back, and computing the rows outside the span densely."""
+
+    group: Tensor
+    span: tuple[int, int]
+    q_len: int
+    k_len: int
+    causal: bool = True
+
+    @property
+    def num_groups(self) -> Tensor:
+        return self.group.amax(-1) + 1
+
+    def density(self) -> float:
+        """Attention work kept: Σ over groups of (prefix + members)², plus the dense rows, over N², mean over heads."""
+        s, e = self.span
+        n = self.q_len
+        g = int(self.group.max()) + 1
+        counts = torch.zeros(*self.group.shape[:2], g, device=self.group.device).scatter_add_(
+            -1, self.group, torch.ones_like(self.group, dtype=torch.float32))
+        work = ((counts + s) ** 2).sum(-1) - (g - 1) * s ** 2 + (n ** 2 - e ** 2)
+        return float((work / n ** 2).mean().item())
+
+    def dense_mask(self) -> Tensor:
+        """bool [B, H, N, N] for the reference."""
+        s, e = self.span
+        n = self.q_len
+        i = torch.arange(n, device=self.group.device)
+        m = (i[None, :] <= i[:, None]).expand(*self.group.shape[:2], n, n).clone()
+        gq = self.group[..., :, None]
+        gk = self.group[..., None, :]
+        span_block = m[..., s:e, s:e] & (gq == gk)
+        m[..., s:e, s:e] = span_block
+        return m

@@ -46,6 +46,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, ca
 
     if isinstance(layout, TokenLayout):
         return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+    from .layout import GroupLayout
+
+    if isinstance(layout, GroupLayout):
+        return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -104,3 +108,54 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
     dest = torch.where(idx < 0, n, idx)[..., None].expand(-1, -1, -1, d)
     out.scatter_(2, dest, og.reshape(b, h, lmax, d))
     return out[:, :, :n]
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
+                      backend: str = "auto") -> Tensor:
+    """Execute a ``GroupLayout`` (see its docstring). q [B, H, N, D], k/v [B, Hkv, N, D]."""
+    import torch
+
+    from .layout import BlockLayout
+
+    b, h, n, d = q.shape
+    s, e = layout.span
+    if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
+        raise InputError(f"group layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
+    g = h // k.shape[1]
+    heads = torch.arange(h, device=q.device) // g
+    grp = layout.group.expand(b, h, -1) if layout.group.shape[:2] != (b, h) else layout.group
+    ng = int(grp.max()) + 1
+    # order the span tokens by (group, position): each group's members become contiguous, in original order
+    key = grp * (e - s) + torch.arange(e - s, device=q.device)
+    order = torch.argsort(key, dim=-1) + s  # [B, H, N_span] positions
+    counts = torch.zeros(b, h, ng, dtype=torch.long, device=q.device).scatter_add_(-1, grp, torch.ones_like(grp))
+    lmax = int(counts.max()) + s
+    starts = torch.cumsum(counts, -1) - counts  # offset of each group in ``order``
+    slot = torch.arange(lmax - s, device=q.device)
+    member = starts[..., None] + slot  # [B, H, G, L - s]
+    valid = slot < counts[..., None]
+    pos = torch.gather(order[:, :, None, :].expand(-1, -1, ng, -1), 3, member.clamp(max=e - s - 1))
+    prefix = torch.arange(s, device=q.device).expand(b, h, ng, s)
+    idx = torch.cat([prefix, torch.where(valid, pos, torch.zeros_like(pos))], -1)  # [B, H, G, L]
+    lens = (counts + s).reshape(-1).to(torch.int32)
+    flat = idx.reshape(b, h, ng * lmax)[..., None].expand(-1, -1, -1, d)
+    qg = torch.gather(q, 2, flat).reshape(b * h * ng, 1, lmax, d)
+    kg = torch.gather(k[:, heads], 2, flat).reshape(b * h * ng, 1, lmax, d)
+    vg = torch.gather(v[:, heads], 2, flat).reshape(b * h * ng, 1, lmax, d)
+    dense = BlockLayout.dense(lmax, lmax, causal=layout.causal, device=q.device)
+    og = sparse_attention(qg, kg, vg, dense, causal=layout.causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
+                          backend=backend).reshape(b, h, ng, lmax, d)
+    out = torch.empty_like(q)
+    # span rows: scatter each group's member outputs back (prefix rows of the groups are discarded)
+    dest = torch.where(valid, pos, torch.full_like(pos, n))[..., None].expand(-1, -1, -1, -1, d)
+    buf = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
+    buf.scatter_(2, dest.reshape(b, h, -1, d), og[:, :, :, s:].reshape(b, h, -1, d))
+    out[:, :, s:e] = buf[:, :, s:e]
+    # rows outside the span: dense causal attention over everything before them
+    rows = torch.cat([torch.arange(s, device=q.device), torch.arange(e, n, device=q.device)])
+    if rows.numel():
+        kk, vv = k[:, heads], v[:, heads]
+        mask = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
+        out[:, :, rows] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, rows], kk, vv, attn_mask=mask if layout.causal else None, scale=scale)
+    return out

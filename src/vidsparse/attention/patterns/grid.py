@@ -1,0 +1,70 @@
+"""``grid`` (MMInference, Li et al. 2025, for video tokens): heads whose attention over the visual tokens forms a grid —
+a query attends to the tokens at a fixed stride from it (the same spatial position in other frames for stride =
+tokens per frame, the same column for stride = frame width) — computed on that grid only.
+
+Decide: for each head, the last ``probe`` visual queries' softmax attention over the visual keys; a candidate stride
+c captures the mass on keys with the query's phase ((j − s) mod c = (i − s) mod c). The largest candidate (tokens per
+frame, then frame width) capturing at least ``tau`` of the visual mass wins; otherwise the head stays dense (one group).
+Execute (``GroupLayout``): the permutation that makes each phase contiguous, one dense causal pass per phase with the
+text before the span prepended (original order is kept inside a phase, so causality is exact), the inverse
+permutation; text rows after the span attend densely."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import PATTERNS
+from ..layout import GroupLayout
+from .base import Pattern, SeqMeta
+
+
+@PATTERNS.register("grid", returns="groups", needs="visual span and tokens_per_frame")
+@dataclass
+class Grid(Pattern):
+    tau: float = 0.6
+    probe: int = 64
+    stride: int = 0  # > 0: use this stride for every head (no search)
+
+    def __post_init__(self):
+        if not 0.0 < self.tau <= 1.0 or self.probe < 1 or self.stride < 0:
+            raise ValueError("tau must be in (0, 1], probe >= 1, stride >= 0")
+
+    def captured(self, q, k, span, strides) -> torch.Tensor:
+        """float32 [B, H, len(strides)]: share of the probe queries' visual attention mass on same-phase keys."""
+        s, e = span
+        b, h, _, d = q.shape
+        g = h // k.shape[1]
+        rows = torch.arange(max(s, e - self.probe), e, device=q.device)
+        sc = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].float(),
+                          k[:, :, s:e].float().repeat_interleave(g, 1)) / math.sqrt(d)
+        cols = torch.arange(s, e, device=q.device)
+        sc = sc.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        p = torch.softmax(sc, -1)
+        out = []
+        for c in strides:
+            same = ((cols[None, :] - s) % c) == ((rows[:, None] - s) % c)
+            out.append((p * same).sum(-1).mean(-1))
+        return torch.stack(out, -1)
+
+    def estimate(self, q, k, meta: SeqMeta) -> GroupLayout:
+        if meta.visual is None or not meta.tokens_per_frame:
+            from ...errors import InputError
+
+            raise InputError("the grid pattern needs the visual span and tokens_per_frame in the sequence metadata")
+        s, e = meta.visual
+        b, h, n, _ = q.shape
+        span = torch.arange(e - s, device=q.device)
+        if self.stride:
+            stride = torch.full((b, h), self.stride, device=q.device, dtype=torch.long)
+        else:
+            cands = [c for c in (meta.tokens_per_frame, (meta.frame_hw or (0, 0))[1]) if c and 1 < c < e - s]
+            stride = torch.ones(b, h, dtype=torch.long, device=q.device)
+            if cands:
+                cap = self.captured(q, k, (s, e), cands)  # [B, H, C]
+                for ci in reversed(range(len(cands))):  # earlier candidates (larger strides) win
+                    stride = torch.where(cap[..., ci] >= self.tau, torch.full_like(stride, cands[ci]), stride)
+        group = span[None, None, :] % stride[..., None]
+        return GroupLayout(group, (s, e), n, k.shape[2], meta.causal)
