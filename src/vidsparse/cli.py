@@ -222,6 +222,37 @@ def ask(
                f"{st.ms_prefill:.0f}); peak {st.peak_memory_mb:.0f} MB]", err=True)
 
 
+@app.command()
+@_guard
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint directory (omit: moment search only)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Default recipe file; requests may override it."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32."),
+    upload_dir: Optional[str] = typer.Option(None, "--upload-dir", help="Where POST /upload stores videos."),
+):
+    """Serve /ask, /moments and a page over HTTP (the model is loaded once)."""
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError("the server needs FastAPI and uvicorn: pip install 'vidsparse[serve]'") from None
+    from .recipe import Recipe
+
+    r = Recipe.load(recipe) if recipe else Recipe()
+    adapter = None
+    if model:
+        from .models import load_adapter
+
+        adapter = load_adapter(model, device=device, dtype=dtype)
+    uvicorn.run(create_app(adapter, r, upload_dir), host=host, port=port)
+
+
 @app.command("eval")
 @_guard
 def eval_cmd(

@@ -1,0 +1,1 @@
+"""HTTP server: ``vidsparse serve`` (FastAPI). See ``app.create_app``."""
