@@ -668,3 +668,17 @@ def test_grid_pattern_through_the_pipeline(adapter, short_video):
     st = Pipeline(adapter, Recipe(attention="grid:stride=4", budget=Budget(frames=8)), max_new_tokens=2,
                   backend="reference").ask(short_video, Q).stats
     assert st.attention_density < 1.0 and st.new_tokens >= 1
+
+
+def test_uniform_times_follow_qwen_vl_utils():
+    from vidsparse.pipeline import uniform_times
+    from vidsparse.types import VideoInfo
+
+    info = VideoInfo(path="x", duration_s=60.0, avg_fps=30.0, width=640, height=360, codec="h264", is_vfr=False,
+                     n_frames=1800, start_s=0.0)
+    t = uniform_times(info, 768)
+    assert len(t) == 120 and t[0] == 0.0 and t[-1] == pytest.approx(60.0 - 1 / 30)  # 2 fps over 60 s
+    assert len(uniform_times(info, 32)) == 32  # capped by the frame budget
+    short = VideoInfo(path="x", duration_s=1.0, avg_fps=30.0, width=640, height=360, codec="h264", is_vfr=False,
+                      n_frames=30, start_s=0.0)
+    assert len(uniform_times(short, 768)) == 4  # at least 4 frames, as qwen-vl-utils
