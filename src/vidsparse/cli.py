@@ -260,15 +260,22 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help="The dataset folder (annotations + videos) or an annotation file."),
     model: str = typer.Option("none", "--model", help="Model path or hub id; 'none' evaluates frame search alone."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe file (.yaml/.json)."),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="YAML of lists to sweep: frames, scorer, budget."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="YAML of lists to sweep: frames, scorer, tokens, "
+                                        "attention, kv, budget, visual_tokens, density."),
     out: str = typer.Option("runs", "--out", help="Directory of run directories."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples."),
+    compile_tower: bool = typer.Option(False, "--compile-tower",
+                                       help="torch.compile the vision tower's blocks (pays off over many questions)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
 ):
     """Evaluate recipes on a benchmark; one resumable run directory per configuration."""
-    from .eval.harness import evaluate
+    from .eval.harness import _adapter, evaluate
     from .recipe import Recipe
 
+    if compile_tower and model != "none":
+        ad = _adapter(model)
+        if hasattr(ad, "compile_tower"):
+            ad.compile_tower = True
     base = Recipe.load(recipe) if recipe else Recipe()
     results = [evaluate(bench, data, model, r, out, progress=not as_json, limit=limit) for r in _sweep(base, sweep)]
     if as_json:
