@@ -106,6 +106,7 @@ SPECS = {
     "block_cdf": "block_cdf:tau=0.9",
     "xattention": "xattention:stride=16,tau=0.9",
     "vertical_slash": "vertical_slash",
+    "token_sparse": "token_sparse",
 }
 
 
@@ -170,9 +171,29 @@ def recall(q, k, lay, rows):
     s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].float(), kk) / math.sqrt(d)
     s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows[:, None], float("-inf"))
     p = torch.softmax(s, -1)
+    return float((p * row_keep(lay, rows, b, h, n)).sum(-1).mean())
+
+
+def row_keep(lay, rows, b, h, n):
+    """bool [B, H, R, N]: the keys each sampled query row computes under ``lay`` (block, token or group layout)."""
+    from vidsparse.attention.layout import GroupLayout, TokenLayout
+
+    if isinstance(lay, TokenLayout):
+        km = lay.kept_mask().expand(b, h, n)
+        return km[:, :, None, :] & km[:, :, rows, None]
+    if isinstance(lay, GroupLayout):
+        s, e = lay.span
+        grp = lay.group.expand(b, h, e - s)
+        j = torch.arange(n, device=rows.device)
+        in_span = (rows >= s) & (rows < e)
+        full = torch.full((b, h, n), -1, dtype=torch.long, device=rows.device)
+        full[..., s:e] = grp
+        gr = full[:, :, rows]  # [B, H, R] (-1 outside the span)
+        same = (full[:, :, None, :] == gr[..., None]) & (full[:, :, None, :] >= 0)
+        keep = (j[None, None, None, :] < s) | same
+        return torch.where(in_span[None, None, :, None], keep, torch.ones_like(keep))
     bm = lay.expand(b, h).block_mask()
-    keep = bm[:, :, rows // lay.block_q].repeat_interleave(lay.block_k, -1)[..., :n]
-    return float((p * keep).sum(-1).mean())
+    return bm[:, :, rows // lay.block_q].repeat_interleave(lay.block_k, -1)[..., :n]
 
 
 SWEEPS = {
@@ -184,6 +205,8 @@ SWEEPS = {
     "xattention": [f"xattention:stride=16,tau={t}" for t in (0.7, 0.8, 0.9, 0.95)],
     "vertical_slash": [f"vertical_slash:vertical={v},slash={s}" for v, s in ((30, 100), (100, 300), (300, 1000))],
     "radial": ["radial:dense_frames=1", "radial:dense_frames=2", "radial:dense_frames=4"],
+    "grid": ["grid:tau=0.3", "grid:tau=0.5", "grid:tau=0.7"],
+    "token_sparse": [f"token_sparse:coverage={c}" for c in (0.9, 0.95, 0.99)],
 }
 
 
