@@ -382,6 +382,14 @@ def test_pipeline_stats_account_for_every_stage(adapter, short_video, recipe):
                                               + st.ms_prefill, rel=0.05, abs=5.0)
 
 
+def test_budget_below_the_smallest_resolution_is_a_clear_error(adapter, short_video):
+    from vidsparse.errors import InputError
+    from vidsparse.pipeline import Pipeline
+
+    with pytest.raises(InputError, match="smallest resolution"):
+        Pipeline(adapter, Recipe(budget=Budget(frames=8, tokens=5))).ask(short_video, Q)
+
+
 def test_pipeline_bad_inputs(adapter, short_video, tmp_path):
     from vidsparse.errors import InputError, SpecError
     from vidsparse.pipeline import Pipeline

@@ -241,11 +241,12 @@ class Pipeline:
         st.encoded_frames = 2 * enc.extra.get("encoded_patches", -(-st.frames // 2)) if hasattr(ad, "temporal") \
             else st.frames
 
-        if (self.reducer is None and b.tokens is not None and len(enc.tokens) > b.tokens
-                and getattr(ad, "fixed_resolution", False)):
-            raise InputError(f"{type(ad.model).__name__} encodes {len(enc.tokens)} visual tokens at its fixed "
-                             f"resolution, above the budget of {b.tokens}: add a token reducer (--tokens pooling) "
-                             "or raise the token budget")
+        if self.reducer is None and b.tokens is not None and len(enc.tokens) > b.tokens:
+            why = ("at its fixed resolution" if getattr(ad, "fixed_resolution", False)
+                   else "even at the smallest resolution the model takes")
+            raise InputError(f"{type(ad.model).__name__} encodes {len(enc.tokens)} visual tokens for {len(frames)} "
+                             f"frames {why}, above the budget of {b.tokens}: add a token reducer (--tokens pooling), "
+                             "use fewer frames (--budget) or raise the token budget")
         red = None
         if self.reducer is not None and b.tokens is not None and b.tokens < len(enc.tokens):
             with torch.inference_mode():
