@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, save, today, update_markdown, versions  # noqa: E402
+from common import device_name, save, today, update_markdown, versions
 
 
 def main():

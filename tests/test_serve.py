@@ -40,10 +40,13 @@ def test_ask_with_recipe_override(client, synth):
 
 
 def test_moments_and_upload(client, synth):
-    up = client.post("/upload", files={"file": ("clip.mp4", open(synth[0], "rb"), "video/mp4")})
+    from pathlib import Path
+
+    data = Path(synth[0]).read_bytes()
+    up = client.post("/upload", files={"file": ("clip.mp4", data, "video/mp4")})
     assert up.status_code == 200
     video = up.json()["video"]
-    assert open(video, "rb").read() == open(synth[0], "rb").read()
+    assert Path(video).read_bytes() == data
     d = client.post("/moments", json={"video": video, "budget": 4}).json()
     assert len(d["frames"]) == 4 and d["video"] == video
 
