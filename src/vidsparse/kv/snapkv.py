@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..attention.patterns.base import row_probs
 from ..registry import KV
 from .base import KVMethod
 
@@ -17,15 +18,11 @@ from .base import KVMethod
 def snapkv_scores(q, k, window: int, kernel: int, scale: float | None = None):
     """q [B, H, N, D], k [B, Hkv, N, D] -> float32 [B, Hkv, N − window]: pooled attention of the last ``window``
     queries to each prefix key (causal inside the window)."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     hk = k.shape[1]
     g = h // hk
-    qw = q[:, :, n - window:].float()
-    kf = k.float().repeat_interleave(g, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", qw, kf) * (scale if scale is not None else d ** -0.5)
-    qi = torch.arange(n - window, n, device=q.device)[:, None]
-    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > qi, float("-inf"))
-    p = torch.softmax(s, dim=-1)[..., : n - window].sum(2)  # [B, H, N-window]
+    rows = torch.arange(n - window, n, device=q.device)
+    p = row_probs(q[:, :, n - window:], k, rows, scale=scale)[..., : n - window].sum(2)  # [B, H, N-window]
     p = p.view(b, hk, g, -1).mean(2)
     if kernel > 1:
         p = F.avg_pool1d(p.reshape(b * hk, 1, -1), kernel, stride=1, padding=kernel // 2,

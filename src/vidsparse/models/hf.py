@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -220,16 +219,10 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
 def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | None = None) -> Tensor:
     """Softmax attention of the last ``rows`` queries over all keys, averaged over query rows and heads (GQA-aware):
     float32 [B, Nk]. What FastV ranks tokens by; costs O(rows·N) instead of materialising the N×N matrix."""
-    b, h, n, d = q.shape
-    g = h // k.shape[1]
-    qs = q[:, :, -rows:].float()
-    kf = k.float().repeat_interleave(g, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", qs, kf) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    from ..attention.patterns.base import row_probs
+
     nk = k.shape[2]
-    if rows > 1:  # causal among the last rows
-        qi = torch.arange(nk - rows, nk, device=q.device)[:, None]
-        s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > qi, float("-inf"))
-    return torch.softmax(s, dim=-1).mean(dim=(1, 2))
+    return row_probs(q[:, :, -rows:], k, torch.arange(nk - rows, nk, device=q.device), scale=scale).mean(dim=(1, 2))
 
 
 # ---- vision towers: packed (varlen) attention in a few batched launches -------------------------------------------

@@ -45,6 +45,21 @@ class Pattern(ABC):
         return nq, nk, -(-nq // meta.block_q), -(-nk // meta.block_k)
 
 
+def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = None,
+              scale: float | None = None) -> Tensor:
+    """Exact causal softmax of some query rows over keys: q_rows [B, H, R, D] at positions ``q_pos`` int [R]; k
+    [B, Hkv, Nk, D] at positions ``k_pos`` int [Nk] (default 0..Nk−1); a key after a row's position is excluded.
+    GQA: each query head scores against its shared key head, K is not expanded. -> float32 [B, H, R, Nk].
+    What every probe-query estimate shares (vertical_slash, token_sparse, grid, FastV, ZipVL, SnapKV)."""
+    b, h, r, d = q_rows.shape
+    hk, nk = k.shape[1], k.shape[2]
+    s = torch.einsum("bkgqd,bknd->bkgqn", q_rows.float().reshape(b, hk, h // hk, r, d), k.float())
+    s = s.reshape(b, h, r, nk) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    k_pos = torch.arange(nk, device=k.device) if k_pos is None else k_pos
+    s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
 def pool_blocks(x: Tensor, block: int) -> Tensor:
     """Mean over blocks of the sequence axis: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the last block is
     partial). Reads x once in its own dtype, accumulating in fp32."""

@@ -11,14 +11,13 @@ permutation; text rows after the span attend densely."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ...registry import PATTERNS
 from ..layout import GroupLayout
-from .base import Pattern, SeqMeta
+from .base import Pattern, SeqMeta, row_probs
 
 
 @PATTERNS.register("grid", returns="groups", needs="visual span and tokens_per_frame")
@@ -35,14 +34,9 @@ class Grid(Pattern):
     def captured(self, q, k, span, strides) -> torch.Tensor:
         """float32 [B, H, len(strides)]: share of the probe queries' visual attention mass on same-phase keys."""
         s, e = span
-        b, h, _, d = q.shape
-        g = h // k.shape[1]
         rows = torch.arange(max(s, e - self.probe), e, device=q.device)
-        sc = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].float(),
-                          k[:, :, s:e].float().repeat_interleave(g, 1)) / math.sqrt(d)
         cols = torch.arange(s, e, device=q.device)
-        sc = sc.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        p = torch.softmax(sc, -1)
+        p = row_probs(q[:, :, rows], k[:, :, s:e], rows, cols)
         out = []
         for c in strides:
             same = ((cols[None, :] - s) % c) == ((rows[:, None] - s) % c)

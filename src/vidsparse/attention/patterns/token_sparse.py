@@ -8,14 +8,13 @@ first ``sink`` tokens, and â€” when the sequence metadata marks a visual span â€
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ...registry import PATTERNS
 from ..layout import TokenLayout
-from .base import Pattern, SeqMeta
+from .base import Pattern, SeqMeta, row_probs
 
 
 @PATTERNS.register("token_sparse", returns="tokens")
@@ -34,14 +33,9 @@ class TokenSparse(Pattern):
 
     def scores(self, q, k) -> torch.Tensor:
         """float32 [B, H, N]: mean softmax weight each key gets from the last ``window`` queries."""
-        b, h, n, d = q.shape
-        g = h // k.shape[1]
+        n = q.shape[2]
         w = min(self.window, n)
-        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, n - w:].float(), k.float().repeat_interleave(g, 1))
-        s = s / math.sqrt(d)
-        qi = torch.arange(n - w, n, device=q.device)[:, None]
-        s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > qi, float("-inf"))
-        return torch.softmax(s, -1).mean(2)
+        return row_probs(q[:, :, n - w:], k, torch.arange(n - w, n, device=q.device)).mean(2)
 
     def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
         b, h, n, _ = q.shape

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, keep_topk
+from .base import Pattern, SeqMeta, keep_topk, row_probs
 
 
 @PATTERNS.register("vertical_slash")
@@ -28,17 +27,13 @@ class VerticalSlash(Pattern):
     force_slash: int = 100
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        b, h, nq, d = q.shape
+        b, h, nq, _ = q.shape
         hk, nk = k.shape[1], k.shape[2]
         off = nk - nq
         lq = min(self.last_q, nq)
-        g = h // hk
-        ql = q[:, :, nq - lq :].float().view(b, hk, g, lq, d)
-        s = torch.einsum("bkgqd,bknd->bkgqn", ql, k.float()).reshape(b, h, lq, nk) / math.sqrt(d)
         qpos = torch.arange(nq - lq, nq, device=q.device)[:, None] + off
         kpos = torch.arange(nk, device=q.device)[None, :]
-        s = s.masked_fill(kpos > qpos, float("-inf"))
-        a = torch.softmax(s, dim=-1)
+        a = row_probs(q[:, :, nq - lq:], k, qpos[:, 0])
         vert = a.sum(2)  # [B, H, Nk]
         vert[..., : self.force_vertical] = float("inf")
         diag = (qpos - kpos).clamp(min=0).expand(b, h, lq, nk)  # offset of each entry

@@ -12,20 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ...attention.patterns.base import row_probs
 from ...registry import INLLM
 from .base import Cut, InLLMReducer
 
 
 def probe_mass(q, k, probes, scale=None):
     """float32 [N]: attention mass each key receives from the probe queries (mean over probes and heads)."""
-    h, d = q.shape[1], q.shape[-1]
-    g = h // k.shape[1]
-    qs = q[0][:, probes].float()
-    kf = k[0].float().repeat_interleave(g, 0)
-    s = torch.einsum("hpd,hkd->hpk", qs, kf) * (scale if scale is not None else d ** -0.5)
-    n = k.shape[2]
-    s = s.masked_fill(torch.arange(n, device=q.device)[None, None, :] > probes[None, :, None], float("-inf"))
-    return torch.softmax(s, -1).mean((0, 1))
+    return row_probs(q[:, :, probes], k, probes, scale=scale)[0].mean((0, 1))
 
 
 def top_mass(mass, candidates, tau: float):
