@@ -28,7 +28,7 @@ class VerticalSlash(Pattern):
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         b, h, nq, _ = q.shape
-        hk, nk = k.shape[1], k.shape[2]
+        nk = k.shape[2]
         off = nk - nq
         lq = min(self.last_q, nq)
         qpos = torch.arange(nq - lq, nq, device=q.device)[:, None] + off
