@@ -467,6 +467,12 @@ def test_llava_pipeline_with_reducer(llava, short_video):
     assert st.prompt_tokens == 30 + 1 + text  # + the newline token
     with pytest.raises(InputError, match="token reducer"):
         Pipeline(llava, Recipe(budget=Budget(frames=6, tokens=30))).ask(short_video, Q)
+    from vidsparse.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="pixel motion"):
+        Pipeline(llava, Recipe(tokens="static_patches", budget=Budget(frames=6, tokens=30)))
+    with pytest.raises(UnsupportedError, match="compiled tower"):
+        Pipeline(llava, Recipe(), compile_tower=True)
 
 
 # ---- vision tower fast path (issue 7) ----------------------------------------------------------------------------
@@ -601,7 +607,7 @@ def test_static_patches_skip_exact_when_pixels_repeat(adapter):
     fr = _static_video(noise=0)
     full = adapter.encode_video(fr)
     enc = adapter.encode_video(fr, skip_static=0.02)
-    assert enc.extra["encoded_patches"] == 3  # patch 1 repeats patch 0 and is not encoded
+    assert enc.encoded_frames == 6  # patch 1 (frames 2-3) repeats patch 0 and is not encoded
     torch.testing.assert_close(enc.tokens.features, full.tokens.features, atol=1e-6, rtol=1e-6)
     m = enc.tokens.motion.view(4, 12)
     assert torch.isinf(m[0]).all() and (m[1] == 0).all() and (m[2] > 0.1).all()
@@ -615,7 +621,7 @@ def test_static_patches_reuse_fidelity_under_noise(adapter):
     fr = _static_video(noise=2)
     full = adapter.encode_video(fr)
     enc = adapter.encode_video(fr, skip_static=0.05)
-    assert enc.extra["encoded_patches"] == 3
+    assert enc.encoded_frames == 6
     cos = torch.nn.functional.cosine_similarity(enc.tokens.features[12:24], full.tokens.features[12:24], dim=-1)
     assert cos.min() >= STATIC_REUSE_COS, cos.min()
 

@@ -274,8 +274,11 @@ def eval_cmd(
 
     if compile_tower and model != "none":
         ad = _adapter(model)
-        if hasattr(ad, "compile_tower"):
-            ad.compile_tower = True
+        if not ad.supports_compile:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(f"{type(ad).__name__} has no compiled tower path")
+        ad.compile_tower = True
     base = Recipe.load(recipe) if recipe else Recipe()
     results = [evaluate(bench, data, model, r, out, progress=not as_json, limit=limit) for r in _sweep(base, sweep)]
     if as_json:

@@ -10,7 +10,6 @@ Every stage is timed (CUDA-synchronised at stage ends on a GPU) and counted in `
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,7 +107,7 @@ class Pipeline:
         self.backend = backend
         self.vanilla_fps = vanilla_fps
         if compile_tower:  # torch.compile the packed tower's blocks (pays ~15 s once per process on an H100)
-            if not hasattr(adapter, "compile_tower"):
+            if not adapter.supports_compile:
                 raise UnsupportedError(f"{type(adapter).__name__} has no compiled tower path")
             adapter.compile_tower = True
         r = self.recipe
@@ -121,6 +120,9 @@ class Pipeline:
                 self.inllm = INLLM.from_spec(r.tokens)
             else:
                 self.reducer = TOKENS.from_spec(r.tokens)
+                if self.reducer.capabilities.get("pixel_motion") and not adapter.supports_pixel_motion:
+                    raise UnsupportedError(f"{self.reducer.name} needs pixel motion measured before the tower, which "
+                                           f"{type(adapter).__name__} does not provide")
         if r.attention is not None:
             over = {"density": r.budget.density} if r.budget.density is not None else {}
             cls = PATTERNS.get(parse_spec(r.attention)[0])
@@ -220,29 +222,20 @@ class Pipeline:
         st.frames, st.frame_size, st.times = len(frames), tuple(size), list(frames.pts_s)
 
         self._stage(f"encoding {len(frames)} frames…")
-        keep = getattr(ad, "keep_pixels", None)
-        if keep is not None:
-            ad.keep_pixels = False  # the pixels are not needed after the tower: do not hold them through prefill
+        keep, ad.keep_pixels = ad.keep_pixels, False  # pixels are not needed after the tower: not held in prefill
         try:
-            if self.reducer is not None and self.reducer.capabilities.get("pixel_motion"):
-                if "skip_static" not in inspect.signature(ad.encode_video).parameters:
-                    raise UnsupportedError(f"{self.reducer.name} needs pixel motion, which the "
-                                           f"{type(ad).__name__} adapter does not measure")
-                enc = ad.encode_video(frames, skip_static=self.reducer.tau)
-            else:
-                enc = ad.encode_video(frames)
+            pixel_motion = self.reducer is not None and self.reducer.capabilities.get("pixel_motion")
+            enc = ad.encode_video(frames, skip_static=self.reducer.tau if pixel_motion else None)
         finally:
-            if keep is not None:
-                ad.keep_pixels = keep
+            ad.keep_pixels = keep
         self._sync()
         t3 = time.perf_counter()
         st.ms_vision = (t3 - t2) * 1e3
         st.tower_tokens = len(enc.tokens)
-        st.encoded_frames = 2 * enc.extra.get("encoded_patches", -(-st.frames // 2)) if hasattr(ad, "temporal") \
-            else st.frames
+        st.encoded_frames = enc.encoded_frames
 
         if self.reducer is None and b.tokens is not None and len(enc.tokens) > b.tokens:
-            why = ("at its fixed resolution" if getattr(ad, "fixed_resolution", False)
+            why = ("at its fixed resolution" if ad.fixed_resolution
                    else "even at the smallest resolution the model takes")
             raise InputError(f"{type(ad.model).__name__} encodes {len(enc.tokens)} visual tokens for {len(frames)} "
                              f"frames {why}, above the budget of {b.tokens}: add a token reducer (--tokens pooling), "
@@ -286,7 +279,7 @@ class Pipeline:
         cuts to ``budget.tokens``; without one the resolution itself meets ``budget.tokens``."""
         if b.tokens is None or self.reducer is not None:
             return None
-        per = -(-frames // 2) if getattr(self.adapter, "temporal", 1) == 2 else frames
+        per = -(-frames // self.adapter.temporal)
         return max(1, b.tokens // max(per, 1))
 
     def _prefill(self, prompt, cache, st: RunStats):

@@ -29,6 +29,7 @@ class EncodedVideo:
     tokens: VisualTokens
     times: np.ndarray  # float64 [T_tokens]: PTS seconds of each token frame (first frame of a temporal patch)
     extra: dict = field(default_factory=dict)
+    encoded_frames: int = 0  # frames the tower actually encoded (fewer when static patches were skipped)
 
 
 @dataclass
@@ -51,8 +52,14 @@ class ModelAdapter(ABC):
     """One per model family; instances wrap a loaded transformers model and its tokenizer."""
 
     model_types: tuple[str, ...] = ()
+    temporal: int = 1  # frames per token frame (Qwen: 2 frames share one token grid)
+    fixed_resolution: bool = False  # the tower's resolution cannot change (LLaVA-OneVision)
+    supports_compile: bool = False  # ``compile_tower`` has an effect
+    supports_pixel_motion: bool = False  # ``encode_video(skip_static=...)`` is implemented
 
     def __init__(self, model, tokenizer, device=None):
+        self.keep_pixels = True  # keep pixel values for ``full_inputs`` (vanilla comparisons); Pipeline turns it off
+        self.compile_tower = False
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
@@ -66,8 +73,10 @@ class ModelAdapter(ABC):
         """(height, width) to decode frames at for the tower; ``tokens_per_frame`` None: the model's default."""
 
     @abstractmethod
-    def encode_video(self, frames: Frames) -> EncodedVideo:
-        """uint8 frames [T, H, W, 3] at ``frame_size`` -> visual tokens after the tower and projector."""
+    def encode_video(self, frames: Frames, skip_static: float | None = None) -> EncodedVideo:
+        """uint8 frames [T, H, W, 3] at ``frame_size`` -> visual tokens after the tower and projector.
+        ``skip_static`` (adapters with ``supports_pixel_motion``): token frames whose pixels moved less than this
+        are not encoded and reuse the previous tokens."""
 
     @abstractmethod
     def build_prompt(self, encoded: EncodedVideo, reduction: Reduction | None, question: str) -> Prompt:
@@ -117,6 +126,9 @@ class ModelAdapter(ABC):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.llm_with_head().get_input_embeddings()(input_ids)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_prompt(self, question: str) -> None:
         if not isinstance(question, str) or not question.strip():

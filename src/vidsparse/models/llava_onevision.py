@@ -46,7 +46,12 @@ class LlavaOneVisionAdapter(ModelAdapter):
         return x.permute(0, 3, 1, 2)[None].contiguous()  # [1, T, 3, S, S]
 
     @torch.inference_mode()
-    def encode_video(self, frames: Frames) -> EncodedVideo:
+    def encode_video(self, frames: Frames, skip_static: float | None = None) -> EncodedVideo:
+        if skip_static is not None:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError("LLaVA-OneVision encodes every frame: pixel-motion skipping (static_patches) needs "
+                                   "a tower that never attends across frames, such as Qwen2.5-VL's")
         if len(frames) == 0:
             raise InputError("no frames to encode")
         pv = self.pixels(frames)
@@ -61,8 +66,9 @@ class LlavaOneVisionAdapter(ModelAdapter):
         # transformers >= 5.2x appends the video's newline token in get_video_features, earlier ones in forward
         newline = feats[n_body:] if feats.shape[0] > n_body else self.model.model.image_newline[None].to(feats)
         tokens = VisualTokens.from_grid(body, [(self.side, self.side)] * len(frames))
-        return EncodedVideo(tokens, np.asarray(frames.pts_s, dtype=np.float64), {"newline": newline,
-                                                                                  "pixel_values": pv})
+        return EncodedVideo(tokens, np.asarray(frames.pts_s, dtype=np.float64),
+                            {"newline": newline, "pixel_values": pv if self.keep_pixels else None},
+                            encoded_frames=len(frames))
 
     def prompt_text(self, question: str) -> tuple[str, str]:
         return "<|im_start|>user ", f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -70,12 +76,13 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def full_inputs(self, encoded: EncodedVideo, question: str) -> dict:
         self.check_prompt(question)
         before, after = self.prompt_text(question)
-        a = list(self.tokenizer(before, add_special_tokens=False)["input_ids"])
-        b = list(self.tokenizer(after, add_special_tokens=False)["input_ids"])
+        a, b = self._ids(before), self._ids(after)
         n = len(encoded.tokens) + 1
         ids = torch.tensor([a + [self.video_token_id] * n + b], dtype=torch.long, device=self.device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "pixel_values_videos": encoded.extra["pixel_values"].to(self.device), "_span": (len(a), len(a) + n)}
+                "_span": (len(a), len(a) + n),
+                **({"pixel_values_videos": encoded.extra["pixel_values"].to(self.device)}
+                   if encoded.extra.get("pixel_values") is not None else {})}
 
     @torch.inference_mode()
     def build_prompt(self, encoded: EncodedVideo, reduction: Reduction | None, question: str) -> Prompt:

@@ -79,14 +79,14 @@ def pixel_values_videos(frames: np.ndarray, mean, std, patch: int = 14, temporal
 
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_5_vl", "qwen2_vl")
+    supports_compile = True
+    supports_pixel_motion = True
     mean = (0.48145466, 0.4578275, 0.40821073)
     std = (0.26862954, 0.26130258, 0.27577711)
 
     def __init__(self, model, tokenizer, device=None, fast_tower: bool = True):
         super().__init__(model, tokenizer, device)
         self.fast_tower = fast_tower  # packed window attention (models.hf.vision_scope) instead of a per-window loop
-        self.keep_pixels = True  # keep pixel_values for full_inputs (vanilla comparisons); Pipeline turns it off
-        self.compile_tower = False  # torch.compile the tower's blocks inside the packed path (first call compiles)
         vc = model.config.vision_config
         self.patch = int(getattr(vc, "patch_size", 14))
         self.temporal = int(getattr(vc, "temporal_patch_size", 2))
@@ -123,7 +123,9 @@ class QwenVLAdapter(ModelAdapter):
         if len(frames) == 0:
             raise InputError("no frames to encode")
         pv, (gt, gh, gw) = self.pixels(frames)
-        return self.encode_pixels(pv, (gt, gh, gw), np.asarray(frames.pts_s, dtype=np.float64), skip_static)
+        enc = self.encode_pixels(pv, (gt, gh, gw), np.asarray(frames.pts_s, dtype=np.float64), skip_static)
+        enc.encoded_frames = min(enc.encoded_frames, len(frames))  # an odd last frame was only padding
+        return enc
 
     def token_motion(self, pv: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         """float32 [gt·(gh/2)·(gw/2)]: mean |Δ| of each merged token's normalised pixels vs the same token one
@@ -170,8 +172,9 @@ class QwenVLAdapter(ModelAdapter):
         spacing = spacing if spacing > 0 else 0.5
         grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
         return EncodedVideo(tokens, times[:: self.temporal][:gt] if len(times) else times,
-                            {"encoded_patches": len(rows), "grid": grid, "second_per_grid": self.temporal * spacing,
-                             "pixel_values": pv if self.keep_pixels else None})
+                            {"grid": grid, "second_per_grid": self.temporal * spacing,
+                             "pixel_values": pv if self.keep_pixels else None},
+                            encoded_frames=int(len(rows)) * self.temporal)
 
     # --- prompt ---
     def prompt_text(self, question: str) -> tuple[str, str]:
@@ -179,9 +182,6 @@ class QwenVLAdapter(ModelAdapter):
         before = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
         after = f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
         return before, after
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def full_inputs(self, encoded: EncodedVideo, question: str) -> dict:
         """The unreduced processed inputs, as transformers' processor would give them (for vanilla forward/generate)."""
