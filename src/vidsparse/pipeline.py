@@ -311,7 +311,7 @@ class Pipeline:
         with contextlib.ExitStack() as stack, torch.inference_mode():
             scope = None
             if use_scope:
-                first = getattr(self.pattern, "from_layer", 0) if self.pattern is not None else 0
+                first = self.pattern.from_layer if self.pattern is not None else 0
                 layers = set(range(first, ad.num_layers)) if first else None
                 scope = stack.enter_context(attention_scope(ad.language_model(), pattern=self.pattern, meta=meta,
                                                             observers=observers, layers=layers, backend=self.backend,

@@ -34,6 +34,7 @@ class SeqMeta:
 class Pattern(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[dict]
+    from_layer = 0  # first decoder layer the pattern applies to; earlier layers stay dense (a field where tunable)
 
     @abstractmethod
     def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:
