@@ -80,13 +80,18 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """K/V [B, Hkv, N, D] repeated to q's H heads (GQA) for kernels that need equal head counts."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    g = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:
     """Dense attention [B, H, Nq, D] with GQA; causal is bottom-right aligned when Nq < Nk."""
     nq, nk = q.shape[2], k.shape[2]
-    if k.shape[1] != q.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
+    k, v = expand_kv(q, k, v)
     if not causal or nq == 1:
         return sdpa(q, k, v, scale=scale)
     if nq == nk:
@@ -155,9 +160,7 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float
     query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. Queries go in chunks so the
     mask stays [chunk, K']. A query that sees no kept key attends to itself (its own key is always allowed)."""
     n = q.shape[2]
-    if k.shape[1] != q.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    k, v = expand_kv(q, k, v)
     out = torch.empty_like(q)
     kept = torch.zeros(n, dtype=torch.bool, device=q.device)
     kept[keys] = True
@@ -294,9 +297,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_k,
                                                                                             cu_seq_lens_q):
         raise ValueError("varlen attention needs the same segments for queries and keys")
-    if key.shape[1] != query.shape[1]:
-        g = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    key, value = expand_kv(query, key, value)
     out = varlen_attention(query, key, value, cu_seq_lens_q, scaling)
     return out.transpose(1, 2).contiguous(), None
 
