@@ -13,7 +13,6 @@ import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +26,6 @@ class EncodedVideo:
     temporal patch of 2 frames) and what the adapter needs to rebuild positions (``extra``)."""
 
     tokens: VisualTokens
-    times: np.ndarray  # float64 [T_tokens]: PTS seconds of each token frame (first frame of a temporal patch)
     extra: dict = field(default_factory=dict)
     encoded_frames: int = 0  # frames the tower actually encoded (fewer when static patches were skipped)
 
@@ -134,6 +132,3 @@ class ModelAdapter(ABC):
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty: ask something about the video")
 
-
-def greedy_next(logits: Tensor) -> Tensor:
-    return logits.argmax(dim=-1, keepdim=True)

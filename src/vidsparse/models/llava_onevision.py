@@ -66,8 +66,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
         # transformers >= 5.2x appends the video's newline token in get_video_features, earlier ones in forward
         newline = feats[n_body:] if feats.shape[0] > n_body else self.model.model.image_newline[None].to(feats)
         tokens = VisualTokens.from_grid(body, [(self.side, self.side)] * len(frames))
-        return EncodedVideo(tokens, np.asarray(frames.pts_s, dtype=np.float64),
-                            {"newline": newline, "pixel_values": pv if self.keep_pixels else None},
+        return EncodedVideo(tokens, {"newline": newline, "pixel_values": pv if self.keep_pixels else None},
                             encoded_frames=len(frames))
 
     def prompt_text(self, question: str) -> tuple[str, str]:

@@ -171,8 +171,7 @@ class QwenVLAdapter(ModelAdapter):
         spacing = float(np.mean(np.diff(times))) if len(times) > 1 else 0.5
         spacing = spacing if spacing > 0 else 0.5
         grid = torch.tensor([[gt, gh, gw]], dtype=torch.long, device=self.device)
-        return EncodedVideo(tokens, times[:: self.temporal][:gt] if len(times) else times,
-                            {"grid": grid, "second_per_grid": self.temporal * spacing,
+        return EncodedVideo(tokens, {"grid": grid, "second_per_grid": self.temporal * spacing,
                              "pixel_values": pv if self.keep_pixels else None},
                             encoded_frames=int(len(rows)) * self.temporal)
 

@@ -30,7 +30,6 @@ class FrameFusionCut(Cut):
         self.merged = 0
 
     def before_layer(self, layer_idx, hidden):
-        self.spent_upto = layer_idx
         if not self.merging or layer_idx >= min(self.merge_layers, self.k):
             self.merging = False
             return
