@@ -29,7 +29,7 @@ from torch import Tensor
 
 NAME = "vidsparse"
 _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 
 
 @dataclass
@@ -174,27 +174,44 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float
     return out
 
 
-def register() -> None:
-    """Register "vidsparse" with transformers' ``AttentionInterface`` (idempotent)."""
-    global _REGISTERED
-    if not _REGISTERED:
+def _register(name: str, fn) -> None:
+    """Register ``fn`` as attention implementation ``name`` with transformers' ``AttentionInterface`` (once)."""
+    if name not in _REGISTERED:
         from transformers import AttentionInterface
 
-        AttentionInterface.register(NAME, vidsparse_attention_forward)
-        _REGISTERED = True
+        AttentionInterface.register(name, fn)
+        _REGISTERED.add(name)
 
 
-def llm_attention_configs(llm: torch.nn.Module) -> list:
-    """The distinct config objects the language model's attention modules read ``_attn_implementation`` from."""
+def register() -> None:
+    """Register "vidsparse" with transformers' ``AttentionInterface`` (idempotent)."""
+    _register(NAME, vidsparse_attention_forward)
+
+
+def module_configs(root: torch.nn.Module, attention_only: bool) -> list:
+    """The distinct config objects modules under ``root`` read ``_attn_implementation`` from (``attention_only``:
+    only the attention modules, those carrying a ``layer_idx``; falls back to ``root.config``)."""
     seen, out = set(), []
-    for m in llm.modules():
+    for m in root.modules():
         cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(m, "layer_idx") and id(cfg) not in seen:
+        if (cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation")
+                and (hasattr(m, "layer_idx") or not attention_only)):
             seen.add(id(cfg))
             out.append(cfg)
-    if not out:
-        out.append(llm.config)
-    return out
+    return out or [root.config]
+
+
+@contextlib.contextmanager
+def _implementation(configs: list, name: str) -> Iterator[None]:
+    """Set ``_attn_implementation = name`` on ``configs`` inside the block; restore the previous ones in ``finally``."""
+    previous = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, p in zip(configs, previous):
+            c._attn_implementation = p
 
 
 @contextlib.contextmanager
@@ -204,18 +221,13 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
 
     Restores each config's previous attention implementation on exit, also on error."""
     register()
-    configs = llm_attention_configs(llm)
-    previous = [cfg._attn_implementation for cfg in configs]
     scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend)
     scope.stats["sync_timing"] = sync_timing
     token = _SCOPE.set(scope)
     try:
-        for cfg in configs:
-            cfg._attn_implementation = NAME
-        yield scope
+        with _implementation(module_configs(llm, attention_only=True), NAME):
+            yield scope
     finally:
-        for cfg, prev in zip(configs, previous):
-            cfg._attn_implementation = prev
         _SCOPE.reset(token)
 
 
@@ -231,7 +243,6 @@ def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | Non
 # ---- vision towers: packed (varlen) attention in a few batched launches -------------------------------------------
 
 VARLEN_NAME = "vidsparse_varlen_flash"  # transformers hands cu_seqlens only to implementations named "*flash*"
-_VARLEN_REGISTERED = False
 _PLAN_CACHE: dict = {}
 
 
@@ -302,15 +313,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_varlen() -> None:
-    global _VARLEN_REGISTERED
-    if not _VARLEN_REGISTERED:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(VARLEN_NAME, varlen_attention_forward)
-        _VARLEN_REGISTERED = True
-
-
 _COMPILED: dict = {}
 
 
@@ -333,24 +335,14 @@ def vision_scope(tower: torch.nn.Module, compile_blocks: bool = False) -> Iterat
     ``compile_blocks``: inside the scope the tower's blocks are swapped for ``torch.compile`` wrappers of themselves
     (fusing the norms, the fp32 rotary arithmetic and the MLP's elementwise work; the attention call stays a graph
     break) and swapped back on exit. The first call per shape pays the compilation."""
-    register_varlen()
+    _register(VARLEN_NAME, varlen_attention_forward)
     blocks = getattr(tower, "blocks", None) if compile_blocks else None
     originals = list(blocks) if blocks is not None else []
-    seen, configs = set(), []
-    for m in tower.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation"):
-            seen.add(id(cfg))
-            configs.append(cfg)
-    previous = [c._attn_implementation for c in configs]
-    try:
-        for c in configs:
-            c._attn_implementation = VARLEN_NAME
-        for i, blk in enumerate(originals):
-            blocks[i] = _compiled(blk)
-        yield
-    finally:
-        for i, blk in enumerate(originals):
-            blocks[i] = blk
-        for c, p in zip(configs, previous):
-            c._attn_implementation = p
+    with _implementation(module_configs(tower, attention_only=False), VARLEN_NAME):
+        try:
+            for i, blk in enumerate(originals):
+                blocks[i] = _compiled(blk)
+            yield
+        finally:
+            for i, blk in enumerate(originals):
+                blocks[i] = blk
