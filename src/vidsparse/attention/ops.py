@@ -78,6 +78,27 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, ca
     return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)
 
 
+def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor, causal: bool,
+                     scale: float | None, backend: str) -> Tensor:
+    """Dense (causal) attention inside gathered sequences: ``idx`` int64 [B, H, S, L] positions (sorted within each
+    sequence; entries past ``lens`` [B, H, S] are ignored), each query head gathering from its KV head. All B·H·S
+    sequences go to ``sparse_attention`` as one batch with per-sequence lengths. -> [B, H, S, L, D]."""
+    import torch
+
+    from .layout import BlockLayout
+
+    b, h, s, length = idx.shape
+    d = q.shape[-1]
+    heads = torch.arange(h, device=q.device) // (h // k.shape[1])
+    flat = idx.clamp(min=0).reshape(b, h, s * length)[..., None].expand(-1, -1, -1, d)
+    qg, kg, vg = (torch.gather(t, 2, flat).reshape(b * h * s, 1, length, d) for t in (q, k[:, heads], v[:, heads]))
+    lens = lens.reshape(-1).to(torch.int32)
+    dense = BlockLayout.dense(length, length, causal=causal, device=q.device)
+    out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
+                           backend=backend)
+    return out.reshape(b, h, s, length, d)
+
+
 def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
                            backend: str = "auto") -> Tensor:
     """Execute a ``TokenLayout``: gather each head's kept tokens, run dense (causal) attention on them as a batch of
@@ -85,25 +106,14 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
     are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
     import torch
 
-    from .layout import BlockLayout
-
     b, h, n, d = q.shape
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"token layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
-    g = h // k.shape[1]
     idx = layout.index.expand(b, h, -1) if layout.index.shape[:2] != (b, h) else layout.index
     cnt = layout.count.expand(b, h) if layout.count.shape != (b, h) else layout.count
     lmax = max(int(cnt.max().item()), 1)
     idx = idx[..., :lmax]
-    safe = idx.clamp(min=0)[..., None].expand(-1, -1, -1, d)
-    heads = torch.arange(h, device=q.device) // g
-    qg = torch.gather(q, 2, safe).reshape(b * h, 1, lmax, d)
-    kg = torch.gather(k[:, heads], 2, safe).reshape(b * h, 1, lmax, d)
-    vg = torch.gather(v[:, heads], 2, safe).reshape(b * h, 1, lmax, d)
-    lens = cnt.reshape(-1).to(torch.int32)
-    dense = BlockLayout.dense(lmax, lmax, causal=layout.causal, device=q.device)
-    og = sparse_attention(qg, kg, vg, dense, causal=layout.causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
-                          backend=backend)
+    og = _attend_gathered(q, k, v, idx[:, :, None], cnt[:, :, None], layout.causal, scale, backend)
     out = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
     dest = torch.where(idx < 0, n, idx)[..., None].expand(-1, -1, -1, d)
     out.scatter_(2, dest, og.reshape(b, h, lmax, d))
@@ -114,8 +124,6 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
                       backend: str = "auto") -> Tensor:
     """Execute a ``GroupLayout`` (see its docstring). q [B, H, N, D], k/v [B, Hkv, N, D]."""
     import torch
-
-    from .layout import BlockLayout
 
     b, h, n, d = q.shape
     s, e = layout.span
@@ -137,14 +145,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
     pos = torch.gather(order[:, :, None, :].expand(-1, -1, ng, -1), 3, member.clamp(max=e - s - 1))
     prefix = torch.arange(s, device=q.device).expand(b, h, ng, s)
     idx = torch.cat([prefix, torch.where(valid, pos, torch.zeros_like(pos))], -1)  # [B, H, G, L]
-    lens = (counts + s).reshape(-1).to(torch.int32)
-    flat = idx.reshape(b, h, ng * lmax)[..., None].expand(-1, -1, -1, d)
-    qg = torch.gather(q, 2, flat).reshape(b * h * ng, 1, lmax, d)
-    kg = torch.gather(k[:, heads], 2, flat).reshape(b * h * ng, 1, lmax, d)
-    vg = torch.gather(v[:, heads], 2, flat).reshape(b * h * ng, 1, lmax, d)
-    dense = BlockLayout.dense(lmax, lmax, causal=layout.causal, device=q.device)
-    og = sparse_attention(qg, kg, vg, dense, causal=layout.causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
-                          backend=backend).reshape(b, h, ng, lmax, d)
+    og = _attend_gathered(q, k, v, idx, counts + s, layout.causal, scale, backend)
     out = torch.empty_like(q)
     # span rows: scatter each group's member outputs back (prefix rows of the groups are discarded)
     dest = torch.where(valid, pos, torch.full_like(pos, n))[..., None].expand(-1, -1, -1, -1, d)
