@@ -51,6 +51,26 @@ def _word_tokenizer(vocab: dict[str, int], eos: str):
     return fast
 
 
+def _vocab(specials: list[str], vocab_size: int, special_base: int = 0, other_base: int = 100) -> dict[str, int]:
+    """Word-level vocabulary: markup tokens ("<...") from ``special_base``, chat words from ``other_base``, the
+    sample ``WORDS`` from 20, ``<unk>`` last."""
+    vocab = {"<unk>": vocab_size - 1}
+    for i, w in enumerate(specials):
+        vocab[w] = (special_base if w.startswith("<") else other_base) + i
+    for i, w in enumerate(WORDS):
+        vocab.setdefault(w, 20 + i)
+    return vocab
+
+
+def _qwen_ids(vocab: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The Qwen special-token ids and the config keywords that name them."""
+    ids = {w: vocab[w] for w in QWEN_SPECIAL if w.startswith("<|")}
+    kw = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+              tie_word_embeddings=False)
+    return ids, kw
+
+
 def _instantiate(cls, cfg, seed: int, dtype: str, device: str, eos: int, pad: int):
     """``cls(cfg)`` initialised by transformers' ``post_init`` directly on ``device`` in ``dtype``, seeded."""
     import torch
@@ -83,18 +103,12 @@ def random_qwen2_5_vl(size: str = "tiny", seed: int = 0, dtype: str = "float32",
 
     text, vision = SIZES[size]
     vocab_size = text["vocab_size"]
-    base = 151643 if size == "7b" else 0
-    vocab = {"<unk>": vocab_size - 1}
-    for i, w in enumerate(QWEN_SPECIAL):
-        vocab[w] = (base + i) if w.startswith("<|") else (1000 if size == "7b" else 100) + i
-    for i, w in enumerate(WORDS):
-        vocab.setdefault(w, 20 + i)
-    ids = {w: vocab[w] for w in QWEN_SPECIAL if w.startswith("<|")}
+    vocab = _vocab(QWEN_SPECIAL, vocab_size, special_base=151643 if size == "7b" else 0,
+                   other_base=1000 if size == "7b" else 100)
+    ids, token_kw = _qwen_ids(vocab)
     cfg = transformers.Qwen2_5_VLConfig(
         text_config=dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+        vision_config=vision, **token_kw)
     model = _instantiate(transformers.Qwen2_5_VLForConditionalGeneration, cfg, seed, dtype, device,
                          ids["<|im_end|>"], ids["<|endoftext|>"])
     return model, _word_tokenizer(vocab, "<|im_end|>")
@@ -106,19 +120,12 @@ def random_qwen2_vl(seed: int = 0, dtype: str = "float32", device: str = "cpu"):
     import transformers
 
     text, _ = SIZES["tiny"]
-    vocab = {"<unk>": text["vocab_size"] - 1}
-    for i, w in enumerate(QWEN_SPECIAL):
-        vocab[w] = i if w.startswith("<|") else 100 + i
-    for i, w in enumerate(WORDS):
-        vocab.setdefault(w, 20 + i)
-    ids = {w: vocab[w] for w in QWEN_SPECIAL if w.startswith("<|")}
+    vocab = _vocab(QWEN_SPECIAL, text["vocab_size"])
+    ids, token_kw = _qwen_ids(vocab)
     cfg = transformers.Qwen2VLConfig(
         text_config=dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **token_kw)
     model = _instantiate(transformers.Qwen2VLForConditionalGeneration, cfg, seed, dtype, device,
                          ids["<|im_end|>"], ids["<|endoftext|>"])
     return model, _word_tokenizer(vocab, "<|im_end|>")
@@ -142,11 +149,7 @@ def random_llava_onevision(seed: int = 0, dtype: str = "float32", device: str = 
     at 84 px: 6×6 patches pooled to 3×3 tokens a frame)."""
     import transformers
 
-    vocab = {"<unk>": 127}
-    for i, w in enumerate(LLAVA_SPECIAL):
-        vocab[w] = i if w.startswith("<") else 100 + i
-    for i, w in enumerate(WORDS):
-        vocab.setdefault(w, 20 + i)
+    vocab = _vocab(LLAVA_SPECIAL, 128)
     cfg = transformers.LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096,
