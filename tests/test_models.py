@@ -623,7 +623,7 @@ def test_static_patches_reuse_fidelity_under_noise(adapter):
     enc = adapter.encode_video(fr, skip_static=0.05)
     assert enc.encoded_frames == 6
     cos = torch.nn.functional.cosine_similarity(enc.tokens.features[12:24], full.tokens.features[12:24], dim=-1)
-    assert cos.min() >= STATIC_REUSE_COS, cos.min()
+    assert cos.min() >= STATIC_REUSE_COS, f"reused-token cosine {cos.min():.5f} < {STATIC_REUSE_COS}"
 
 
 def test_static_patches_reducer_keeps_what_moves(adapter):
