@@ -1,4 +1,6 @@
-"""Kernel variants side by side on the GPU (pointer loads vs TMA, warp specialisation, warps/stages), same layouts.
+"""Kernel variants side by side on the GPU (pointer loads vs TMA descriptors, warps and pipeline stages), on
+the same layouts: random blocks (every head and row independent, the worst case for L2 reuse) and the blocks
+``block_topk`` picks on video-structured q/k.
 
     python benchmarks/tune_attention.py
 
@@ -12,43 +14,48 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, flops, random_layout  # noqa: E402
+from attention import bench_ms, flops, random_layout, video_qk  # noqa: E402
 from common import device_name, save, today  # noqa: E402
 
+from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
 from vidsparse.attention.kernels import block_sparse as bs  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 
 
 def main():
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(), "rows": []}
-    for n, hk, rho, bk in [(131072, 4, 0.1, 128), (32768, 4, 1.0, 128), (32768, 4, 1.0, 64), (131072, 4, 0.1, 64)]:
-        h, d = 28, 128
-        q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
-        lay = BlockLayout.dense(n, n, 128, bk, device="cuda") if rho == 1.0 else random_layout(h, n, rho)
-        if rho < 1 and bk != 128:  # the same 128x128 blocks, each split into 128x64 halves
-            m = lay.block_mask().repeat_interleave(128 // bk, -1)
-            lay = BlockLayout.from_block_mask(m, 128, bk, n, n)
+    h, hk, d = 28, 4, 128
+    for n, kind, rho in [(131072, "random", 0.1), (131072, "pattern", 0.1), (32768, "dense", 1.0)]:
+        if kind == "pattern":
+            q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
+            lay = PATTERNS.from_spec(f"block_topk:density={rho}").estimate(q, k, SeqMeta())
+        else:
+            q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
+            lay = BlockLayout.dense(n, n, device="cuda") if kind == "dense" else random_layout(h, n, rho)
+        v = torch.randn_like(k)
         dens = lay.density()
-        args = (q, k, v, lay.kv_index, lay.kv_count, 128, bk, True, None)
-        ref = bs.block_sparse_attention(*args)
-        variants = {"ptr_autotune": lambda: bs.block_sparse_attention(*args)}
-        for ws in (False, True):
-            for w in (8,):
-                for st in (2, 3):
-                    variants[f"tma_ws{int(ws)}_w{w}_s{st}"] = (
-                        lambda ws=ws, w=w, st=st: bs.block_sparse_attention_tma(*args, warp_specialize=ws, num_warps=w,
-                                                                                 num_stages=st))
+        args = (q, k, v, lay.kv_index, lay.kv_count, 128, 128, True, None)
+        variants = {"pointer_default": lambda: bs.block_sparse_attention(*args),
+                    "tma_default": lambda: bs.block_sparse_attention(*args, tma=True)}
+        for w, st in ((8, 2), (8, 3), (8, 4), (4, 3)):
+            variants[f"tma_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, tma=True, num_warps=w,
+                                                                                        num_stages=st)
+            variants[f"pointer_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, num_warps=w,
+                                                                                            num_stages=st)
+        ref = None
         for name, fn in variants.items():
             try:
                 out = fn()
+                ref = out if ref is None else ref
                 err = float((out.float() - ref.float()).abs().max())
                 ms = bench_ms(fn, rep_ms=300)
-                row = {"n": n, "kv_heads": hk, "block_k": bk, "density": dens, "variant": name, "ms": ms,
+                row = {"n": n, "layout": kind, "density": dens, "variant": name, "ms": ms,
                        "tflops": flops(h, n, d, dens) / ms / 1e9, "max_diff": err}
             except Exception as exc:
-                row = {"n": n, "variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+                row = {"n": n, "layout": kind, "variant": name,
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
             res["rows"].append(row)
             print(row, flush=True)
         del q, k, v, lay

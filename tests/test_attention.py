@@ -98,7 +98,7 @@ SPECS = ["dense", "sink_window", "power", "radial", "block_topk", "block_cdf", "
          "vertical_slash:vertical=40,slash=60"]
 
 
-TOKEN_SPECS = ["token_sparse", "grid"]  # TokenLayout / GroupLayout patterns, tested below
+TOKEN_SPECS = ["token_sparse", "grid", "pyramid", "pbs"]  # Token/Group/Pyramid/Permuted layouts, tested below
 
 
 def test_every_pattern_is_tested():
@@ -322,3 +322,115 @@ def test_grid_finds_a_planted_stride_and_stays_dense_otherwise():
     assert (PATTERNS.from_spec("grid").estimate(q, k, meta).num_groups == f).all()
     with pytest.raises(Exception, match="tokens_per_frame"):
         PATTERNS.from_spec("grid").estimate(q, k, SeqMeta())
+
+
+# --- pyramid (pooled K/V tiles) and pbs (permuted keys) ---------------------------------------------------------------
+
+def _causal(n):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_pyramid_pooling_is_exact_on_repeated_keys(backend):
+    """Keys and values constant over each run of 8: a pooled key with its ln p bias stands exactly for the p keys it
+    averages, so pyramid at any level equals dense causal attention."""
+    g = torch.Generator().manual_seed(11)
+    n = 16 * 12 + 5  # ragged end: the last block stays exact
+    q = torch.randn(1, 4, n, 32, generator=g)
+    k, v = (torch.randn(1, 2, -(-n // 8), 32, generator=g).repeat_interleave(8, 2)[:, :, :n] for _ in range(2))
+    dense = masked_attention(q, k, v, _causal(n))
+    for spec in ["pyramid:exact=0,pool2=1,pool4=1,pool8=1,sink=0", "pyramid:exact=0,pool2=0,pool4=1,pool8=1,sink=0",
+                 "pyramid:exact=0,pool2=0,pool4=0,pool8=1,sink=0"]:
+        lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(16, 16))
+        lv = lay.level_map()
+        assert (lv > 1).any() and not (lv[..., _causal(13)] == 0).any()  # pooled somewhere, nothing skipped
+        out = sparse_attention(q, k, v, lay, backend=backend)
+        torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
+        assert lay.density() < 1.0
+
+
+def test_pyramid_levels_follow_rank_bounds():
+    q, k, _ = qkv(n=640, seed=4)
+    p = PATTERNS.from_spec("pyramid:exact=0.1,pool2=0.3,pool4=0.5,pool8=0.7,sink=0,local=1")
+    lv = p.levels(q, k, SeqMeta(32, 32))[0]  # [H, 20, 20]
+    from vidsparse.attention.patterns.base import block_scores
+
+    s = block_scores(q, k, SeqMeta(32, 32))[0]
+    for m in (12, 19):
+        allowed = m + 1
+        order = torch.argsort(s[0, m, :allowed], descending=True)
+        want = torch.zeros(allowed, dtype=torch.long)
+        for rank, j in enumerate(order.tolist()):
+            f = rank / allowed
+            want[j] = 1 if f < 0.1 else 2 if f < 0.3 else 4 if f < 0.5 else 8 if f < 0.7 else 0
+        want[m] = 1  # the diagonal block is exact
+        assert torch.equal(lv[0, m, :allowed], want)
+        assert (lv[0, m, allowed:] == 0).all()
+
+
+def test_pyramid_never_pools_across_the_diagonal():
+    q, k, _ = qkv(n=333, seed=2)
+    lay = PATTERNS.from_spec("pyramid:exact=0,pool2=0,pool4=0,pool8=1,sink=0").estimate(q, k, SeqMeta(32, 32))
+    m, n = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    poolable = ((n + 1) * 32 <= 333) & ((n + 1) * 32 - 1 <= m * 32)  # whole key block, seen by the block's 1st query
+    lv = lay.level_map()
+    assert not ((lv > 1) & ~poolable).any() and (lv[..., poolable] > 1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_pbs_with_every_block_equals_dense(backend):
+    """tau=1 keeps every past block: permuting keys and masking by original position is then exact attention."""
+    q, k, v = qkv(n=300, seed=8)
+    lay = PATTERNS.from_spec("pbs:segment=64,tau=1.0").estimate(q, k, SeqMeta(16, 16))
+    out = sparse_attention(q, k, v, lay, backend=backend)
+    torch.testing.assert_close(out, masked_attention(q, k, v, _causal(300)), atol=2e-5, rtol=2e-5)
+
+
+def test_pbs_permutes_within_segments_by_score():
+    q, k, v = qkv(n=300, seed=9)
+    p = PATTERNS.from_spec("pbs:segment=64,tau=0.5,last_q=16")
+    perm = p.permutation(q, k)
+    from vidsparse.attention.patterns.base import row_probs
+
+    score = row_probs(q[:, :, -16:], k, torch.arange(284, 300)).sum(2).view(1, 2, 2, 300).sum(2)
+    for h in range(2):
+        pm = perm[0, h]
+        assert torch.equal(torch.sort(pm).values, torch.arange(300))
+        assert torch.equal(pm // 64, torch.arange(300) // 64)  # each key stays in its segment
+        sc = score[0, h, pm]
+        for s0 in range(0, 300, 64):
+            assert (sc[s0:s0 + 64][:-1] >= sc[s0:s0 + 64][1:]).all()  # best first
+    lay = p.estimate(q, k, SeqMeta(16, 16))
+    mask = lay.dense_mask(4)[0]
+    assert not (mask & ~_causal(300)).any()  # never the future
+    own = (torch.arange(300)[:, None] // 64 == torch.arange(300)[None, :] // 64) & _causal(300)
+    assert (mask | ~own).all()  # the own segment is dense
+    assert mask[:, :, 0].all()  # token 0 always seen
+    assert lay.density() < 1.0
+    torch.testing.assert_close(sparse_attention(q, k, v, lay, backend="reference"),
+                               masked_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_key_positions_random_permutation(interpreter):
+    """The kernel's causal mask by original key position, on a random key permutation with random blocks."""
+    from vidsparse.attention.kernels.block_sparse import block_sparse_attention
+
+    q, k, v = qkv(b=2, h=4, hk=2, n=90, d=16, seed=3)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.stack([torch.randperm(90, generator=g) for _ in range(2)]) for _ in range(2)])
+    mask = torch.rand(2, 4, 6, 6, generator=g) > 0.3
+    lay = BlockLayout.from_block_mask(mask, 16, 16, 90, 90, causal=False)
+    idx = perm[..., None].expand(-1, -1, -1, 16)
+    out = block_sparse_attention(q, torch.gather(k, 2, idx), torch.gather(v, 2, idx), lay.kv_index, lay.kv_count,
+                                 16, 16, True, None, key_pos=perm)
+    from vidsparse.attention.layout import PermutedLayout
+
+    ref = masked_attention(q, k, v, PermutedLayout(perm, lay).dense_mask(4))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_new_layouts_reject_per_sequence_lengths():
+    q, k, v = qkv(n=64)
+    lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))
+    with pytest.raises(Exception, match="per-sequence"):
+        sparse_attention(q, k, v, lay, seqlens_q=torch.tensor([64]), backend="reference")

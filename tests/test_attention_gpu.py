@@ -86,3 +86,28 @@ def test_patterns_execute(spec):
     q, k, v = qkv(1, 8, 2, 2048, 128, torch.bfloat16, seed=3)
     meta = SeqMeta(128, 128, True, visual=(0, 2048), tokens_per_frame=256)
     check(q, k, v, PATTERNS.from_spec(spec).estimate(q, k, meta))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", ["pyramid", "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1", "pbs", "pbs:tau=0.5"])
+def test_pyramid_and_pbs_match_reference(spec, dtype):
+    q, k, v = qkv(1, 8, 2, 3000, 128, dtype, seed=5)
+    meta = SeqMeta(128, 128, True)
+    lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
+    ref = sparse_attention(q.float(), k.float(), v.float(), lay, backend="reference")
+    same = sparse_attention(q, k, v, lay, backend="reference")
+    out = sparse_attention(q, k, v, lay, backend="kernel")
+    err_k = (out.float() - ref.float()).abs().max().item()
+    err_t = (same.float() - ref.float()).abs().max().item()
+    assert kernel_ok(err_k, err_t, dtype), (err_k, err_t)
+
+
+def test_pbs_with_every_block_equals_sdpa():
+    q, k, v = qkv(1, 8, 2, 2500, 128, torch.bfloat16, seed=6)
+    lay = PATTERNS.from_spec("pbs:tau=1.0").estimate(q, k, SeqMeta(128, 128, True))
+    out = sparse_attention(q, k, v, lay, backend="kernel")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                                           v.float().repeat_interleave(4, 1), is_causal=True)
+    assert kernel_ok((out.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item(), torch.bfloat16)

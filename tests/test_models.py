@@ -684,6 +684,16 @@ def test_grid_pattern_through_the_pipeline(adapter, short_video):
     assert st.attention_density < 1.0 and st.new_tokens >= 1
 
 
+@pytest.mark.parametrize("spec,frames", [("pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1,sink=0", 8),
+                                         ("pbs:segment=128,tau=0.3,first_block=false", 24)])
+def test_pyramid_and_pbs_through_the_pipeline(adapter, short_video, spec, frames):
+    from vidsparse.pipeline import Pipeline
+
+    st = Pipeline(adapter, Recipe(attention=spec, budget=Budget(frames=frames)), max_new_tokens=2,
+                  backend="reference").ask(short_video, Q).stats
+    assert st.attention_density < 1.0 and st.new_tokens >= 1
+
+
 def test_uniform_times_follow_qwen_vl_utils():
     from vidsparse.pipeline import uniform_times
     from vidsparse.types import VideoInfo

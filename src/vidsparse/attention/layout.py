@@ -78,6 +78,19 @@ class BlockLayout:
         return cls(index, count.contiguous(), full.contiguous(), block_q, block_k, q_len, k_len, causal)
 
     @classmethod
+    def from_index(cls, index: Tensor, count: Tensor, block_q: int, block_k: int, q_len: int, k_len: int,
+                   causal: bool = True) -> "BlockLayout":
+        """From sorted block indices [B, H, NQ, K] (entries past ``count`` [B, H, NQ] are ignored) that already
+        respect causality: no mask, no host sync."""
+        nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+        full_all = full_block_mask(nq, nk, block_q, block_k, q_len, k_len, causal, index.device)
+        idx = index.long()
+        full = torch.gather(full_all.expand(*idx.shape[:2], nq, nk), -1, idx)
+        full &= torch.arange(idx.shape[-1], device=idx.device) < count[..., None]
+        return cls(index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), full.contiguous(),
+                   block_q, block_k, q_len, k_len, causal)
+
+    @classmethod
     def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, causal: bool = True,
               device=None) -> "BlockLayout":
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
@@ -231,3 +244,91 @@ class GroupLayout:
         span_block = m[..., s:e, s:e] & (gq == gk)
         m[..., s:e, s:e] = span_block
         return m
+
+
+POOL_LEVELS = (2, 4, 8)
+
+
+@dataclass(frozen=True, eq=False)
+class PyramidLayout:
+    """Pyramid Sparse Attention: blocks computed on the exact keys plus blocks attended through mean-pooled K/V.
+
+    ``exact``: a ``BlockLayout`` of the blocks computed exactly (every block that the causal diagonal or a sequence
+    end cuts must be here). ``pooled``: one ``BlockLayout`` per level of ``POOL_LEVELS`` (2, 4, 8) listing the blocks
+    whose keys are replaced by means over ``p`` consecutive keys (values likewise), each pooled logit biased by ln p so
+    a pooled key weighs as the p keys it stands for. A block sits in at most one of the four; pooled blocks are whole
+    blocks entirely visible to their query block."""
+
+    exact: BlockLayout
+    pooled: tuple
+
+    @property
+    def q_len(self) -> int:
+        return self.exact.q_len
+
+    @property
+    def k_len(self) -> int:
+        return self.exact.k_len
+
+    @property
+    def causal(self) -> bool:
+        return self.exact.causal
+
+    def expand(self, batch: int, heads: int) -> "PyramidLayout":
+        return PyramidLayout(self.exact.expand(batch, heads), tuple(p.expand(batch, heads) for p in self.pooled))
+
+    def level_map(self) -> Tensor:
+        """int [B, H, NQ, NK]: 1 for exact blocks, p for blocks pooled at level p, 0 for skipped ones."""
+        b = max(t.kv_count.shape[0] for t in (self.exact, *self.pooled))
+        h = max(t.kv_count.shape[1] for t in (self.exact, *self.pooled))
+        lay = self.expand(b, h)
+        out = lay.exact.block_mask().long()
+        for p, pl in zip(POOL_LEVELS, lay.pooled):
+            out = out + pl.block_mask().long() * p
+        return out
+
+    def density(self) -> float:
+        """Cost-weighted: (exact blocks + Σ pooled blocks / p) over the causal (or full) block count."""
+        cost = self.exact.density()
+        for p, pl in zip(POOL_LEVELS, self.pooled):
+            cost += pl.density() / p
+        return cost
+
+
+@dataclass(frozen=True, eq=False)
+class PermutedLayout:
+    """Keys permuted per K/V head (PBS): ``perm`` int64 [B, Hkv, Nk] lists the original position of each key in
+    permuted order; ``blocks`` is a ``BlockLayout`` over (original queries × permuted key blocks), built without
+    causal pruning because a permuted block can hold keys from anywhere in its segment. With ``causal``, key j is
+    visible to query i iff perm[j] ≤ i + (Nk − Nq); the kernel masks by these positions, not by index."""
+
+    perm: Tensor
+    blocks: BlockLayout
+    causal: bool = True
+
+    @property
+    def q_len(self) -> int:
+        return self.blocks.q_len
+
+    @property
+    def k_len(self) -> int:
+        return self.blocks.k_len
+
+    def density(self) -> float:
+        """Computed blocks over the blocks of the (unpermuted) causal pattern."""
+        lay = self.blocks
+        total = int(causal_block_mask(lay.num_q_blocks, lay.num_k_blocks, lay.block_q, lay.block_k, lay.q_len,
+                                      lay.k_len, lay.kv_count.device).sum()) if self.causal else \
+            lay.num_q_blocks * lay.num_k_blocks
+        return float(lay.kv_count.float().sum(-1).mean().item()) / max(total, 1)
+
+    def dense_mask(self, heads: int) -> Tensor:
+        """bool [B, H, Nq, Nk] in original key order, for the reference."""
+        b, hk, nk = self.perm.shape
+        perm = self.perm.repeat_interleave(heads // hk, 1)
+        m = self.blocks.expand(b, heads).dense_mask()  # permuted key order, no causal cut
+        if self.causal:
+            qi = torch.arange(self.q_len, device=m.device) + (self.k_len - self.q_len)
+            m = m & (perm[:, :, None, :] <= qi[:, None])
+        out = torch.zeros_like(m)
+        return out.scatter_(-1, perm[:, :, None, :].expand_as(m), m)

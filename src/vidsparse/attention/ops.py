@@ -32,24 +32,22 @@ def use_tma(q: Tensor, layout: BlockLayout) -> bool:
             and layout.block_q == 128 and layout.block_k == 128)
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, causal: bool | None = None,
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | None = None,
                      scale: float | None = None, seqlens_q: Tensor | None = None, seqlens_k: Tensor | None = None,
                      backend: str = "auto") -> Tensor:
-    """Attention computed only on ``layout``'s blocks.
+    """Attention computed only where ``layout`` says.
 
     q [B, H, Nq, D]; k, v [B, Hkv, Nk, D] with Hkv dividing H (GQA, K/V never expanded); bf16, fp16 or fp32.
-    ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths of a padded batch (rows past them are 0).
-    ``backend``: "auto" (kernel when available), "kernel", or "reference"."""
+    ``layout``: a ``BlockLayout``, or a ``PyramidLayout`` (pooled blocks), ``PermutedLayout`` (permuted keys),
+    ``TokenLayout`` (kept tokens) or ``GroupLayout`` (permuted groups).
+    ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths of a padded batch (rows past them are 0; block layouts
+    only). ``backend``: "auto" (kernel when available), "kernel", or "reference"."""
+    from .layout import GroupLayout, PermutedLayout, PyramidLayout, TokenLayout
+
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InputError("q, k, v must be [B, H, N, D]")
-    from .layout import TokenLayout
-
-    if isinstance(layout, TokenLayout):
-        return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
-    from .layout import GroupLayout
-
-    if isinstance(layout, GroupLayout):
-        return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
+    if backend not in ("auto", "kernel", "reference"):
+        raise InputError(f"unknown attention backend {backend!r}: auto, kernel or reference")
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -58,21 +56,49 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, ca
     causal = layout.causal if causal is None else causal
     if causal != layout.causal:
         raise InputError("causal flag differs from the layout's")
-    lay = layout.expand(b, h) if layout.kv_index.shape[:2] not in ((1, 1), (b, h), (1, h), (b, 1)) else layout
-    if backend not in ("auto", "kernel", "reference"):
-        raise InputError(f"unknown attention backend {backend!r}: auto, kernel or reference")
+    if not isinstance(layout, BlockLayout) and (seqlens_q is not None or seqlens_k is not None):
+        raise InputError(f"per-sequence lengths need a BlockLayout, not a {type(layout).__name__}")
+    if isinstance(layout, TokenLayout):
+        return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+    if isinstance(layout, GroupLayout):
+        return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
     use_kernel = backend == "kernel" or (backend == "auto" and kernel_available(q))
-    if use_kernel:
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            from ..errors import UnsupportedError
+    if use_kernel and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        from ..errors import UnsupportedError
 
-            raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+        raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+    if isinstance(layout, PyramidLayout):
+        if not use_kernel:
+            from .reference import pyramid_attention
+
+            return pyramid_attention(q, k, v, layout, scale)
         from .kernels import block_sparse as bs
 
-        args = (q, k, v, lay.kv_index, lay.kv_count, layout.block_q, layout.block_k, causal, scale, seqlens_q, seqlens_k)
-        if use_tma(q, layout):
-            return bs.block_sparse_attention_tma(*args)
-        return bs.block_sparse_attention(*args)
+        lay = layout.expand(b, h)
+        width = max(p.kv_index.shape[-1] for p in lay.pooled)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+        pidx = torch.stack([pad(p.kv_index) for p in lay.pooled]).contiguous()
+        pcnt = torch.stack([p.kv_count for p in lay.pooled]).contiguous()
+        return bs.block_sparse_attention(q, k, v, lay.exact.kv_index, lay.exact.kv_count, lay.exact.block_q,
+                                         lay.exact.block_k, causal, scale, pooled=(pidx, pcnt))
+    if isinstance(layout, PermutedLayout):
+        if not use_kernel:
+            from .reference import masked_attention
+
+            return masked_attention(q, k, v, layout.dense_mask(h), scale)
+        from .kernels import block_sparse as bs
+
+        idx = layout.perm[..., None].expand(-1, -1, -1, d)
+        kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        lay = layout.blocks
+        return bs.block_sparse_attention(q, kg, vg, lay.kv_index, lay.kv_count, lay.block_q, lay.block_k, causal,
+                                         scale, key_pos=layout.perm, tma=use_tma(q, lay))
+    lay = layout.expand(b, h) if layout.kv_index.shape[:2] not in ((1, 1), (b, h), (1, h), (b, 1)) else layout
+    if use_kernel:
+        from .kernels import block_sparse as bs
+
+        return bs.block_sparse_attention(q, k, v, lay.kv_index, lay.kv_count, layout.block_q, layout.block_k, causal,
+                                         scale, seqlens_q, seqlens_k, tma=use_tma(q, layout))
     from .reference import layout_attention
 
     return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)

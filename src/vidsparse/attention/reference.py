@@ -11,8 +11,9 @@ from .layout import BlockLayout
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None,
-                     dtype=torch.float32) -> Tensor:
-    """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (Hkv divides H), mask bool broadcastable to [B, H, Nq, Nk].
+                     dtype=torch.float32, bias: Tensor | None = None) -> Tensor:
+    """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (Hkv divides H), mask bool broadcastable to [B, H, Nq, Nk]; ``bias``
+    (broadcastable to the same) is added to the scaled logits.
 
     Rows with no allowed key return 0. Computed in ``dtype`` (fp32 by default), returned in q's dtype."""
     b, h, nq, d = q.shape
@@ -25,6 +26,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     kf = k.to(dtype).repeat_interleave(g, dim=1)
     vf = v.to(dtype).repeat_interleave(g, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
+    if bias is not None:
+        s = s + bias.to(dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -51,3 +54,29 @@ def layout_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale
             mask = mask.repeat_interleave(layout.block_k, 3)[:, :, :, : layout.k_len]
         mask = mask & ok[:, None]
     return masked_attention(q, k, v, mask, scale, dtype)
+
+
+def pyramid_attention(q: Tensor, k: Tensor, v: Tensor, layout, scale: float | None = None,
+                      dtype=torch.float32) -> Tensor:
+    """A ``PyramidLayout`` written out: the keys are the exact keys followed by the mean-pooled keys of every level
+    (values likewise); each query row may see the exact keys of its exact blocks (causally) and the pooled keys of
+    its pooled blocks, the latter with logit bias ln p."""
+    import math as _math
+
+    from .layout import POOL_LEVELS
+
+    b, h, nq, d = q.shape
+    hk = k.shape[1]
+    lay = layout.expand(b, h)
+    bq, bk = lay.exact.block_q, lay.exact.block_k
+    full = layout.k_len // bk
+    ks, vs, masks = [k.to(dtype)], [v.to(dtype)], [lay.exact.dense_mask()]
+    bias = [torch.zeros(layout.k_len, dtype=dtype, device=q.device)]
+    for p, pl in zip(POOL_LEVELS, lay.pooled):
+        for src, dst in ((k, ks), (v, vs)):
+            dst.append(src[:, :, : full * bk].to(dtype).reshape(b, hk, -1, p, d).mean(3))
+        m = pl.block_mask()[..., :full].repeat_interleave(bq, 2)[:, :, :nq].repeat_interleave(bk // p, 3)
+        masks.append(m)
+        bias.append(torch.full((full * bk // p,), _math.log(p), dtype=dtype, device=q.device))
+    return masked_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(masks, -1), scale, dtype,
+                            bias=torch.cat(bias))

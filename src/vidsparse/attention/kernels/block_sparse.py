@@ -1,11 +1,19 @@
-"""Block-sparse flash-attention forward in Triton: executes any ``BlockLayout``.
+"""Block-sparse flash-attention forward in Triton: executes any ``BlockLayout`` (and its pyramid and permuted-key
+variants).
 
 One program per (query head, query block). It walks the query block's key-block list (from the layout), keeps the
 online-softmax running max/sum in fp32 and accumulates P·V with tensor-core dots. GQA reads the shared K/V head in
 place (no expansion). Because a row's block indices are sorted, the blocks needing no element mask (inside the causal
-triangle and both sequence ends) form a prefix, counted per row from geometry by ``full_prefix``; the kernel runs
-that prefix in a mask-free loop and only the rest (the diagonal, ragged ends) with the element mask. Rows with no
-key get 0."""
+triangle and both sequence ends) form a prefix, counted per row by ``full_prefix``; the kernel runs that prefix in a
+mask-free loop and only the rest (the diagonal, ragged ends) with the element mask. Rows with no key get 0.
+
+One kernel, compile-time switches:
+- ``TMA``: Q/K/V tiles come through the tensor-memory accelerator (Hopper; 3-D descriptors over [B·heads, N, D],
+  zero-filled past N) instead of pointer loads.
+- ``HAS_KPOS``: keys carry their original positions (``key_pos`` int32 [B, Hkv, Nk]); the causal element mask
+  compares those instead of indices. This executes permuted keys (``pbs``) exactly.
+- ``PYRAMID``: after the exact blocks, blocks listed at pooling levels 2, 4, 8 are attended through mean-pooled K/V
+  (each pooled key stands for ``p`` keys, so its logit gets + ln p); ``p`` listed blocks share one 128-wide tile."""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+POOL_LEVELS = (2, 4, 8)
 
 
 def _configs():
@@ -23,12 +32,32 @@ def _configs():
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, j0, j1, s_ik, s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off,
-            MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _update(acc, l_i, m_i, qk, v, MASKED: tl.constexpr):
+    """One online-softmax step on a tile of log2-domain logits ``qk`` and its values ``v``."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:  # a fully masked row keeps m = -inf; subtract 0 instead so nothing becomes NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, j0, j1, s_ik, s_kn, s_kd, s_vn, s_vd,
+            offs_m, offs_d, lk, off, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPOS: tl.constexpr,
+            TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Entries j0..j1 of the row's block list, exact keys, with (MASK) or without the element mask."""
     for j in range(j0, j1):
         n = tl.load(idx_base + j * s_ik)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASK:
+        if TMA:
+            k = K.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASK:
             k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
         else:
@@ -38,21 +67,39 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, j0, j1, s_ik, s_kn, s_kd
         if MASK:
             valid = offs_n[None, :] < lk
             if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+                if HAS_KPOS:
+                    kp = tl.load(kpos_base + offs_n, mask=offs_n < lk, other=0)
+                    valid = valid & (kp[None, :] <= offs_m[:, None] + off)
+                else:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
             qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
-        m_i = m_new
+        acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, MASK)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_pooled(acc, l_i, m_i, q, kp_base, vp_base, idx_base, cnt, s_ik, s_kn, s_kd, s_vn, s_vd, offs_d,
+                   P: tl.constexpr, LOG2P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Blocks listed at pooling level P: block n's keys are pooled rows n·(BLOCK_N/P) .. (n+1)·(BLOCK_N/P) of the
+    level's K/V; P listed blocks fill one BLOCK_N-wide tile (a partly filled last tile is masked)."""
+    SUB: tl.constexpr = BLOCK_N // P
+    cols = tl.arange(0, BLOCK_N)
+    for t in range(0, cnt, P):
+        jj = t + cols // SUB
+        ok = jj < cnt
+        n = tl.load(idx_base + jj * s_ik, mask=ok, other=0)
+        rows = n * SUB + cols % SUB
+        k = tl.load(kp_base + rows[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
+        v = tl.load(vp_base + rows[:, None] * s_vn + offs_d[None, :] * s_vd, mask=ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) + LOG2P  # + ln(P) in the natural-log domain
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+        acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, False)  # the first column of a tile is always valid
     return acc, l_i, m_i
 
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, IDX, CNT, NFULL, LQ, LK,
+    Q, K, V, O, IDX, CNT, NFULL, LQ, LK, KPOS, KP, VP, PIDX, PCNT,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -60,8 +107,15 @@ def _block_sparse_fwd(
     s_ib, s_ih, s_im, s_ik,
     s_cb, s_ch, s_cm,
     s_fb, s_fh, s_fm,
+    s_pb, s_ph,
+    s_kpb, s_kph, s_kpn, s_kpd,
+    s_vpb, s_vph, s_vpn, s_vpd,
+    s_pil, s_pib, s_pih, s_pim, s_pik,
+    s_pcl, s_pcb, s_pch, s_pcm,
+    off2, off4, off8,
     H, HK, GROUP, NQB, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    TMA: tl.constexpr, HAS_KPOS: tl.constexpr, PYRAMID: tl.constexpr,
 ):
     # Launch order: the GROUP query heads that share a K/V head vary fastest, then query blocks (longest causal rows
     # first, so short ones fill the tail), then K/V heads and batch: neighbours in time read the same K/V from L2.
@@ -76,175 +130,166 @@ def _block_sparse_fwd(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=offs_m[:, None] < lq, other=0.0)
+    kv_bh = b * HK + hk
+    if TMA:
+        q = Q.load([b * H + h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+        k_base = K
+        v_base = V
+    else:
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=offs_m[:, None] < lq, other=0.0)
+        k_base = K + b * s_kb + hk * s_kh
+        v_base = V + b * s_vb + hk * s_vh
     q = (q * qk_scale).to(q.dtype)  # softmax scale and log2(e) folded into Q once
     cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
     nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
     idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
+    kpos_base = KPOS + b * s_pb + hk * s_ph
     off = lk - lq  # bottom-right causal alignment
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Sorted indices make the blocks that need no element mask a prefix: run it without masks, then the rest.
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, 0, nfull, s_ik, s_kn, s_kd, s_vn, s_vd,
-                            offs_m, offs_d, lk, off, False, CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, idx_base, nfull, cnt, s_ik, s_kn, s_kd, s_vn, s_vd,
-                            offs_m, offs_d, lk, off, True, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 0, nfull, s_ik,
+                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, False, CAUSAL, HAS_KPOS, TMA, BLOCK_N,
+                            HEAD_DIM)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, nfull, cnt, s_ik,
+                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, True, CAUSAL, HAS_KPOS, TMA, BLOCK_N,
+                            HEAD_DIM)
+    if PYRAMID:
+        kp_base = KP + b * s_kpb + hk * s_kph
+        vp_base = VP + b * s_vpb + hk * s_vph
+        pidx = PIDX + b * s_pib + h * s_pih + pid_m * s_pim
+        pcnt = PCNT + b * s_pcb + h * s_pch + pid_m * s_pcm
+        acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off2 * s_kpn, vp_base + off2 * s_vpn, pidx,
+                                       tl.load(pcnt), s_pik, s_kpn, s_kpd, s_vpn, s_vpd, offs_d, 2, 1.0, BLOCK_N)
+        acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off4 * s_kpn, vp_base + off4 * s_vpn,
+                                       pidx + s_pil, tl.load(pcnt + s_pcl), s_pik, s_kpn, s_kpd, s_vpn, s_vpd,
+                                       offs_d, 4, 2.0, BLOCK_N)
+        acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off8 * s_kpn, vp_base + off8 * s_vpn,
+                                       pidx + 2 * s_pil, tl.load(pcnt + 2 * s_pcl), s_pik, s_kpn, s_kpd, s_vpn,
+                                       s_vpd, offs_d, 8, 3.0, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
 
 
-def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk):
+def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk, key_pos=None, group: int = 1):
     """int32 [B, H, NQ]: how many leading (sorted) blocks of each row need no element mask for each sequence's
-    lengths. Pure tensor ops, no host sync."""
+    lengths. With ``key_pos`` (int [B, Hkv, Nk], keys' original positions) a block is mask-free when every key in it
+    lies at or before the row's first query; the count is the leading run of such blocks. Pure tensor ops, no host
+    sync."""
     nqb = kv_index.shape[2]
     m = torch.arange(nqb, device=kv_index.device)
+    valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
     lk_ = lk.view(-1, 1, 1, 1).long()
-    last_full = (lk_ // block_k) - 1  # key blocks entirely inside the sequence
+    inside = kv_index.long() <= (lk_ // block_k) - 1  # key blocks entirely inside the sequence
+    if causal and key_pos is not None:
+        b, hk, nk = key_pos.shape
+        nkb = -(-nk // block_k)
+        kp = torch.nn.functional.pad(key_pos.long(), (0, nkb * block_k - nk), value=nk)
+        latest = kp.view(b, hk, nkb, block_k).amax(-1).repeat_interleave(group, 1)  # [B, H, NKB]
+        idx = kv_index.long().clamp(max=nkb - 1).expand(b, latest.shape[1], -1, -1)
+        first_q = m.view(1, 1, -1, 1) * block_q + (lk - lq).view(-1, 1, 1, 1).long()
+        ok = inside & (torch.gather(latest, 2, idx.flatten(2)).view(idx.shape) <= first_q) & valid
+        return torch.cumprod(ok.int(), -1).sum(-1, dtype=torch.int32)
     if causal:
         off = (lk - lq).view(-1, 1, 1, 1).long()
         diag = (m.view(1, 1, -1, 1) * block_q + off + 1) // block_k - 1  # blocks entirely at or below row m*bq
-        last_full = torch.minimum(last_full, diag)
-    valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
-    return ((kv_index.long() <= last_full) & valid).sum(-1, dtype=torch.int32)
+        inside = inside & (kv_index.long() <= diag)
+    return (inside & valid).sum(-1, dtype=torch.int32)
 
 
-_TUNED = []
+_TUNED: dict = {}
 
 
 def _kernel(cuda: bool):
     """The autotuned kernel on CUDA; the plain one in the interpreter, whose autotuner has no benchmarker."""
     if not cuda:
         return _block_sparse_fwd
-    if not _TUNED:
-        _TUNED.append(triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL"])(_block_sparse_fwd))
-    return _TUNED[0]
+    if "k" not in _TUNED:
+        _TUNED["k"] = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "TMA",
+                                                               "HAS_KPOS", "PYRAMID"])(_block_sparse_fwd)
+    return _TUNED["k"]
+
+
+def _bcast_strides(t, dims):
+    return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims)]
+
+
+def pool_kv(x, full_blocks: int, block_k: int):
+    """Mean-pooled copies of x [B, Hkv, N, D] over its first ``full_blocks`` key blocks at levels 2, 4, 8, stacked
+    along the sequence: -> (pooled [B, Hkv, R, D], row offset of each level)."""
+    b, hk, _, d = x.shape
+    body = x[:, :, : full_blocks * block_k].float()
+    parts, offs, o = [], [], 0
+    for p in POOL_LEVELS:
+        parts.append(body.reshape(b, hk, -1, p, d).mean(3))
+        offs.append(o)
+        o += parts[-1].shape[2]
+    if not o:  # no complete block: nothing can be pooled (a pyramid layout then lists no pooled block)
+        return x.new_zeros(b, hk, 1, d), [0, 0, 0]
+    return torch.cat(parts, 2).to(x.dtype).contiguous(), offs
 
 
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,
-                           scale: float | None, seqlens_q=None, seqlens_k=None):
-    """q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; kv_index int32 [B|1, H|1, NQ, K]; kv_count int32 [B|1, H|1, NQ]."""
+                           scale: float | None, seqlens_q=None, seqlens_k=None, *, key_pos=None, pooled=None,
+                           tma: bool = False, num_warps: int | None = None, num_stages: int | None = None):
+    """q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; kv_index int32 [B|1, H|1, NQ, K]; kv_count int32 [B|1, H|1, NQ].
+
+    ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted keys). ``pooled``: the
+    pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ]) for levels 2, 4, 8; pooled blocks
+    must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
+    descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
+    autotuning (CUDA)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128):
         raise ValueError(f"head dim {d} is not supported by the kernel (16, 32, 64, 128)")
+    if tma and pooled is not None:
+        raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
-    lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=q.device)
-    lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=q.device)
-    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk)
-    si = [kv_index.stride(i) if kv_index.shape[i] > 1 else 0 for i in range(4)]
-    sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
-    sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
+    dev = q.device
+    lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)
+    lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
+    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk)
+    kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
+    s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]
+    if pooled is not None:
+        pidx, pcnt = pooled
+        kp, offs = pool_kv(k, nk // block_k, block_k)
+        vp, _ = pool_kv(v, nk // block_k, block_k)
+        s_pidx = [pidx.stride(0)] + _bcast_strides(pidx[0], 4)
+        s_pcnt = [pcnt.stride(0)] + _bcast_strides(pcnt[0], 3)
+    else:
+        pidx, pcnt, kp, vp, offs = kv_index, kv_count, k, v, [0, 0, 0]
+        s_pidx, s_pcnt = [0] * 5, [0] * 4
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qa = TensorDescriptor(q.view(b * h, nq, d), [b * h, nq, d], [nq * d, d, 1], [1, block_q, d])
+        ka = TensorDescriptor(k.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
+        va = TensorDescriptor(v.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
+    else:
+        qa, ka, va = q, k, v
     nqb = triton.cdiv(nq, block_q)
     grid = ((h // hk) * nqb, b * hk)
-    _kernel(q.is_cuda)[grid](
-        q, k, v, out, kv_index, kv_count, nfull, lq, lk,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si, *sc, *sf,
+    if num_warps is None and q.is_cuda and block_q == block_k == 128:
+        # measured on an H100 (benchmarks/tune_attention.py): 8 warps, 3 stages (2 for the pyramid's extra loops);
+        # 4 stages exceed shared memory; the autotuner's pick between near-equal configs was noisy (up to 13% worse)
+        num_warps, num_stages = 8, num_stages or (2 if pooled is not None else 3)
+    launch = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages or 3}
+    kernel = _block_sparse_fwd if launch or not q.is_cuda else _kernel(True)
+    kernel[grid](
+        qa, ka, va, out, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos,
+        *kp.stride(), *vp.stride(), *s_pidx, *s_pcnt, *offs,
         h, hk, h // hk, nqb, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal,
-    )
-    return out
-
-
-@triton.jit
-def _block_sparse_fwd_tma(
-    desc_q, desc_k, desc_v, O, IDX, CNT, NFULL, LQ, LK,
-    s_ob, s_oh, s_om, s_od,
-    s_ib, s_ih, s_im, s_ik,
-    s_cb, s_ch, s_cm,
-    s_fb, s_fh, s_fm,
-    H, HK, GROUP, NQB, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
-):
-    """As ``_block_sparse_fwd`` with Q/K/V tiles brought in by the tensor-memory accelerator (3-D descriptors over
-    [B·heads, N, D], zero-filled past N) and, optionally, warp-specialised pipelining of the main loop."""
-    pid_g = tl.program_id(0) % GROUP
-    pid_m = NQB - 1 - tl.program_id(0) // GROUP
-    b = tl.program_id(1) // HK
-    hk = tl.program_id(1) % HK
-    h = hk * GROUP + pid_g
-    pid_bh = b * H + h
-    lq = tl.load(LQ + b)
-    lk = tl.load(LK + b)
-    if pid_m * BLOCK_M >= lq:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = desc_q.load([pid_bh, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-    q = (q * qk_scale).to(q.dtype)
-    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
-    nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
-    idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
-    kv_bh = b * HK + hk
-    off = lk - lq
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in tl.range(0, nfull, warp_specialize=WARP_SPEC):
-        n = tl.load(idx_base + j * s_ik)
-        k = desc_k.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
-        m_i = m_new
-    for j in range(nfull, cnt):
-        n = tl.load(idx_base + j * s_ik)
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = desc_k.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        valid = offs_n[None, :] < lk
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the MMA
-        m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
-
-
-def block_sparse_attention_tma(q, k, v, kv_index, kv_count, block_q, block_k, causal, scale, seqlens_q=None,
-                               seqlens_k=None, warp_specialize=False, num_warps=8, num_stages=3):
-    """TMA variant (Hopper+). q, k, v must be contiguous [B, H, N, D]."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    b, h, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.zeros_like(q)
-    lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=q.device)
-    lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=q.device)
-    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk)
-    dq = TensorDescriptor(q.view(b * h, nq, d), [b * h, nq, d], [nq * d, d, 1], [1, block_q, d])
-    dk = TensorDescriptor(k.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
-    dv = TensorDescriptor(v.view(b * hk, nk, d), [b * hk, nk, d], [nk * d, d, 1], [1, block_k, d])
-    si = [kv_index.stride(i) if kv_index.shape[i] > 1 else 0 for i in range(4)]
-    sc = [kv_count.stride(i) if kv_count.shape[i] > 1 else 0 for i in range(3)]
-    sf = [nfull.stride(i) if nfull.shape[i] > 1 else 0 for i in range(3)]
-    nqb = triton.cdiv(nq, block_q)
-    _block_sparse_fwd_tma[((h // hk) * nqb, b * hk)](
-        dq, dk, dv, out, kv_index, kv_count, nfull, lq, lk, *out.stride(), *si, *sc, *sf,
-        h, hk, h // hk, nqb, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, WARP_SPEC=warp_specialize,
-        num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, TMA=tma, HAS_KPOS=key_pos is not None,
+        PYRAMID=pooled is not None, **launch,
     )
     return out

@@ -74,20 +74,26 @@ def pool_blocks(x: Tensor, block: int) -> Tensor:
     return out
 
 
-def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
-    """softmax over key blocks of pooled(Q)·pooled(K)ᵀ/√D with blocks past the causal diagonal excluded:
-    float [B, H, NQ, NK]. GQA: each query head scores against its shared key head."""
+def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None) -> Tensor:
+    """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf: float
+    [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K). GQA: each query head scores
+    against its shared key head."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
     qp = pool_blocks(q, meta.block_q)
-    kp = pool_blocks(k, meta.block_k)
+    kp = pool_blocks(k, meta.block_k) if kp is None else kp
     g = h // hk
-    s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp) .reshape(b, h, qp.shape[2], kp.shape[2])
+    s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
     s = s / math.sqrt(d)
     if meta.causal:
         allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(s, dim=-1)
+    return s
+
+
+def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
+    """softmax over key blocks of ``block_scores``: float [B, H, NQ, NK]."""
+    return torch.softmax(block_scores(q, k, meta), dim=-1)
 
 
 def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int, local: int,
@@ -125,3 +131,23 @@ def finish_layout(keep, q, k, meta, sink, local):
     nqb, nkb = keep.shape[-2:]
     keep = keep | forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device)
     return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
+
+
+def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int) -> BlockLayout:
+    """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
+    (never fewer than the forced ones, never more than the row's causal blocks): one ``topk`` of ``width`` (an upper
+    bound of every row's total, known on the host) and one sort of ``width`` entries per row, no [NQ, NK] sort and
+    no host sync. ``scores`` [B, H, NQ, NK], -inf past the causal diagonal."""
+    nq, nk = q.shape[2], k.shape[2]
+    nqb, nkb = scores.shape[-2:]
+    allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
+        torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
+    forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
+    width = max(1, min(width, nkb))
+    total = torch.minimum(torch.maximum(budget.to(q.device), forced.sum(-1)), allowed.sum(-1)).clamp(max=width)
+    scores = scores.masked_fill(forced, float("inf"))
+    top = torch.topk(scores, width, dim=-1, sorted=False).indices
+    valid = torch.arange(width, device=q.device) < total[:, None]
+    index = torch.where(valid, top, nkb).sort(-1).values
+    return BlockLayout.from_index(torch.where(index >= nkb, 0, index), total.expand(*scores.shape[:-1]),
+                                  meta.block_q, meta.block_k, nq, nk, meta.causal)

@@ -9,14 +9,15 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, causal_block_mask
-from .base import Pattern, SeqMeta, keep_topk, pooled_block_probs, finish_layout
+from .base import Pattern, SeqMeta, block_scores, topk_layout
 
 
 @PATTERNS.register("block_topk")
 @dataclass
 class BlockTopK(Pattern):
-    """Top blocks by pooled score per query block: ``topk`` blocks, or when 0, ``density`` × the row's causal
-    blocks (rounded up). The diagonal (``local`` blocks) and ``sink`` blocks are always kept."""
+    """Top blocks by pooled score per query block: ``topk`` blocks per row, or when 0, ``density`` × the row's causal
+    blocks (rounded up). The diagonal (``local`` blocks) and ``sink`` blocks are always kept and count towards that
+    budget. Softmax is monotone, so the raw pooled logits rank the blocks; one ``topk`` builds the layout."""
 
     topk: int = 0
     density: float = 0.1
@@ -24,13 +25,14 @@ class BlockTopK(Pattern):
     local: int = 1
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        p = pooled_block_probs(q, k, meta)
+        s = block_scores(q, k, meta)
+        nqb, nkb = s.shape[-2:]
         if self.topk > 0:
-            keep = keep_topk(p, self.topk)
+            budget = torch.full((nqb,), self.topk, device=q.device)
+            width = self.topk
         else:
-            nqb, nkb = p.shape[-2:]
-            allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, q.shape[2], k.shape[2], q.device)
-            per_row = torch.ceil(allowed.sum(-1).float() * self.density).long() if meta.causal else \
-                torch.full((nqb,), math.ceil(nkb * self.density), device=q.device)
-            keep = keep_topk(p, per_row)
-        return finish_layout(keep, q, k, meta, self.sink, self.local)
+            rows = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, q.shape[2], k.shape[2], q.device).sum(-1) \
+                if meta.causal else torch.full((nqb,), nkb, device=q.device)
+            budget = torch.ceil(rows.double() * self.density).long()  # float64, as the host bound below
+            width = math.ceil(nkb * self.density)
+        return topk_layout(s, budget, max(width, self.sink + self.local), q, k, meta, self.sink, self.local)

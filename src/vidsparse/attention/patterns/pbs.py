@@ -1,0 +1,67 @@
+"""``pbs``: Permuted Block-Sparse attention (xinghaow99/pbs-attn)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import PATTERNS
+from ..layout import BlockLayout, PermutedLayout
+from .base import Pattern, SeqMeta, block_scores, keep_top_mass, pool_blocks, row_probs
+
+
+@PATTERNS.register("pbs")
+@dataclass
+class PBS(Pattern):
+    """Keys are reordered inside each ``segment``-token segment by the attention the last ``last_q`` queries pay
+    them (per K/V head, summed over its query heads), so the keys that many queries want gather in a few blocks;
+    then, per query block, the past segments' permuted blocks are chosen like ``block_cdf`` (pooled-softmax mass
+    ``tau``) and the segment(s) holding the query block's own positions are computed whole, with the causal mask
+    taken from each key's original position. The block holding token 0 is always kept. Queries are not permuted."""
+
+    segment: int = 1024
+    tau: float = 0.9
+    last_q: int = 128
+    first_block: bool = True
+
+    def permutation(self, q, k) -> torch.Tensor:
+        """int64 [B, Hkv, Nk]: original key positions in permuted order."""
+        b, h, nq, _ = q.shape
+        hk, nk = k.shape[1], k.shape[2]
+        lq = min(self.last_q, nq)
+        qpos = torch.arange(nq - lq, nq, device=q.device) + (nk - nq)
+        score = row_probs(q[:, :, nq - lq:], k, qpos).sum(2).view(b, hk, h // hk, nk).sum(2)
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        seg = order // self.segment
+        return torch.gather(order, -1, torch.argsort(seg, dim=-1, stable=True))  # by segment, best first
+
+    def estimate(self, q, k, meta: SeqMeta) -> PermutedLayout:
+        if self.segment % meta.block_k:
+            raise ValueError(f"pbs segment {self.segment} is not a multiple of the key block {meta.block_k}")
+        b, h, nq, d = q.shape
+        hk, nk = k.shape[1], k.shape[2]
+        perm = self.permutation(q, k)
+        kperm = torch.gather(k, 2, perm[..., None].expand(-1, -1, -1, d))
+        s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False), kp=pool_blocks(kperm, meta.block_k))
+        nqb, nkb = s.shape[-2:]
+        m = torch.arange(nqb, device=q.device)[:, None]
+        n = torch.arange(nkb, device=q.device)[None, :]
+        off = nk - nq
+        first_q = m * meta.block_q + off
+        last_q = torch.clamp((m + 1) * meta.block_q - 1, max=nq - 1) + off
+        seg_lo = (n * meta.block_k // self.segment) * self.segment  # original positions a permuted block spans
+        seg_hi = torch.clamp(seg_lo + self.segment, max=nk) - 1
+        if meta.causal:
+            past = seg_hi <= first_q  # every key visible to every query of the block
+            own = ~past & (seg_lo <= last_q)  # the segment(s) the query block's positions fall in
+        else:
+            own = (seg_lo <= last_q) & (seg_hi >= first_q)
+            past = ~own
+        keep = keep_top_mass(torch.softmax(s.masked_fill(~past, float("-inf")), -1).nan_to_num(0.0), self.tau)
+        keep = (keep & past) | own
+        if self.first_block:  # the permuted block that holds token 0, for every query head of its K/V head
+            where0 = (torch.argmax((perm == 0).int(), -1) // meta.block_k).repeat_interleave(h // hk, 1)
+            keep = keep | (n == where0[..., None, None])
+        lay = BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, causal=False)
+        return PermutedLayout(perm, lay, causal=meta.causal)
