@@ -161,6 +161,27 @@ def test_block_topk_keeps_exactly_k_plus_forced():
     assert torch.equal(lay.kv_count[0, 0], torch.clamp(allowed, max=3).int())
 
 
+@pytest.mark.parametrize("density", [0.1, 0.3])
+def test_block_topk_keeps_forced_then_best_scores(density):
+    """Each row: its sink and diagonal blocks, then the highest pooled scores, ceil(density x causal blocks) in all."""
+    import math
+
+    from vidsparse.attention.patterns.base import block_scores
+
+    q, k, _ = qkv(n=700, seed=12)
+    meta = SeqMeta(32, 32)
+    lay = PATTERNS.from_spec(f"block_topk:density={density},sink=1,local=1").estimate(q, k, meta)
+    bm = lay.expand(1, 4).block_mask()[0]
+    s = block_scores(q, k, meta)[0]
+    for h in range(4):
+        for m in range(22):
+            allowed = m + 1
+            want = {0, m}
+            others = [j for j in torch.argsort(s[h, m, :allowed], descending=True).tolist() if j not in want]
+            want |= set(others[: max(0, math.ceil(allowed * density) - len(want))])
+            assert set(torch.nonzero(bm[h, m]).flatten().tolist()) == want, (h, m)
+
+
 def test_keep_top_mass_is_minimal():
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert keep_top_mass(p, 0.8).tolist() == [[True, True, False, False]]

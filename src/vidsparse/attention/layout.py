@@ -68,10 +68,11 @@ class BlockLayout:
             mask = mask & causal_block_mask(nq, nk, block_q, block_k, q_len, k_len, mask.device)
         count = mask.sum(-1, dtype=torch.int32)
         width = max(1, int(count.max().item())) if mask.numel() else 1
-        ar = torch.arange(nk, device=mask.device, dtype=torch.int32)
-        keyed = torch.where(mask, ar, torch.full_like(ar, nk))
-        index = torch.sort(keyed, dim=-1).values[..., :width]
-        index = torch.where(index >= nk, torch.zeros_like(index), index).to(torch.int32).contiguous()
+        # compact each row's kept block numbers to its front (ascending): a cumsum and a scatter, no sort
+        slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, width).long()
+        index = torch.zeros(b, h, nq, width + 1, dtype=torch.int32, device=mask.device)
+        index.scatter_(-1, slot, torch.arange(nk, device=mask.device, dtype=torch.int32).expand(b, h, nq, nk))
+        index = index[..., :width].contiguous()  # the last column collected every unkept block; past count: 0
         full_all = full_block_mask(nq, nk, block_q, block_k, q_len, k_len, causal, mask.device)
         full = torch.gather(full_all.expand(b, h, nq, nk), -1, index.long())
         full &= torch.arange(width, device=mask.device) < count[..., None]

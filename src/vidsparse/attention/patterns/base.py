@@ -74,10 +74,10 @@ def pool_blocks(x: Tensor, block: int) -> Tensor:
     return out
 
 
-def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None) -> Tensor:
-    """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf: float
-    [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K). GQA: each query head scores
-    against its shared key head."""
+def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True) -> Tensor:
+    """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
+    ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
+    GQA: each query head scores against its shared key head."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
     qp = pool_blocks(q, meta.block_q)
@@ -85,7 +85,7 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None) 
     g = h // hk
     s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
     s = s / math.sqrt(d)
-    if meta.causal:
+    if meta.causal and masked:
         allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
     return s
@@ -135,9 +135,10 @@ def finish_layout(keep, q, k, meta, sink, local):
 
 def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int) -> BlockLayout:
     """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
-    (never fewer than the forced ones, never more than the row's causal blocks): one ``topk`` of ``width`` (an upper
-    bound of every row's total, known on the host) and one sort of ``width`` entries per row, no [NQ, NK] sort and
-    no host sync. ``scores`` [B, H, NQ, NK], -inf past the causal diagonal."""
+    (never fewer than the forced ones, never more than the row's causal blocks): one in-place pass that puts forced
+    blocks at +inf and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` (an upper bound of every
+    row's total, known on the host) and one sort of ``width`` int32 entries per row; no [NQ, NK] sort, no host sync.
+    ``scores`` [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); it is overwritten."""
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = scores.shape[-2:]
     allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
@@ -145,8 +146,10 @@ def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta,
     forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
     width = max(1, min(width, nkb))
     total = torch.minimum(torch.maximum(budget.to(q.device), forced.sum(-1)), allowed.sum(-1)).clamp(max=width)
-    scores = scores.masked_fill(forced, float("inf"))
-    top = torch.topk(scores, width, dim=-1, sorted=False).indices
+    bias = torch.zeros(nqb, nkb, device=q.device, dtype=scores.dtype)
+    bias.masked_fill_(~allowed, float("-inf")).masked_fill_(forced, float("inf"))
+    scores.add_(bias)
+    top = torch.topk(scores, width, dim=-1, sorted=True).indices.to(torch.int32)  # best first: rows keep a prefix
     valid = torch.arange(width, device=q.device) < total[:, None]
     index = torch.where(valid, top, nkb).sort(-1).values
     return BlockLayout.from_index(torch.where(index >= nkb, 0, index), total.expand(*scores.shape[:-1]),

@@ -25,7 +25,7 @@ class BlockTopK(Pattern):
     local: int = 1
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        s = block_scores(q, k, meta)
+        s = block_scores(q, k, meta, masked=False)
         nqb, nkb = s.shape[-2:]
         if self.topk > 0:
             budget = torch.full((nqb,), self.topk, device=q.device)
