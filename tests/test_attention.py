@@ -235,6 +235,18 @@ def test_vertical_slash_covers_selected_lines():
     assert bm[0, :, :, 0].all()  # forced first columns
 
 
+@pytest.mark.parametrize("r,nk", [(4, 10), (5, 5), (1, 7), (6, 40)])
+def test_diagonal_sums_equal_scatter(r, nk):
+    from vidsparse.attention.patterns.vertical_slash import diagonal_sums
+
+    first = nk - r
+    qpos, kpos = torch.arange(first, nk)[:, None], torch.arange(nk)[None, :]
+    a = torch.rand(2, 3, r, nk, generator=torch.Generator().manual_seed(r)) * (kpos <= qpos)
+    diag = (qpos - kpos).clamp(min=0).expand(2, 3, r, nk)
+    ref = torch.zeros(2, 3, nk).scatter_add_(-1, diag.reshape(2, 3, -1), a.reshape(2, 3, -1))
+    torch.testing.assert_close(diagonal_sums(a, first), ref)
+
+
 def test_radial_density_falls_with_distance():
     q, k, _ = qkv(n=1024, d=16)
     lay = PATTERNS.from_spec("radial:sink=0").estimate(q, k, SeqMeta(32, 32, visual=(0, 1024), tokens_per_frame=32))

@@ -54,11 +54,31 @@ def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = N
     What every probe-query estimate shares (vertical_slash, token_sparse, grid, FastV, ZipVL, SnapKV)."""
     b, h, r, d = q_rows.shape
     hk, nk = k.shape[1], k.shape[2]
-    s = torch.einsum("bkgqd,bknd->bkgqn", q_rows.float().reshape(b, hk, h // hk, r, d), k.float())
-    s = s.reshape(b, h, r, nk) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    a = q_rows.float().reshape(b * hk, (h // hk) * r, d)
+    kt = k.float().reshape(b * hk, nk, d).transpose(1, 2)
+    with exact_tf32(q_rows, k):  # the scale is applied in the GEMM's epilogue: no extra pass over the scores
+        s = torch.baddbmm(a.new_zeros(1, 1, 1), a, kt, beta=0.0,
+                          alpha=scale if scale is not None else 1.0 / math.sqrt(d)).reshape(b, h, r, nk)
     k_pos = torch.arange(nk, device=k.device) if k_pos is None else k_pos
-    s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    s.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
     return torch.softmax(s, dim=-1)
+
+
+class exact_tf32:
+    """Let fp32 CUDA matmuls use TF32 while every operand came from bf16: bf16 values are exact in TF32's 10-bit
+    mantissa and accumulation stays fp32, so the result is the fp32 product. A no-op otherwise."""
+
+    def __init__(self, *operands: Tensor):
+        self.on = all(t.is_cuda and t.dtype == torch.bfloat16 for t in operands)
+
+    def __enter__(self):
+        if self.on:
+            self.prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:

@@ -32,12 +32,10 @@ class VerticalSlash(Pattern):
         off = nk - nq
         lq = min(self.last_q, nq)
         qpos = torch.arange(nq - lq, nq, device=q.device)[:, None] + off
-        kpos = torch.arange(nk, device=q.device)[None, :]
         a = row_probs(q[:, :, nq - lq:], k, qpos[:, 0])
         vert = a.sum(2)  # [B, H, Nk]
         vert[..., : self.force_vertical] = float("inf")
-        diag = (qpos - kpos).clamp(min=0).expand(b, h, lq, nk)  # offset of each entry
-        slash = torch.zeros(b, h, nk, device=q.device).scatter_add_(-1, diag.reshape(b, h, -1), a.reshape(b, h, -1))
+        slash = diagonal_sums(a, nq - lq + off)
         slash[..., : self.force_slash] = float("inf")
         v_keep = keep_topk(vert, min(self.vertical, nk)) if self.vertical > 0 else torch.zeros_like(vert, dtype=torch.bool)
         s_keep = keep_topk(slash, min(self.slash, nk))
@@ -57,3 +55,18 @@ class VerticalSlash(Pattern):
             torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, lo_c.reshape(b, h, nqb, nkb))
         keep = (hits > 0) | vb[:, :, None, :]
         return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
+
+
+def diagonal_sums(a, first: int):
+    """slash[o] = Σ_r a[r, first + r − o]: the attention each diagonal offset o collects from rows at consecutive
+    positions first, first+1, ..., Nk−1 (a [B, H, R, Nk], zero past each row's position). One skewed view of the
+    key-reversed rows, summed over rows — no scatter, no atomics. -> [B, H, Nk]."""
+    b, h, r, nk = a.shape
+    if first + r != nk:
+        raise ValueError(f"rows must end at the last key (first {first} + rows {r} != keys {nk})")
+    af = torch.nn.functional.pad(a.flip(-1), (r, 0)).contiguous()  # [B, H, R, R + Nk], R zeros on the left
+    w = nk + r
+    # row i, offset o reads af[i, r + (nk − 1 − first − i) + o]: rows shift left by one, so the row stride is w − 1;
+    # reads past a row's end land in the next row's zero padding
+    view = af.as_strided((b, h, r, nk), (h * r * w, r * w, w - 1, 1), af.storage_offset() + r + nk - 1 - first)
+    return view.sum(2)

@@ -49,14 +49,17 @@ class XAttention(Pattern):
             nkc = nkb if not meta.causal else min(nkb, -(-(m1 * meta.block_q + nk - nq) // meta.block_k))
             qc = qs[:, :, m0 * bq : m1 * bq]
             kc = ks[:, :, : nkc * bk]
-            sc = torch.einsum("bkgid,bkjd->bkgij", qc.reshape(b, hk, g, -1, s * d), kc).float()  # GEMM in q's dtype
-            sc = sc.reshape(b, h, qc.shape[2], kc.shape[2]) / (math.sqrt(d) * s)
+            # GEMM in q's dtype, the scale applied in its epilogue; then in place: mask, softmax, block sums
+            a = qc.reshape(b * hk, g * qc.shape[2], s * d)
+            kt = kc.reshape(b * hk, kc.shape[2], s * d).transpose(1, 2)
+            sc = torch.baddbmm(a.new_zeros(1, 1, 1), a, kt, beta=0.0, alpha=1.0 / (math.sqrt(d) * s)).float()
+            sc = sc.view(b, h, qc.shape[2], kc.shape[2])
             cols = torch.arange(kc.shape[2], device=q.device)[None, :]
             rows = torch.arange(m0 * bq, m1 * bq, device=q.device)[:, None]
             valid = cols * s < nk
             if meta.causal:
                 valid = valid & (cols <= rows + (nk - nq) // s)
-            pr = torch.nan_to_num(torch.softmax(sc.masked_fill(~valid, float("-inf")), dim=-1), nan=0.0)
+            pr = torch.softmax(sc.masked_fill_(~valid, float("-inf")), dim=-1)  # column 0 is always valid: no NaN
             blk = pr.view(b, h, m1 - m0, bq, nkc, bk).sum((3, 5))
             mass.append(torch.nn.functional.pad(blk, (0, nkb - nkc)))
         mass = torch.cat(mass, dim=2)
