@@ -150,6 +150,34 @@ def time_estimation(n, h, hk, d):
     return out
 
 
+def time_subset(n, h, hk, d, fractions=(0.5, 0.94)):
+    """ZipVL's execution: every query over a kept key subset plus its own key (``models.hf.subset_attention``): the
+    kernel on gathered keys vs the masked-SDPA path, against dense cuDNN on all keys."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vidsparse.models.hf import subset_attention
+
+    q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                  enable_gqa=True))
+    out = {"n": n, "heads": h, "kv_heads": hk, "dense_cudnn_ms": dense, "rows": []}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for frac in fractions:
+        keys = torch.sort(torch.randperm(n, device="cuda", generator=g)[: int(n * frac)]).values
+        kern = bench_ms(lambda: subset_attention(q, k, v, keys, backend="kernel"))
+        sdpa = bench_ms(lambda: subset_attention(q, k, v, keys, backend="reference"))
+        a = subset_attention(q, k, v, keys, backend="kernel").float()
+        r = subset_attention(q, k, v, keys, backend="reference").float()
+        out["rows"].append({"fraction": frac, "kernel_ms": kern, "masked_sdpa_ms": sdpa,
+                            "max_abs_diff": float((a - r).abs().max())})
+        print(f"subset N={n} keep {frac}: kernel {kern:.2f} ms, masked SDPA {sdpa:.2f} ms, dense cuDNN {dense:.2f} ms",
+              flush=True)
+    return out
+
+
 def mrope(x, t, hh, ww, sections=(16, 24, 24), base=1e6):
     """Qwen2.5-VL M-RoPE: head-dim pairs split into (t, h, w) sections rotated by each position component."""
     d = x.shape[-1]
@@ -276,7 +304,7 @@ def main():
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
     ap.add_argument("--densities", default="0.05,0.1,0.2")
     ap.add_argument("--quick", action="store_true", help="no FlexAttention, one head config")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,recall")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,subset,recall")
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     args = ap.parse_args()
@@ -302,6 +330,9 @@ def main():
     if "estimation" not in skip:
         for n in sizes:
             payload["estimation"][str(n)] = time_estimation(n, 28, 4, 128)
+        save(name, payload)
+    if "subset" not in skip:
+        payload["subset"] = [time_subset(16384, 28, 4, 128), time_subset(65536, 28, 4, 128)]
         save(name, payload)
     if "recall" not in skip:
         payload["recall"] = mass_recall()
@@ -346,6 +377,14 @@ def write_markdown(p):
                   "| N | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for n, est in p["estimation"].items():
             lines.append(f"| {n} | " + " | ".join(f"{est[x]['ms']:.2f} ({est[x]['density']:.2f})" for x in names) + " |")
+    if p.get("subset"):
+        lines += ["", "Key-subset attention (ZipVL's execution: every query over the kept keys plus its own; random "
+                  "kept keys), 28/4 heads:", "", "| N | kept | kernel ms | masked SDPA ms | dense cuDNN ms (all keys) |",
+                  "|---|---|---|---|---|"]
+        for sub in p["subset"]:
+            for e in sub["rows"]:
+                lines.append(f"| {sub['n']} | {e['fraction']:.2f} | {e['kernel_ms']:.2f} | {e['masked_sdpa_ms']:.2f} | "
+                             f"{sub['dense_cudnn_ms']:.2f} |")
     if p["recall"]:
         r = p["recall"]
         lines += ["", f"Attention-mass recall on video-structured q/k (M-RoPE over {r['frames']} frames × "

@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--video", default=str(Path(__file__).resolve().parent.parent / ".bench_data" / "hour_448x252.mp4"))
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--only", default="", help="semicolon-separated recipe names to run")
+    ap.add_argument("--tag", default="", help="save as e2e_TAG.json (partial runs keep the full table's JSON)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--markdown-from", default="")
     ap.add_argument("--size", default="7b", help="7b (the benchmark) or tiny (a smoke test of this script)")
@@ -199,7 +200,7 @@ def main():
     if not args.no_hf:
         payload["hf_generate"] = hf_generate_ms(ad, video, 768)
         print(json.dumps(payload["hf_generate"]), flush=True)
-    path = save("e2e", payload)
+    path = save("e2e" + (f"_{args.tag}" if args.tag else ""), payload)
     print(f"saved {path}")
     if not only:
         update_markdown("End to end (issue 5)", markdown(payload))

@@ -127,3 +127,14 @@ def test_pbs_with_every_block_equals_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
                                                            v.float().repeat_interleave(4, 1), is_causal=True)
     assert kernel_ok((out.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item(), torch.bfloat16)
+
+
+def test_key_subset_kernel_matches_masked_sdpa():
+    from vidsparse.models.hf import subset_attention
+
+    q, k, v = qkv(1, 8, 2, 3000, 128, torch.bfloat16, seed=9)
+    keys = torch.sort(torch.randperm(3000, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))[:1700]).values
+    out = subset_attention(q, k, v, keys, backend="kernel")
+    same = subset_attention(q, k, v, keys, backend="reference")
+    ref = subset_attention(q.float(), k.float(), v.float(), keys, backend="reference")
+    assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), torch.bfloat16)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -565,7 +567,29 @@ def test_subset_attention_against_masked_reference():
     mask = (i[None, :] <= i[:, None]) & (kept[None, :] | torch.eye(40, dtype=torch.bool))
     ref = masked_attention(q, k, v, mask)
     for chunk in (7, 4096):
-        torch.testing.assert_close(subset_attention(q, k, v, keys, chunk=chunk), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(subset_attention(q, k, v, keys, chunk=chunk, backend="reference"), ref, atol=1e-5,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,keys", [(300, [0, 1, 5, 9, 140, 141, 200, 299]), (300, list(range(0, 300, 3))),
+                                    (77, [76])])
+def test_key_subset_kernel_against_masked_reference(n, keys):
+    """The block kernel on gathered keys (original positions as the causal mask) plus the own-key merge through its
+    log-sum-exp equals masked attention (Triton interpreter on the CPU)."""
+    from vidsparse.attention.ops import key_subset_attention
+    from vidsparse.attention.reference import masked_attention
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (4, 2, 2))
+    keys = torch.tensor(keys)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[keys] = True
+    i = torch.arange(n)
+    mask = (i[None, :] <= i[:, None]) & (kept[None, :] | torch.eye(n, dtype=torch.bool))
+    torch.testing.assert_close(key_subset_attention(q, k, v, keys, block=32), masked_attention(q, k, v, mask),
+                               atol=2e-5, rtol=2e-5)
 
 
 def test_zipvl_top_mass_and_full_tau_identity(adapter, encoded):

@@ -186,3 +186,42 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
         out[:, :, rows] = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, rows], kk, vv, attn_mask=mask if layout.causal else None, scale=scale)
     return out
+
+
+def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float | None = None,
+                         block: int = 128) -> Tensor:
+    """Causal attention of every query over a key subset plus its own key: query i sees the kept keys j ≤ i (``keys``:
+    sorted int64 [K'] positions, shared by every head) and itself. The kept keys are gathered once and run through
+    the block kernel with their original positions as the causal mask (a query block computes only the key blocks
+    that start at or before its last query); a query whose own key was not kept then folds it in through the
+    kernel's log-sum-exp. q [B, H, N, D], k/v [B, Hkv, N, D] -> [B, H, N, D] (the kernel: CUDA, or CPU under
+    TRITON_INTERPRET=1)."""
+    import math
+
+    import triton
+
+    from .kernels import block_sparse as bs
+
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    keys = keys.to(torch.long)
+    m = keys.numel()
+    kg, vg = k[:, :, keys].contiguous(), v[:, :, keys].contiguous()
+    nqb, nkb = triton.cdiv(n, block), triton.cdiv(m, block)
+    last_q = torch.clamp((torch.arange(nqb, device=q.device) + 1) * block, max=n) - 1
+    count = (keys[::block][None, :] <= last_q[:, None]).sum(-1)  # keys sorted: a prefix of the key blocks
+    index = torch.arange(nkb, device=q.device).expand(1, 1, nqb, nkb)
+    lay = BlockLayout.from_index(index, count.view(1, 1, nqb), block, block, n, m, causal=False)
+    out, lse = bs.block_sparse_attention(q, kg, vg, lay.kv_index, lay.kv_count, block, block, True, scale,
+                                         key_pos=keys.to(torch.int32).expand(b, hk, m), query_offset=0,
+                                         return_lse=True, tma=use_tma(q, lay) and q.is_contiguous())
+    kept = torch.zeros(n, dtype=torch.bool, device=q.device)
+    kept[keys] = True
+    g = h // hk
+    ks = k.repeat_interleave(g, 1) if g > 1 else k
+    vs = v.repeat_interleave(g, 1) if g > 1 else v
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s_self = (q.float() * ks.float()).sum(-1) * scale  # [B, H, N]
+    w_self = torch.sigmoid(s_self - lse)[..., None]  # its share of the row's softmax mass (1 when nothing else)
+    merged = out.float() * (1 - w_self) + vs.float() * w_self
+    return torch.where(kept[None, None, :, None], out, merged.to(out.dtype))

@@ -139,7 +139,7 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
         scope.stats["sparse_calls"] += 1
         scope.stats["density_sum"] += float(layout.density())
     elif keys is not None:
-        out = subset_attention(query, key, value, keys, scaling)
+        out = subset_attention(query, key, value, keys, scaling, backend=scope.backend)
         scope.stats["subset_calls"] = scope.stats.get("subset_calls", 0) + 1
         scope.stats["key_fraction_sum"] = scope.stats.get("key_fraction_sum", 0.0) + keys.numel() / key.shape[2]
     else:
@@ -155,10 +155,16 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
 
 
 def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float | None = None,
-                     chunk: int = 4096) -> Tensor:
+                     chunk: int = 4096, backend: str = "auto") -> Tensor:
     """Causal prefill attention of every query over only the keys ``keys`` (sorted int64 [K'] into the sequence):
-    query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. Queries go in chunks so the
-    mask stays [chunk, K']. A query that sees no kept key attends to itself (its own key is always allowed)."""
+    query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. A query's own key is always
+    allowed (so a query that sees no kept key attends to itself). On CUDA (``backend`` "auto" or "kernel") the block
+    kernel runs on the gathered keys (``key_subset_attention``); otherwise masked SDPA ("reference"), queries in
+    chunks so the mask stays [chunk, K']."""
+    from ..attention.ops import kernel_available, key_subset_attention
+
+    if backend == "kernel" or (backend == "auto" and kernel_available(q) and q.shape[-1] in (16, 32, 64, 128)):
+        return key_subset_attention(q, k, v, keys, scale)
     n = q.shape[2]
     k, v = expand_kv(q, k, v)
     out = torch.empty_like(q)

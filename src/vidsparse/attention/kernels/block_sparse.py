@@ -99,15 +99,16 @@ def _attend_pooled(acc, l_i, m_i, q, kp_base, vp_base, idx_base, cnt, s_ik, s_kn
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, IDX, CNT, NFULL, LQ, LK, KPOS, KP, VP, PIDX, PCNT,
+    Q, K, V, O, LSE, IDX, CNT, NFULL, LQ, LK, KPOS, KP, VP, PIDX, PCNT,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
+    s_lb, s_lh,
     s_ib, s_ih, s_im, s_ik,
     s_cb, s_ch, s_cm,
     s_fb, s_fh, s_fm,
-    s_pb, s_ph,
+    s_pb, s_ph, kpos_off,
     s_kpb, s_kph, s_kpn, s_kpd,
     s_vpb, s_vph, s_vpn, s_vpd,
     s_pil, s_pib, s_pih, s_pim, s_pik,
@@ -115,7 +116,7 @@ def _block_sparse_fwd(
     off2, off4, off8,
     H, HK, GROUP, NQB, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    TMA: tl.constexpr, HAS_KPOS: tl.constexpr, PYRAMID: tl.constexpr,
+    TMA: tl.constexpr, HAS_KPOS: tl.constexpr, PYRAMID: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     # Launch order: the GROUP query heads that share a K/V head vary fastest, then query blocks (longest causal rows
     # first, so short ones fill the tail), then K/V heads and batch: neighbours in time read the same K/V from L2.
@@ -145,7 +146,10 @@ def _block_sparse_fwd(
     nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
     idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
     kpos_base = KPOS + b * s_pb + hk * s_ph
-    off = lk - lq  # bottom-right causal alignment
+    if HAS_KPOS:
+        off = kpos_off  # query i sits at key position i + kpos_off
+    else:
+        off = lk - lq  # bottom-right causal alignment
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -173,12 +177,17 @@ def _block_sparse_fwd(
     out = acc / l_safe[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
+    if RETURN_LSE:  # natural-log sum of exp(scale * q.k) over the row's keys; -inf for a row with none
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < lq)
 
 
-def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk, key_pos=None, group: int = 1):
+def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk, key_pos=None, group: int = 1,
+                kpos_off: int = 0):
     """int32 [B, H, NQ]: how many leading (sorted) blocks of each row need no element mask for each sequence's
     lengths. With ``key_pos`` (int [B, Hkv, Nk], keys' original positions) a block is mask-free when every key in it
-    lies at or before the row's first query; the count is the leading run of such blocks. Pure tensor ops, no host
+    lies at or before the row's first query (query i at key position i + ``kpos_off``); the count is the leading
+    run of such blocks. Pure tensor ops, no host
     sync."""
     nqb = kv_index.shape[2]
     m = torch.arange(nqb, device=kv_index.device)
@@ -191,7 +200,7 @@ def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq
         kp = torch.nn.functional.pad(key_pos.long(), (0, nkb * block_k - nk), value=nk)
         latest = kp.view(b, hk, nkb, block_k).amax(-1).repeat_interleave(group, 1)  # [B, H, NKB]
         idx = kv_index.long().clamp(max=nkb - 1).expand(b, latest.shape[1], -1, -1)
-        first_q = m.view(1, 1, -1, 1) * block_q + (lk - lq).view(-1, 1, 1, 1).long()
+        first_q = m.view(1, 1, -1, 1) * block_q + kpos_off
         ok = inside & (torch.gather(latest, 2, idx.flatten(2)).view(idx.shape) <= first_q) & valid
         return torch.cumprod(ok.int(), -1).sum(-1, dtype=torch.int32)
     if causal:
@@ -210,7 +219,7 @@ def _kernel(cuda: bool):
         return _block_sparse_fwd
     if "k" not in _TUNED:
         _TUNED["k"] = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "TMA",
-                                                               "HAS_KPOS", "PYRAMID"])(_block_sparse_fwd)
+                                                               "HAS_KPOS", "PYRAMID", "RETURN_LSE"])(_block_sparse_fwd)
     return _TUNED["k"]
 
 
@@ -234,11 +243,14 @@ def pool_kv(x, full_blocks: int, block_k: int):
 
 
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,
-                           scale: float | None, seqlens_q=None, seqlens_k=None, *, key_pos=None, pooled=None,
-                           tma: bool = False, num_warps: int | None = None, num_stages: int | None = None):
+                           scale: float | None, seqlens_q=None, seqlens_k=None, *, key_pos=None, query_offset=None,
+                           pooled=None, return_lse: bool = False, tma: bool = False, num_warps: int | None = None,
+                           num_stages: int | None = None):
     """q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; kv_index int32 [B|1, H|1, NQ, K]; kv_count int32 [B|1, H|1, NQ].
 
-    ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted keys). ``pooled``: the
+    ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted or gathered keys); query i
+    then sits at position i + ``query_offset`` (default Nk − Nq). ``return_lse``: also return the rows' natural-log
+    sum of exp(scale·q·k), float32 [B, H, Nq] (-inf where a row saw no key). ``pooled``: the
     pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ]) for levels 2, 4, 8; pooled blocks
     must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
     descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
@@ -254,7 +266,9 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     dev = q.device
     lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)
     lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
-    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk)
+    kpos_off = (nk - nq) if query_offset is None else int(query_offset)
+    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=dev) if return_lse else lk
     kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
     s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]
     if pooled is not None:
@@ -284,12 +298,12 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     launch = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages or 3}
     kernel = _block_sparse_fwd if launch or not q.is_cuda else _kernel(True)
     kernel[grid](
-        qa, ka, va, out, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos,
+        qa, ka, va, out, lse, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
+        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos, kpos_off,
         *kp.stride(), *vp.stride(), *s_pidx, *s_pcnt, *offs,
         h, hk, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, TMA=tma, HAS_KPOS=key_pos is not None,
-        PYRAMID=pooled is not None, **launch,
+        PYRAMID=pooled is not None, RETURN_LSE=return_lse, **launch,
     )
-    return out
+    return (out, lse) if return_lse else out
