@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tolerances import kernel_ok
+from tolerances import FP32_SAME_ATOL, FP32_SAME_RTOL, kernel_ok
 from vidsparse import PATTERNS
 from vidsparse.attention import BlockLayout, sparse_attention
 from vidsparse.attention.layout import causal_block_mask
@@ -133,10 +133,10 @@ def test_token_sparse_layout_and_execution(coverage, backend):
         assert lay.density() < 1.0
     ref = masked_attention(q, k, v, lay.dense_mask()) * lay.kept_mask()[..., None]
     out = sparse_attention(q, k, v, lay, backend=backend)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, ref, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
     if coverage == 1.0:
         dense = masked_attention(q, k, v, torch.ones(300, 300, dtype=torch.bool).tril())
-        torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, dense, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -337,7 +337,7 @@ def test_grid_group_execution_matches_mask(stride, backend):
                                            | in_span[None, :] & (phase[None, :] == phase[:, None]))
     assert torch.equal(lay.dense_mask()[0, 0], expect)
     out = sparse_attention(q, k, v, lay, backend=backend)
-    torch.testing.assert_close(out, masked_attention(q, k, v, expect), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, masked_attention(q, k, v, expect), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
     assert (lay.density() < 1.0) == (stride > 1)
 
 
@@ -378,7 +378,7 @@ def test_pyramid_pooling_is_exact_on_repeated_keys(backend):
         lv = lay.level_map()
         assert (lv > 1).any() and not (lv[..., _causal(13)] == 0).any()  # pooled somewhere, nothing skipped
         out = sparse_attention(q, k, v, lay, backend=backend)
-        torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, dense, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
         assert lay.density() < 1.0
 
 
@@ -416,7 +416,7 @@ def test_pbs_with_every_block_equals_dense(backend):
     q, k, v = qkv(n=300, seed=8)
     lay = PATTERNS.from_spec("pbs:segment=64,tau=1.0").estimate(q, k, SeqMeta(16, 16))
     out = sparse_attention(q, k, v, lay, backend=backend)
-    torch.testing.assert_close(out, masked_attention(q, k, v, _causal(300)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, masked_attention(q, k, v, _causal(300)), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 def test_pbs_permutes_within_segments_by_score():
@@ -441,7 +441,7 @@ def test_pbs_permutes_within_segments_by_score():
     assert mask[:, :, 0].all()  # token 0 always seen
     assert lay.density() < 1.0
     torch.testing.assert_close(sparse_attention(q, k, v, lay, backend="reference"),
-                               masked_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+                               masked_attention(q, k, v, mask), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 def test_kernel_key_positions_random_permutation(interpreter):
@@ -459,7 +459,7 @@ def test_kernel_key_positions_random_permutation(interpreter):
     from vidsparse.attention.layout import PermutedLayout
 
     ref = masked_attention(q, k, v, PermutedLayout(perm, lay).dense_mask(4))
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, ref, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 def test_new_layouts_reject_per_sequence_lengths():

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tolerances import MODEL_FP32_ATOL, MODEL_FP32_RTOL
+from tolerances import FP32_SAME_ATOL, FP32_SAME_RTOL, MODEL_FP32_ATOL, MODEL_FP32_RTOL
 
 from vidsparse.models.hf import attention_scope, last_query_attention
 from vidsparse.models.qwen2_5_vl import pixel_values_videos, smart_resize
@@ -589,7 +589,7 @@ def test_key_subset_kernel_against_masked_reference(n, keys):
     i = torch.arange(n)
     mask = (i[None, :] <= i[:, None]) & (kept[None, :] | torch.eye(n, dtype=torch.bool))
     torch.testing.assert_close(key_subset_attention(q, k, v, keys, block=32), masked_attention(q, k, v, mask),
-                               atol=2e-5, rtol=2e-5)
+                               atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 def test_zipvl_top_mass_and_full_tau_identity(adapter, encoded):

@@ -218,10 +218,9 @@ def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: f
     kept = torch.zeros(n, dtype=torch.bool, device=q.device)
     kept[keys] = True
     g = h // hk
-    ks = k.repeat_interleave(g, 1) if g > 1 else k
-    vs = v.repeat_interleave(g, 1) if g > 1 else v
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    s_self = (q.float() * ks.float()).sum(-1) * scale  # [B, H, N]
-    w_self = torch.sigmoid(s_self - lse)[..., None]  # its share of the row's softmax mass (1 when nothing else)
-    merged = out.float() * (1 - w_self) + vs.float() * w_self
-    return torch.where(kept[None, None, :, None], out, merged.to(out.dtype))
+    # own-key logit per query head (GQA: against its K/V head, nothing expanded), fp32
+    s_self = torch.einsum("bkgnd,bknd->bkgn", q.float().view(b, hk, g, n, d), k.float()) * scale
+    # the own key's share of the row's softmax mass (1 when the row saw nothing else; 0 where the key was kept)
+    w = (torch.sigmoid(s_self - lse.view(b, hk, g, n)) * ~kept)[..., None]
+    return torch.lerp(out.view(b, hk, g, n, d), v[:, :, None], w.to(out.dtype)).view(b, h, n, d)
