@@ -338,13 +338,15 @@ def main():
         payload["recall"] = mass_recall()
     payload["seconds"] = time.time() - t0
     payload["tag"] = args.tag
+    payload["command"] = "python benchmarks/attention.py" + "".join(
+        f" {a}" for a in sys.argv[1:] if not a.startswith("--markdown-from"))
     out = save(name, payload)
     print(f"wrote {out}")
     write_markdown(payload)
 
 
 def write_markdown(p):
-    lines = [f"Device: {p['device']} — {p['date']} — `python benchmarks/attention.py` — bf16, d = 128, batch 1, "
+    lines = [f"Device: {p['device']} — {p['date']} — `{p.get('command', 'python benchmarks/attention.py')}` — bf16, d = 128, batch 1, "
              "causal, 128×128 blocks. TF/s counts computed blocks only (2·N²·D per head × density).", ""]
     if p["kernels"]:
         lines += ["| N | heads/KV | SDPA flash ms (TF/s) | SDPA cuDNN ms (TF/s) | vidsparse all blocks ms (TF/s) | density | "
