@@ -8,8 +8,9 @@ import pytest
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.parametrize("page", ["ask.md"])
-def test_python_blocks_run(page, capsys):
+@pytest.mark.parametrize("page,expect", [("ask.md", ("vanilla", "fastv")),
+                                         ("attention.md", ("PyramidLayout", "PermutedLayout", "density"))])
+def test_python_blocks_run(page, expect, capsys):
     pytest.importorskip("transformers")
     text = (DOCS / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
@@ -17,4 +18,4 @@ def test_python_blocks_run(page, capsys):
     for code in blocks:
         exec(compile(code, f"{page}", "exec"), {})
     out = capsys.readouterr().out
-    assert "vanilla" in out and "fastv" in out
+    assert all(e in out for e in expect)
