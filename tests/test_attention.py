@@ -215,6 +215,18 @@ def test_xattention_antidiagonal_sums_equal_brute_force():
             assert fast[i, j] == pytest.approx(torch.fliplr(tile).diagonal().sum().item(), rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("causal,row0,col_lim,off_s", [(True, 0, 96, 0), (True, 16, 90, 3), (False, 0, 77, 0)])
+def test_xattention_block_mass_kernel_equals_torch(interpreter, causal, row0, col_lim, off_s):
+    """The Triton row-softmax block sums (bf16 scores read twice) equal the torch path on the same scores."""
+    from vidsparse.attention.patterns.xattention import block_mass
+
+    sc = (3 * torch.randn(2, 3, 32, 96, generator=torch.Generator().manual_seed(row0))).to(torch.bfloat16)
+    want = block_mass(sc, 8, 8, row0, col_lim, off_s, causal, backend="reference")
+    got = block_mass(sc, 8, 8, row0, col_lim, off_s, causal, backend="kernel")
+    torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    torch.testing.assert_close(got.sum((-1)).view(2, 3, 4), torch.full((2, 3, 4), 8.0), atol=1e-4, rtol=0)
+
+
 def test_xattention_finds_planted_blocks():
     """Keys of block 3 match every query strongly: a τ=0.9 selection must keep block 3 for rows after it."""
     q, k, _ = qkv(h=2, hk=2, n=256, d=16, seed=2)

@@ -138,3 +138,13 @@ def test_key_subset_kernel_matches_masked_sdpa():
     same = subset_attention(q, k, v, keys, backend="reference")
     ref = subset_attention(q.float(), k.float(), v.float(), keys, backend="reference")
     assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_xattention_block_mass_kernel_equals_torch(causal):
+    from vidsparse.attention.patterns.xattention import block_mass
+
+    sc = (3 * torch.randn(1, 8, 512, 1024, device="cuda")).to(torch.bfloat16)
+    want = block_mass(sc, 8, 8, 256, 1000, 0, causal, backend="reference")
+    got = block_mass(sc, 8, 8, 256, 1000, 0, causal, backend="kernel")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

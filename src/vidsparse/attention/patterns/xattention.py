@@ -25,6 +25,7 @@ class XAttention(Pattern):
     sink: int = 1
     local: int = 1
     chunk_tokens: int = 8192
+    backend: str = "auto"  # block sums: "kernel" (Triton, the default on CUDA) or "reference" (torch)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
@@ -52,16 +53,31 @@ class XAttention(Pattern):
             # GEMM in q's dtype, the scale applied in its epilogue; then in place: mask, softmax, block sums
             a = qc.reshape(b * hk, g * qc.shape[2], s * d)
             kt = kc.reshape(b * hk, kc.shape[2], s * d).transpose(1, 2)
-            sc = torch.baddbmm(a.new_zeros(1, 1, 1), a, kt, beta=0.0, alpha=1.0 / (math.sqrt(d) * s)).float()
+            sc = torch.baddbmm(a.new_zeros(1, 1, 1), a, kt, beta=0.0, alpha=1.0 / (math.sqrt(d) * s))
             sc = sc.view(b, h, qc.shape[2], kc.shape[2])
-            cols = torch.arange(kc.shape[2], device=q.device)[None, :]
-            rows = torch.arange(m0 * bq, m1 * bq, device=q.device)[:, None]
-            valid = cols * s < nk
-            if meta.causal:
-                valid = valid & (cols <= rows + (nk - nq) // s)
-            pr = torch.softmax(sc.masked_fill_(~valid, float("-inf")), dim=-1)  # column 0 is always valid: no NaN
-            blk = pr.view(b, h, m1 - m0, bq, nkc, bk).sum((3, 5))
+            blk = block_mass(sc, bq, bk, m0 * bq, -(-nk // s), (nk - nq) // s, meta.causal, self.backend)
             mass.append(torch.nn.functional.pad(blk, (0, nkb - nkc)))
         mass = torch.cat(mass, dim=2)
         keep = keep_top_mass(mass, self.tau)
         return finish_layout(keep, q, k, meta, self.sink, self.local)
+
+
+def block_mass(sc, bq: int, bk: int, row0: int, col_lim: int, off_s: int, causal: bool, backend: str = "auto"):
+    """Row softmax of strided scores sc [B, H, R, C] over the valid columns (c < ``col_lim``; causal: c ≤ row0 + r +
+    ``off_s``), summed over blocks of ``bq`` rows × ``bk`` columns -> float32 [B, H, R / bq, C / bk]. The Triton
+    kernel reads the scores twice in their own dtype; the torch path materialises fp32 probabilities."""
+    b, h, r, c = sc.shape
+    use_kernel = backend == "kernel" or (backend == "auto" and sc.is_cuda)
+    if use_kernel:
+        from ..kernels.block_mass import softmax_block_sum
+
+        return softmax_block_sum(sc.reshape(b * h, r, c), bq, bk, row0, col_lim, off_s, causal).view(
+            b, h, r // bq, c // bk)
+    sc = sc.float()
+    cols = torch.arange(c, device=sc.device)[None, :]
+    rows = torch.arange(row0, row0 + r, device=sc.device)[:, None]
+    valid = cols < col_lim
+    if causal:
+        valid = valid & (cols <= rows + off_s)
+    pr = torch.softmax(sc.masked_fill(~valid, float("-inf")), dim=-1)  # column 0 is always valid: no NaN
+    return pr.view(b, h, r // bq, bq, c // bk, bk).sum((3, 5))
