@@ -12,6 +12,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(base, c0, s_sc, grow, hi, col_lim, off_s, CAUSAL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Scores of columns c0 .. c0+BLOCK_C in the log2 domain, -inf where invalid (past ``col_lim``/``hi`` or, if
+    causal, past each row's diagonal)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    valid = (cols[None, :] < col_lim) & (cols[None, :] < hi)
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= grow[:, None] + off_s)
+    return tl.load(base + cols[None, :] * s_sc, mask=valid, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _softmax_block_sum(S, OUT, s_sb, s_sr, s_sc, s_ob, s_om, s_on, n_cols, row0, col_lim, off_s,
                        CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_C: tl.constexpr):
     bh = tl.program_id(0)
@@ -25,11 +36,7 @@ def _softmax_block_sum(S, OUT, s_sb, s_sr, s_sc, s_ob, s_om, s_on, n_cols, row0,
     m = tl.full([BQ], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BQ], dtype=tl.float32)
     for c0 in range(0, hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        valid = (cols[None, :] < col_lim) & (cols[None, :] < hi)
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= grow[:, None] + off_s)
-        s = tl.load(base + cols[None, :] * s_sc, mask=valid, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        s = _tile(base, c0, s_sc, grow, hi, col_lim, off_s, CAUSAL, BLOCK_C)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.math.exp2(m - m_sub) + tl.sum(tl.math.exp2(s - m_sub[:, None]), 1)
@@ -37,11 +44,7 @@ def _softmax_block_sum(S, OUT, s_sb, s_sr, s_sc, s_ob, s_om, s_on, n_cols, row0,
     inv = tl.where(l > 0, 1.0 / l, 0.0)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     for c0 in range(0, hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        valid = (cols[None, :] < col_lim) & (cols[None, :] < hi)
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= grow[:, None] + off_s)
-        s = tl.load(base + cols[None, :] * s_sc, mask=valid, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        s = _tile(base, c0, s_sc, grow, hi, col_lim, off_s, CAUSAL, BLOCK_C)
         p = tl.math.exp2(s - m_sub[:, None]) * inv[:, None]
         blk = tl.sum(tl.reshape(tl.sum(p, 0), [BLOCK_C // BK, BK]), 1)
         kb = c0 // BK + tl.arange(0, BLOCK_C // BK)
