@@ -474,6 +474,19 @@ def test_kernel_key_positions_random_permutation(interpreter):
     torch.testing.assert_close(out, ref, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
+def test_pattern_parameter_errors_are_spec_errors():
+    from vidsparse.errors import SpecError, VidsparseError
+
+    for spec in ["pbs:tau=0", "pbs:segment=0", "pyramid:mode=fast", "pyramid:exact=0.5,pool2=0.2"]:
+        with pytest.raises(SpecError):
+            PATTERNS.from_spec(spec)
+    q, k, _ = qkv(n=64)
+    with pytest.raises(VidsparseError, match="segment=96"):
+        PATTERNS.from_spec("pbs:segment=100").estimate(q, k, SeqMeta(32, 32))
+    with pytest.raises(VidsparseError, match="stride"):
+        PATTERNS.from_spec("xattention:stride=24").estimate(q, k, SeqMeta(32, 32))
+
+
 def test_new_layouts_reject_per_sequence_lengths():
     q, k, v = qkv(n=64)
     lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))

@@ -25,6 +25,10 @@ class PBS(Pattern):
     last_q: int = 128
     first_block: bool = True
 
+    def __post_init__(self):
+        if self.segment <= 0 or not 0.0 < self.tau <= 1.0 or self.last_q < 1:
+            raise ValueError("segment must be > 0, tau in (0, 1], last_q >= 1")
+
     def permutation(self, q, k) -> torch.Tensor:
         """int64 [B, Hkv, Nk]: original key positions in permuted order."""
         b, h, nq, _ = q.shape
@@ -38,7 +42,10 @@ class PBS(Pattern):
 
     def estimate(self, q, k, meta: SeqMeta) -> PermutedLayout:
         if self.segment % meta.block_k:
-            raise ValueError(f"pbs segment {self.segment} is not a multiple of the key block {meta.block_k}")
+            from ...errors import SpecError
+
+            raise SpecError(f"pbs segment {self.segment} is not a multiple of the key block {meta.block_k}: "
+                            f"use pbs:segment={max(1, self.segment // meta.block_k) * meta.block_k}")
         b, h, nq, d = q.shape
         hk, nk = k.shape[1], k.shape[2]
         perm = self.permutation(q, k)

@@ -30,7 +30,10 @@ class XAttention(Pattern):
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
         if meta.block_q % s or meta.block_k % s:
-            raise ValueError(f"block sizes must be multiples of the stride {s}")
+            from ...errors import SpecError
+
+            raise SpecError(f"xattention stride {s} must divide the blocks ({meta.block_q}x{meta.block_k}): "
+                            "use a power of two up to 16")
         b, h, nq, d = q.shape
         hk, nk = k.shape[1], k.shape[2]
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
