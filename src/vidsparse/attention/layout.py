@@ -118,10 +118,12 @@ class BlockLayout:
             m = m & (kj <= qi)
         return m
 
-    def density(self) -> float:
-        """Computed blocks / blocks of the causal (or full) pattern, averaged over batch and heads."""
+    def density(self, causal: bool | None = None) -> float:
+        """Computed blocks / blocks of the causal (or full) pattern, averaged over batch and heads. ``causal``
+        overrides the layout's flag for the denominator (a permuted layout is stored without causal pruning)."""
+        causal = self.causal if causal is None else causal
         allowed = causal_block_mask(self.num_q_blocks, self.num_k_blocks, self.block_q, self.block_k, self.q_len,
-                                    self.k_len, self.kv_count.device) if self.causal else None
+                                    self.k_len, self.kv_count.device) if causal else None
         total = int(allowed.sum()) if allowed is not None else self.num_q_blocks * self.num_k_blocks
         return float(self.kv_count.float().sum(-1).mean().item()) / max(total, 1)
 
@@ -317,11 +319,7 @@ class PermutedLayout:
 
     def density(self) -> float:
         """Computed blocks over the blocks of the (unpermuted) causal pattern."""
-        lay = self.blocks
-        total = int(causal_block_mask(lay.num_q_blocks, lay.num_k_blocks, lay.block_q, lay.block_k, lay.q_len,
-                                      lay.k_len, lay.kv_count.device).sum()) if self.causal else \
-            lay.num_q_blocks * lay.num_k_blocks
-        return float(lay.kv_count.float().sum(-1).mean().item()) / max(total, 1)
+        return self.blocks.density(causal=self.causal)
 
     def dense_mask(self, heads: int) -> Tensor:
         """bool [B, H, Nq, Nk] in original key order, for the reference."""

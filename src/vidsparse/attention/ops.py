@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -109,10 +110,6 @@ def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor,
     """Dense (causal) attention inside gathered sequences: ``idx`` int64 [B, H, S, L] positions (sorted within each
     sequence; entries past ``lens`` [B, H, S] are ignored), each query head gathering from its KV head. All B·H·S
     sequences go to ``sparse_attention`` as one batch with per-sequence lengths. -> [B, H, S, L, D]."""
-    import torch
-
-    from .layout import BlockLayout
-
     b, h, s, length = idx.shape
     d = q.shape[-1]
     heads = torch.arange(h, device=q.device) // (h // k.shape[1])
@@ -130,8 +127,6 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
     """Execute a ``TokenLayout``: gather each head's kept tokens, run dense (causal) attention on them as a batch of
     B·H sequences of per-head length through ``sparse_attention`` (kernel or reference), scatter back; dropped rows
     are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
-    import torch
-
     b, h, n, d = q.shape
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"token layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
@@ -149,8 +144,6 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
                       backend: str = "auto") -> Tensor:
     """Execute a ``GroupLayout`` (see its docstring). q [B, H, N, D], k/v [B, Hkv, N, D]."""
-    import torch
-
     b, h, n, d = q.shape
     s, e = layout.span
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
@@ -196,8 +189,6 @@ def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: f
     that start at or before its last query); a query whose own key was not kept then folds it in through the
     kernel's log-sum-exp. q [B, H, N, D], k/v [B, Hkv, N, D] -> [B, H, N, D] (the kernel: CUDA, or CPU under
     TRITON_INTERPRET=1)."""
-    import math
-
     import triton
 
     from .kernels import block_sparse as bs

@@ -187,8 +187,7 @@ def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq
     """int32 [B, H, NQ]: how many leading (sorted) blocks of each row need no element mask for each sequence's
     lengths. With ``key_pos`` (int [B, Hkv, Nk], keys' original positions) a block is mask-free when every key in it
     lies at or before the row's first query (query i at key position i + ``kpos_off``); the count is the leading
-    run of such blocks. Pure tensor ops, no host
-    sync."""
+    run of such blocks. Pure tensor ops, no host sync."""
     nqb = kv_index.shape[2]
     m = torch.arange(nqb, device=kv_index.device)
     valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
@@ -213,10 +212,8 @@ def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq
 _TUNED: dict = {}
 
 
-def _kernel(cuda: bool):
-    """The autotuned kernel on CUDA; the plain one in the interpreter, whose autotuner has no benchmarker."""
-    if not cuda:
-        return _block_sparse_fwd
+def _autotuned():
+    """The kernel autotuned over warps/stages (CUDA, block shapes without a measured default)."""
     if "k" not in _TUNED:
         _TUNED["k"] = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "TMA",
                                                                "HAS_KPOS", "PYRAMID", "RETURN_LSE"])(_block_sparse_fwd)
@@ -296,7 +293,7 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         # 4 stages exceed shared memory; the autotuner's pick between near-equal configs was noisy (up to 13% worse)
         num_warps, num_stages = 8, num_stages or (2 if pooled is not None else 3)
     launch = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages or 3}
-    kernel = _block_sparse_fwd if launch or not q.is_cuda else _kernel(True)
+    kernel = _block_sparse_fwd if launch or not q.is_cuda else _autotuned()  # the interpreter has no autotuner
     kernel[grid](
         qa, ka, va, out, lse, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
