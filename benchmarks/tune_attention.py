@@ -1,13 +1,16 @@
-"""Kernel variants side by side on the GPU (pointer loads vs TMA descriptors, warps and pipeline stages), on
-the same layouts: random blocks (every head and row independent, the worst case for L2 reuse) and the blocks
-``block_topk`` picks on video-structured q/k.
+"""Kernel variants side by side on the GPU, on the same layouts and in one process: the warp-specialised Gluon kernel
+(``block_sparse_hopper``, the default on Hopper), the Triton kernel with TMA descriptors and with pointer loads
+(warps/stages), and cuDNN's dense attention as the yardstick. Layouts: random blocks (every head and row independent,
+the worst case for L2 reuse), the blocks ``block_topk`` picks on video-structured q/k, and all causal blocks.
 
-    python benchmarks/tune_attention.py
+    python benchmarks/tune_attention.py [--all]
 
-Prints ms and effective TF/s per variant and checks each against the first variant's output."""
+Prints ms and effective TF/s per variant and checks each against the first variant's output. ``--all`` adds the
+Triton kernel's other warps/stages combinations."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,9 +27,14 @@ from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 
 
 def main():
-    res = {"benchmark": "tune_attention", "date": today(), "device": device_name(), "rows": []}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="every Triton warps/stages combination")
+    opts = ap.parse_args()
+    res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
+           "command": "python benchmarks/tune_attention.py" + (" --all" if opts.all else ""), "rows": []}
     h, hk, d = 28, 4, 128
-    for n, kind, rho in [(131072, "random", 0.1), (131072, "pattern", 0.1), (32768, "dense", 1.0)]:
+    for n, kind, rho in [(131072, "pattern", 0.1), (131072, "random", 0.1), (32768, "dense", 1.0),
+                         (131072, "dense", 1.0)]:
         if kind == "pattern":
             q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
             lay = PATTERNS.from_spec(f"block_topk:density={rho}").estimate(q, k, SeqMeta())
@@ -37,9 +45,21 @@ def main():
         v = torch.randn_like(k)
         dens = lay.density()
         args = (q, k, v, lay.kv_index, lay.kv_count, 128, 128, True, None)
-        variants = {"pointer_default": lambda: bs.block_sparse_attention(*args),
-                    "tma_default": lambda: bs.block_sparse_attention(*args, tma=True)}
-        for w, st in ((8, 2), (8, 3), (8, 4), (4, 3)):
+        variants = {"hopper": lambda: bs.block_sparse_attention(*args, hopper=True),
+                    "triton_tma": lambda: bs.block_sparse_attention(*args, tma=True, hopper=False),
+                    "triton_pointer": lambda: bs.block_sparse_attention(*args, hopper=False)}
+        for regs in (232, 224):
+            variants[f"hopper_regs{regs}"] = lambda regs=regs: _hopper(args, consumer_regs=regs)
+        if kind == "dense":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            ke, ve = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+            variants["sdpa_cudnn"] = cudnn
+        for w, st in ((8, 2), (8, 4), (4, 3)) if opts.all else ():
             variants[f"tma_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, tma=True, num_warps=w,
                                                                                         num_stages=st)
             variants[f"pointer_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, num_warps=w,
@@ -61,6 +81,15 @@ def main():
         del q, k, v, lay
         torch.cuda.empty_cache()
     save("tune_attention", res)
+
+
+def _hopper(args, **kw):
+    from vidsparse.attention.kernels.block_sparse_hopper import block_sparse_attention_hopper
+
+    q, k, v, idx, cnt, bq, bk, causal, _ = args
+    n = torch.full((1,), q.shape[2], dtype=torch.int32, device=q.device)
+    nfull = bs.full_prefix(idx, cnt, bq, bk, causal, n, n)
+    return block_sparse_attention_hopper(q, k, v, idx, cnt, nfull, n, n, causal, q.shape[-1] ** -0.5, **kw)
 
 
 if __name__ == "__main__":

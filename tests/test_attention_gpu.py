@@ -12,10 +12,12 @@ from vidsparse.attention.reference import layout_attention
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(autouse=True, params=["tma", "pointers"])
+@pytest.fixture(autouse=True, params=["hopper", "tma", "pointers"])
 def variant(request, monkeypatch):
-    """Every test runs on both kernel variants (TMA is the default on Hopper for 128x128 blocks)."""
-    monkeypatch.setenv("VIDSPARSE_ATTENTION_TMA", "1" if request.param == "tma" else "0")
+    """Every test runs on each kernel: the warp-specialised Gluon kernel (the default on Hopper where it applies),
+    the Triton kernel with TMA descriptors, and with pointer loads."""
+    monkeypatch.setenv("VIDSPARSE_ATTENTION_HOPPER", "1" if request.param == "hopper" else "0")
+    monkeypatch.setenv("VIDSPARSE_ATTENTION_TMA", "0" if request.param == "pointers" else "1")
     return request.param
 
 

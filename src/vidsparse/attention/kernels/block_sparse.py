@@ -18,6 +18,7 @@ One kernel, compile-time switches:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -220,6 +221,17 @@ def _autotuned():
     return _TUNED["k"]
 
 
+def _hopper_fits(q, k, v, block_q, block_k, scale) -> bool:
+    """The Gluon kernel's domain (``VIDSPARSE_ATTENTION_HOPPER=0`` turns it off)."""
+    if os.environ.get("VIDSPARSE_ATTENTION_HOPPER", "1") == "0":
+        return False
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    from .block_sparse_hopper import supported
+
+    return supported(q, k, v, block_q, block_k, scale)
+
+
 def _bcast_strides(t, dims):
     return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims)]
 
@@ -242,7 +254,7 @@ def pool_kv(x, full_blocks: int, block_k: int):
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,
                            scale: float | None, seqlens_q=None, seqlens_k=None, *, key_pos=None, query_offset=None,
                            pooled=None, return_lse: bool = False, tma: bool = False, num_warps: int | None = None,
-                           num_stages: int | None = None):
+                           num_stages: int | None = None, hopper: bool | None = None):
     """q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; kv_index int32 [B|1, H|1, NQ, K]; kv_count int32 [B|1, H|1, NQ].
 
     ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted or gathered keys); query i
@@ -251,7 +263,9 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ]) for levels 2, 4, 8; pooled blocks
     must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
     descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
-    autotuning (CUDA)."""
+    autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
+    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, contiguous inputs, no key
+    positions or pyramid levels, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128):
@@ -265,6 +279,13 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)
+    if hopper is None:
+        hopper = key_pos is None and pooled is None and num_warps is None and _hopper_fits(q, k, v, block_q, block_k,
+                                                                                            scale)
+    if hopper:
+        from .block_sparse_hopper import block_sparse_attention_hopper
+
+        return block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, causal, scale, return_lse)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=dev) if return_lse else lk
     kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
     s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]
