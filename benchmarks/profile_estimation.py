@@ -1,0 +1,64 @@
+"""Where a pattern's estimation spends its GPU time: torch.profiler over a few calls at one size, kernels ranked by
+total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attention.py``).
+
+    python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1,xattention"]
+
+Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import bench_ms  # noqa: E402
+from common import device_name, save, today  # noqa: E402
+
+from vidsparse import PATTERNS  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+
+
+def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pat = PATTERNS.from_spec(spec)
+    ms = bench_ms(lambda: pat.estimate(q, k, meta), rep_ms=200)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            pat.estimate(q, k, meta)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": ev.key[:140], "ms_per_call": us / 1000 / calls, "count_per_call": ev.count / calls})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    total = sum(r["ms_per_call"] for r in rows)
+    print(f"{spec}: {ms:.2f} ms per call (do_bench); kernels {total:.2f} ms", flush=True)
+    for r in rows[:top]:
+        print(f"  {r['ms_per_call']:7.3f} ms  x{r['count_per_call']:<4g} {r['kernel'][:110]}", flush=True)
+    return {"spec": spec, "ms": ms, "kernel_ms": total, "kernels": rows[:top]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=131072)
+    ap.add_argument("--specs", default="block_topk:density=0.1")
+    args = ap.parse_args()
+    h, hk, d = 28, 4, 128
+    q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
+    meta = SeqMeta(128, 128, True)
+    res = {"benchmark": "profile_estimation", "date": today(), "device": device_name(), "n": args.n,
+           "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:]),
+           "rows": [profile(s, q, k, meta) for s in args.specs.split(",")]}
+    save("profile_estimation", res)
+
+
+if __name__ == "__main__":
+    main()
