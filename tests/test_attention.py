@@ -227,6 +227,31 @@ def test_xattention_block_mass_kernel_equals_torch(interpreter, causal, row0, co
     torch.testing.assert_close(got.sum((-1)).view(2, 3, 4), torch.full((2, 3, 4), 8.0), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("nq,nk,causal,sink,local,budget", [(700, 700, True, 2, 3, 0.3), (300, 900, True, 1, 1, 0.2),
+                                                              (640, 500, False, 1, 2, 0.25),
+                                                              (1057, 1057, True, 0, 0, 0.05)])  # 1056 = 33·32
+def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink, local, budget):
+    """The in-register sort selects exactly the blocks torch's biased topk selects, for every row's own budget."""
+    import math
+
+    from vidsparse.attention.patterns.base import block_scores, topk_layout
+
+    q = torch.randn(1, 2, nq, 16, generator=torch.Generator().manual_seed(nq))  # small: the interpreter is slow
+    k = torch.randn(1, 1, nk, 16, generator=torch.Generator().manual_seed(nk))
+    meta = SeqMeta(32, 32, causal)
+    s = block_scores(q, k, meta, masked=False)
+    nqb, nkb = s.shape[-2:]
+    rows = causal_block_mask(nqb, nkb, 32, 32, nq, nk).sum(-1) if causal else torch.full((nqb,), nkb)
+    per_row = torch.ceil(rows.double() * budget).long()
+    width = max(math.ceil(nkb * budget), sink + local)
+    want = topk_layout(s.clone(), per_row, width, q, k, meta, sink, local, backend="reference")
+    got = topk_layout(s.clone(), per_row, width, q, k, meta, sink, local, backend="kernel")
+    assert torch.equal(got.kv_count, want.kv_count)
+    assert torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_full, want.kv_full)
+    assert int(got.kv_count.min()) >= 1
+
+
 def test_xattention_finds_planted_blocks():
     """Keys of block 3 match every query strongly: a τ=0.9 selection must keep block 3 for rows after it."""
     q, k, _ = qkv(h=2, hk=2, n=256, d=16, seed=2)

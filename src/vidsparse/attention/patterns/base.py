@@ -153,12 +153,15 @@ def finish_layout(keep, q, k, meta, sink, local):
     return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
 
 
-def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int) -> BlockLayout:
+def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int,
+                backend: str = "auto") -> BlockLayout:
     """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
-    (never fewer than the forced ones, never more than the row's causal blocks): one in-place pass that puts forced
-    blocks at +inf and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` (an upper bound of every
-    row's total, known on the host) and one sort of ``width`` int32 entries per row; no [NQ, NK] sort, no host sync.
-    ``scores`` [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); it is overwritten."""
+    (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
+    [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
+    ``backend``: "kernel" (one Triton program per row ranks the biased scores with an in-register sort; the default
+    on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
+    -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
+    the kept indices). Both keep the same blocks."""
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = scores.shape[-2:]
     allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
@@ -166,6 +169,12 @@ def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta,
     forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
     width = max(1, min(width, nkb))
     total = torch.minimum(torch.maximum(budget.to(q.device), forced.sum(-1)), allowed.sum(-1)).clamp(max=width)
+    if backend == "kernel" or (backend == "auto" and scores.is_cuda):
+        from ..kernels.block_select import select_blocks
+
+        index = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        return BlockLayout.from_index(index, total.expand(*scores.shape[:-1]), meta.block_q, meta.block_k, nq, nk,
+                                      meta.causal)
     bias = torch.zeros(nqb, nkb, device=q.device, dtype=scores.dtype)
     bias.masked_fill_(~allowed, float("-inf")).masked_fill_(forced, float("inf"))
     scores.add_(bias)

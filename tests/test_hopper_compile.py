@@ -1,0 +1,85 @@
+"""The Gluon Hopper kernel compiled for sm_90 on a machine without a GPU (Triton ships ptxas and cuobjdump): it must
+build, issue warpgroup MMAs (HGMMA), redistribute registers between its partitions (setmaxnreg) and spill nothing to
+local memory. Its numerics are checked on the GPU (tests/test_attention_gpu.py, variant "hopper")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+BUILD = r"""
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+class Sm90:  # just enough of a driver for warmup: it names the target; nothing is launched
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+triton.runtime.driver.set_active(Sm90())
+from vidsparse.attention.kernels import block_sparse_hopper as hop
+
+d, causal, lse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+n, h, hk = 512, 4, 2
+q = torch.empty(h * n, d, dtype=torch.bfloat16)
+kv = torch.empty(hk * n, d, dtype=torch.bfloat16)
+qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16))
+kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
+i32 = torch.zeros(4, dtype=torch.int32)
+k = hop._fwd.warmup(qd, kd, kd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), i32, i32, i32, i32, i32,
+                    *([1] * 16), n, n, h, hk, h // hk, n // 128, 0.1, HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128,
+                    CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES, CONSUMER_REGS=hop.CONSUMER_REGS,
+                    LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG, grid=(1,))
+open(sys.argv[4], "wb").write(k.asm["cubin"])
+print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
+"""
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+
+    path = Path(nv.__file__).parent / "bin" / name
+    if not path.exists():
+        pytest.skip(f"Triton's {name} is not installed")
+    return str(path)
+
+
+@pytest.mark.parametrize("d,causal,lse", [(128, True, False), (64, False, True)])
+def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse):
+    """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
+    which Gluon cannot compile."""
+    cubin = tmp_path / "k.cubin"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", BUILD, str(d), str(int(causal)), str(int(lse)), str(cubin)],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "HGMMA" in sass
+    assert info["ptx_setmaxnreg"]
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    assert info["shared"] <= 227 * 1024
