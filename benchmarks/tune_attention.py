@@ -29,12 +29,13 @@ from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every Triton warps/stages combination")
+    ap.add_argument("--hopper-only", action="store_true", help="only the Gluon kernel's variants (no 128K dense)")
     opts = ap.parse_args()
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
-           "command": "python benchmarks/tune_attention.py" + (" --all" if opts.all else ""), "rows": []}
+           "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
     h, hk, d = 28, 4, 128
-    for n, kind, rho in [(131072, "pattern", 0.1), (131072, "random", 0.1), (32768, "dense", 1.0),
-                         (131072, "dense", 1.0)]:
+    cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (32768, "dense", 1.0), (131072, "dense", 1.0)]
+    for n, kind, rho in cases[:3] if opts.hopper_only else cases:
         if kind == "pattern":
             q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
             lay = PATTERNS.from_spec(f"block_topk:density={rho}").estimate(q, k, SeqMeta())
@@ -48,8 +49,14 @@ def main():
         variants = {"hopper": lambda: bs.block_sparse_attention(*args, hopper=True),
                     "triton_tma": lambda: bs.block_sparse_attention(*args, tma=True, hopper=False),
                     "triton_pointer": lambda: bs.block_sparse_attention(*args, hopper=False)}
+        variants["hopper_pingpong"] = lambda: _hopper(args, pingpong=True)
+        variants["hopper_no_pingpong"] = lambda: _hopper(args, pingpong=False)
         for regs in (232, 224):
             variants[f"hopper_regs{regs}"] = lambda regs=regs: _hopper(args, consumer_regs=regs)
+        if opts.hopper_only:  # ping-pong on and off, each twice, interleaved against ordering effects
+            variants = {"hopper_no_pingpong": variants["hopper_no_pingpong"], "hopper_pingpong": variants["hopper_pingpong"],
+                        "hopper_no_pingpong_again": variants["hopper_no_pingpong"],
+                        "hopper_pingpong_again": variants["hopper_pingpong"]}
         if kind == "dense":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -80,7 +87,7 @@ def main():
             print(row, flush=True)
         del q, k, v, lay
         torch.cuda.empty_cache()
-    save("tune_attention", res)
+    save("tune_attention" + ("_hopper" if opts.hopper_only else ""), res)
 
 
 def _hopper(args, **kw):

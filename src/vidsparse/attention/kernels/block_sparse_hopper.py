@@ -19,6 +19,8 @@ pyramid levels, key positions, other block shapes, the interpreter)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -35,6 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 BLOCK = 128
 NUM_STAGES = 2
 CONSUMER_REGS = 240
+PINGPONG = os.environ.get("VIDSPARSE_ATTENTION_PINGPONG", "0") == "1"  # measured in benchmarks/tune_attention.py
 LOADER_REGS = 24
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
 
@@ -58,9 +61,25 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, qk_scale, CAUSAL:
 
 
 @gluon.jit
+def _take_turn(turn, t, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong (FlashAttention-3): the two consumer warpgroups take turns issuing their tensor-core work, so one's
+    softmax runs while the other's products do. Turn t of warpgroup 0 follows turn t-1 of warpgroup 1 and vice versa
+    (a fresh barrier counts as a completed phase 1, so warpgroup 0 starts)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (t & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, o_base, lse_base,
+              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turn, o_base,
+     lse_base,
      idx_base, s_ik, s_om, s_od, cnt, nfull, q_row0, kv_row0, m0, lq, lk, off, qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
     row0 = m0 + WG * BM  # this warpgroup's first query row
@@ -83,7 +102,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     if cnt > 0:
         # key block 0: scores, then softmax (nothing to rescale yet)
         mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, 0, WG, PINGPONG)
         s = warpgroup_mma(q_s, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         n = gl.load(idx_base)
@@ -94,9 +115,11 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
             prev = (j - 1) % STAGES
             # Q·K_jᵀ goes first, then P_{j-1}·V_{j-1}; the softmax of block j overlaps the latter
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-            s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            _take_turn(turn, j, WG, PINGPONG)
+            s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             mbarrier.arrive(k_empty.index(slot), count=1)
             n = gl.load(idx_base + j * s_ik)
@@ -108,7 +131,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
             p = gl.convert_layout(p32.to(dtype), P_L)
         last = (cnt - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((cnt - 1) // STAGES) & 1)
+        _take_turn(turn, cnt, WG, PINGPONG)
         acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -124,20 +149,21 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
 
 @gluon.jit
 def _consumer0(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES)
+              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, PINGPONG)
 
 
 @gluon.jit
 def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES)
+              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, PINGPONG)
 
 
 @gluon.jit
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, o_base, lse_base,
+              RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turn, o_base,
+     lse_base,
      idx_base, s_ik, s_om, s_od, cnt, nfull, q_row0, kv_row0, m0, lq, lk, off, qk_scale) = args
     for j in range(cnt):
         slot = j % STAGES
@@ -157,7 +183,8 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, NFULL, LQ, LK,
          s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm, s_fb, s_fh, s_fm,
          NQ, NK, H, HK, GROUP, NQB, qk_scale,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+         LOADER_REGS: gl.constexpr):
     # Same launch order as the Triton kernel: query heads sharing a K/V head fastest, longest causal rows first.
     pid_g = gl.program_id(0) % GROUP
     pid_m = NQB - 1 - gl.program_id(0) // GROUP
@@ -174,25 +201,27 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, NFULL, LQ, LK,
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bars.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
-        args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
+        args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turn,
                 O + b * s_ob + h * s_oh, LSE + b * s_lb + h * s_lh, IDX + b * s_ib + h * s_ih + pid_m * s_im, s_ik,
                 s_om, s_od, cnt, nfull, (b * H + h) * NQ + pid_m * BLOCK_M, (b * HK + hk) * NK, pid_m * BLOCK_M,
                 lq, lk, lk - lq, qk_scale)
-        gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES)),
-                            (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES)),
-                            (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES))], [4, 1],
+        gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, PINGPONG)),
+                            (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, PINGPONG)),
+                            (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, PINGPONG))], [4, 1],
                            [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -206,7 +235,7 @@ def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, causal: bool, scale: float,
                                   return_lse: bool = False, stages: int = NUM_STAGES,
-                                  consumer_regs: int = CONSUMER_REGS):
+                                  consumer_regs: int = CONSUMER_REGS, pingpong: bool | None = None):
     """The launch for ``block_sparse.block_sparse_attention`` (which computes ``nfull`` and the lengths): q [B, H,
     Nq, D], k/v [B, Hkv, Nk, D] contiguous; kv_index/kv_count/nfull broadcastable over B and H."""
     from .block_sparse import LOG2E, _bcast_strides
@@ -230,6 +259,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, ca
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3),
         nq, nk, h, hk, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=stages,
+        PINGPONG=PINGPONG if pingpong is None else pingpong,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out
