@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, flops, random_layout, video_qk  # noqa: E402
-from common import device_name, save, today  # noqa: E402
+from common import device_name, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
@@ -30,7 +30,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every Triton warps/stages combination")
     ap.add_argument("--hopper-only", action="store_true", help="only the Gluon kernel's variants (no 128K dense)")
+    ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     opts = ap.parse_args()
+    if opts.markdown_from:
+        import json
+
+        write_markdown(json.loads(Path(opts.markdown_from).read_text()))
+        return
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
     h, hk, d = 28, 4, 128
@@ -88,6 +94,23 @@ def main():
         del q, k, v, lay
         torch.cuda.empty_cache()
     save("tune_attention" + ("_hopper" if opts.hopper_only else ""), res)
+    write_markdown(res)
+
+
+def write_markdown(res):
+    """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's ping-pong A/B)."""
+    pingpong = "--hopper-only" in res.get("command", "")
+    title = f"Attention kernel variants{': ping-pong A/B' if pingpong else ''} ({res['device']})"
+    lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
+             "d = 128, bf16, causal; `max diff` is against the first variant of the row group.", "",
+             "| N | layout | density | variant | ms | TF/s | max diff |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "ms" in r:
+            lines.append(f"| {r['n']} | {r['layout']} | {r['density']:.3f} | {r['variant']} | {r['ms']:.2f} | "
+                         f"{r['tflops']:.0f} | {r['max_diff']:.3g} |")
+        else:
+            lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | |")
+    update_markdown(title, "\n".join(lines))
 
 
 def _hopper(args, **kw):

@@ -13,6 +13,10 @@ kernel cannot express in Triton 3.6:
   tensor cores are fed while the special-function units compute exponentials.
 - The softmax scale (times log2 e) is applied in the exponent's fused multiply-add, not to Q, and P goes to the
   P·V product straight from registers.
+- FlashAttention-3's explicit ping-pong (the consumers take turns issuing their products through two mbarriers) is
+  available as ``PINGPONG`` (``VIDSPARSE_ATTENTION_PINGPONG=1``) but off: on an H100 it measured 10–15% slower on
+  sparse layouts at 128K tokens and equal on dense ones (``benchmarks/tune_attention.py --hopper-only``) — the
+  independent partitions already interleave without it.
 
 The Triton kernel in ``block_sparse.py`` stays the reference implementation for every other case (pointer loads,
 pyramid levels, key positions, other block shapes, the interpreter)."""
@@ -37,7 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 BLOCK = 128
 NUM_STAGES = 2
 CONSUMER_REGS = 240
-PINGPONG = os.environ.get("VIDSPARSE_ATTENTION_PINGPONG", "0") == "1"  # measured in benchmarks/tune_attention.py
+PINGPONG = os.environ.get("VIDSPARSE_ATTENTION_PINGPONG", "0") == "1"  # slower when measured; see the docstring
 LOADER_REGS = 24
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
 
