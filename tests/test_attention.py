@@ -182,6 +182,36 @@ def test_block_topk_keeps_forced_then_best_scores(density):
             assert set(torch.nonzero(bm[h, m]).flatten().tolist()) == want, (h, m)
 
 
+@pytest.mark.parametrize("nq,nk,bq,bk", [(700, 700, 32, 32), (300, 900, 32, 64), (900, 300, 64, 32), (1, 1, 128, 128),
+                                         (129, 1000, 128, 128)])
+def test_causal_block_count_is_the_mask_sum(nq, nk, bq, bk):
+    from vidsparse.attention.layout import causal_block_count
+
+    nqb, nkb = -(-nq // bq), -(-nk // bk)
+    assert causal_block_count(nqb, nkb, bq, bk, nq, nk) == int(causal_block_mask(nqb, nkb, bq, bk, nq, nk).sum())
+
+
+@pytest.mark.parametrize("spec", ["block_topk:density=0.2", "pyramid", "pbs", "token_sparse", "grid"])
+def test_density_tensor_equals_density(spec):
+    """The model scope sums density_tensor() per layer (no host sync); it must be density() exactly."""
+    q, k, _ = qkv(n=640, seed=4)
+    meta = SeqMeta(32, 32, True, visual=(64, 576), tokens_per_frame=64)
+    lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
+    assert float(lay.density_tensor()) == pytest.approx(lay.density(), rel=1e-6)
+
+
+def test_group_density_counts_only_existing_groups():
+    """GroupLayout.density_tensor sums over every possible group id (no host sync for the id count); per head:
+    groups of sizes 3, 0 (id 1 unused), 5 with a 10-token prefix and 4 dense rows after the span."""
+    from vidsparse.attention.layout import GroupLayout
+
+    group = torch.tensor([[[0, 0, 0, 2, 2, 2, 2, 2], [0] * 8]])  # head 0: ids 0 and 2; head 1: one group
+    lay = GroupLayout(group, (10, 18), 22, 22)
+    head0 = ((10 + 3) ** 2 + (10 + 0) ** 2 + (10 + 5) ** 2 - 2 * 10 ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
+    head1 = ((10 + 8) ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
+    assert float(lay.density_tensor()) == pytest.approx((head0 + head1) / 2, rel=1e-6)
+
+
 def test_keep_top_mass_is_minimal():
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert keep_top_mass(p, 0.8).tolist() == [[True, True, False, False]]

@@ -82,6 +82,15 @@ def test_batch_with_different_lengths():
     assert torch.all(out[1, :, 700:] == 0) and torch.all(out[2, :, 129:] == 0)
 
 
+def test_transposed_views_as_a_model_passes_them():
+    """A model's q/k/v are [B, N, H, D] projections viewed as [B, H, N, D]: not contiguous."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    mk = lambda hh: torch.randn(1, 1500, hh, 128, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    q, k, v = mk(8), mk(2), mk(2)
+    assert not q.is_contiguous()
+    check(q, k, v, BlockLayout.dense(1500, 1500, device="cuda"))
+
+
 @pytest.mark.parametrize("spec", ["block_topk:density=0.1", "block_topk:topk=5", "pyramid"])
 def test_patterns_pick_the_same_blocks_on_cuda_as_on_cpu(spec):
     """Estimation is device-independent: fp32 inputs, the same layout on CUDA and on the CPU. (pbs is left out: it

@@ -324,7 +324,7 @@ class Pipeline:
             n = scope.stats["sparse_calls"]
             sub = scope.stats.get("subset_calls", 0)
             if n:
-                st.attention_density = scope.stats["density_sum"] / n
+                st.attention_density = float(scope.stats["density_sum"]) / n  # the run's one sync for it
             elif sub:  # ZipVL: fraction of keys kept, over the layers that applied it
                 st.attention_density = scope.stats["key_fraction_sum"] / sub
             st.ms_estimate = scope.stats["estimate_ms"]

@@ -21,6 +21,17 @@ def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, 
     return n * block_k <= last_q + off
 
 
+def causal_block_count(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int) -> int:
+    """``causal_block_mask(...).sum()`` computed on the host from the shapes alone (no device work, no sync)."""
+    off = k_len - q_len
+    total = 0
+    for m in range(nq):
+        last = min((m + 1) * block_q - 1, q_len - 1) + off
+        if last >= 0:
+            total += min(last // block_k + 1, nk)
+    return total
+
+
 def full_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, causal: bool,
                     device=None) -> Tensor:
     """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle)."""
@@ -121,11 +132,14 @@ class BlockLayout:
     def density(self, causal: bool | None = None) -> float:
         """Computed blocks / blocks of the causal (or full) pattern, averaged over batch and heads. ``causal``
         overrides the layout's flag for the denominator (a permuted layout is stored without causal pruning)."""
+        return float(self.density_tensor(causal))
+
+    def density_tensor(self, causal: bool | None = None) -> Tensor:
+        """``density()`` as a 0-d tensor on the layout's device, without a host sync."""
         causal = self.causal if causal is None else causal
-        allowed = causal_block_mask(self.num_q_blocks, self.num_k_blocks, self.block_q, self.block_k, self.q_len,
-                                    self.k_len, self.kv_count.device) if causal else None
-        total = int(allowed.sum()) if allowed is not None else self.num_q_blocks * self.num_k_blocks
-        return float(self.kv_count.float().sum(-1).mean().item()) / max(total, 1)
+        total = causal_block_count(self.num_q_blocks, self.num_k_blocks, self.block_q, self.block_k, self.q_len,
+                                   self.k_len) if causal else self.num_q_blocks * self.num_k_blocks
+        return self.kv_count.float().sum(-1).mean() / max(total, 1)
 
     def expand(self, batch: int, heads: int) -> "BlockLayout":
         b, h = self.kv_index.shape[:2]
@@ -186,7 +200,10 @@ class TokenLayout:
 
     def density(self) -> float:
         """Attention work kept: mean over heads of (kept / N)², the fraction of the causal triangle computed."""
-        return float(((self.count.float() / max(self.q_len, 1)) ** 2).mean().item())
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> Tensor:
+        return ((self.count.float() / max(self.q_len, 1)) ** 2).mean()
 
     def kept_mask(self) -> Tensor:
         """bool [B, H, N]: which tokens take part."""
@@ -228,13 +245,18 @@ class GroupLayout:
 
     def density(self) -> float:
         """Attention work kept: Σ over groups of (prefix + members)², plus the dense rows, over N², mean over heads."""
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> Tensor:
         s, e = self.span
         n = self.q_len
-        g = int(self.group.max()) + 1
-        counts = torch.zeros(*self.group.shape[:2], g, device=self.group.device).scatter_add_(
+        # counts over every possible group id (at most one per member); an id without members adds s² and is
+        # taken back by the - (slots - 1)·s² term, so the sum equals the one over the groups that exist
+        slots = self.group.shape[-1]
+        counts = torch.zeros(*self.group.shape[:2], slots, device=self.group.device).scatter_add_(
             -1, self.group, torch.ones_like(self.group, dtype=torch.float32))
-        work = ((counts + s) ** 2).sum(-1) - (g - 1) * s ** 2 + (n ** 2 - e ** 2)
-        return float((work / n ** 2).mean().item())
+        work = ((counts + s) ** 2).sum(-1) - (slots - 1) * s ** 2 + (n ** 2 - e ** 2)
+        return (work / n ** 2).mean()
 
     def dense_mask(self) -> Tensor:
         """bool [B, H, N, N] for the reference."""
@@ -292,9 +314,12 @@ class PyramidLayout:
 
     def density(self) -> float:
         """Cost-weighted: (exact blocks + Σ pooled blocks / p) over the causal (or full) block count."""
-        cost = self.exact.density()
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> Tensor:
+        cost = self.exact.density_tensor()
         for p, pl in zip(POOL_LEVELS, self.pooled):
-            cost += pl.density() / p
+            cost = cost + pl.density_tensor() / p
         return cost
 
 
@@ -320,6 +345,9 @@ class PermutedLayout:
     def density(self) -> float:
         """Computed blocks over the blocks of the (unpermuted) causal pattern."""
         return self.blocks.density(causal=self.causal)
+
+    def density_tensor(self) -> Tensor:
+        return self.blocks.density_tensor(causal=self.causal)
 
     def dense_mask(self, heads: int) -> Tensor:
         """bool [B, H, Nq, Nk] in original key order, for the reference."""

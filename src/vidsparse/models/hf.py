@@ -137,7 +137,7 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
         scope.stats["estimate_ms"] += (time.perf_counter() - t0) * 1e3
         out = sparse_attention(query, key, value, layout, causal=True, scale=scaling, backend=scope.backend)
         scope.stats["sparse_calls"] += 1
-        scope.stats["density_sum"] += float(layout.density())
+        scope.stats["density_sum"] += layout.density_tensor()  # a device tensor: no host sync per layer
     elif keys is not None:
         out = subset_attention(query, key, value, keys, scaling, backend=scope.backend)
         scope.stats["subset_calls"] = scope.stats.get("subset_calls", 0) + 1

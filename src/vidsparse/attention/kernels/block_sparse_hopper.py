@@ -229,19 +229,25 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, NFULL, LQ, LK,
                            [CONSUMER_REGS, LOADER_REGS])
 
 
+def _tma_ready(t2):
+    """A 2-D [rows, D] view the tensor-memory accelerator can read: contiguous and 16-byte aligned, else a copy."""
+    return t2 if t2.is_contiguous() and t2.data_ptr() % 16 == 0 else t2.clone(memory_format=torch.contiguous_format)
+
+
 def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
-    """Whether the Hopper kernel runs this call: a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64 or 128,
-    contiguous inputs, a positive scale."""
+    """Whether the Hopper kernel runs this call: a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64 or 128, a
+    positive scale. (Non-contiguous inputs — a model's q/k/v are usually transposed views — are copied.)"""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and block_q == block_k == BLOCK
             and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] in (64, 128) and scale > 0 and all(t.is_contiguous() for t in (q, k, v)))
+            and q.shape[-1] in (64, 128) and scale > 0)
 
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, causal: bool, scale: float,
                                   return_lse: bool = False, stages: int = NUM_STAGES,
                                   consumer_regs: int = CONSUMER_REGS, pingpong: bool | None = None):
     """The launch for ``block_sparse.block_sparse_attention`` (which computes ``nfull`` and the lengths): q [B, H,
-    Nq, D], k/v [B, Hkv, Nk, D] contiguous; kv_index/kv_count/nfull broadcastable over B and H."""
+    Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
+    kv_index/kv_count/nfull broadcastable over B and H."""
     from .block_sparse import LOG2E, _bcast_strides
 
     b, h, nq, d = q.shape
@@ -249,7 +255,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, ca
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK // 2, d], gdt)
     kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, d], gdt)
-    q2, k2, v2 = q.reshape(b * h * nq, d), k.reshape(b * hk * nk, d), v.reshape(b * hk * nk, d)
+    q2, k2, v2 = (_tma_ready(t.reshape(-1, d)) for t in (q, k, v))
     qd = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK // 2, d], q_layout)
     kd = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK, d], kv_layout)
     vd = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK, d], kv_layout)
