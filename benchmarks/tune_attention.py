@@ -55,14 +55,12 @@ def main():
         variants = {"hopper": lambda: bs.block_sparse_attention(*args, hopper=True),
                     "triton_tma": lambda: bs.block_sparse_attention(*args, tma=True, hopper=False),
                     "triton_pointer": lambda: bs.block_sparse_attention(*args, hopper=False)}
-        variants["hopper_pingpong"] = lambda: _hopper(args, pingpong=True)
-        variants["hopper_no_pingpong"] = lambda: _hopper(args, pingpong=False)
         for regs in (232, 224):
             variants[f"hopper_regs{regs}"] = lambda regs=regs: _hopper(args, consumer_regs=regs)
-        if opts.hopper_only:  # ping-pong on and off, each twice, interleaved against ordering effects
-            variants = {"hopper_no_pingpong": variants["hopper_no_pingpong"], "hopper_pingpong": variants["hopper_pingpong"],
-                        "hopper_no_pingpong_again": variants["hopper_no_pingpong"],
-                        "hopper_pingpong_again": variants["hopper_pingpong"]}
+        if opts.hopper_only:  # ping-pong off and on, each twice, interleaved against ordering effects
+            off, on = (lambda: _hopper(args, pingpong=False)), (lambda: _hopper(args, pingpong=True))
+            variants = {"hopper_no_pingpong": off, "hopper_pingpong": on, "hopper_no_pingpong_again": off,
+                        "hopper_pingpong_again": on}
         if kind == "dense":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -183,8 +183,16 @@ class BlockLayout:
                                         seq_lengths=(self.q_len, self.k_len))
 
 
+class _Density:
+    """``density()`` is the host value of ``density_tensor()`` (a 0-d device tensor a model's prefill can sum per
+    layer without a sync)."""
+
+    def density(self) -> float:
+        return float(self.density_tensor())
+
+
 @dataclass(frozen=True, eq=False)
-class TokenLayout:
+class TokenLayout(_Density):
     """Token-level sparsity (Token Sparse Attention): per batch and head, the sorted tokens that take part at all.
 
     index int64 [B, H, L] (sorted; padded with -1 past ``count``); count int64 [B, H]. Kept tokens attend causally to
@@ -198,11 +206,8 @@ class TokenLayout:
     k_len: int
     causal: bool = True
 
-    def density(self) -> float:
-        """Attention work kept: mean over heads of (kept / N)², the fraction of the causal triangle computed."""
-        return float(self.density_tensor())
-
     def density_tensor(self) -> Tensor:
+        """Attention work kept: mean over heads of (kept / N)², the fraction of the causal triangle computed."""
         return ((self.count.float() / max(self.q_len, 1)) ** 2).mean()
 
     def kept_mask(self) -> Tensor:
@@ -223,7 +228,7 @@ class TokenLayout:
 
 
 @dataclass(frozen=True, eq=False)
-class GroupLayout:
+class GroupLayout(_Density):
     """Grouped attention for permutation patterns (``grid``): rows of the visual span [s, e) attend only to the
     tokens of their group — every token before the span plus the span tokens of the same group — and every other row
     attends causally to everything.
@@ -243,11 +248,8 @@ class GroupLayout:
     def num_groups(self) -> Tensor:
         return self.group.amax(-1) + 1
 
-    def density(self) -> float:
-        """Attention work kept: Σ over groups of (prefix + members)², plus the dense rows, over N², mean over heads."""
-        return float(self.density_tensor())
-
     def density_tensor(self) -> Tensor:
+        """Attention work kept: Σ over groups of (prefix + members)², plus the dense rows, over N², mean over heads."""
         s, e = self.span
         n = self.q_len
         # counts over every possible group id (at most one per member); an id without members adds s² and is
@@ -275,7 +277,7 @@ POOL_LEVELS = (2, 4, 8)
 
 
 @dataclass(frozen=True, eq=False)
-class PyramidLayout:
+class PyramidLayout(_Density):
     """Pyramid Sparse Attention: blocks computed on the exact keys plus blocks attended through mean-pooled K/V.
 
     ``exact``: a ``BlockLayout`` of the blocks computed exactly (every block that the causal diagonal or a sequence
@@ -312,11 +314,8 @@ class PyramidLayout:
             out = out + pl.block_mask().long() * p
         return out
 
-    def density(self) -> float:
-        """Cost-weighted: (exact blocks + Σ pooled blocks / p) over the causal (or full) block count."""
-        return float(self.density_tensor())
-
     def density_tensor(self) -> Tensor:
+        """Cost-weighted: (exact blocks + Σ pooled blocks / p) over the causal (or full) block count."""
         cost = self.exact.density_tensor()
         for p, pl in zip(POOL_LEVELS, self.pooled):
             cost = cost + pl.density_tensor() / p
@@ -324,7 +323,7 @@ class PyramidLayout:
 
 
 @dataclass(frozen=True, eq=False)
-class PermutedLayout:
+class PermutedLayout(_Density):
     """Keys permuted per K/V head (PBS): ``perm`` int64 [B, Hkv, Nk] lists the original position of each key in
     permuted order; ``blocks`` is a ``BlockLayout`` over (original queries × permuted key blocks), built without
     causal pruning because a permuted block can hold keys from anywhere in its segment. With ``causal``, key j is
@@ -342,11 +341,8 @@ class PermutedLayout:
     def k_len(self) -> int:
         return self.blocks.k_len
 
-    def density(self) -> float:
-        """Computed blocks over the blocks of the (unpermuted) causal pattern."""
-        return self.blocks.density(causal=self.causal)
-
     def density_tensor(self) -> Tensor:
+        """Computed blocks over the blocks of the (unpermuted) causal pattern."""
         return self.blocks.density_tensor(causal=self.causal)
 
     def dense_mask(self, heads: int) -> Tensor:

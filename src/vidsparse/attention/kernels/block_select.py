@@ -6,8 +6,9 @@ the causal diagonal as -inf, exactly as the torch path biases them). A 32-step b
 the row's ``total``-th largest value (each step one count over the row, in registers); the blocks above it, and the
 lowest-indexed ones equal to it up to ``total``, are kept and written in ascending order through a prefix sum.
 Replaces torch's radix top-k (four passes over the scores), the bias add and the index sort — about 1 ms of
-``block_topk``'s 2.2 ms estimation at 128K tokens on an H100 (``benchmarks/profile_estimation.py``). An in-register
-bitonic sort of (score, index) pairs did the same work in 2.3 ms at 1,024 key blocks: too slow."""
+``block_topk``'s 2.2 ms estimation at 128K tokens on an H100 (``benchmarks/profile_estimation.py``). (A first
+version ranked each row with an in-register bitonic sort of (score, index) pairs: slower than torch's top-k at 1,024
+key blocks.)"""
 
 from __future__ import annotations
 

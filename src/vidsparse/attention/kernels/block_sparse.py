@@ -222,13 +222,16 @@ def _autotuned():
 
 
 def _hopper_fits(q, k, v, block_q, block_k, scale) -> bool:
-    """The Gluon kernel's domain (``VIDSPARSE_ATTENTION_HOPPER=0`` turns it off)."""
+    """The Gluon kernel's domain: a Hopper GPU and a Triton with Gluon's Hopper API (``VIDSPARSE_ATTENTION_HOPPER=0``
+    turns it off)."""
     if os.environ.get("VIDSPARSE_ATTENTION_HOPPER", "1") == "0":
         return False
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    from .block_sparse_hopper import supported
-
+    try:
+        from .block_sparse_hopper import supported
+    except ImportError:  # Triton before Gluon's Hopper API
+        return False
     return supported(q, k, v, block_q, block_k, scale)
 
 
@@ -264,8 +267,8 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
     descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
     autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
-    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, contiguous inputs, no key
-    positions or pyramid levels, no fixed launch)."""
+    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, no key positions or pyramid
+    levels, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128):

@@ -41,7 +41,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 BLOCK = 128
 NUM_STAGES = 2
 CONSUMER_REGS = 240
-PINGPONG = os.environ.get("VIDSPARSE_ATTENTION_PINGPONG", "0") == "1"  # slower when measured; see the docstring
 LOADER_REGS = 24
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
 
@@ -235,11 +234,11 @@ def _tma_ready(t2):
 
 
 def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
-    """Whether the Hopper kernel runs this call: a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64 or 128, a
-    positive scale. (Non-contiguous inputs — a model's q/k/v are usually transposed views — are copied.)"""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and block_q == block_k == BLOCK
-            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] in (64, 128) and scale > 0)
+    """Whether the kernel can run this call on a Hopper GPU (``block_sparse._hopper_fits`` checks the device):
+    128×128 blocks, bf16/fp16, head dim 64 or 128, a positive scale. (Non-contiguous inputs — a model's q/k/v are
+    usually transposed views — are copied.)"""
+    return (block_q == block_k == BLOCK and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] in (64, 128) and scale > 0)
 
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, causal: bool, scale: float,
@@ -247,7 +246,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, ca
                                   consumer_regs: int = CONSUMER_REGS, pingpong: bool | None = None):
     """The launch for ``block_sparse.block_sparse_attention`` (which computes ``nfull`` and the lengths): q [B, H,
     Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
-    kv_index/kv_count/nfull broadcastable over B and H."""
+    kv_index/kv_count/nfull broadcastable over B and H. ``pingpong``: default ``VIDSPARSE_ATTENTION_PINGPONG=1``."""
     from .block_sparse import LOG2E, _bcast_strides
 
     b, h, nq, d = q.shape
@@ -269,7 +268,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, ca
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3),
         nq, nk, h, hk, h // hk, nqb, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=stages,
-        PINGPONG=PINGPONG if pingpong is None else pingpong,
+        PINGPONG=os.environ.get("VIDSPARSE_ATTENTION_PINGPONG", "0") == "1" if pingpong is None else pingpong,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out

@@ -158,8 +158,8 @@ def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta,
     """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
     (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
     [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
-    ``backend``: "kernel" (one Triton program per row ranks the biased scores with an in-register sort; the default
-    on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
+    ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
+    score by a radix search and compacts the blocks above it; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
     -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
     the kept indices). Both keep the same blocks."""
     nq, nk = q.shape[2], k.shape[2]
