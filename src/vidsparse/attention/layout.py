@@ -6,6 +6,7 @@ causal triangle and the sequence). Batch and head dimensions may be 1 to broadca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,10 @@ def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, 
     return n * block_k <= last_q + off
 
 
+@functools.lru_cache(maxsize=64)
 def causal_block_count(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int) -> int:
-    """``causal_block_mask(...).sum()`` computed on the host from the shapes alone (no device work, no sync)."""
+    """``causal_block_mask(...).sum()`` computed on the host from the shapes alone (no device work, no sync; cached,
+    as every prefill layer asks for the same shape)."""
     off = k_len - q_len
     total = 0
     for m in range(nq):
