@@ -3,10 +3,13 @@
 (warps/stages), and cuDNN's dense attention as the yardstick. Layouts: random blocks (every head and row independent,
 the worst case for L2 reuse), the blocks ``block_topk`` picks on video-structured q/k, and all causal blocks.
 
-    python benchmarks/tune_attention.py [--all]
+    python benchmarks/tune_attention.py [--all | --hopper-only]
 
-Prints ms and effective TF/s per variant and checks each against the first variant's output. ``--all`` adds the
-Triton kernel's other warps/stages combinations."""
+Prints ms and effective TF/s per variant and checks each against the first variant's output. For the Gluon kernel
+it also reports the time of the same call replayed from a CUDA graph (GPU time alone) and the host time of one call
+(what a short call pays in Python and launches when nothing else keeps the GPU busy). ``--all`` adds the Triton
+kernel's other warps/stages combinations; ``--hopper-only`` is the Gluon kernel's schedule A/B: persistent programs
+(one per SM) against one program per tile, each twice, interleaved."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every Triton warps/stages combination")
-    ap.add_argument("--hopper-only", action="store_true", help="only the Gluon kernel's variants (no 128K dense)")
+    ap.add_argument("--hopper-only", action="store_true", help="the Gluon kernel's schedule A/B (no 128K dense)")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     opts = ap.parse_args()
     if opts.markdown_from:
@@ -40,8 +43,9 @@ def main():
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
     h, hk, d = 28, 4, 128
-    cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (32768, "dense", 1.0), (131072, "dense", 1.0)]
-    for n, kind, rho in cases[:3] if opts.hopper_only else cases:
+    cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (16384, "pattern", 0.05), (32768, "pattern", 0.1),
+             (32768, "dense", 1.0), (131072, "dense", 1.0)]
+    for n, kind, rho in cases[:-1] if opts.hopper_only else cases:
         if kind == "pattern":
             q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
             lay = PATTERNS.from_spec(f"block_topk:density={rho}").estimate(q, k, SeqMeta())
@@ -57,10 +61,10 @@ def main():
                     "triton_pointer": lambda: bs.block_sparse_attention(*args, hopper=False)}
         for regs in (232, 224):
             variants[f"hopper_regs{regs}"] = lambda regs=regs: _hopper(args, consumer_regs=regs)
-        if opts.hopper_only:  # ping-pong off and on, each twice, interleaved against ordering effects
-            off, on = (lambda: _hopper(args, pingpong=False)), (lambda: _hopper(args, pingpong=True))
-            variants = {"hopper_no_pingpong": off, "hopper_pingpong": on, "hopper_no_pingpong_again": off,
-                        "hopper_pingpong_again": on}
+        if opts.hopper_only:  # persistent and one program per tile, each twice, interleaved against ordering effects
+            per, tile = (lambda: _hopper(args, persistent=True)), (lambda: _hopper(args, persistent=False))
+            variants = {"hopper_persistent": per, "hopper_per_tile": tile, "hopper_persistent_again": per,
+                        "hopper_per_tile_again": tile}
         if kind == "dense":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -84,6 +88,8 @@ def main():
                 ms = bench_ms(fn, rep_ms=300)
                 row = {"n": n, "layout": kind, "density": dens, "variant": name, "ms": ms,
                        "tflops": flops(h, n, d, dens) / ms / 1e9, "max_diff": err}
+                if name.startswith("hopper"):
+                    row.update(graph_ms=graph_ms(fn), host_us=host_us(fn))
             except Exception as exc:
                 row = {"n": n, "layout": kind, "variant": name,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
@@ -95,29 +101,56 @@ def main():
     write_markdown(res)
 
 
+def graph_ms(fn) -> float:
+    """The call replayed from a CUDA graph: GPU time without Python or launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay, rep_ms=300)
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time of one call: ``calls`` calls issued back to back (the GPU runs behind; nothing waits for it)."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
 def write_markdown(res):
-    """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's ping-pong A/B)."""
-    pingpong = "--hopper-only" in res.get("command", "")
-    title = f"Attention kernel variants{': ping-pong A/B' if pingpong else ''} ({res['device']})"
+    """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's schedule A/B)."""
+    ab = "--hopper-only" in res.get("command", "")
+    title = f"Attention kernel variants{': persistent schedule A/B' if ab else ''} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
-             "d = 128, bf16, causal; `max diff` is against the first variant of the row group.", "",
-             "| N | layout | density | variant | ms | TF/s | max diff |", "|---|---|---|---|---|---|---|"]
+             "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
+             "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call.", "",
+             "| N | layout | density | variant | ms | TF/s | graph ms | host µs | max diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        extra = f"{r['graph_ms']:.2f} | {r['host_us']:.0f}" if "graph_ms" in r else "- | -"
         if "ms" in r:
             lines.append(f"| {r['n']} | {r['layout']} | {r['density']:.3f} | {r['variant']} | {r['ms']:.2f} | "
-                         f"{r['tflops']:.0f} | {r['max_diff']:.3g} |")
+                         f"{r['tflops']:.0f} | {extra} | {r['max_diff']:.3g} |")
         else:
-            lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | |")
+            lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | | | |")
     update_markdown(title, "\n".join(lines))
 
 
 def _hopper(args, **kw):
     from vidsparse.attention.kernels.block_sparse_hopper import block_sparse_attention_hopper
 
-    q, k, v, idx, cnt, bq, bk, causal, _ = args
-    n = torch.full((1,), q.shape[2], dtype=torch.int32, device=q.device)
-    nfull = bs.full_prefix(idx, cnt, bq, bk, causal, n, n)
-    return block_sparse_attention_hopper(q, k, v, idx, cnt, nfull, n, n, causal, q.shape[-1] ** -0.5, **kw)
+    q, k, v, idx, cnt, _, _, causal, _ = args
+    return block_sparse_attention_hopper(q, k, v, idx, cnt, causal, q.shape[-1] ** -0.5, **kw)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from tolerances import LSE_ATOL, kernel_ok
 
-from tolerances import kernel_ok
 from vidsparse import PATTERNS
 from vidsparse.attention import BlockLayout, sparse_attention
 from vidsparse.attention.patterns import SeqMeta
@@ -80,6 +80,56 @@ def test_batch_with_different_lengths():
     lens = torch.tensor([1500, 700, 129], device="cuda")
     out = check(q, k, v, BlockLayout.dense(1500, 1500, device="cuda"), seqlens_q=lens, seqlens_k=lens)
     assert torch.all(out[1, :, 700:] == 0) and torch.all(out[2, :, 129:] == 0)
+
+
+def test_rows_past_the_length_are_written_as_zeros():
+    """No kernel path pre-zeroes its output by contract: the Gluon kernel allocates it empty and writes every row.
+    Memory the allocator hands back is first filled with NaN, so an unwritten row would show."""
+    from vidsparse.attention.kernels import block_sparse as bs
+
+    q, k, v = qkv(3, 4, 2, 1500, 128, torch.bfloat16, seed=4)
+    lens = torch.tensor([1500, 700, 129], device="cuda", dtype=torch.int32)
+    lay = BlockLayout.dense(1500, 1500, device="cuda")
+    for _ in range(2):
+        junk = (torch.full_like(q, float("nan")), torch.full((3, 4, 1500), float("nan"), device="cuda"))
+        del junk
+        out, lse = bs.block_sparse_attention(q, k, v, lay.kv_index, lay.kv_count, 128, 128, True, None, lens, lens,
+                                             return_lse=True)
+    assert torch.all(out[1, :, 700:] == 0) and torch.all(out[2, :, 129:] == 0)
+    assert torch.all(lse[1, :, 700:] == float("-inf")) and torch.all(lse[2, :, 129:] == float("-inf"))
+    ref = layout_attention(q.float(), k.float(), v.float(), lay, seqlens_q=lens, seqlens_k=lens)
+    same = layout_attention(q, k, v, lay, seqlens_q=lens, seqlens_k=lens, dtype=q.dtype)
+    assert not torch.isnan(out).any()
+    assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), q.dtype)
+    for i, n in enumerate(lens.tolist()):  # each row's log-sum-exp against torch's in fp32 on the same inputs
+        s = (q[i, :, :n].float() @ k[i, :, :n].float().repeat_interleave(2, 0).transpose(-1, -2)) / 128 ** 0.5
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+        torch.testing.assert_close(lse[i, :, :n], torch.logsumexp(s, -1), atol=LSE_ATOL, rtol=0)
+
+
+def test_persistent_programs_equal_one_program_per_tile(variant):
+    """The Gluon kernel's persistent schedule (one program per SM walking the tiles) against one program per tile:
+    the same arithmetic per tile, so bit-identical — on a batch with different lengths, empty rows, more tiles than
+    SMs and the log-sum-exp."""
+    if variant != "hopper":
+        pytest.skip("the Gluon kernel's schedule")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    from vidsparse.attention.kernels.block_sparse_hopper import (
+        block_sparse_attention_hopper,
+    )
+
+    q, k, v = qkv(2, 8, 2, 2600, 128, torch.bfloat16, seed=8)
+    nb = -(-2600 // 128)
+    mask = torch.rand(2, 8, nb, nb, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) > 0.5
+    mask[0, 3, 5:9] = False
+    lay = BlockLayout.from_block_mask(mask, 128, 128, 2600, 2600)
+    lens = torch.tensor([2600, 1111], device="cuda", dtype=torch.int32)
+    runs = [block_sparse_attention_hopper(q, k, v, lay.kv_index, lay.kv_count, True, 128 ** -0.5, lens, lens,
+                                          return_lse=True, persistent=p) for p in (True, False)]
+    assert 2 * 8 * nb > torch.cuda.get_device_properties(0).multi_processor_count
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    check(q, k, v, lay, seqlens_q=lens, seqlens_k=lens)
 
 
 def test_transposed_views_as_a_model_passes_them():

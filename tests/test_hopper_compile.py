@@ -40,17 +40,18 @@ class Sm90:  # just enough of a driver for warmup: it names the target; nothing 
 triton.runtime.driver.set_active(Sm90())
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
-d, causal, lse, pingpong = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
+d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
 n, h, hk = 512, 4, 2
 q = torch.empty(h * n, d, dtype=torch.bfloat16)
 kv = torch.empty(hk * n, d, dtype=torch.bfloat16)
 qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16))
 kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
 i32 = torch.zeros(4, dtype=torch.int32)
-k = hop._fwd.warmup(qd, kd, kd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), i32, i32, i32, i32, i32,
-                    *([1] * 16), n, n, h, hk, h // hk, n // 128, 0.1, HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128,
-                    CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES, PINGPONG=pingpong, CONSUMER_REGS=hop.CONSUMER_REGS,
-                    LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG, grid=(1,))
+k = hop._fwd.warmup(qd, kd, kd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), i32, i32, i32, i32,
+                    *([1] * 13), n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, HEAD_DIM=d, BLOCK_M=128,
+                    BLOCK_N=128, CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES, VARLEN=varlen,
+                    CONSUMER_REGS=hop.CONSUMER_REGS, LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG,
+                    grid=(1,))
 open(sys.argv[4], "wb").write(k.asm["cubin"])
 print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
 """
@@ -65,16 +66,16 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("d,causal,lse,pingpong", [(128, True, False, False), (64, False, True, False),
-                                                   (128, True, True, True)])
-def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, pingpong):
+@pytest.mark.parametrize("d,causal,lse,varlen", [(128, True, False, False), (64, False, True, True),
+                                                 (128, True, True, True)])
+def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
     which Gluon cannot compile."""
     cubin = tmp_path / "k.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     run = subprocess.run([sys.executable, "-c", BUILD, str(d), str(int(causal)), str(int(lse)), str(cubin),
-                          str(int(pingpong))],
+                          str(int(varlen))],
                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])

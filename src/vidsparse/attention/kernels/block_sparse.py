@@ -276,19 +276,20 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     if tma and pooled is not None:
         raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if hopper is None:
+        hopper = key_pos is None and pooled is None and num_warps is None and _hopper_fits(q, k, v, block_q, block_k,
+                                                                                            scale)
+    if hopper:  # decides the element masks itself and writes every row: none of the set-up below
+        from .block_sparse_hopper import block_sparse_attention_hopper
+
+        return block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal, scale, seqlens_q, seqlens_k,
+                                             return_lse)
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
     dev = q.device
     lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)
     lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)
-    if hopper is None:
-        hopper = key_pos is None and pooled is None and num_warps is None and _hopper_fits(q, k, v, block_q, block_k,
-                                                                                            scale)
-    if hopper:
-        from .block_sparse_hopper import block_sparse_attention_hopper
-
-        return block_sparse_attention_hopper(q, k, v, kv_index, kv_count, nfull, lq, lk, causal, scale, return_lse)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=dev) if return_lse else lk
     kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
     s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]
