@@ -106,8 +106,29 @@ def _tile(t, tiles, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
 
 
 @gluon.jit
+def _epilogue(acc, m_i, l_i, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+              BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
+              RETURN_LSE: gl.constexpr):
+    """Normalise and store one consumer's 64 rows of a tile (zeros past the sequence's length; the natural-log
+    sum of exp(scale · q·k) when asked, -inf for a row that saw no key)."""
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
+    out = gl.where(rows[:, None] < lq, out, 0.0)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
+    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
+             mask=rows[:, None] < NQ)
+    if RETURN_LSE:
+        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
+        lse = gl.where((l_i == 0.0) | (offs_m >= lq), float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < NQ)
+
+
+@gluon.jit
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
+    """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
+    the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles, qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
@@ -115,32 +136,61 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    q_s = q_bufs.index(WG)
     offs_nb = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
     s_zero = gl.zeros([BM, BLOCK_N], gl.float32, S_L)
+    m_none = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
+    l_none = gl.zeros([BM], gl.float32, gl.SliceLayout(1, S_L))
+    acc_none = gl.zeros([BM, HEAD_DIM], gl.float32, O_L)
     it = 0  # K/V ring position, shared with the loader
     qi = 0  # Q loads so far (tiles with work)
+    # the previous tile, whose last P·V product is pending: its P, accumulator, softmax state, ring position, place
+    has_prev = 0
+    p = gl.zeros([BM, BLOCK_N], dtype, P_L)
+    acc = acc_none
+    m_i = m_none
+    l_i = l_none
+    pc = 0
+    pb = 0
+    ph = 0
+    prow0 = 0
+    plq = 0
     for t in range(gl.program_id(0), ntiles, gl.num_programs(0)):
         b, h, _hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
         off = lk - lq
         row0 = pid_m * BLOCK_M + WG * BM  # this warpgroup's first query row
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
-        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, S_L))
-        acc = gl.zeros([BM, HEAD_DIM], gl.float32, O_L)
         if cnt > 0:
-            mbarrier.wait(q_ready.index(WG), qi & 1)
-            qi += 1
-            # key block 0: scores, then softmax (nothing to rescale yet)
+            qb = WG * 2 + qi % 2  # Q is double-buffered: the loader fetches the next tile's while this one runs
+            mbarrier.wait(q_ready.index(qb), (qi // 2) & 1)
+            q_s = q_bufs.index(qb)
             slot = it % STAGES
             n = gl.load(idx_base)  # the block's index (for its mask), loaded while the scores are computed
             mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
-            s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            mbarrier.arrive(k_empty.index(slot), count=1)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m,
-                                          offs_nb, lk, off, qk_scale, CAUSAL)
-            p = gl.convert_layout(p.to(dtype), P_L)
+            if has_prev:  # this tile's first Q·Kᵀ beside the previous tile's last P·V; its softmax overlaps the latter
+                last = pc % STAGES
+                mbarrier.wait(v_ready.index(last), (pc // STAGES) & 1)
+                s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
+                                                    _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
+                                                    lk, off, qk_scale, CAUSAL)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(v_empty.index(last), count=1)
+                _epilogue(acc, m_i, l_i, O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+                          BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+            else:
+                s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
+                                                    _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
+                                                    lk, off, qk_scale, CAUSAL)
+            m_i = m_new
+            l_i = l_new
+            acc = acc_none
+            p = gl.convert_layout(p32.to(dtype), P_L)
             for j in range(1, cnt):
                 c = it + j
                 slot = c % STAGES
@@ -159,25 +209,26 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
-            mbarrier.arrive(q_empty.index(WG), count=1)  # the last Q·Kᵀ is done: the loader may fetch the next Q
-            c = it + cnt - 1
-            last = c % STAGES
-            mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
-            acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(last), count=1)
+            mbarrier.arrive(q_empty.index(qb), count=1)  # the last Q·Kᵀ is done: the buffer may take a later tile's Q
+            qi += 1
+            pc = it + cnt - 1
             it += cnt
-
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
-        out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
-        out = gl.where(rows[:, None] < lq, out, 0.0)  # rows past the sequence: zeros
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
-        o_base = O + b * s_ob + h * s_oh
-        gl.store(o_base + rows[:, None] * s_om + offs_d[None, :] * s_od, out.to(dtype), mask=rows[:, None] < NQ)
-        if RETURN_LSE:  # natural-log sum of exp(scale · q·k) over the row's keys; -inf for a row that saw none
-            lse = gl.where((l_i == 0.0) | (offs_m >= lq), float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            gl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < NQ)
+            has_prev = 1
+            pb = b
+            ph = h
+            prow0 = row0
+            plq = lq
+        else:  # nothing to compute (an empty row, or a tile past the sequence): zeros
+            _epilogue(acc_none, m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+                      BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+    if has_prev:  # the last tile's last P·V product and epilogue
+        last = pc % STAGES
+        mbarrier.wait(v_ready.index(last), (pc // STAGES) & 1)
+        acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(last), count=1)
+        _epilogue(acc, m_i, l_i, O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+                  BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
 
 
 @gluon.jit
@@ -205,9 +256,10 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
         if cnt > 0:
             q_row = (b * H + h) * NQ + pid_m * BLOCK_M
             for wg in gl.static_range(2):
-                mbarrier.wait(q_empty.index(wg), (qi & 1) ^ 1)  # fresh barriers count as a completed phase 1
-                mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_row + wg * BM, 0], q_ready.index(wg), q_bufs.index(wg))
+                qb = wg * 2 + qi % 2
+                mbarrier.wait(q_empty.index(qb), ((qi // 2) & 1) ^ 1)  # fresh barriers count as a completed phase 1
+                mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q_row + wg * BM, 0], q_ready.index(qb), q_bufs.index(qb))
             qi += 1
             kv_row0 = (b * HK + hk) * NK
             for j in range(cnt):
@@ -232,16 +284,16 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK,
          RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
          LOADER_REGS: gl.constexpr):
     BM: gl.constexpr = BLOCK_M // 2
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [4, BM, HEAD_DIM], q_desc.layout)  # [consumer × 2 tiles]
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
+    for i in gl.static_range(4):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
     for i in gl.static_range(STAGES):
