@@ -5,13 +5,17 @@ Executes the plain ``BlockLayout`` path of ``block_sparse.py`` (128×128 blocks,
 causal or not, GQA, per-sequence lengths, optional log-sum-exp) with explicit Hopper machinery that a ``@triton.jit``
 kernel cannot express in Triton 3.6:
 
-- Persistent programs: one program per SM walks the (batch, head, query block) tiles in launch order (query heads
-  sharing a K/V head fastest, each head's longest causal rows first), strided by the program count. The loader
-  fetches the next tile's Q and first K/V blocks while the consumers finish the last product and the epilogue of the
-  current one, so a tile's setup, Q load and output store no longer sit on the critical path — at low density a row
-  has only a few key blocks and that fixed cost was a large share of it.
+- Persistent programs with a dynamic schedule: one program per SM; each takes its first tile by its id and then
+  claims the next unclaimed (batch, head, query block) tile from a global counter, in launch order (query heads
+  sharing a K/V head fastest, each head's longest causal rows first). Programs thus stay on neighbouring tiles, as
+  the hardware's own block scheduling keeps them, so K/V blocks are shared in L2; a static stride lets them drift
+  apart. The loader claims the next tile while the current one loads and
+  hands its id to the consumers through shared memory; it fetches that tile's Q and first K/V blocks while the
+  consumers finish the current one, and a tile's last P·V product runs beside the next tile's first Q·Kᵀ — so a
+  tile's setup, Q load, last product and store leave the critical path. At low density a row has only a few key
+  blocks, and that fixed cost was a large share of it.
 - Three partitions per program: one loader warp that streams Q and the rows' K and V blocks through the tensor-memory
-  accelerator into shared memory (Q one buffer per consumer with ``q_ready``/``q_empty`` mbarriers, K and V two-deep
+  accelerator into shared memory (Q two buffers per consumer with ``q_ready``/``q_empty`` mbarriers, K and V two-deep
   rings with ``ready``/``empty`` ones), and two consumer warpgroups, each owning 64 of a tile's 128 query rows. The
   consumers are independent partitions, so the warp schedulers interleave one's softmax with the other's tensor-core
   work.
@@ -106,6 +110,25 @@ def _tile(t, tiles, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
 
 
 @gluon.jit
+def _publish_tile(tile_ids, t_ready, t_empty, k, t):
+    """Loader: hand tile ``t`` (the ``k``-th of this program) to the consumers through a two-deep shared ring."""
+    slot = k % 2
+    mbarrier.wait(t_empty.index(slot), ((k // 2) & 1) ^ 1)  # fresh barriers count as a completed phase 1
+    tile_ids.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0])))
+    mbarrier.arrive(t_ready.index(slot), count=1)
+
+
+@gluon.jit
+def _take_tile(tile_ids, t_ready, t_empty, k):
+    """Consumer: the ``k``-th tile the loader handed out (a value ≥ the tile count ends the program)."""
+    slot = k % 2
+    mbarrier.wait(t_ready.index(slot), (k // 2) & 1)
+    t = gl.max(tile_ids.index(slot).load(gl.BlockedLayout([1], [32], [gl.num_warps()], [0])), 0)
+    mbarrier.arrive(t_empty.index(slot), count=1)
+    return t
+
+
+@gluon.jit
 def _epilogue(acc, m_i, l_i, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
               BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
               RETURN_LSE: gl.constexpr):
@@ -130,7 +153,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
-     O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles, qk_scale) = args
+     tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
+     qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -154,7 +178,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     ph = 0
     prow0 = 0
     plq = 0
-    for t in range(gl.program_id(0), ntiles, gl.num_programs(0)):
+    k = 0  # tiles taken
+    t = _take_tile(tile_ids, t_ready, t_empty, k)
+    while t < ntiles:
         b, h, _hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
         off = lk - lq
         row0 = pid_m * BLOCK_M + WG * BM  # this warpgroup's first query row
@@ -221,6 +247,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
         else:  # nothing to compute (an empty row, or a tile past the sequence): zeros
             _epilogue(acc_none, m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
                       BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+        k += 1
+        t = _take_tile(tile_ids, t_ready, t_empty, k)
     if has_prev:  # the last tile's last P·V product and epilogue
         last = pc % STAGES
         mbarrier.wait(v_ready.index(last), (pc // STAGES) & 1)
@@ -247,11 +275,19 @@ def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
             RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
-     _O, _LSE, _s_ob, _s_oh, _s_om, _s_od, _s_lb, _s_lh, s_ik, H, NQ, NK, HK, ntiles, _qk_scale) = args
+     tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_od, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
+     ntiles, _qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
     it = 0
     qi = 0
-    for t in range(gl.program_id(0), ntiles, gl.num_programs(0)):
+    k = 0
+    # dynamic schedule: a program's first tile is its id, then it claims the next unclaimed one (claimed a tile
+    # ahead, so the atomic's latency hides behind the current tile's loads)
+    t = gl.program_id(0)
+    nxt = gl.atomic_add(COUNTER, 1) + gl.num_programs(0)
+    while t < ntiles:
+        _publish_tile(tile_ids, t_ready, t_empty, k, t)
+        k += 1
         b, h, hk, pid_m, _lq, _lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
         if cnt > 0:
             q_row = (b * H + h) * NQ + pid_m * BLOCK_M
@@ -274,10 +310,14 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
             it += cnt
+        t = nxt
+        if t < ntiles:
+            nxt = gl.atomic_add(COUNTER, 1) + gl.num_programs(0)
+    _publish_tile(tile_ids, t_ready, t_empty, k, t)  # past the last tile: the consumers stop
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK,
+def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
          s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm,
          NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
@@ -296,6 +336,12 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK,
     for i in gl.static_range(4):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
+    tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    t_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    t_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(t_ready.index(i), count=1)
+        mbarrier.init(t_empty.index(i), count=2)  # both consumers read a tile id
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -304,7 +350,7 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK,
     fence_async_shared()
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            tiles, O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
+            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN))], [4, 1],
@@ -342,7 +388,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
     ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``persistent=False`` launches one program per
-    tile instead of one per SM (for comparison)."""
+    tile instead of one per SM (for comparison: the hardware then schedules the tiles)."""
     from .block_sparse import LOG2E, _bcast_strides
 
     b, h, nq, d = q.shape
@@ -365,8 +411,9 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     ntiles = b * h * nqb
     grid = (min(ntiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
             if persistent else ntiles,)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
-        qd, kd, vd, out, lse, kv_index, kv_count, lq, lk,
+        qd, kd, vd, out, lse, kv_index, kv_count, lq, lk, counter,
         *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3),
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E,
