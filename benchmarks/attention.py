@@ -307,11 +307,22 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,subset,recall")
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
+    ap.add_argument("--kernels-from", default="", help="with --markdown-from: the kernel tables from this later "
+                    "results JSON (a --skip estimation,subset,recall run), the other tables from the first")
     args = ap.parse_args()
     if args.markdown_from:
         import json
 
-        write_markdown(json.loads(Path(args.markdown_from).read_text()))
+        p = json.loads(Path(args.markdown_from).read_text())
+        if args.kernels_from:
+            k = json.loads(Path(args.kernels_from).read_text())
+            p["kernels"] = k["kernels"]
+            p["note"] = (f"Kernel tables: `{k['command']}` ({k['date']}). Estimation, key-subset and recall tables: "
+                         f"`{p['command']}` ({p['date']}; its own kernel rows, in its JSON, measured an earlier "
+                         "version of the kernel).")
+            p["command"] = f"{k['command']}` + `{p['command']}"
+            p["date"] = k["date"]
+        write_markdown(p)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     dens = [float(x) for x in args.densities.split(",")]
@@ -348,6 +359,8 @@ def main():
 def write_markdown(p):
     lines = [f"Device: {p['device']} — {p['date']} — `{p.get('command', 'python benchmarks/attention.py')}` — bf16, d = 128, batch 1, "
              "causal, 128×128 blocks. TF/s counts computed blocks only (2·N²·D per head × density).", ""]
+    if p.get("note"):
+        lines += [p["note"], ""]
     if p["kernels"]:
         lines += ["| N | heads/KV | SDPA flash ms (TF/s) | SDPA cuDNN ms (TF/s) | vidsparse all blocks ms (TF/s) | density | "
                   "vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex | vs cuDNN dense |", "|---|---|---|---|---|---|---|---|---|---|"]
