@@ -282,6 +282,39 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert int(got.kv_count.min()) >= 1
 
 
+@pytest.mark.parametrize("nq,nk,causal,sink,local,spec", [
+    (700, 700, True, 1, 1, "pyramid"), (300, 900, True, 2, 2, "pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8"),
+    (640, 500, False, 1, 1, "pyramid"), (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1"),
+    (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5")])
+def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, spec):
+    """The four nested radix searches give every block the level torch's sort of the row gives it, and write each
+    level's layout exactly as the mask conversion does; with tied scores (rounded to a few values) ties go to the
+    lower block index on both paths."""
+    from vidsparse.attention.patterns.base import block_scores
+
+    pat = PATTERNS.from_spec(spec)
+    pat.sink, pat.local = sink, local
+    q = torch.randn(1, 2, nq, 16, generator=torch.Generator().manual_seed(nq))  # small: the interpreter is slow
+    k = torch.randn(1, 1, nk, 16, generator=torch.Generator().manual_seed(nk))
+    meta = SeqMeta(32, 32, causal)
+    for s in (block_scores(q, k, meta), (block_scores(q, k, meta) * 2).round() / 2):
+        want = pat.layout_from_scores(s, meta, nq, nk, backend="reference")
+        got = pat.layout_from_scores(s, meta, nq, nk, backend="kernel")
+        assert torch.equal(got.level_map(), want.level_map())
+        for a, b in zip((got.exact, *got.pooled), (want.exact, *want.pooled)):
+            assert torch.equal(a.block_mask(), b.block_mask())
+            assert torch.equal(a.kv_count, b.kv_count)
+            w = b.kv_index.shape[-1]
+            assert a.kv_index.shape[-1] >= int(b.kv_count.max())  # the host-side width bounds every row
+            valid = torch.arange(max(w, a.kv_index.shape[-1])) < b.kv_count[..., None]
+            pad = lambda x: torch.nn.functional.pad(x, (0, valid.shape[-1] - x.shape[-1]))  # noqa: E731
+            assert torch.equal(torch.where(valid, pad(a.kv_index), 0), torch.where(valid, pad(b.kv_index), 0))
+            assert torch.equal(torch.where(valid, pad(a.kv_full), False), torch.where(valid, pad(b.kv_full), False))
+        present = set(torch.unique(got.level_map()).tolist())
+        b = pat.bounds
+        assert present & {2, 4, 8} == {lv for lv, lo, hi in zip((2, 4, 8), b, b[1:]) if hi > lo}  # bands covered
+
+
 def test_xattention_finds_planted_blocks():
     """Keys of block 3 match every query strongly: a τ=0.9 selection must keep block 3 for rows after it."""
     q, k, _ = qkv(h=2, hk=2, n=256, d=16, seed=2)

@@ -8,7 +8,11 @@ lowest-indexed ones equal to it up to ``total``, are kept and written in ascendi
 Replaces torch's radix top-k (four passes over the scores), the bias add and the index sort — about 1 ms of
 ``block_topk``'s 2.2 ms estimation at 128K tokens on an H100 (``benchmarks/profile_estimation.py``). (A first
 version ranked each row with an in-register bitonic sort of (score, index) pairs: slower than torch's top-k at 1,024
-key blocks.)"""
+key blocks.)
+
+``select_levels`` does the same for ``pyramid``'s rank mode: four nested searches give each block its level (exact,
+2×, 4×, 8× pooled, skipped) and four compactions write the levels' layouts, in place of a full sort of every row,
+a scatter of the levels back and four mask-to-index conversions."""
 
 from __future__ import annotations
 
@@ -18,14 +22,55 @@ import triton.language as tl
 
 
 @triton.jit
-def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, sink, local, block_q, block_k,
-            q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
+def _order_key(score):
+    """float32 -> int64 with the same order (and -0.0 equal to +0.0, as torch compares them)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+
+
+@triton.jit
+def _threshold(key, total):
+    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key) by a 32-step binary search."""
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ge = tl.sum((key >= mid).to(tl.int32), 0) >= total
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _top(key, total):
+    """The ``total`` largest keys, ties to the lowest indices (a stable descending sort's first ``total``)."""
+    t = _threshold(key, total)
+    above = key > t
+    tie = key == t
+    room = total - tl.sum(above.to(tl.int32), 0)
+    return (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))) & (total > 0)
+
+
+@triton.jit
+def _emit(keep, n, row, width):
+    """Write the kept block indices of a row in ascending order, zeros after them; return their count."""
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    count = tl.sum(keep.to(tl.int32), 0)
+    tl.store(row + pos, n, mask=keep)
+    tl.store(row + n, tl.zeros_like(n), mask=(n >= count) & (n < width))
+    return count
+
+
+@triton.jit
+def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL: tl.constexpr,
+         W: tl.constexpr):
+    """This program's row of pooled scores and its geometry: (block index, score, causally allowed, forced sink
+    and diagonal blocks)."""
     bh = tl.program_id(0)
     m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     n = tl.arange(0, W)
-    score = tl.load(S + b * s_sb + h * s_sh + m * s_sm + n, mask=n < nkb, other=float("-inf")).to(tl.float32)
+    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=n < nkb,
+                    other=float("-inf")).to(tl.float32)
     last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
     if CAUSAL:
         allowed = (n * block_k <= last_q) & (n < nkb)
@@ -34,26 +79,20 @@ def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, si
         allowed = n < nkb
         diag = m * block_q // block_k
     forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
+    return n, score, allowed, forced
+
+
+@triton.jit
+def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, sink, local, block_q, block_k,
+            q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                     CAUSAL, W)
     score = tl.where(forced, float("inf"), tl.where(allowed, score, float("-inf")))
-    bits = score.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # float order as signed-integer order
+    key = _order_key(score)
     total = tl.load(TOTAL + m)
-    # the largest t with at least `total` keys >= t: the row's total-th largest key
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        ge = tl.sum((key >= mid).to(tl.int32), 0) >= total
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid - 1)
-    above = key > lo
-    tie = key == lo
-    room = total - tl.sum(above.to(tl.int32), 0)
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))  # ties: the lowest block indices
-    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    row = IDX + b * s_ib + h * s_ih + m * s_im
-    tl.store(row + pos, n, mask=keep)
-    tl.store(row + n, tl.zeros_like(n), mask=(n >= total) & (n < width))
+    _emit(_top(key, total), n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width)
 
 
 def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int, block_q: int,
@@ -70,3 +109,54 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
         k_len - q_len, CAUSAL=causal, W=w, num_warps=4 if w <= 1024 else 8,
     )
     return out
+
+
+@triton.jit
+def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink, local, block_q,
+            block_k, q_len, k_len, CAUSAL: tl.constexpr, W: tl.constexpr):
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    off = k_len - q_len
+    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                     CAUSAL, W)
+    score = tl.where(allowed, score, float("-inf"))
+    key = _order_key(score)
+    # the rank bounds of the four levels, nested: top r1 exact, top r2 at least 2x-pooled, ...
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 3)), 8, 0)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 2)), 4, lvl)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 1)), 2, lvl)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4)), 1, lvl)
+    lvl = tl.where(allowed, lvl, 0)
+    # a block is pooled only when all its keys exist and every query of the row block sees all of them
+    poolable = (n + 1) * block_k <= k_len
+    if CAUSAL:
+        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
+    lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
+    r = bh * NQB + m  # the row in the [B, H, NQ] outputs
+    plane = tl.num_programs(0) * NQB
+    tl.store(CNT + r, _emit(lvl == 1, n, I1 + r * w1, w1))
+    tl.store(CNT + plane + r, _emit(lvl == 2, n, I2 + r * w2, w2))
+    tl.store(CNT + 2 * plane + r, _emit(lvl == 4, n, I4 + r * w4, w4))
+    tl.store(CNT + 3 * plane + r, _emit(lvl == 8, n, I8 + r * w8, w8))
+
+
+def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, int, int, int], sink: int,
+                  local: int, block_q: int, block_k: int, q_len: int, k_len: int, causal: bool):
+    """Pyramid levels in one pass: per row of ``scores`` [B, H, NQ, NK] (pooled block scores), the blocks ranked
+    (by score, ties to the lower index) below ``ranks[m, 0]`` exact, below ``ranks[m, 1]`` 2×-pooled, ``[m, 2]``
+    4×, ``[m, 3]`` 8× (``ranks`` int32 [NQ, 4], nested), nothing past the causal diagonal; forced sink/diagonal
+    blocks and blocks that cannot be pooled (cut by the diagonal or the sequence end) exact. -> four (index int32
+    [B, H, NQ, width], count int32 [B, H, NQ]) pairs, levels 1, 2, 4, 8, indices ascending; ``widths`` must bound
+    each level's count."""
+    b, h, nqb, nkb = scores.shape
+    scores = scores.contiguous()
+    widths = [max(1, min(int(x), nkb)) for x in widths]
+    outs = [torch.empty(b, h, nqb, x, dtype=torch.int32, device=scores.device) for x in widths]
+    cnt = torch.empty(4, b, h, nqb, dtype=torch.int32, device=scores.device)
+    w = triton.next_power_of_2(max(nkb, 2))
+    _levels[(b * h, nqb)](
+        scores, ranks.to(torch.int32).contiguous(), *outs, cnt, scores.stride(0), scores.stride(1), scores.stride(2),
+        h, nqb, nkb, *widths, sink, local, block_q, block_k, q_len, k_len, CAUSAL=causal, W=w,
+        num_warps=4 if w <= 1024 else 8,
+    )
+    return [(x, cnt[i]) for i, x in enumerate(outs)]

@@ -3,8 +3,10 @@ skipped, by its rank (or cumulative mass) among the row's blocks."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ...registry import PATTERNS
@@ -38,33 +40,79 @@ class Pyramid(Pattern):
 
     def levels(self, q, k, meta: SeqMeta) -> torch.Tensor:
         """int [B, H, NQ, NK]: 1 (exact), 2, 4, 8 (pooled) or 0 (skipped) per block."""
-        nq, nk = q.shape[2], k.shape[2]
-        s = block_scores(q, k, meta)
+        return self.levels_from_scores(block_scores(q, k, meta), meta, q.shape[2], k.shape[2])
+
+    def levels_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int) -> torch.Tensor:
+        """``levels`` from the pooled block scores ``s`` [B, H, NQ, NK] (``block_scores``), in torch."""
+        device = s.device
         nqb, nkb = s.shape[-2:]
-        allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
-            torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
-        vals, order = torch.sort(s, dim=-1, descending=True)
+        allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, device) if meta.causal else \
+            torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+        vals, order = torch.sort(s, dim=-1, descending=True, stable=True)
         if self.mode == "rank":
-            pos = torch.arange(nkb, device=q.device, dtype=torch.float64) / allowed.sum(-1, keepdim=True).clamp(min=1)
+            pos = torch.arange(nkb, device=device, dtype=torch.float64) / allowed.sum(-1, keepdim=True).clamp(min=1)
         else:
             p = torch.softmax(vals, -1).double()
             pos = p.cumsum(-1) - p  # mass of the blocks ranked above
         lvl_sorted = torch.zeros_like(order)
-        for bound, level in reversed(list(zip((self.exact, self.pool2, self.pool4, self.pool8), (1, *POOL_LEVELS)))):
+        for bound, level in reversed(list(zip(self.bounds, (1, *POOL_LEVELS)))):
             lvl_sorted = torch.where(pos < bound, level, lvl_sorted)
         lvl = torch.zeros_like(order).scatter_(-1, order, lvl_sorted) * allowed
         # a block can be pooled when all its keys exist and every query of the row block sees all of them
-        m = torch.arange(nqb, device=q.device)[:, None]
-        n = torch.arange(nkb, device=q.device)[None, :]
+        m = torch.arange(nqb, device=device)[:, None]
+        n = torch.arange(nkb, device=device)[None, :]
         poolable = (n + 1) * meta.block_k <= nk
         if meta.causal:
             poolable = poolable & ((n + 1) * meta.block_k - 1 <= m * meta.block_q + (nk - nq))
-        forced = forced_blocks(nqb, nkb, meta, nq, nk, self.sink, self.local, q.device) & allowed
+        forced = forced_blocks(nqb, nkb, meta, nq, nk, self.sink, self.local, device) & allowed
         lvl = torch.where(((lvl > 1) & ~poolable) | forced, 1, lvl)
         return lvl
 
-    def estimate(self, q, k, meta: SeqMeta) -> PyramidLayout:
-        lvl = self.levels(q, k, meta)
-        nq, nk = q.shape[2], k.shape[2]
-        make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal)  # noqa: E731
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return self.exact, self.pool2, self.pool4, self.pool8
+
+    def estimate(self, q, k, meta: SeqMeta, backend: str = "auto") -> PyramidLayout:
+        """``backend``: "kernel" (rank mode: ``kernels.block_select.select_levels`` ranks and compacts every row in
+        one Triton program; the default on CUDA) or "reference" (torch: a sort of every row); both give the same
+        layout."""
+        return self.layout_from_scores(block_scores(q, k, meta), meta, q.shape[2], k.shape[2], backend)
+
+    def layout_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int,
+                           backend: str = "auto") -> PyramidLayout:
+        make_index = lambda pair: BlockLayout.from_index(pair[0], pair[1], meta.block_q, meta.block_k, nq, nk,
+                                                         meta.causal)
+        if self.mode == "rank" and (backend == "kernel" or (backend == "auto" and s.is_cuda)):
+            from ..kernels.block_select import select_levels
+
+            ranks, widths = _rank_bounds(s.shape[-2], s.shape[-1], meta.block_q, meta.block_k, nq, nk, meta.causal,
+                                         self.bounds, self.sink, self.local)
+            parts = select_levels(s, torch.as_tensor(ranks, device=s.device), widths, self.sink, self.local,
+                                  meta.block_q, meta.block_k, nq, nk, meta.causal)
+            return PyramidLayout(make_index(parts[0]), tuple(make_index(x) for x in parts[1:]))
+        lvl = self.levels_from_scores(s, meta, nq, nk)
+        make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal)
         return PyramidLayout(make(lvl == 1), tuple(make(lvl == p) for p in POOL_LEVELS))
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_bounds(nqb: int, nkb: int, block_q: int, block_k: int, nq: int, nk: int, causal: bool,
+                 bounds: tuple[float, ...], sink: int, local: int):
+    """Per query block, how many of its best-ranked blocks reach each level (rank r reaches a level when
+    r / (the row's causal blocks) < its bound, in float64 as the torch path computes it), as an int32 [NQ, 4] array,
+    and a width that bounds each level's count in every row (exact: plus forced and unpoolable blocks). Shape-only:
+    computed on the host, once per shape."""
+    m = np.arange(nqb)[:, None]
+    n = np.arange(nkb)[None, :]
+    if causal:
+        last_q = np.minimum((m + 1) * block_q - 1, nq - 1) + (nk - nq)
+        count = (n * block_k <= last_q).sum(-1)
+    else:
+        count = np.full(nqb, nkb)
+    pos = np.arange(nkb, dtype=np.float64)[None, :] / np.maximum(count, 1)[:, None]
+    ranks = np.stack([(pos < b).sum(-1) for b in bounds], -1).astype(np.int32)
+    ranks = np.minimum(ranks, count[:, None])
+    spread = -(-block_q // block_k) + 2  # blocks a row block's diagonal (or the sequence end) cuts: not poolable
+    widths = (int(ranks[:, 0].max(initial=0)) + sink + local + spread, int((ranks[:, 1] - ranks[:, 0]).max(initial=0)),
+              int((ranks[:, 2] - ranks[:, 1]).max(initial=0)), int((ranks[:, 3] - ranks[:, 2]).max(initial=0)))
+    return ranks, widths
