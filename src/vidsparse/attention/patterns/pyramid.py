@@ -86,9 +86,9 @@ class Pyramid(Pattern):
             from ..kernels.block_select import select_levels
 
             ranks, widths = _rank_bounds(s.shape[-2], s.shape[-1], meta.block_q, meta.block_k, nq, nk, meta.causal,
-                                         self.bounds, self.sink, self.local)
-            parts = select_levels(s, torch.as_tensor(ranks, device=s.device), widths, self.sink, self.local,
-                                  meta.block_q, meta.block_k, nq, nk, meta.causal)
+                                         self.bounds, self.sink, self.local, s.device)
+            parts = select_levels(s, ranks, widths, self.sink, self.local, meta.block_q, meta.block_k, nq, nk,
+                                  meta.causal)
             return PyramidLayout(make_index(parts[0]), tuple(make_index(x) for x in parts[1:]))
         lvl = self.levels_from_scores(s, meta, nq, nk)
         make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal)
@@ -97,11 +97,11 @@ class Pyramid(Pattern):
 
 @functools.lru_cache(maxsize=64)
 def _rank_bounds(nqb: int, nkb: int, block_q: int, block_k: int, nq: int, nk: int, causal: bool,
-                 bounds: tuple[float, ...], sink: int, local: int):
+                 bounds: tuple[float, ...], sink: int, local: int, device):
     """Per query block, how many of its best-ranked blocks reach each level (rank r reaches a level when
-    r / (the row's causal blocks) < its bound, in float64 as the torch path computes it), as an int32 [NQ, 4] array,
-    and a width that bounds each level's count in every row (exact: plus forced and unpoolable blocks). Shape-only:
-    computed on the host, once per shape."""
+    r / (the row's causal blocks) < its bound, in float64 as the torch path computes it), as int32 [NQ, 4] on
+    ``device``, and a width that bounds each level's count in every row (exact: plus forced and unpoolable blocks).
+    Shape-only: computed on the host, once per shape and device."""
     m = np.arange(nqb)[:, None]
     n = np.arange(nkb)[None, :]
     if causal:
@@ -115,4 +115,4 @@ def _rank_bounds(nqb: int, nkb: int, block_q: int, block_k: int, nq: int, nk: in
     spread = -(-block_q // block_k) + 2  # blocks a row block's diagonal (or the sequence end) cuts: not poolable
     widths = (int(ranks[:, 0].max(initial=0)) + sink + local + spread, int((ranks[:, 1] - ranks[:, 0]).max(initial=0)),
               int((ranks[:, 2] - ranks[:, 1]).max(initial=0)), int((ranks[:, 3] - ranks[:, 2]).max(initial=0)))
-    return ranks, widths
+    return torch.from_numpy(ranks).to(device), widths
