@@ -2,8 +2,11 @@
 total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attention.py``).
 
     python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1,xattention"]
+        [--select-warps 1,2,4,8]
 
-Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels)."""
+Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels). ``--select-warps``: first
+times each spec's estimation with the block-selection kernels (``kernels.block_select``) launched with each number of
+warps per row program, interleaved twice, in the same process; saves ``select_warps`` rows and prints the fastest."""
 
 from __future__ import annotations
 
@@ -49,15 +52,38 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--specs", default="block_topk:density=0.1")
+    ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     args = ap.parse_args()
     h, hk, d = 28, 4, 128
     q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
     meta = SeqMeta(128, 128, True)
     res = {"benchmark": "profile_estimation", "date": today(), "device": device_name(), "n": args.n,
-           "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:]),
-           "rows": [profile(s, q, k, meta) for s in args.specs.split(",")]}
+           "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
+    if args.select_warps:
+        res["select_warps"] = select_warps(args.specs.split(","), [int(w) for w in args.select_warps.split(",")], q,
+                                           k, meta)
+    res["rows"] = [profile(s, q, k, meta) for s in args.specs.split(",")]
     save("profile_estimation", res)
+
+
+def select_warps(specs, warps, q, k, meta) -> list[dict]:
+    """Each spec's estimation per selection-kernel warp count (``VIDSPARSE_SELECT_WARPS``), twice, interleaved."""
+    import os
+
+    rows = []
+    for spec in specs:
+        pat = PATTERNS.from_spec(spec)
+        for rep in range(2):
+            for w in warps:
+                os.environ["VIDSPARSE_SELECT_WARPS"] = str(w)
+                rows.append({"spec": spec, "warps": w, "rep": rep,
+                             "ms": bench_ms(lambda pat=pat: pat.estimate(q, k, meta), rep_ms=200)})
+                print(rows[-1], flush=True)
+    os.environ.pop("VIDSPARSE_SELECT_WARPS")
+    best = min(warps, key=lambda w: sum(r["ms"] for r in rows if r["warps"] == w))
+    print(f"fastest over all specs: {best} warps", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 
+@functools.lru_cache(maxsize=32)
 def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, device=None) -> Tensor:
-    """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned)."""
+    """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned).
+    Cached per shape and device (every prefill layer asks for the same one): shared, never modify it in place."""
     off = k_len - q_len
     m = torch.arange(nq, device=device)[:, None]
     n = torch.arange(nk, device=device)[None, :]
@@ -35,9 +37,11 @@ def causal_block_count(nq: int, nk: int, block_q: int, block_k: int, q_len: int,
     return total
 
 
+@functools.lru_cache(maxsize=32)
 def full_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, causal: bool,
                     device=None) -> Tensor:
-    """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle)."""
+    """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle).
+    Cached per shape and device: shared, never modify it in place."""
     m = torch.arange(nq, device=device)[:, None]
     n = torch.arange(nk, device=device)[None, :]
     inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)

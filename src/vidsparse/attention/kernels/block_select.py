@@ -16,9 +16,18 @@ a scatter of the levels back and four mask-to-index conversions."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+
+def _warps(w: int) -> int:
+    """Warps per row program: ``VIDSPARSE_SELECT_WARPS`` when set (a tuning knob), else 4 up to 1,024 key blocks and
+    8 beyond."""
+    env = os.environ.get("VIDSPARSE_SELECT_WARPS")
+    return int(env) if env else (4 if w <= 1024 else 8)
 
 
 @triton.jit
@@ -106,7 +115,7 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
     _select[(b * h, nqb)](
         scores, out, total.to(torch.int32).contiguous(), scores.stride(0), scores.stride(1), scores.stride(2),
         out.stride(0), out.stride(1), out.stride(2), h, nkb, width, sink, local, block_q, block_k, q_len,
-        k_len - q_len, CAUSAL=causal, W=w, num_warps=4 if w <= 1024 else 8,
+        k_len - q_len, CAUSAL=causal, W=w, num_warps=_warps(w),
     )
     return out
 
@@ -157,6 +166,6 @@ def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, 
     _levels[(b * h, nqb)](
         scores, ranks.to(torch.int32).contiguous(), *outs, cnt, scores.stride(0), scores.stride(1), scores.stride(2),
         h, nqb, nkb, *widths, sink, local, block_q, block_k, q_len, k_len, CAUSAL=causal, W=w,
-        num_warps=4 if w <= 1024 else 8,
+        num_warps=_warps(w),
     )
     return [(x, cnt[i]) for i, x in enumerate(outs)]

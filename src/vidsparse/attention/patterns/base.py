@@ -5,6 +5,7 @@ layout's width (its largest row) must be known to allocate the index tensor."""
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -103,8 +104,8 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
     qp = pool_blocks(q, meta.block_q)
     kp = pool_blocks(k, meta.block_k) if kp is None else kp
     g = h // hk
+    qp = qp * (1.0 / math.sqrt(d))  # on the pooled queries, not on the NQ × NK scores
     s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
-    s = s / math.sqrt(d)
     if meta.causal and masked:
         allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
@@ -118,11 +119,18 @@ def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
 
 def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int, local: int,
                   device) -> Tensor:
-    """bool [NQ, NK]: the first ``sink`` key blocks and the ``local`` blocks ending at each row's diagonal."""
+    """bool [NQ, NK]: the first ``sink`` key blocks and the ``local`` blocks ending at each row's diagonal. Cached
+    per shape and device: shared, never modify it in place."""
+    return _forced_blocks(nqb, nkb, meta.block_q, meta.block_k, meta.causal, q_len, k_len, sink, local,
+                          torch.device(device) if device is not None else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _forced_blocks(nqb, nkb, block_q, block_k, causal, q_len, k_len, sink, local, device) -> Tensor:
     m = torch.arange(nqb, device=device)[:, None]
     n = torch.arange(nkb, device=device)[None, :]
-    last_q = torch.clamp((m + 1) * meta.block_q - 1, max=q_len - 1) + (k_len - q_len)
-    diag = last_q // meta.block_k if meta.causal else m * meta.block_q // meta.block_k
+    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1) + (k_len - q_len)
+    diag = last_q // block_k if causal else m * block_q // block_k
     return (n < sink) | ((n <= diag) & (n > diag - local))
 
 
