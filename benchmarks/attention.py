@@ -307,21 +307,23 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,subset,recall")
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
-    ap.add_argument("--kernels-from", default="", help="with --markdown-from: the kernel tables from this later "
-                    "results JSON (a --skip estimation,subset,recall run), the other tables from the first")
+    ap.add_argument("--parts-from", default="", help="with --markdown-from: later partial runs that replace parts "
+                    "of it, as PART=JSON[,PART=JSON] (parts: kernels, estimation, subset, recall)")
+    ap.add_argument("--note", default="", help="with --parts-from: a sentence added to the section's note")
     args = ap.parse_args()
     if args.markdown_from:
         import json
 
         p = json.loads(Path(args.markdown_from).read_text())
-        if args.kernels_from:
-            k = json.loads(Path(args.kernels_from).read_text())
-            p["kernels"] = k["kernels"]
-            p["note"] = (f"Kernel tables: `{k['command']}` ({k['date']}). Estimation, key-subset and recall tables: "
-                         f"`{p['command']}` ({p['date']}; its own kernel rows, in its JSON, measured an earlier "
-                         "version of the kernel).")
-            p["command"] = f"{k['command']}` + `{p['command']}"
-            p["date"] = k["date"]
+        if args.parts_from:
+            notes, full = [], p["command"]
+            for item in args.parts_from.split(","):
+                part, path = item.split("=", 1)
+                sub = json.loads(Path(path).read_text())
+                p[part] = sub[part]
+                notes.append(f"{part}: `{sub['command']}` ({sub['date']})")
+            p["note"] = (f"Merged runs — {'; '.join(notes)}; the rest: `{full}` ({p['date']}), whose own rows for those "
+                         f"parts (in its JSON) measured earlier code. {args.note}").strip()
         write_markdown(p)
         return
     sizes = [int(s) for s in args.sizes.split(",")]

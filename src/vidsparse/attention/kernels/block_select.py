@@ -24,10 +24,12 @@ import triton.language as tl
 
 
 def _warps(w: int) -> int:
-    """Warps per row program: ``VIDSPARSE_SELECT_WARPS`` when set (a tuning knob), else 4 up to 1,024 key blocks and
-    8 beyond."""
+    """Warps per row program: ``VIDSPARSE_SELECT_WARPS`` when set (a tuning knob), else 2 up to 1,024 key blocks and
+    4 beyond. Measured on an H100 at 1,024 key blocks (``benchmarks/profile_estimation.py --select-warps 1,2,4``):
+    block_topk's estimation 1.05 / 1.07 / 1.11 ms with 1 / 2 / 4 warps, pyramid's 2.85 / 2.74 / 3.47 ms. (Beyond
+    1,024 key blocks unmeasured: twice the warps for twice the row.)"""
     env = os.environ.get("VIDSPARSE_SELECT_WARPS")
-    return int(env) if env else (4 if w <= 1024 else 8)
+    return int(env) if env else (2 if w <= 1024 else 4)
 
 
 @triton.jit
