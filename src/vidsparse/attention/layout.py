@@ -73,8 +73,10 @@ class BlockLayout:
 
     @classmethod
     def from_block_mask(cls, mask: Tensor, block_q: int, block_k: int, q_len: int, k_len: int,
-                        causal: bool = True) -> "BlockLayout":
-        """From a bool block mask [B, H, NQ, NK] (or [NQ, NK]). Blocks outside the causal triangle are dropped."""
+                        causal: bool = True, width: int | None = None) -> "BlockLayout":
+        """From a bool block mask [B, H, NQ, NK] (or [NQ, NK]). Blocks outside the causal triangle are dropped.
+        ``width``: the index's width, a host-side bound of every row's count (the patterns pass one: then no host
+        sync); by default the widest row, which reads the counts back from the device."""
         if mask.dim() == 2:
             mask = mask[None, None]
         b, h, nq, nk = mask.shape
@@ -85,7 +87,9 @@ class BlockLayout:
         if causal:
             mask = mask & causal_block_mask(nq, nk, block_q, block_k, q_len, k_len, mask.device)
         count = mask.sum(-1, dtype=torch.int32)
-        width = max(1, int(count.max().item())) if mask.numel() else 1
+        if width is None:
+            width = max(1, int(count.max().item())) if mask.numel() else 1
+        width = max(1, min(int(width), nk))
         # compact each row's kept block numbers to its front (ascending): a cumsum and a scatter, no sort
         slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, width).long()
         index = torch.zeros(b, h, nq, width + 1, dtype=torch.int32, device=mask.device)

@@ -158,7 +158,7 @@ def finish_layout(keep, q, k, meta, sink, local):
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = keep.shape[-2:]
     keep = keep | forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device)
-    return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
+    return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
 
 def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int,

@@ -19,4 +19,4 @@ class Dense(Pattern):
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         nq, nk, nqb, nkb = self.grid(q, k, meta)
         return BlockLayout.from_block_mask(torch.ones(nqb, nkb, dtype=torch.bool, device=q.device), meta.block_q,
-                                           meta.block_k, nq, nk, meta.causal)
+                                           meta.block_k, nq, nk, meta.causal, width=nkb)

@@ -70,5 +70,5 @@ class PBS(Pattern):
         if self.first_block:  # the permuted block that holds token 0, for every query head of its K/V head
             where0 = (torch.argmax((perm == 0).int(), -1) // meta.block_k).repeat_interleave(h // hk, 1)
             keep = keep | (n == where0[..., None, None])
-        lay = BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, causal=False)
+        lay = BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, causal=False, width=nkb)
         return PermutedLayout(perm, lay, causal=meta.causal)

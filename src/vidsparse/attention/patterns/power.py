@@ -27,4 +27,6 @@ class Power(Pattern):
         n = torch.arange(nkb, device=q.device)[None, :]
         dist = m - n
         pow2 = (dist > 0) & ((dist & (dist - 1)) == 0)
-        return BlockLayout.from_block_mask(base | pow2, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        # at most the sink, the local blocks and one block per power of two below the row's diagonal
+        return BlockLayout.from_block_mask(base | pow2, meta.block_q, meta.block_k, nq, nk, meta.causal,
+                                           width=self.sink + self.local + nkb.bit_length())

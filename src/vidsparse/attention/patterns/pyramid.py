@@ -91,7 +91,8 @@ class Pyramid(Pattern):
                                   meta.causal)
             return PyramidLayout(make_index(parts[0]), tuple(make_index(x) for x in parts[1:]))
         lvl = self.levels_from_scores(s, meta, nq, nk)
-        make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal,
+                                                     width=m.shape[-1])
         return PyramidLayout(make(lvl == 1), tuple(make(lvl == p) for p in POOL_LEVELS))
 
 

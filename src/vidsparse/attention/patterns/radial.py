@@ -40,4 +40,4 @@ class Radial(Pattern):
         keep = (d <= self.dense_frames) | (n % (2 ** band) == 0)
         text = ~((qc >= start) & (qc < end))[:, None] | ~((kc >= start) & (kc < end))[None, :]
         keep = keep | text | forced_blocks(nqb, nkb, meta, nq, nk, self.sink, 1, dev)
-        return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)

@@ -21,4 +21,5 @@ class SinkWindow(Pattern):
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         nq, nk, nqb, nkb = self.grid(q, k, meta)
         m = forced_blocks(nqb, nkb, meta, nq, nk, self.sink, self.window, q.device)
-        return BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        return BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal,
+                                           width=self.sink + self.window)

@@ -54,7 +54,7 @@ class VerticalSlash(Pattern):
         hits = torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, hi_c.reshape(b, h, nqb, nkb)) - \
             torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, lo_c.reshape(b, h, nqb, nkb))
         keep = (hits > 0) | vb[:, :, None, :]
-        return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
 
 def diagonal_sums(a, first: int):
