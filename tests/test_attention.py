@@ -580,3 +580,19 @@ def test_new_layouts_reject_per_sequence_lengths():
     lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))
     with pytest.raises(Exception, match="per-sequence"):
         sparse_attention(q, k, v, lay, seqlens_q=torch.tensor([64]), backend="reference")
+
+
+def test_cached_block_masks_serve_inference_and_autograd_callers():
+    """The per-shape masks are cached; one first built under inference mode must still serve an autograd caller."""
+    from vidsparse.attention.layout import full_block_mask
+    from vidsparse.attention.patterns.base import forced_blocks
+
+    causal_block_mask.cache_clear()
+    full_block_mask.cache_clear()
+    with torch.inference_mode():
+        masks = [causal_block_mask(7, 9, 32, 32, 200, 280), full_block_mask(7, 9, 32, 32, 200, 280, True),
+                 forced_blocks(7, 9, SeqMeta(32, 32), 200, 280, 1, 2, None)]
+    x = torch.randn(7, 9, requires_grad=True)
+    sum(torch.where(m, x, 0.0).sum() for m in masks).backward()
+    assert torch.equal(x.grad, sum(m.float() for m in masks))
+    assert causal_block_mask(7, 9, 32, 32, 200, 280) is masks[0]  # served from the cache

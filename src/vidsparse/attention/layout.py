@@ -18,10 +18,11 @@ def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, 
     """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned).
     Cached per shape and device (every prefill layer asks for the same one): shared, never modify it in place."""
     off = k_len - q_len
-    m = torch.arange(nq, device=device)[:, None]
-    n = torch.arange(nk, device=device)[None, :]
-    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1)
-    return n * block_k <= last_q + off
+    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
+        m = torch.arange(nq, device=device)[:, None]
+        n = torch.arange(nk, device=device)[None, :]
+        last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1)
+        return n * block_k <= last_q + off
 
 
 @functools.lru_cache(maxsize=64)
@@ -42,12 +43,13 @@ def full_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_
                     device=None) -> Tensor:
     """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle).
     Cached per shape and device: shared, never modify it in place."""
-    m = torch.arange(nq, device=device)[:, None]
-    n = torch.arange(nk, device=device)[None, :]
-    inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)
-    if causal:
-        inside &= (n + 1) * block_k - 1 <= m * block_q + (k_len - q_len)
-    return inside
+    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
+        m = torch.arange(nq, device=device)[:, None]
+        n = torch.arange(nk, device=device)[None, :]
+        inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)
+        if causal:
+            inside &= (n + 1) * block_k - 1 <= m * block_q + (k_len - q_len)
+        return inside
 
 
 @dataclass(frozen=True, eq=False)

@@ -127,11 +127,12 @@ def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sin
 
 @functools.lru_cache(maxsize=32)
 def _forced_blocks(nqb, nkb, block_q, block_k, causal, q_len, k_len, sink, local, device) -> Tensor:
-    m = torch.arange(nqb, device=device)[:, None]
-    n = torch.arange(nkb, device=device)[None, :]
-    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1) + (k_len - q_len)
-    diag = last_q // block_k if causal else m * block_q // block_k
-    return (n < sink) | ((n <= diag) & (n > diag - local))
+    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
+        m = torch.arange(nqb, device=device)[:, None]
+        n = torch.arange(nkb, device=device)[None, :]
+        last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1) + (k_len - q_len)
+        diag = last_q // block_k if causal else m * block_q // block_k
+        return (n < sink) | ((n <= diag) & (n > diag - local))
 
 
 def keep_top_mass(probs: Tensor, tau: float) -> Tensor:

@@ -116,4 +116,5 @@ def _rank_bounds(nqb: int, nkb: int, block_q: int, block_k: int, nq: int, nk: in
     spread = -(-block_q // block_k) + 2  # blocks a row block's diagonal (or the sequence end) cuts: not poolable
     widths = (int(ranks[:, 0].max(initial=0)) + sink + local + spread, int((ranks[:, 1] - ranks[:, 0]).max(initial=0)),
               int((ranks[:, 2] - ranks[:, 1]).max(initial=0)), int((ranks[:, 3] - ranks[:, 2]).max(initial=0)))
-    return torch.from_numpy(ranks).to(device), widths
+    with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
+        return torch.from_numpy(ranks).to(device), widths
