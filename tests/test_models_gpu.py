@@ -82,6 +82,7 @@ def test_pipeline_recipes_on_cuda(cuda_adapter, tmp_path):
         assert st.new_tokens >= 1 and st.peak_memory_mb > 0 and st.device.startswith("cuda")
         if r.attention:
             assert st.attention_density < 1.0
+            assert 0 < st.ms_estimate < st.ms_prefill  # GPU time between events inside the prefill
         if r.kv:
             assert st.kv_entries[1] <= 256 + st.new_tokens
 

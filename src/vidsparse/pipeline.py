@@ -31,7 +31,9 @@ class RunStats:
     tokens after an in-LLM reducer's cut (== prompt_tokens without one); kv_entries: cache entries per layer (layer 0
     and the last) after prefill; new_tokens: generated tokens. ms_*: decode (video), selection, vision, reduction,
     prefill (to the first logits), first_token (everything up to the first generated token), generate (all new
-    tokens). attention_density: mean fraction of causal blocks computed over sparse prefill calls (1.0 if dense)."""
+    tokens), estimate (the attention pattern's estimation inside the prefill: GPU time between CUDA events on a GPU,
+    host time on the CPU). attention_density: mean fraction of causal blocks computed over sparse prefill calls (1.0
+    if dense)."""
 
     frames: int = 0
     encoded_frames: int = 0
@@ -285,7 +287,7 @@ class Pipeline:
     def _prefill(self, prompt, cache, st: RunStats):
         import torch
 
-        from .models.hf import attention_scope
+        from .models.hf import attention_scope, estimate_ms
 
         ad = self.adapter
         observers, cut = [], None
@@ -327,7 +329,7 @@ class Pipeline:
                 st.attention_density = float(scope.stats["density_sum"]) / n  # the run's one sync for it
             elif sub:  # ZipVL: fraction of keys kept, over the layers that applied it
                 st.attention_density = scope.stats["key_fraction_sum"] / sub
-            st.ms_estimate = scope.stats["estimate_ms"]
+            st.ms_estimate = estimate_ms(scope)
         return prompt.input_ids, logits, scope
 
     def _decode(self, prompt, cache, logits) -> list[int]:

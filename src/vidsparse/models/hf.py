@@ -53,6 +53,17 @@ def current_scope() -> Scope | None:
     return _SCOPE.get()
 
 
+def estimate_ms(scope: Scope) -> float:
+    """Milliseconds the scope's pattern estimation took: host-timed calls (CPU, or ``sync_timing``) plus, on CUDA,
+    the GPU time between the events around each call (waits for the last one)."""
+    total = scope.stats["estimate_ms"]
+    events = scope.stats.get("estimate_events", [])
+    if events:
+        events[-1][1].synchronize()
+        total += sum(a.elapsed_time(b) for a, b in events)
+    return total
+
+
 def _sdpa_backends():
     """SDPA backend priority on CUDA: cuDNN first (about 1.8x flash on H100 at long sequences, benchmarks/attention.py),
     then flash, memory-efficient, math. ``VIDSPARSE_SDPA=default`` leaves PyTorch's own order."""
@@ -130,11 +141,19 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
         from ..attention.patterns.base import SeqMeta
 
         meta = scope.meta if scope.meta is not None else SeqMeta()
-        t0 = time.perf_counter()
-        layout = scope.pattern.estimate(query, key, meta)
-        if scope.stats.get("sync_timing") and query.is_cuda:
-            torch.cuda.synchronize(query.device)
-        scope.stats["estimate_ms"] += (time.perf_counter() - t0) * 1e3
+        if query.is_cuda and not scope.stats.get("sync_timing"):
+            # GPU time without a sync: events around the estimation's work on the stream, read after the run
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+            layout = scope.pattern.estimate(query, key, meta)
+            events[1].record()
+            scope.stats.setdefault("estimate_events", []).append(events)
+        else:
+            t0 = time.perf_counter()
+            layout = scope.pattern.estimate(query, key, meta)
+            if scope.stats.get("sync_timing") and query.is_cuda:
+                torch.cuda.synchronize(query.device)
+            scope.stats["estimate_ms"] += (time.perf_counter() - t0) * 1e3
         out = sparse_attention(query, key, value, layout, causal=True, scale=scaling, backend=scope.backend)
         scope.stats["sparse_calls"] += 1
         scope.stats["density_sum"] += layout.density_tensor()  # a device tensor: no host sync per layer
