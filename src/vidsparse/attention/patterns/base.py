@@ -162,28 +162,40 @@ def finish_layout(keep, q, k, meta, sink, local):
     return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
 
-def topk_layout(scores: Tensor, budget: Tensor, width: int, q, k, meta: SeqMeta, sink: int, local: int,
-                backend: str = "auto") -> BlockLayout:
+def row_totals(budget: Tensor, width: int, nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int,
+               local: int, device) -> Tensor:
+    """Blocks per row for ``topk_layout``: ``budget`` [NQ] raised to the row's forced blocks, capped at its causal
+    blocks and at ``width`` (already within [1, NK])."""
+    allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, q_len, k_len, device) if meta.causal else \
+        torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    forced = forced_blocks(nqb, nkb, meta, q_len, k_len, sink, local, device) & allowed
+    return torch.minimum(torch.maximum(budget.to(device), forced.sum(-1)), allowed.sum(-1)).clamp(max=width)
+
+
+def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: SeqMeta, sink: int, local: int,
+                backend: str = "auto", total: Tensor | None = None) -> BlockLayout:
     """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
     (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
     [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
     ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
     score by a radix search and compacts the blocks above it; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
     -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
-    the kept indices). Both keep the same blocks."""
+    the kept indices). Both keep the same blocks. ``total``: the rows' block counts when the caller has them already
+    (``row_totals`` of the budget; ``block_topk`` caches them per shape), else computed from ``budget``."""
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = scores.shape[-2:]
-    allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
-        torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
-    forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
     width = max(1, min(width, nkb))
-    total = torch.minimum(torch.maximum(budget.to(q.device), forced.sum(-1)), allowed.sum(-1)).clamp(max=width)
+    if total is None:
+        total = row_totals(budget, width, nqb, nkb, meta, nq, nk, sink, local, q.device)
     if backend == "kernel" or (backend == "auto" and scores.is_cuda):
         from ..kernels.block_select import select_blocks
 
         index = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk, meta.causal)
         return BlockLayout.from_index(index, total.expand(*scores.shape[:-1]), meta.block_q, meta.block_k, nq, nk,
                                       meta.causal)
+    allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
+        torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
+    forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
     bias = torch.zeros(nqb, nkb, device=q.device, dtype=scores.dtype)
     bias.masked_fill_(~allowed, float("-inf")).masked_fill_(forced, float("inf"))
     scores.add_(bias)

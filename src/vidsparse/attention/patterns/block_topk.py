@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, causal_block_mask
-from .base import Pattern, SeqMeta, block_scores, topk_layout
+from .base import Pattern, SeqMeta, block_scores, row_totals, topk_layout
 
 
 @PATTERNS.register("block_topk")
@@ -27,12 +28,21 @@ class BlockTopK(Pattern):
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = block_scores(q, k, meta, masked=False)
         nqb, nkb = s.shape[-2:]
-        if self.topk > 0:
-            budget = torch.full((nqb,), self.topk, device=q.device)
-            width = self.topk
+        width = max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local)
+        total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, q.shape[2], k.shape[2], self.topk,
+                        self.density, self.sink, self.local, max(1, min(width, nkb)), q.device)
+        return topk_layout(s, None, width, q, k, meta, self.sink, self.local, total=total)
+
+
+@functools.lru_cache(maxsize=32)
+def _totals(nqb, nkb, block_q, block_k, causal, nq, nk, topk, density, sink, local, width, device):
+    """Blocks per row (shape-only, cached per shape and device: each prefill layer asks for the same): ``topk``, or
+    ``density`` × the row's causal blocks rounded up (float64, as the host-side width), through ``row_totals``."""
+    with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
+        if topk > 0:
+            budget = torch.full((nqb,), topk, device=device)
         else:
-            rows = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, q.shape[2], k.shape[2], q.device).sum(-1) \
-                if meta.causal else torch.full((nqb,), nkb, device=q.device)
-            budget = torch.ceil(rows.double() * self.density).long()  # float64, as the host bound below
-            width = math.ceil(nkb * self.density)
-        return topk_layout(s, budget, max(width, self.sink + self.local), q, k, meta, self.sink, self.local)
+            rows = causal_block_mask(nqb, nkb, block_q, block_k, nq, nk, device).sum(-1) if causal else \
+                torch.full((nqb,), nkb, device=device)
+            budget = torch.ceil(rows.double() * density).long()
+        return row_totals(budget, width, nqb, nkb, SeqMeta(block_q, block_k, causal), nq, nk, sink, local, device)
