@@ -47,6 +47,24 @@ class Pattern(ABC):
         return nq, nk, -(-nq // meta.block_q), -(-nk // meta.block_k)
 
 
+_STATIC: dict = {}
+
+
+def static_layout(pattern: Pattern, q: Tensor, k: Tensor, meta: SeqMeta, build):
+    """The layout of a static pattern (one that reads only shapes, not q or k): ``build()`` once per pattern
+    settings, sequence metadata, lengths and device, then the same layout for every later call — every prefill layer
+    asks for it. Shared: never modify its tensors in place."""
+    import dataclasses
+
+    key = (type(pattern).__name__, dataclasses.astuple(pattern), meta, q.shape[2], k.shape[2], str(q.device))
+    if key not in _STATIC:
+        if len(_STATIC) >= 64:
+            _STATIC.pop(next(iter(_STATIC)))
+        with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
+            _STATIC[key] = build()
+    return _STATIC[key]
+
+
 def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = None,
               scale: float | None = None) -> Tensor:
     """Exact causal softmax of some query rows over keys: q_rows [B, H, R, D] at positions ``q_pos`` int [R]; k
