@@ -599,15 +599,18 @@ def test_cached_block_masks_serve_inference_and_autograd_callers():
 
 
 def test_static_patterns_build_once_per_shape():
-    """Static patterns (shapes only) build their layout once per settings, metadata, lengths and device."""
+    """Static patterns (shapes only) build their layout once per settings, metadata, lengths and device; the
+    others estimate on every call."""
     q, k, _ = qkv(h=2, hk=1, n=300, d=16, seed=1)
     meta = SeqMeta(32, 32)
     a, b = PATTERNS.from_spec("sink_window:window=2"), PATTERNS.from_spec("sink_window:window=3")
-    first = a.estimate(q, k, meta)
-    assert a.estimate(q, k, meta) is first
-    assert torch.equal(first.block_mask(), a._build(q, k, meta).block_mask())
-    other = b.estimate(q, k, meta)  # other settings: another layout
+    first = a.layout(q, k, meta)
+    assert a.layout(q, k, meta) is first
+    assert torch.equal(first.block_mask(), a.estimate(q, k, meta).block_mask())
+    other = b.layout(q, k, meta)  # other settings: another layout
     assert other is not first and other.kv_count.sum() > first.kv_count.sum()
-    shorter = a.estimate(q[:, :, :200], k[:, :, :200], meta)  # other lengths: another layout
+    shorter = a.layout(q[:, :, :200], k[:, :, :200], meta)  # other lengths: another layout
     assert shorter.num_q_blocks == 7 and first.num_q_blocks == 10
-    assert a.estimate(q, k, SeqMeta(32, 32, causal=False)) is not first
+    assert a.layout(q, k, SeqMeta(32, 32, causal=False)) is not first
+    topk = PATTERNS.from_spec("block_topk")
+    assert topk.layout(q, k, meta) is not topk.layout(q, k, meta)

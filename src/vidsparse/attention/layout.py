@@ -13,43 +13,58 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=32)
+def shape_cache(maxsize: int = 32):
+    """``functools.lru_cache`` for tensors that depend only on shapes and a device (every prefill layer asks for the
+    same ones), built outside inference mode so one cached tensor serves callers in and out of it. The result is
+    shared: never modify it in place."""
+
+    def deco(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args, **kwargs):
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+
+        return cached
+
+    return deco
+
+
+@shape_cache()
 def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, device=None) -> Tensor:
     """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned).
-    Cached per shape and device (every prefill layer asks for the same one): shared, never modify it in place."""
+    Cached per shape and device (``shape_cache``)."""
     off = k_len - q_len
-    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
-        m = torch.arange(nq, device=device)[:, None]
-        n = torch.arange(nk, device=device)[None, :]
-        last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1)
-        return n * block_k <= last_q + off
+    m = torch.arange(nq, device=device)[:, None]
+    n = torch.arange(nk, device=device)[None, :]
+    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1)
+    return n * block_k <= last_q + off
 
 
 @functools.lru_cache(maxsize=64)
-def causal_block_count(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int) -> int:
-    """``causal_block_mask(...).sum()`` computed on the host from the shapes alone (no device work, no sync; cached,
-    as every prefill layer asks for the same shape)."""
+def causal_row_counts(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int) -> tuple[int, ...]:
+    """``causal_block_mask(...).sum(-1)`` computed on the host from the shapes alone (no device work, no sync)."""
     off = k_len - q_len
-    total = 0
-    for m in range(nq):
-        last = min((m + 1) * block_q - 1, q_len - 1) + off
-        if last >= 0:
-            total += min(last // block_k + 1, nk)
-    return total
+    lasts = (min((m + 1) * block_q - 1, q_len - 1) + off for m in range(nq))
+    return tuple(min(last // block_k + 1, nk) if last >= 0 else 0 for last in lasts)
 
 
-@functools.lru_cache(maxsize=32)
+def causal_block_count(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int) -> int:
+    """``causal_block_mask(...).sum()`` on the host (``causal_row_counts``)."""
+    return sum(causal_row_counts(nq, nk, block_q, block_k, q_len, k_len))
+
+
+@shape_cache()
 def full_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, causal: bool,
                     device=None) -> Tensor:
     """bool [NQ, NK]: blocks whose every element is valid (inside both lengths and, if causal, the triangle).
-    Cached per shape and device: shared, never modify it in place."""
-    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
-        m = torch.arange(nq, device=device)[:, None]
-        n = torch.arange(nk, device=device)[None, :]
-        inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)
-        if causal:
-            inside &= (n + 1) * block_k - 1 <= m * block_q + (k_len - q_len)
-        return inside
+    Cached per shape and device (``shape_cache``)."""
+    m = torch.arange(nq, device=device)[:, None]
+    n = torch.arange(nk, device=device)[None, :]
+    inside = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= k_len)
+    if causal:
+        inside &= (n + 1) * block_k - 1 <= m * block_q + (k_len - q_len)
+    return inside
 
 
 @dataclass(frozen=True, eq=False)

@@ -145,12 +145,12 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
             # GPU time without a sync: events around the estimation's work on the stream, read after the run
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-            layout = scope.pattern.estimate(query, key, meta)
+            layout = scope.pattern.layout(query, key, meta)
             events[1].record()
             scope.stats.setdefault("estimate_events", []).append(events)
         else:
             t0 = time.perf_counter()
-            layout = scope.pattern.estimate(query, key, meta)
+            layout = scope.pattern.layout(query, key, meta)
             if scope.stats.get("sync_timing") and query.is_cuda:
                 torch.cuda.synchronize(query.device)
             scope.stats["estimate_ms"] += (time.perf_counter() - t0) * 1e3

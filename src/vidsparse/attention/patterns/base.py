@@ -5,7 +5,7 @@ layout's width (its largest row) must be known to allocate the index tensor."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..layout import BlockLayout, causal_block_mask
+from ..layout import BlockLayout, causal_block_mask, shape_cache
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class SeqMeta:
     frame_hw: tuple[int, int] | None = None
 
 
+_STATIC: dict = {}  # static patterns' layouts (``Pattern.layout``)
+
+
 class Pattern(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[dict]
@@ -41,28 +44,24 @@ class Pattern(ABC):
     def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:
         """q [B, H, N, D], k [B, Hkv, N, D] -> BlockLayout with H heads (or 1 for static patterns)."""
 
+    def layout(self, q: Tensor, k: Tensor, meta: SeqMeta):
+        """``estimate`` as a model's prefill calls it: a static pattern (registered ``static=True``: it reads only
+        shapes) builds its layout once per settings, metadata, lengths and device, and every later layer gets the
+        same one (shared: never modify its tensors in place)."""
+        if not self.capabilities.get("static"):
+            return self.estimate(q, k, meta)
+        key = (type(self).__name__, dataclasses.astuple(self), meta, q.shape[2], k.shape[2], str(q.device))
+        if key not in _STATIC:
+            if len(_STATIC) >= 64:
+                _STATIC.pop(next(iter(_STATIC)))
+            with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
+                _STATIC[key] = self.estimate(q, k, meta)
+        return _STATIC[key]
+
     @staticmethod
     def grid(q: Tensor, k: Tensor, meta: SeqMeta) -> tuple[int, int, int, int]:
         nq, nk = q.shape[2], k.shape[2]
         return nq, nk, -(-nq // meta.block_q), -(-nk // meta.block_k)
-
-
-_STATIC: dict = {}
-
-
-def static_layout(pattern: Pattern, q: Tensor, k: Tensor, meta: SeqMeta, build):
-    """The layout of a static pattern (one that reads only shapes, not q or k): ``build()`` once per pattern
-    settings, sequence metadata, lengths and device, then the same layout for every later call — every prefill layer
-    asks for it. Shared: never modify its tensors in place."""
-    import dataclasses
-
-    key = (type(pattern).__name__, dataclasses.astuple(pattern), meta, q.shape[2], k.shape[2], str(q.device))
-    if key not in _STATIC:
-        if len(_STATIC) >= 64:
-            _STATIC.pop(next(iter(_STATIC)))
-        with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
-            _STATIC[key] = build()
-    return _STATIC[key]
 
 
 def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = None,
@@ -143,14 +142,13 @@ def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sin
                           torch.device(device) if device is not None else None)
 
 
-@functools.lru_cache(maxsize=32)
+@shape_cache()
 def _forced_blocks(nqb, nkb, block_q, block_k, causal, q_len, k_len, sink, local, device) -> Tensor:
-    with torch.inference_mode(False):  # a cached tensor must serve callers in and out of inference mode
-        m = torch.arange(nqb, device=device)[:, None]
-        n = torch.arange(nkb, device=device)[None, :]
-        last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1) + (k_len - q_len)
-        diag = last_q // block_k if causal else m * block_q // block_k
-        return (n < sink) | ((n <= diag) & (n > diag - local))
+    m = torch.arange(nqb, device=device)[:, None]
+    n = torch.arange(nkb, device=device)[None, :]
+    last_q = torch.clamp((m + 1) * block_q - 1, max=q_len - 1) + (k_len - q_len)
+    diag = last_q // block_k if causal else m * block_q // block_k
+    return (n < sink) | ((n <= diag) & (n > diag - local))
 
 
 def keep_top_mass(probs: Tensor, tau: float) -> Tensor:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ...registry import PATTERNS
-from ..layout import BlockLayout, causal_block_mask
+from ..layout import BlockLayout, causal_block_mask, shape_cache
 from .base import Pattern, SeqMeta, block_scores, row_totals, topk_layout
 
 
@@ -34,15 +33,14 @@ class BlockTopK(Pattern):
         return topk_layout(s, None, width, q, k, meta, self.sink, self.local, total=total)
 
 
-@functools.lru_cache(maxsize=32)
+@shape_cache()
 def _totals(nqb, nkb, block_q, block_k, causal, nq, nk, topk, density, sink, local, width, device):
-    """Blocks per row (shape-only, cached per shape and device: each prefill layer asks for the same): ``topk``, or
-    ``density`` × the row's causal blocks rounded up (float64, as the host-side width), through ``row_totals``."""
-    with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
-        if topk > 0:
-            budget = torch.full((nqb,), topk, device=device)
-        else:
-            rows = causal_block_mask(nqb, nkb, block_q, block_k, nq, nk, device).sum(-1) if causal else \
-                torch.full((nqb,), nkb, device=device)
-            budget = torch.ceil(rows.double() * density).long()
-        return row_totals(budget, width, nqb, nkb, SeqMeta(block_q, block_k, causal), nq, nk, sink, local, device)
+    """Blocks per row (shape-only, ``shape_cache``): ``topk``, or ``density`` × the row's causal blocks rounded up
+    (float64, as the host-side width), through ``row_totals``."""
+    if topk > 0:
+        budget = torch.full((nqb,), topk, device=device)
+    else:
+        rows = causal_block_mask(nqb, nkb, block_q, block_k, nq, nk, device).sum(-1) if causal else \
+            torch.full((nqb,), nkb, device=device)
+        budget = torch.ceil(rows.double() * density).long()
+    return row_totals(budget, width, nqb, nkb, SeqMeta(block_q, block_k, causal), nq, nk, sink, local, device)

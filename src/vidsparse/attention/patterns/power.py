@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, forced_blocks, static_layout
+from .base import Pattern, SeqMeta, forced_blocks
 
 
 @PATTERNS.register("power", static=True)
@@ -21,9 +21,6 @@ class Power(Pattern):
     sink: int = 1
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        return static_layout(self, q, k, meta, lambda: self._build(q, k, meta))
-
-    def _build(self, q, k, meta: SeqMeta) -> BlockLayout:
         nq, nk, nqb, nkb = self.grid(q, k, meta)
         base = forced_blocks(nqb, nkb, meta, nq, nk, self.sink, self.local, q.device)
         m = torch.arange(nqb, device=q.device)[:, None] * meta.block_q // meta.block_k

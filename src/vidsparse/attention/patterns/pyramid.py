@@ -3,14 +3,20 @@ skipped, by its rank (or cumulative mass) among the row's blocks."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ...registry import PATTERNS
-from ..layout import POOL_LEVELS, BlockLayout, PyramidLayout, causal_block_mask
+from ..layout import (
+    POOL_LEVELS,
+    BlockLayout,
+    PyramidLayout,
+    causal_block_mask,
+    causal_row_counts,
+    shape_cache,
+)
 from .base import Pattern, SeqMeta, block_scores, forced_blocks
 
 
@@ -96,25 +102,18 @@ class Pyramid(Pattern):
         return PyramidLayout(make(lvl == 1), tuple(make(lvl == p) for p in POOL_LEVELS))
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache()
 def _rank_bounds(nqb: int, nkb: int, block_q: int, block_k: int, nq: int, nk: int, causal: bool,
                  bounds: tuple[float, ...], sink: int, local: int, device):
     """Per query block, how many of its best-ranked blocks reach each level (rank r reaches a level when
     r / (the row's causal blocks) < its bound, in float64 as the torch path computes it), as int32 [NQ, 4] on
     ``device``, and a width that bounds each level's count in every row (exact: plus forced and unpoolable blocks).
     Shape-only: computed on the host, once per shape and device."""
-    m = np.arange(nqb)[:, None]
-    n = np.arange(nkb)[None, :]
-    if causal:
-        last_q = np.minimum((m + 1) * block_q - 1, nq - 1) + (nk - nq)
-        count = (n * block_k <= last_q).sum(-1)
-    else:
-        count = np.full(nqb, nkb)
+    count = np.array(causal_row_counts(nqb, nkb, block_q, block_k, nq, nk)) if causal else np.full(nqb, nkb)
     pos = np.arange(nkb, dtype=np.float64)[None, :] / np.maximum(count, 1)[:, None]
     ranks = np.stack([(pos < b).sum(-1) for b in bounds], -1).astype(np.int32)
     ranks = np.minimum(ranks, count[:, None])
     spread = -(-block_q // block_k) + 2  # blocks a row block's diagonal (or the sequence end) cuts: not poolable
     widths = (int(ranks[:, 0].max(initial=0)) + sink + local + spread, int((ranks[:, 1] - ranks[:, 0]).max(initial=0)),
               int((ranks[:, 2] - ranks[:, 1]).max(initial=0)), int((ranks[:, 3] - ranks[:, 2]).max(initial=0)))
-    with torch.inference_mode(False):  # cached: must serve callers in and out of inference mode
-        return torch.from_numpy(ranks).to(device), widths
+    return torch.from_numpy(ranks).to(device), widths

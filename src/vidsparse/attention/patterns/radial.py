@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, forced_blocks, static_layout
+from .base import Pattern, SeqMeta, forced_blocks
 
 
 @PATTERNS.register("radial", static=True, needs="tokens_per_frame")
@@ -22,9 +22,6 @@ class Radial(Pattern):
     sink: int = 1
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        return static_layout(self, q, k, meta, lambda: self._build(q, k, meta))
-
-    def _build(self, q, k, meta: SeqMeta) -> BlockLayout:
         if not meta.tokens_per_frame:
             from ...errors import InputError
 

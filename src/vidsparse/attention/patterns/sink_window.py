@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, forced_blocks, static_layout
+from .base import Pattern, SeqMeta, forced_blocks
 
 
 @PATTERNS.register("sink_window", static=True)
@@ -19,9 +19,6 @@ class SinkWindow(Pattern):
     window: int = 4
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        return static_layout(self, q, k, meta, lambda: self._build(q, k, meta))
-
-    def _build(self, q, k, meta: SeqMeta) -> BlockLayout:
         nq, nk, nqb, nkb = self.grid(q, k, meta)
         m = forced_blocks(nqb, nkb, meta, nq, nk, self.sink, self.window, q.device)
         return BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal,
