@@ -51,7 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK = 128
-NUM_STAGES = 2
+NUM_STAGES = 2  # K/V ring depth: with Q double-buffered per consumer, a third stage would pass 227 KB of shared memory
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
@@ -383,8 +383,8 @@ def _smem_layouts(d: int, bf16: bool):
 
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, scale: float, seqlens_q=None,
-                                  seqlens_k=None, return_lse: bool = False, stages: int = NUM_STAGES,
-                                  consumer_regs: int = CONSUMER_REGS, persistent: bool = True):
+                                  seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
+                                  persistent: bool = True):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
     ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``persistent=False`` launches one program per
@@ -417,7 +417,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3),
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=stages, VARLEN=varlen,
+        HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES, VARLEN=varlen,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out
