@@ -1,7 +1,8 @@
 """Kernel variants side by side on the GPU, on the same layouts and in one process: the warp-specialised Gluon kernel
 (``block_sparse_hopper``, the default on Hopper), the Triton kernel with TMA descriptors and with pointer loads
 (warps/stages), and cuDNN's dense attention as the yardstick. Layouts: random blocks (every head and row independent,
-the worst case for L2 reuse), the blocks ``block_topk`` picks on video-structured q/k, and all causal blocks.
+the worst case for L2 reuse), the same random blocks for every head (what K/V reuse across the query heads of a K/V
+head is worth at equal density), the blocks ``block_topk`` picks on video-structured q/k, and all causal blocks.
 
     python benchmarks/tune_attention.py [--all | --hopper-only]
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, flops, random_layout, video_qk  # noqa: E402
+from attention import bench_ms, flops, graph_ms, random_layout, video_qk  # noqa: E402
 from common import device_name, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -43,7 +44,8 @@ def main():
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
     h, hk, d = 28, 4, 128
-    cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (16384, "pattern", 0.05), (32768, "pattern", 0.1),
+    cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (131072, "random_shared", 0.1),
+             (16384, "pattern", 0.05), (16384, "random", 0.05), (16384, "random_shared", 0.05), (32768, "pattern", 0.1),
              (32768, "dense", 1.0), (131072, "dense", 1.0)]
     for n, kind, rho in cases:
         if kind == "pattern":
@@ -52,7 +54,10 @@ def main():
         else:
             q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
-            lay = BlockLayout.dense(n, n, device="cuda") if kind == "dense" else random_layout(h, n, rho)
+            # random_shared: one random layout for every head, so that the query heads of a K/V head read the same
+            # blocks (as dense does): against "random", what L2 reuse of K/V is worth at the same density
+            lay = BlockLayout.dense(n, n, device="cuda") if kind == "dense" else \
+                random_layout(1 if kind == "random_shared" else h, n, rho)
         v = torch.randn_like(k)
         dens = lay.density()
         args = (q, k, v, lay.kv_index, lay.kv_count, 128, 128, True, None)
@@ -99,19 +104,6 @@ def main():
         torch.cuda.empty_cache()
     save("tune_attention" + ("_hopper" if opts.hopper_only else ""), res)
     write_markdown(res)
-
-
-def graph_ms(fn) -> float:
-    """The call replayed from a CUDA graph: GPU time without Python or launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench_ms(g.replay, rep_ms=300)
 
 
 def host_us(fn, calls: int = 20) -> float:

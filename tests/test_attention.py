@@ -245,16 +245,39 @@ def test_xattention_antidiagonal_sums_equal_brute_force():
             assert fast[i, j] == pytest.approx(torch.fliplr(tile).diagonal().sum().item(), rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("causal,row0,col_lim,off_s", [(True, 0, 96, 0), (True, 16, 90, 3), (False, 0, 77, 0)])
-def test_xattention_block_mass_kernel_equals_torch(interpreter, causal, row0, col_lim, off_s):
-    """The Triton row-softmax block sums (bf16 scores read twice) equal the torch path on the same scores."""
-    from vidsparse.attention.patterns.xattention import block_mass
+@pytest.mark.parametrize("b,h,hk,nq,nk,causal,tiles", [(1, 4, 2, 200, 200, True, (16, 16)),
+                                                      (2, 2, 1, 100, 300, True, (16, 32)),
+                                                      (1, 2, 2, 150, 130, False, (16, 16)),
+                                                      (1, 2, 1, 256, 256, True, (128, 128))])
+def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq, nk, causal, tiles):
+    """The fused antidiagonal kernel (strided scores, softmax and block sums without the score matrix) gives the
+    torch path's block masses: lengths that are not block or stride multiples, GQA, batch > 1, more keys than
+    queries, several row and column tiles per program, and heads processed in groups (scratch bound forced low)."""
+    from vidsparse.attention.kernels import antidiagonal
+    from vidsparse.attention.patterns.xattention import XAttention
 
-    sc = (3 * torch.randn(2, 3, 32, 96, generator=torch.Generator().manual_seed(row0))).to(torch.bfloat16)
-    want = block_mass(sc, 8, 8, row0, col_lim, off_s, causal, backend="reference")
-    got = block_mass(sc, 8, 8, row0, col_lim, off_s, causal, backend="kernel")
+    monkeypatch.setattr(antidiagonal, "SCRATCH_BYTES", 1)  # one head per launch: the group offsets are exercised
+    g = torch.Generator().manual_seed(nq + nk)
+    q = 2 * torch.randn(b, h, nq, 16, generator=g)
+    k = 2 * torch.randn(b, hk, nk, 16, generator=g)
+    meta = SeqMeta(32, 32, causal)
+    want = XAttention(stride=4, chunk_tokens=64)._mass_torch(q, k, meta)
+    got = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, causal, block_m=tiles[0], block_n=tiles[1])
     torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
-    torch.testing.assert_close(got.sum((-1)).view(2, 3, 4), torch.full((2, 3, 4), 8.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 8.0), atol=1e-4, rtol=0)  # rows sum to 1
+
+
+def test_xattention_uses_the_fused_kernel_when_asked(interpreter):
+    """backend="kernel" routes through the fused kernel and picks the torch path's blocks; a stride whose strided
+    block is not a power of two falls back to torch."""
+    from vidsparse.attention.kernels import antidiagonal
+
+    q, k, _ = qkv(h=2, hk=1, n=192, d=16, seed=9)
+    meta = SeqMeta(32, 32)
+    fused = PATTERNS.from_spec("xattention:stride=4,backend=kernel").estimate(q, k, meta)
+    torch_ = PATTERNS.from_spec("xattention:stride=4,backend=reference").estimate(q, k, meta)
+    assert torch.equal(fused.block_mask(), torch_.block_mask())
+    assert antidiagonal.supported(q, k, 4, 32, 32) and not antidiagonal.supported(q, k, 4, 48, 32)
 
 
 @pytest.mark.parametrize("nq,nk,causal,sink,local,budget", [(700, 700, True, 2, 3, 0.3), (300, 900, True, 1, 1, 0.2),

@@ -18,14 +18,19 @@ class XAttention(Pattern):
     """XAttention (mit-han-lab/x-attention): keys and queries interleaved at ``stride`` S so that one GEMM gives,
     for every S×S tile, the sum along its antidiagonal; softmax over the strided scores, summed per block, then the
     smallest set of blocks reaching mass ``tau`` per query block, with sink and diagonal blocks forced. Block sizes
-    must be multiples of S."""
+    must be multiples of S.
+
+    ``backend``: "kernel" (``kernels.antidiagonal``: scores, softmax and block sums in one Triton kernel that never
+    writes the score matrix; the default on CUDA where the strided blocks are powers of two) or "reference" (torch:
+    interleaved copies of Q and K, one GEMM per ``chunk_tokens`` of queries, the softmax over the materialised
+    scores)."""
 
     stride: int = 8
     tau: float = 0.9
     sink: int = 1
     local: int = 1
     chunk_tokens: int = 8192
-    backend: str = "auto"  # block sums: "kernel" (Triton, the default on CUDA) or "reference" (torch)
+    backend: str = "auto"
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
@@ -34,6 +39,19 @@ class XAttention(Pattern):
 
             raise SpecError(f"xattention stride {s} must divide the blocks ({meta.block_q}x{meta.block_k}): "
                             "use a power of two up to 16")
+        from ..kernels import antidiagonal
+
+        use_kernel = self.backend == "kernel" or (self.backend == "auto" and q.is_cuda)
+        if use_kernel and antidiagonal.supported(q, k, s, meta.block_q, meta.block_k):
+            mass = antidiagonal.antidiagonal_block_mass(q, k, s, meta.block_q, meta.block_k, meta.causal)
+        else:
+            mass = self._mass_torch(q, k, meta)
+        keep = keep_top_mass(mass, self.tau)
+        return finish_layout(keep, q, k, meta, self.sink, self.local)
+
+    def _mass_torch(self, q, k, meta: SeqMeta):
+        """Block masses [B, H, NQB, NKB] through materialised strided scores, ``chunk_tokens`` queries at a time."""
+        s = self.stride
         b, h, nq, d = q.shape
         hk, nk = k.shape[1], k.shape[2]
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
@@ -58,24 +76,15 @@ class XAttention(Pattern):
             kt = kc.reshape(b * hk, kc.shape[2], s * d).transpose(1, 2)
             sc = torch.baddbmm(a.new_zeros(1, 1, 1), a, kt, beta=0.0, alpha=1.0 / (math.sqrt(d) * s))
             sc = sc.view(b, h, qc.shape[2], kc.shape[2])
-            blk = block_mass(sc, bq, bk, m0 * bq, -(-nk // s), (nk - nq) // s, meta.causal, self.backend)
+            blk = block_mass(sc, bq, bk, m0 * bq, -(-nk // s), (nk - nq) // s, meta.causal)
             mass.append(torch.nn.functional.pad(blk, (0, nkb - nkc)))
-        mass = torch.cat(mass, dim=2)
-        keep = keep_top_mass(mass, self.tau)
-        return finish_layout(keep, q, k, meta, self.sink, self.local)
+        return torch.cat(mass, dim=2)
 
 
-def block_mass(sc, bq: int, bk: int, row0: int, col_lim: int, off_s: int, causal: bool, backend: str = "auto"):
+def block_mass(sc, bq: int, bk: int, row0: int, col_lim: int, off_s: int, causal: bool):
     """Row softmax of strided scores sc [B, H, R, C] over the valid columns (c < ``col_lim``; causal: c ≤ row0 + r +
-    ``off_s``), summed over blocks of ``bq`` rows × ``bk`` columns -> float32 [B, H, R / bq, C / bk]. The Triton
-    kernel reads the scores twice in their own dtype; the torch path materialises fp32 probabilities."""
+    ``off_s``), summed over blocks of ``bq`` rows × ``bk`` columns -> float32 [B, H, R / bq, C / bk]."""
     b, h, r, c = sc.shape
-    use_kernel = backend == "kernel" or (backend == "auto" and sc.is_cuda)
-    if use_kernel:
-        from ..kernels.block_mass import softmax_block_sum
-
-        return softmax_block_sum(sc.reshape(b * h, r, c), bq, bk, row0, col_lim, off_s, causal).view(
-            b, h, r // bq, c // bk)
     sc = sc.float()
     cols = torch.arange(c, device=sc.device)[None, :]
     rows = torch.arange(row0, row0 + r, device=sc.device)[:, None]
