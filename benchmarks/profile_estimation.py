@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--specs", default="block_topk:density=0.1")
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
+    ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
+                    "BM/BN/warps/stages[,...] (e.g. 128/128/8/3,128/64/4/3), at strides 8 and 16")
     args = ap.parse_args()
     h, hk, d = 28, 4, 128
     q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
@@ -69,6 +71,8 @@ def main():
     if args.select_warps:
         res["select_warps"] = select_warps(specs, [int(w) for w in args.select_warps.split(",")], q,
                                            k, meta)
+    if args.antidiagonal:
+        res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
     save("profile_estimation", res)
 
@@ -89,6 +93,25 @@ def select_warps(specs, warps, q, k, meta) -> list[dict]:
     os.environ.pop("VIDSPARSE_SELECT_WARPS")
     best = min(warps, key=lambda w: sum(r["ms"] for r in rows if r["warps"] == w))
     print(f"fastest over all specs: {best} warps", flush=True)
+    return rows
+
+
+def antidiagonal_configs(configs, q, k) -> list[dict]:
+    """xattention's fused kernel (``kernels.antidiagonal``) per launch configuration, twice, interleaved."""
+    from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass
+
+    rows = []
+    for stride in (8, 16):
+        for rep in range(2):
+            for cfg in configs:
+                bm, bn, warps, stages = (int(x) for x in cfg.split("/"))
+                fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=bm, block_n=bn,  # noqa: E731
+                                                     num_warps=warps, num_stages=stages)
+                try:
+                    rows.append({"stride": stride, "config": cfg, "rep": rep, "ms": bench_ms(fn, rep_ms=200)})
+                except Exception as e:  # a configuration that does not fit (shared memory, registers)
+                    rows.append({"stride": stride, "config": cfg, "rep": rep, "error": str(e)[:200]})
+                print(rows[-1], flush=True)
     return rows
 
 
