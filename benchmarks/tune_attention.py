@@ -4,13 +4,15 @@
 the worst case for L2 reuse), the same random blocks for every head (what K/V reuse across the query heads of a K/V
 head is worth at equal density), the blocks ``block_topk`` picks on video-structured q/k, and all causal blocks.
 
-    python benchmarks/tune_attention.py [--all | --hopper-only]
+    python benchmarks/tune_attention.py [--all | --hopper-only | --against FILE]
 
 Prints ms and effective TF/s per variant and checks each against the first variant's output. For the Gluon kernel
 it also reports the time of the same call replayed from a CUDA graph (GPU time alone) and the host time of one call
 (what a short call pays in Python and launches when nothing else keeps the GPU busy). ``--all`` adds the Triton
 kernel's other warps/stages combinations; ``--hopper-only`` is the Gluon kernel's schedule A/B: persistent programs
-(one per SM) against one program per tile, each twice, interleaved."""
+(one per SM) against one program per tile, each twice, interleaved; ``--against FILE`` is this tree's Gluon kernel
+against another copy of ``block_sparse_hopper.py`` (an earlier commit's: ``git show REV:src/vidsparse/attention/
+kernels/block_sparse_hopper.py > FILE``), each twice, interleaved, in one process."""
 
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every Triton warps/stages combination")
     ap.add_argument("--hopper-only", action="store_true", help="the Gluon kernel's schedule A/B")
+    ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
+                    "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     opts = ap.parse_args()
+    other = _load_kernel(opts.against) if opts.against else None
     if opts.markdown_from:
         import json
 
@@ -70,6 +75,10 @@ def main():
             per, tile = (lambda: _hopper(args, persistent=True)), (lambda: _hopper(args, persistent=False))
             variants = {"hopper_persistent": per, "hopper_per_tile": tile, "hopper_persistent_again": per,
                         "hopper_per_tile_again": tile}
+        if other is not None:  # this tree's kernel against the other copy, each twice, interleaved
+            mine = lambda: _hopper(args)  # noqa: E731
+            theirs = lambda: _hopper(args, kernel=other)  # noqa: E731
+            variants = {"hopper": mine, "hopper_against": theirs, "hopper_again": mine, "hopper_against_again": theirs}
         if kind == "dense":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -102,7 +111,9 @@ def main():
             print(row, flush=True)
         del q, k, v, lay
         torch.cuda.empty_cache()
-    save("tune_attention" + ("_hopper" if opts.hopper_only else ""), res)
+    if other is not None:
+        res["against"] = opts.against
+    save("tune_attention" + ("_against" if other is not None else "_hopper" if opts.hopper_only else ""), res)
     write_markdown(res)
 
 
@@ -122,7 +133,8 @@ def host_us(fn, calls: int = 20) -> float:
 def write_markdown(res):
     """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's schedule A/B)."""
     ab = "--hopper-only" in res.get("command", "")
-    title = f"Attention kernel variants{': persistent schedule A/B' if ab else ''} ({res['device']})"
+    against = f": A/B against `{res['against']}`" if res.get("against") else ""
+    title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
              "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call.", "",
@@ -138,11 +150,22 @@ def write_markdown(res):
     update_markdown(title, "\n".join(lines))
 
 
-def _hopper(args, **kw):
-    from vidsparse.attention.kernels.block_sparse_hopper import block_sparse_attention_hopper
+def _hopper(args, kernel=None, **kw):
+    from vidsparse.attention.kernels import block_sparse_hopper
 
     q, k, v, idx, cnt, _, _, causal, _ = args
-    return block_sparse_attention_hopper(q, k, v, idx, cnt, causal, q.shape[-1] ** -0.5, **kw)
+    return (kernel or block_sparse_hopper).block_sparse_attention_hopper(q, k, v, idx, cnt, causal, q.shape[-1] ** -0.5,
+                                                                         **kw)
+
+
+def _load_kernel(path: str):
+    """Another copy of ``block_sparse_hopper.py`` as a module of the vidsparse package (its relative imports resolve)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vidsparse.attention.kernels._against", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 if __name__ == "__main__":

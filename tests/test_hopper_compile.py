@@ -49,7 +49,7 @@ qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMAShare
 kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
 i32 = torch.zeros(4, dtype=torch.int32)
 k = hop._fwd.warmup(qd, kd, kd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), i32, i32, i32, i32, i32,
-                    *([1] * 13), n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, HEAD_DIM=d, BLOCK_M=128,
+                    *([1] * 12), n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, HEAD_DIM=d, BLOCK_M=128,
                     BLOCK_N=128, CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES, VARLEN=varlen,
                     CONSUMER_REGS=hop.CONSUMER_REGS, LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG,
                     grid=(1,))

@@ -128,23 +128,57 @@ def _take_tile(tile_ids, t_ready, t_empty, k):
     return t
 
 
+@gluon.constexpr_function
+def _store_layout(HEAD_DIM):
+    """Registers for a coalesced store of [64, HEAD_DIM] by one warpgroup: 8 contiguous elements (16 bytes) per
+    thread, a row's threads side by side."""
+    return gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+
+
 @gluon.jit
-def _epilogue(acc, m_i, l_i, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+def _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM: gl.constexpr, S_L: gl.constexpr):
+    """The natural-log sum of exp(scale · q·k) per row; -inf for a row that saw no key or is past the length."""
+    offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    lse = gl.where((l_i == 0.0) | (offs_m >= lq), float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    gl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < NQ)
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
               BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
               RETURN_LSE: gl.constexpr):
-    """Normalise and store one consumer's 64 rows of a tile (zeros past the sequence's length; the natural-log
-    sum of exp(scale · q·k) when asked, -inf for a row that saw no key)."""
+    """Normalise and store one consumer's 64 rows of a tile (zeros past the sequence's length). The rows go through
+    shared memory ``o_s`` (the tile's own Q buffer, free once its last Q·Kᵀ is done) into a layout whose stores are
+    16 bytes per thread and whole rows per warp: stored straight from the MMA layout they were 2-byte stores, and the
+    store unit's backlog stalled the next tile's softmax."""
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
-    out = gl.where(rows[:, None] < lq, out, 0.0)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
-    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
-             mask=rows[:, None] < NQ)
+    o_s.store(out.to(o_s.dtype))
+    gl.thread_barrier()  # this warpgroup's rows are all in shared memory
+    ST_L: gl.constexpr = _store_layout(HEAD_DIM)
+    vals = o_s.load(ST_L)
+    gl.thread_barrier()  # ... and all read back before the buffer is handed back for a later tile's Q
+    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
+    vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
+    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], vals, mask=rows[:, None] < NQ)
     if RETURN_LSE:
-        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
-        lse = gl.where((l_i == 0.0) | (offs_m >= lq), float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        gl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < NQ)
+        _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
+
+
+@gluon.jit
+def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh, BM: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, S_L: gl.constexpr, RETURN_LSE: gl.constexpr):
+    """A consumer's 64 rows of a tile with nothing to compute (an empty row, or a tile past the sequence): zeros
+    (log-sum-exp -inf)."""
+    ST_L: gl.constexpr = _store_layout(HEAD_DIM)
+    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
+    zeros = gl.zeros([BM, HEAD_DIM], O.dtype.element_ty, ST_L)
+    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], zeros, mask=rows[:, None] < NQ)
+    if RETURN_LSE:
+        _store_lse(m_none, l_none, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
 
 @gluon.jit
@@ -153,7 +187,7 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
-     tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
+     tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
      qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -174,6 +208,7 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     m_i = m_none
     l_i = l_none
     pc = 0
+    pqb = 0  # its Q buffer: the epilogue stages the output there, then hands it back to the loader
     pb = 0
     ph = 0
     prow0 = 0
@@ -204,8 +239,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                                                     lk, off, qk_scale, CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(last), count=1)
-                _epilogue(acc, m_i, l_i, O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
-                          BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+                _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
+                          s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+                mbarrier.arrive(q_empty.index(pqb), count=1)
             else:
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
@@ -235,8 +271,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
-            mbarrier.arrive(q_empty.index(qb), count=1)  # the last Q·Kᵀ is done: the buffer may take a later tile's Q
             qi += 1
+            pqb = qb
             pc = it + cnt - 1
             it += cnt
             has_prev = 1
@@ -245,8 +281,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
             prow0 = row0
             plq = lq
         else:  # nothing to compute (an empty row, or a tile past the sequence): zeros
-            _epilogue(acc_none, m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
-                      BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+            _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh, BM, HEAD_DIM, S_L,
+                         RETURN_LSE)
         k += 1
         t = _take_tile(tile_ids, t_ready, t_empty, k)
     if has_prev:  # the last tile's last P·V product and epilogue
@@ -255,7 +291,7 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
         acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(last), count=1)
-        _epilogue(acc, m_i, l_i, O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_od, s_lb, s_lh,
+        _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
                   BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
 
 
@@ -275,7 +311,7 @@ def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
             RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
-     tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_od, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
+     tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
      ntiles, _qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
     it = 0
@@ -318,7 +354,7 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 @gluon.jit
 def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
-         s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm,
+         s_ob, s_oh, s_om, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm,
          NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
          RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -350,7 +386,7 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     fence_async_shared()
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
+            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN))], [4, 1],
@@ -399,6 +435,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     kd = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK, d], kv_layout)
     vd = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK, d], kv_layout)
     out = torch.empty_like(q)  # every row is written (zeros past a sequence's length)
+    if out.stride(-1) != 1:  # the epilogue stores 16-byte runs of a row
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device) if return_lse else out
     varlen = seqlens_q is not None or seqlens_k is not None
     if varlen:
@@ -414,7 +452,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
         qd, kd, vd, out, lse, kv_index, kv_count, lq, lk, counter,
-        *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
+        *out.stride()[:3], *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3),
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES, VARLEN=varlen,
