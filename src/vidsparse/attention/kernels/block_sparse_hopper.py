@@ -26,6 +26,10 @@ kernel cannot express in Triton 3.6:
   past a sequence's length and tiles past it are written as zeros (log-sum-exp −inf) by the kernel: no memset.
 - The softmax scale (times log2 e) is applied in the exponent's fused multiply-add, not to Q, and P goes to the
   P·V product straight from registers.
+- The epilogue stages a tile's output in that tile's own Q buffer (free once its last Q·Kᵀ is done; handed back to
+  the loader afterwards) and stores it from there in 16-byte runs. Stored straight from the MMA layout it was 2-byte
+  stores whose backlog in the store unit stalled the next tile's softmax (Nsight Compute,
+  ``benchmarks/ncu_target.py``); staging made 16K tokens at 5% density 1.30× faster (BENCHMARKS.md, "A/B against").
 
 FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was tried and removed: it measured
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
