@@ -86,9 +86,8 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     assert "HGMMA" in sass
     assert info["ptx_setmaxnreg"]
     # no tile spills: ptxas may keep a couple of scalars (the program id, a base address) on the stack across the
-    # partitions' register reallocation — at most 16 bytes, reloaded from L1 where needed (a few dozen LDL of the
-    # same slot) — but never a tensor's registers (forcing 128 consumer registers gives hundreds of STL/LDL)
+    # partitions' register reallocation — reloaded once per tile, not per block — but never a tensor's registers
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
-    assert "LOCAL:0" in usage and stack <= 16 and spills <= 48, (usage, spills)
+    assert "LOCAL:0" in usage and stack <= 16 and spills <= 8, (usage, spills)
     assert info["shared"] <= 227 * 1024

@@ -91,9 +91,9 @@ def _needs_mask(n, row0, lk, off, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _tile(t, tiles, VARLEN: gl.constexpr):
-    """Tile ``t`` -> (batch, query head, K/V head, query block, q length, k length, index row): query heads sharing
-    a K/V head fastest, then query blocks from the last (longest causal row) down."""
+def _tile(t, tiles, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
+    """Tile ``t`` -> (batch, query head, K/V head, query block, q length, k length, key-block count, index row):
+    query heads sharing a K/V head fastest, then query blocks from the last (longest causal row) down."""
     (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB) = tiles
     g = t % GROUP
     r = t // GROUP
@@ -108,39 +108,28 @@ def _tile(t, tiles, VARLEN: gl.constexpr):
     else:
         lq = NQ
         lk = NK
-    return b, h, hk, pid_m, lq, lk, IDX + b * s_ib + h * s_ih + pid_m * s_im
-
-
-@gluon.jit
-def _count(tiles, b, h, pid_m, lq, BLOCK_M: gl.constexpr):
-    """The tile's key-block count (zero for a tile past the sequence: it computes nothing and writes zeros)."""
-    CNT = tiles[0]
-    s_cb, s_ch, s_cm = tiles[7], tiles[8], tiles[9]
     cnt = gl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
-    return cnt * (pid_m * BLOCK_M < lq).to(gl.int32)
+    cnt = cnt * (pid_m * BLOCK_M < lq).to(gl.int32)  # a tile past the sequence computes nothing (and writes zeros)
+    return b, h, hk, pid_m, lq, lk, cnt, IDX + b * s_ib + h * s_ih + pid_m * s_im
 
 
 @gluon.jit
-def _publish_tile(tile_ids, t_ready, t_empty, k, t, cnt):
-    """Loader: hand tile ``t`` (the ``k``-th of this program) and its block count to the consumers through a
-    two-deep shared ring (the consumers then need no global load of their own before the tile's first product)."""
+def _publish_tile(tile_ids, t_ready, t_empty, k, t):
+    """Loader: hand tile ``t`` (the ``k``-th of this program) to the consumers through a two-deep shared ring."""
     slot = k % 2
     mbarrier.wait(t_empty.index(slot), ((k // 2) & 1) ^ 1)  # fresh barriers count as a completed phase 1
-    pair = gl.arange(0, 2, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-    tile_ids.index(slot).store(gl.where(pair == 0, t, cnt))
+    tile_ids.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0])))
     mbarrier.arrive(t_ready.index(slot), count=1)
 
 
 @gluon.jit
 def _take_tile(tile_ids, t_ready, t_empty, k):
-    """Consumer: the ``k``-th tile the loader handed out and its block count (a tile ≥ the tile count ends the
-    program)."""
+    """Consumer: the ``k``-th tile the loader handed out (a value ≥ the tile count ends the program)."""
     slot = k % 2
     mbarrier.wait(t_ready.index(slot), (k // 2) & 1)
-    pair = gl.arange(0, 2, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-    v = tile_ids.index(slot).load(gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+    t = gl.max(tile_ids.index(slot).load(gl.BlockedLayout([1], [32], [gl.num_warps()], [0])), 0)
     mbarrier.arrive(t_empty.index(slot), count=1)
-    return gl.sum(gl.where(pair == 0, v, 0), 0), gl.sum(gl.where(pair == 1, v, 0), 0)
+    return t
 
 
 @gluon.constexpr_function
@@ -160,35 +149,26 @@ def _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM: gl.constexpr, 
 
 
 @gluon.jit
-def _stage(acc, m_i, l_i, o_s, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM: gl.constexpr, O_L: gl.constexpr,
-           S_L: gl.constexpr, RETURN_LSE: gl.constexpr):
-    """First half of one consumer's epilogue for its 64 rows of a tile: normalise the accumulator into shared memory
-    ``o_s`` (the tile's own Q buffer, free once its last Q·Kᵀ is done) and store the log-sum-exp. ``_flush`` stores
-    the rows from there; in between the consumer issues its next products, so the stores overlap them and no
-    accumulator registers stay live."""
+def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
+              BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
+              RETURN_LSE: gl.constexpr):
+    """Normalise and store one consumer's 64 rows of a tile (zeros past the sequence's length). The rows go through
+    shared memory ``o_s`` (the tile's own Q buffer, free once its last Q·Kᵀ is done) into a layout whose stores are
+    16 bytes per thread and whole rows per warp: stored straight from the MMA layout they were 2-byte stores, and the
+    store unit's backlog stalled the next tile's softmax."""
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
     o_s.store(out.to(o_s.dtype))
+    gl.thread_barrier()  # this warpgroup's rows are all in shared memory
+    ST_L: gl.constexpr = _store_layout(HEAD_DIM)
+    vals = o_s.load(ST_L)
+    gl.thread_barrier()  # ... and all read back before the buffer is handed back for a later tile's Q
+    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
+    vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
+    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], vals, mask=rows[:, None] < NQ)
     if RETURN_LSE:
         _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
-    gl.thread_barrier()  # this warpgroup's rows are all in shared memory
-
-
-@gluon.jit
-def _flush(o_s, O, b, h, row0, lq, NQ, s_ob, s_oh, s_om, BM: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Second half of the epilogue: the staged rows to global memory (zeros past the sequence's length) in 16-byte
-    runs, whole rows per warp, half the rows at a time (it runs beside two in-flight products: few registers).
-    Straight from the MMA layout they were 2-byte stores, and the store unit's backlog stalled the next tile's
-    softmax. The caller then hands ``o_s`` back to the loader."""
-    ST_L: gl.constexpr = _store_layout(HEAD_DIM)
-    HALF: gl.constexpr = BM // 2
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
-    for part in gl.static_range(2):
-        vals = o_s.slice(part * HALF, HALF, dim=0).load(ST_L)
-        rows = row0 + part * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, ST_L))
-        vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
-        gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], vals, mask=rows[:, None] < NQ)
-    gl.thread_barrier()  # all read back before the buffer is handed back for a later tile's Q
 
 
 @gluon.jit
@@ -209,8 +189,7 @@ def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
-    the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's output is then staged in shared memory
-    and stored while the next block's two products run."""
+    the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
      qk_scale) = args
@@ -234,15 +213,14 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     l_i = l_none
     pc = 0
     pqb = 0  # its Q buffer: the epilogue stages the output there, then hands it back to the loader
-    flush = 0  # its staged output still to be stored (during this tile's second block)
     pb = 0
     ph = 0
     prow0 = 0
     plq = 0
     k = 0  # tiles taken
-    t, cnt = _take_tile(tile_ids, t_ready, t_empty, k)
+    t = _take_tile(tile_ids, t_ready, t_empty, k)
     while t < ntiles:
-        b, h, _hk, pid_m, lq, lk, idx_base = _tile(t, tiles, VARLEN)
+        b, h, _hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
         off = lk - lq
         row0 = pid_m * BLOCK_M + WG * BM  # this warpgroup's first query row
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
@@ -265,9 +243,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                                                     lk, off, qk_scale, CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(last), count=1)
-                _stage(acc, m_i, l_i, q_bufs.index(pqb), LSE, pb, ph, prow0, plq, NQ, s_lb, s_lh, BM, O_L, S_L,
-                       RETURN_LSE)
-                flush = 1
+                _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
+                          s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+                mbarrier.arrive(q_empty.index(pqb), count=1)
             else:
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
@@ -289,10 +267,6 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
-                if flush:  # the previous tile's staged rows go out while these two products run
-                    _flush(q_bufs.index(pqb), O, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, BM, HEAD_DIM)
-                    mbarrier.arrive(q_empty.index(pqb), count=1)
-                    flush = 0
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL),
@@ -301,10 +275,6 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
-            if flush:  # a one-block tile: no product to hide the previous tile's stores behind
-                _flush(q_bufs.index(pqb), O, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, BM, HEAD_DIM)
-                mbarrier.arrive(q_empty.index(pqb), count=1)
-                flush = 0
             qi += 1
             pqb = qb
             pc = it + cnt - 1
@@ -318,15 +288,15 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
             _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh, BM, HEAD_DIM, S_L,
                          RETURN_LSE)
         k += 1
-        t, cnt = _take_tile(tile_ids, t_ready, t_empty, k)
+        t = _take_tile(tile_ids, t_ready, t_empty, k)
     if has_prev:  # the last tile's last P·V product and epilogue
         last = pc % STAGES
         mbarrier.wait(v_ready.index(last), (pc // STAGES) & 1)
         acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(last), count=1)
-        _stage(acc, m_i, l_i, q_bufs.index(pqb), LSE, pb, ph, prow0, plq, NQ, s_lb, s_lh, BM, O_L, S_L, RETURN_LSE)
-        _flush(q_bufs.index(pqb), O, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, BM, HEAD_DIM)
+        _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
+                  BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
 
 
 @gluon.jit
@@ -356,10 +326,9 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
     t = gl.program_id(0)
     nxt = gl.atomic_add(COUNTER, 1) + gl.num_programs(0)
     while t < ntiles:
-        b, h, hk, pid_m, lq, _lk, idx_base = _tile(t, tiles, VARLEN)
-        cnt = _count(tiles, b, h, pid_m, lq, BLOCK_M)
-        _publish_tile(tile_ids, t_ready, t_empty, k, t, cnt)
+        _publish_tile(tile_ids, t_ready, t_empty, k, t)
         k += 1
+        b, h, hk, pid_m, _lq, _lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
         if cnt > 0:
             q_row = (b * H + h) * NQ + pid_m * BLOCK_M
             for wg in gl.static_range(2):
@@ -384,7 +353,7 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
         t = nxt
         if t < ntiles:
             nxt = gl.atomic_add(COUNTER, 1) + gl.num_programs(0)
-    _publish_tile(tile_ids, t_ready, t_empty, k, t, 0)  # past the last tile: the consumers stop
+    _publish_tile(tile_ids, t_ready, t_empty, k, t)  # past the last tile: the consumers stop
 
 
 @gluon.jit
@@ -407,7 +376,7 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     for i in gl.static_range(4):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
-    tile_ids = gl.allocate_shared_memory(gl.int32, [2, 2], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     t_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     t_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
