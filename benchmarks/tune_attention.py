@@ -39,12 +39,17 @@ def main():
     ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
+    ap.add_argument("--note", default="", help="with --markdown-from: a sentence added to the section (what the "
+                    "compared copies were)")
     opts = ap.parse_args()
     other = _load_kernel(opts.against) if opts.against else None
     if opts.markdown_from:
         import json
 
-        write_markdown(json.loads(Path(opts.markdown_from).read_text()))
+        res = json.loads(Path(opts.markdown_from).read_text())
+        if opts.note:
+            res["note"] = opts.note
+        write_markdown(res)
         return
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
@@ -137,7 +142,8 @@ def write_markdown(res):
     title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
-             "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call.", "",
+             "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call." +
+             (f" {res['note']}" if res.get("note") else ""), "",
              "| N | layout | density | variant | ms | TF/s | graph ms | host µs | max diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
