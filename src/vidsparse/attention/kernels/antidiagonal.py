@@ -20,9 +20,10 @@ row tile's last diagonal are never computed, and their key blocks get zero mass.
 
 On an H100 at 128K tokens (28/4 heads) the whole xattention estimate takes 14.4 ms at S = 16 and 24.2 ms at S = 8,
 against 18.2 and 31.9 ms for the cuBLAS GEMM + score matrix + softmax-block-sum kernel it replaced (BENCHMARKS.md).
-The kernel itself runs its GEMM at only about 170-190 TF/s: Nsight Compute (``benchmarks/ncu_target.py``) shows it
-waiting on its strided loads (L2 hit rate ~30%, one 8-warp program per SM at 255 registers), so TMA loads of a
-[N/S, S, D] view or a warp-specialised version are the next step."""
+The kernel itself reaches about 350-370 TF/s on the causal products (N²·D/S per head), about half the rate of the
+cuBLAS GEMMs in the path it replaced: Nsight Compute (``benchmarks/ncu_target.py``) shows it waiting on its strided
+loads (L2 hit rate ~30%, one 8-warp program per SM at 255 registers), so TMA loads of a [N/S, S, D] view or a
+warp-specialised version are the next step."""
 
 from __future__ import annotations
 
