@@ -267,17 +267,23 @@ def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk
     torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 8.0), atol=1e-4, rtol=0)  # rows sum to 1
 
 
-def test_xattention_uses_the_fused_kernel_when_asked(interpreter):
-    """backend="kernel" routes through the fused kernel and picks the torch path's blocks; a stride whose strided
-    block is not a power of two falls back to torch."""
+def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
+    """backend="kernel" routes through the fused kernel (counted by a wrapper that calls it) and picks the torch
+    path's blocks; "reference" and a strided block that is not a power of two stay on torch."""
     from vidsparse.attention.kernels import antidiagonal
 
+    calls = []
+    real = antidiagonal.antidiagonal_block_mass
+    monkeypatch.setattr(antidiagonal, "antidiagonal_block_mass", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, _ = qkv(h=2, hk=1, n=192, d=16, seed=9)
     meta = SeqMeta(32, 32)
     fused = PATTERNS.from_spec("xattention:stride=4,backend=kernel").estimate(q, k, meta)
+    assert len(calls) == 1
     torch_ = PATTERNS.from_spec("xattention:stride=4,backend=reference").estimate(q, k, meta)
+    assert len(calls) == 1
     assert torch.equal(fused.block_mask(), torch_.block_mask())
-    assert antidiagonal.supported(q, k, 4, 32, 32) and not antidiagonal.supported(q, k, 4, 48, 32)
+    PATTERNS.from_spec("xattention:stride=4,backend=kernel").estimate(q, k, SeqMeta(48, 32))  # 48/4 = 12 rows
+    assert len(calls) == 1 and not antidiagonal.supported(q, k, 4, 48, 32)
 
 
 @pytest.mark.parametrize("nq,nk,causal,sink,local,budget", [(700, 700, True, 2, 3, 0.3), (300, 900, True, 1, 1, 0.2),

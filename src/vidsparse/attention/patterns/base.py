@@ -178,6 +178,12 @@ def finish_layout(keep, q, k, meta, sink, local):
     return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
 
+def use_kernel(backend: str, x: Tensor) -> bool:
+    """The estimation kernels' switch (``backend`` of ``topk_layout``, ``pyramid``, ``xattention``): "kernel" always,
+    "auto" for CUDA tensors, "reference" never."""
+    return backend == "kernel" or (backend == "auto" and x.is_cuda)
+
+
 def row_totals(budget: Tensor, width: int, nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int,
                local: int, device) -> Tensor:
     """Blocks per row for ``topk_layout``: ``budget`` [NQ] raised to the row's forced blocks, capped at its causal
@@ -203,7 +209,7 @@ def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: S
     width = max(1, min(width, nkb))
     if total is None:
         total = row_totals(budget, width, nqb, nkb, meta, nq, nk, sink, local, q.device)
-    if backend == "kernel" or (backend == "auto" and scores.is_cuda):
+    if use_kernel(backend, scores):
         from ..kernels.block_select import select_blocks
 
         index = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk, meta.causal)

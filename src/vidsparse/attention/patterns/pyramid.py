@@ -17,7 +17,7 @@ from ..layout import (
     causal_row_counts,
     shape_cache,
 )
-from .base import Pattern, SeqMeta, block_scores, forced_blocks
+from .base import Pattern, SeqMeta, block_scores, forced_blocks, use_kernel
 
 
 @PATTERNS.register("pyramid")
@@ -88,7 +88,7 @@ class Pyramid(Pattern):
                            backend: str = "auto") -> PyramidLayout:
         make_index = lambda pair: BlockLayout.from_index(pair[0], pair[1], meta.block_q, meta.block_k, nq, nk,
                                                          meta.causal)
-        if self.mode == "rank" and (backend == "kernel" or (backend == "auto" and s.is_cuda)):
+        if self.mode == "rank" and use_kernel(backend, s):
             from ..kernels.block_select import select_levels
 
             ranks, widths = _rank_bounds(s.shape[-2], s.shape[-1], meta.block_q, meta.block_k, nq, nk, meta.causal,

@@ -9,7 +9,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, keep_top_mass, finish_layout
+from .base import Pattern, SeqMeta, finish_layout, keep_top_mass, use_kernel
 
 
 @PATTERNS.register("xattention")
@@ -41,8 +41,7 @@ class XAttention(Pattern):
                             "use a power of two up to 16")
         from ..kernels import antidiagonal
 
-        use_kernel = self.backend == "kernel" or (self.backend == "auto" and q.is_cuda)
-        if use_kernel and antidiagonal.supported(q, k, s, meta.block_q, meta.block_k):
+        if use_kernel(self.backend, q) and antidiagonal.supported(q, k, s, meta.block_q, meta.block_k):
             mass = antidiagonal.antidiagonal_block_mass(q, k, s, meta.block_q, meta.block_k, meta.causal)
         else:
             mass = self._mass_torch(q, k, meta)
