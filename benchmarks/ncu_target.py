@@ -1,7 +1,10 @@
 """One launch of each estimation/attention kernel worth profiling, for NVIDIA Nsight Compute (``ncu``), after a warm-up
 (compilation and caches outside the profiled launch):
 
-    ncu --set full -k regex:"_fwd|_antidiagonal_mass" -c 2 python benchmarks/ncu_target.py [--n 16384] [--density 0.05]
+    ncu --set full -k regex:"_fwd|_antidiagonal_mass" --launch-skip 2 --launch-count 2 -o prof \
+        python benchmarks/ncu_target.py [--n 16384] [--density 0.05]
+
+(``--launch-skip 2`` passes over the warm-up launches.)
 
 - the Gluon block-sparse kernel on the blocks ``block_topk`` picks on video-structured q/k (28/4 heads, d = 128);
 - xattention's fused antidiagonal kernel at stride 16 on random q/k.
