@@ -82,3 +82,99 @@ def cuda_empty() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class GpuMonitor:
+    """SM clock, power draw and temperature of CUDA device 0, sampled through NVML (the driver's
+    ``libnvidia-ml.so.1``, called with ctypes: no extra package) by a background thread every ``interval_s``.
+
+    Under sustained tensor-core load an H100 runs into its power cap and lowers the SM clock, so a kernel's time
+    depends on what ran before it; ``window(t0, t1)`` tells at which clock a measurement ran. ``ok`` is False where
+    NVML is missing (no NVIDIA driver): every window is then ``{}``."""
+
+    THROTTLE = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
+                0x80: "hw_power_brake"}
+
+    def __init__(self, interval_s: float = 0.05):
+        import ctypes
+        import threading
+        import time
+
+        self.samples: list[tuple[float, int, float, int, int]] = []  # (monotonic s, MHz, W, °C, throttle reasons)
+        self.ok = False
+        try:
+            nvml = ctypes.CDLL("libnvidia-ml.so.1")
+            if nvml.nvmlInit_v2() != 0:
+                return
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0:
+                return
+            get_clock, get_power = nvml.nvmlDeviceGetClockInfo, nvml.nvmlDeviceGetPowerUsage
+            get_temp = nvml.nvmlDeviceGetTemperature
+            get_reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+                nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        except (OSError, AttributeError):
+            return
+        self.ok = True
+        self._stop = threading.Event()
+
+        def sample():
+            clock, power, temp, reasons = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
+            while not self._stop.is_set():
+                get_clock(handle, 1, ctypes.byref(clock))  # NVML_CLOCK_SM
+                get_power(handle, ctypes.byref(power))  # milliwatts
+                get_temp(handle, 0, ctypes.byref(temp))  # NVML_TEMPERATURE_GPU
+                get_reasons(handle, ctypes.byref(reasons))
+                self.samples.append((time.monotonic(), clock.value, power.value / 1000, temp.value, reasons.value))
+                self._stop.wait(interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def window(self, t0: float, t1: float) -> dict:
+        """Median SM clock and power, highest temperature and the throttle reasons seen between ``time.monotonic()``
+        readings ``t0`` and ``t1``."""
+        return summarize_samples([s for s in list(self.samples) if t0 <= s[0] <= t1], self.THROTTLE)
+
+    def close(self) -> None:
+        if self.ok:
+            self._stop.set()
+            self._thread.join()
+
+
+def summarize_samples(samples, names: dict) -> dict:
+    """``GpuMonitor.window``'s summary of (time, MHz, W, °C, reasons) samples; {} for none."""
+    import statistics
+
+    if not samples:
+        return {}
+    reasons = 0
+    for s in samples:
+        reasons |= s[4]
+    return {"sm_mhz": statistics.median(s[1] for s in samples),
+            "power_w": round(statistics.median(s[2] for s in samples), 1), "temp_c": max(s[3] for s in samples),
+            "throttle": [v for k, v in names.items() if reasons & k], "samples": len(samples)}
+
+
+def interleaved(fns: dict, timer, rounds: int = 3, monitor: GpuMonitor | None = None) -> dict:
+    """Time each of ``fns`` (name -> callable) ``rounds`` times, alternating between them (A B C A B C ...), so that
+    each sees the same drift in clock and temperature; ``timer(fn)`` returns one measurement in ms. Returns
+    name -> {"ms": median of the rounds, "rounds": [...]} plus, with a working ``monitor``, the clock and power
+    during that callable's own measurements."""
+    import statistics
+    import time
+
+    times = {name: [] for name in fns}
+    spans = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.monotonic()
+            times[name].append(timer(fn))
+            spans[name].append((t0, time.monotonic()))
+    out = {}
+    for name in fns:
+        out[name] = {"ms": statistics.median(times[name]), "rounds": times[name]}
+        if monitor is not None and monitor.ok:
+            samples = [s for s in list(monitor.samples) if any(a <= s[0] <= b for a, b in spans[name])]
+            out[name].update(summarize_samples(samples, GpuMonitor.THROTTLE))
+    return out

@@ -1,0 +1,73 @@
+"""The benchmark helpers that decide which figures a table shows: alternating timing rounds and the attribution of
+sampled GPU clocks to the callable that ran (benchmarks/common.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+
+
+class _Samples:
+    """What ``interleaved`` reads of a ``GpuMonitor``: ``ok`` and its ``samples`` list."""
+
+    ok = True
+
+    def __init__(self):
+        self.samples = []
+
+
+def test_interleaved_alternates_and_takes_the_median():
+    calls, ms = [], {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+
+    def timer(fn):
+        fn()
+        return next(ms[calls[-1]])
+
+    out = common.interleaved(fns, timer, rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert out["a"] == {"ms": 3.0, "rounds": [5.0, 1.0, 3.0]}
+    assert out["b"] == {"ms": 4.0, "rounds": [2.0, 9.0, 4.0]}
+
+
+def test_interleaved_gives_each_callable_the_clock_sampled_while_it_ran():
+    mon = _Samples()
+    clock = {"fast": 1980, "slow": 1400}
+    power = {"fast": 300.0, "slow": 700.0}
+
+    def timer(fn):
+        name = fn()
+        for _ in range(2):  # what the sampling thread records during this callable's round
+            time.sleep(0.002)
+            mon.samples.append((time.monotonic(), clock[name], power[name], 60, 0x4 if name == "slow" else 0))
+        time.sleep(0.002)
+        return 1.0
+
+    out = common.interleaved({"fast": lambda: "fast", "slow": lambda: "slow"}, timer, rounds=2, monitor=mon)
+    assert out["fast"]["sm_mhz"] == 1980 and out["fast"]["power_w"] == 300.0 and out["fast"]["samples"] == 4
+    assert out["fast"]["throttle"] == []
+    assert out["slow"]["sm_mhz"] == 1400 and out["slow"]["power_w"] == 700.0 and out["slow"]["samples"] == 4
+    assert out["slow"]["throttle"] == ["sw_power_cap"]
+
+
+def test_summary_of_samples():
+    s = [(0.0, 1500, 650.0, 55, 0x4), (0.1, 1700, 600.0, 58, 0x20), (0.2, 1600, 690.0, 57, 0)]
+    assert common.summarize_samples(s, common.GpuMonitor.THROTTLE) == {
+        "sm_mhz": 1600, "power_w": 650.0, "temp_c": 58, "throttle": ["sw_power_cap", "sw_thermal"], "samples": 3}
+    assert common.summarize_samples([], common.GpuMonitor.THROTTLE) == {}
+
+
+def test_monitor_samples_with_a_driver_and_reports_nothing_without():
+    mon = common.GpuMonitor()
+    try:
+        if mon.ok:  # a machine with an NVIDIA driver: it samples
+            time.sleep(0.2)
+            assert mon.samples and mon.window(0, time.monotonic())["sm_mhz"] > 0
+        else:
+            assert mon.window(0, time.monotonic()) == {}
+    finally:
+        mon.close()
