@@ -8,7 +8,9 @@ lowest-indexed ones equal to it up to ``total``, are kept and written in ascendi
 Replaces torch's radix top-k (four passes over the scores), the bias add and the index sort — about 1 ms of
 ``block_topk``'s 2.2 ms estimation at 128K tokens on an H100 (``benchmarks/profile_estimation.py``). (A first
 version ranked each row with an in-register bitonic sort of (score, index) pairs: slower than torch's top-k at 1,024
-key blocks.)
+key blocks.) The keys are int32, compared with an int32 midpoint: with int64 keys the kernel took 0.361 ms per
+``block_topk`` call at 128K and ``select_levels`` 1.697 ms per ``pyramid`` call, with int32 0.324 and 1.448 ms
+(``profile_select_{old,new}_131072.json``, same selections).
 
 ``select_levels`` does the same for ``pyramid``'s rank mode: four nested searches give each block its level (exact,
 2×, 4×, 8× pooled, skipped) and four compactions write the levels' layouts, in place of a full sort of every row,
@@ -34,22 +36,24 @@ def _warps(w: int) -> int:
 
 @triton.jit
 def _order_key(score):
-    """float32 -> int64 with the same order (and -0.0 equal to +0.0, as torch compares them)."""
+    """float32 -> int32 with the same (signed) order (and -0.0 equal to +0.0, as torch compares them)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
 def _threshold(key, total):
-    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key) by a 32-step binary search."""
+    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key) by a 32-step binary search.
+    The bounds are int64 scalars (their sum overflows int32); each step compares the int32 keys with an int32
+    midpoint, which a wider one would widen to int64 across the whole row."""
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        ge = tl.sum((key >= mid).to(tl.int32), 0) >= total
+        ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= total
         lo = tl.where(ge, mid, lo)
         hi = tl.where(ge, hi, mid - 1)
-    return lo
+    return lo.to(tl.int32)
 
 
 @triton.jit
