@@ -194,6 +194,7 @@ def main():
         payload["runs"].append({"name": name, "recipe": recipe.to_dict(), "fast_tower": fast, "stats": st,
                                 "warmup_ms_first_token": round(warm.stats.ms_first_token, 1)})
         print(json.dumps(payload["runs"][-1]), flush=True)
+        save("e2e" + (f"_{args.tag}" if args.tag else ""), payload)  # finished rows survive a time limit
         gc.collect()
         _empty()
     ad.compile_tower = False
