@@ -12,7 +12,9 @@ it also reports the time of the same call replayed from a CUDA graph (GPU time a
 kernel's other warps/stages combinations; ``--hopper-only`` is the Gluon kernel's schedule A/B: persistent programs
 (one per SM) against one program per tile, each twice, interleaved; ``--against FILE`` is this tree's Gluon kernel
 against another copy of ``block_sparse_hopper.py`` (an earlier commit's: ``git show REV:src/vidsparse/attention/
-kernels/block_sparse_hopper.py > FILE``), each twice, interleaved, in one process."""
+kernels/block_sparse_hopper.py > FILE``) in one process, in ``--rounds`` alternating timing rounds (median shown)
+with the SM clock sampled through NVML during each variant's rounds, so that a drift of clock or temperature falls
+on both alike; ``--tag`` names the results file (``tune_attention_against_TAG.json``)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, flops, graph_ms, random_layout, video_qk  # noqa: E402
-from common import device_name, save, today, update_markdown  # noqa: E402
+from common import GpuMonitor, device_name, interleaved, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
@@ -38,6 +40,8 @@ def main():
     ap.add_argument("--hopper-only", action="store_true", help="the Gluon kernel's schedule A/B")
     ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
+    ap.add_argument("--rounds", type=int, default=4, help="with --against: alternating timing rounds per variant")
+    ap.add_argument("--tag", default="", help="with --against: suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     ap.add_argument("--note", default="", help="with --markdown-from: a sentence added to the section (what the "
                     "compared copies were)")
@@ -57,6 +61,9 @@ def main():
     cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (131072, "random_shared", 0.1),
              (16384, "pattern", 0.05), (16384, "random", 0.05), (16384, "random_shared", 0.05), (32768, "pattern", 0.1),
              (32768, "dense", 1.0), (131072, "dense", 1.0)]
+    if other is not None:  # the rows furthest from the targets: 64K at 5%
+        cases[6:6] = [(65536, "random", 0.05), (65536, "pattern", 0.05)]
+    monitor = GpuMonitor() if other is not None else None
     for n, kind, rho in cases:
         if kind == "pattern":
             q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
@@ -80,10 +87,20 @@ def main():
             per, tile = (lambda: _hopper(args, persistent=True)), (lambda: _hopper(args, persistent=False))
             variants = {"hopper_persistent": per, "hopper_per_tile": tile, "hopper_persistent_again": per,
                         "hopper_per_tile_again": tile}
-        if other is not None:  # this tree's kernel against the other copy, each twice, interleaved
+        if other is not None:  # this tree's kernel against the other copy, in alternating rounds
             mine = lambda: _hopper(args)  # noqa: E731
             theirs = lambda: _hopper(args, kernel=other)  # noqa: E731
-            variants = {"hopper": mine, "hopper_against": theirs, "hopper_again": mine, "hopper_against_again": theirs}
+            ref, out = mine(), theirs()
+            timed = interleaved({"hopper": mine, "hopper_against": theirs}, lambda fn: bench_ms(fn, rep_ms=200),
+                                opts.rounds, monitor)
+            for name, fn, o in (("hopper", mine, ref), ("hopper_against", theirs, out)):
+                row = {"n": n, "layout": kind, "density": dens, "variant": name, **timed[name],
+                       "tflops": flops(h, n, d, dens) / timed[name]["ms"] / 1e9,
+                       "max_diff": float((o.float() - ref.float()).abs().max()), "graph_ms": graph_ms(fn),
+                       "host_us": host_us(fn)}
+                res["rows"].append(row)
+                print(row, flush=True)
+            variants = {}
         if kind == "dense":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -98,7 +115,7 @@ def main():
                                                                                         num_stages=st)
             variants[f"pointer_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, num_warps=w,
                                                                                             num_stages=st)
-        ref = None
+        ref = None if other is None else ref  # against mode: the extra rows (cuDNN) are compared with this tree's
         for name, fn in variants.items():
             try:
                 out = fn()
@@ -118,7 +135,9 @@ def main():
         torch.cuda.empty_cache()
     if other is not None:
         res["against"] = opts.against
-    save("tune_attention" + ("_against" if other is not None else "_hopper" if opts.hopper_only else ""), res)
+        monitor.close()
+    save("tune_attention" + (f"_against{'_' + opts.tag if opts.tag else ''}" if other is not None else
+                             "_hopper" if opts.hopper_only else ""), res)
     write_markdown(res)
 
 
@@ -138,21 +157,28 @@ def host_us(fn, calls: int = 20) -> float:
 def write_markdown(res):
     """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's schedule A/B)."""
     ab = "--hopper-only" in res.get("command", "")
+    clocked = any("rounds" in r for r in res["rows"])
     against = f": A/B against `{res['against']}`" if res.get("against") else ""
     title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
              "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call." +
+             (" `ms` is the median of alternating rounds (`rounds ms`); `SM MHz` the median clock NVML sampled during "
+              "that variant's rounds." if clocked else "") +
              (f" {res['note']}" if res.get("note") else ""), "",
-             "| N | layout | density | variant | ms | TF/s | graph ms | host µs | max diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| N | layout | density | variant | ms | TF/s | graph ms | host µs | max diff |" +
+             (" rounds ms | SM MHz |" if clocked else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if clocked else "")]
     for r in res["rows"]:
         extra = f"{r['graph_ms']:.2f} | {r['host_us']:.0f}" if "graph_ms" in r else "- | -"
+        rounds = " / ".join(f"{x:.2f}" for x in r.get("rounds", []))
+        more = f" {rounds} | {r.get('sm_mhz', '-')} |" if clocked else ""
         if "ms" in r:
             lines.append(f"| {r['n']} | {r['layout']} | {r['density']:.3f} | {r['variant']} | {r['ms']:.2f} | "
-                         f"{r['tflops']:.0f} | {extra} | {r['max_diff']:.3g} |")
+                         f"{r['tflops']:.0f} | {extra} | {r['max_diff']:.3g} |" + more)
         else:
-            lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | | | |")
+            lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | | | |" +
+                         (" | |" if clocked else ""))
     update_markdown(title, "\n".join(lines))
 
 

@@ -107,6 +107,25 @@ def test_rows_past_the_length_are_written_as_zeros():
         torch.testing.assert_close(lse[i, :, :n], torch.logsumexp(s, -1), atol=LSE_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("ramp", ["up", "down"])
+def test_running_max_that_grows_along_the_row(ramp):
+    """Keys scaled up along the sequence ("up": each row's block maxima keep growing, so the Gluon kernel's running
+    max moves past its 2^8 slack every few blocks and the accumulator is rescaled) or down (the first block holds the
+    max and every later rescale is skipped): output and log-sum-exp against fp32 torch."""
+    from vidsparse.attention.kernels import block_sparse as bs
+
+    n = 2048
+    q, k, v = qkv(1, 4, 2, n, 128, torch.bfloat16, seed=21)
+    scale = torch.linspace(0.2, 8.0, n, device="cuda")
+    k = (k.float() * (scale if ramp == "up" else scale.flip(0))[:, None]).to(torch.bfloat16)
+    lay = BlockLayout.dense(n, n, device="cuda")
+    check(q, k, v, lay)
+    _, lse = bs.block_sparse_attention(q, k, v, lay.kv_index, lay.kv_count, 128, 128, True, None, return_lse=True)
+    s = (q[0].float() @ k[0].float().repeat_interleave(2, 0).transpose(-1, -2)) / 128 ** 0.5
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    torch.testing.assert_close(lse[0], torch.logsumexp(s, -1), atol=LSE_ATOL, rtol=0)
+
+
 def test_persistent_programs_equal_one_program_per_tile(variant):
     """The Gluon kernel's persistent schedule (one program per SM walking the tiles) against one program per tile:
     the same arithmetic per tile, so bit-identical — on a batch with different lengths, empty rows, more tiles than
