@@ -58,7 +58,6 @@ BLOCK = 128
 NUM_STAGES = 2  # K/V ring depth: with Q double-buffered per consumer, a third stage would pass 227 KB of shared memory
 CONSUMER_REGS = 240
 LOADER_REGS = 24
-RESCALE_LOG2 = gl.constexpr(8.0)  # a row's running max moves once a block passes it by 2^8 (FlashAttention-4's rule)
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
 
 
@@ -78,28 +77,6 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, qk_scale, CAUSAL:
     alpha = gl.exp2(m_i - m_sub)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
-
-
-@gluon.jit
-def _softmax_lazy(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, qk_scale, CAUSAL: gl.constexpr):
-    """``_softmax`` for a row's later blocks, with the running max moved only where it grew by more than
-    ``RESCALE_LOG2`` (P then stays below 2^RESCALE_LOG2, well inside bf16/fp16 and the fp32 sums): the accumulator's
-    rescale is needed only when some row moved, which the returned flag (any row, across the warpgroup) says. The
-    max and sum stay a consistent pair, so the result is the same softmax up to rounding."""
-    if masked:
-        cols = n * s.shape[1] + offs_nb
-        valid = cols[None, :] < lk
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + off)
-        s = gl.where(valid, s, float("-inf"))
-    m_cand = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    grow = (m_cand - m_i) > RESCALE_LOG2  # from -inf: +inf, grows; -inf to -inf: NaN, stays
-    m_new = gl.where(grow, m_cand, m_i)
-    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(s * qk_scale - m_sub[:, None])
-    alpha = gl.exp2(m_i - m_sub)  # 1 where the max stayed (0 on a row with nothing seen yet: its sums are 0)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i, gl.max(grow.to(gl.int32), 0)
 
 
 @gluon.jit
@@ -292,13 +269,11 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_i, l_i, moved = _softmax_lazy(s, m_i, l_i, n,
-                                                            _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m,
-                                                            offs_nb, lk, off, qk_scale, CAUSAL)
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL),
+                                                offs_m, offs_nb, lk, off, qk_scale, CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                if moved > 0:  # skipped on most blocks: once a row's max settles it rarely grows by 2^8
-                    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
             qi += 1
             pqb = qb
