@@ -2,14 +2,17 @@
 total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attention.py``).
 
     python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1;xattention:stride=16"]
-        [--select-warps 1,2,4,8]
+        [--select-warps 1,2,4,8] [--with-kernel] [--tag T]
 
 Specs are separated by ";" (or by "," when none has settings). Each row has the mean ms per call (``do_bench``: host
 launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed).
 
 Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels). ``--select-warps``: first
 times each spec's estimation with the block-selection kernels (``kernels.block_select``) launched with each number of
-warps per row program, interleaved twice, in the same process; saves ``select_warps`` rows and prints the fastest."""
+warps per row program, interleaved twice, in the same process; saves ``select_warps`` rows and prints the fastest.
+``--with-kernel`` also times the attention kernel on the layout each spec picks (random v) and reports the
+estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
+``--tag`` saves ``profile_estimation_TAG.json``."""
 
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def main():
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
                     "BM/BN/warps/stages[,...] (e.g. 128/128/8/3,128/64/4/3), at strides 8 and 16")
+    ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     h, hk, d = 28, 4, 128
     q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
@@ -74,7 +79,18 @@ def main():
     if args.antidiagonal:
         res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
-    save("profile_estimation", res)
+    if args.with_kernel:
+        from vidsparse.attention import sparse_attention
+
+        v = torch.randn_like(k)
+        for row in res["rows"]:
+            lay = PATTERNS.from_spec(row["spec"]).estimate(q, k, meta)
+            row["layout_density"] = float(lay.density())
+            row["attention_ms"] = bench_ms(lambda lay=lay: sparse_attention(q, k, v, lay), rep_ms=400)
+            row["estimate_share"] = (row["gpu_ms"] or row["ms"]) / row["attention_ms"]
+            print(f"{row['spec']}: layout density {row['layout_density']:.3f}, attention {row['attention_ms']:.2f} ms, "
+                  f"estimation {100 * row['estimate_share']:.1f}% of it", flush=True)
+    save("profile_estimation" + (f"_{args.tag}" if args.tag else ""), res)
 
 
 def select_warps(specs, warps, q, k, meta) -> list[dict]:
