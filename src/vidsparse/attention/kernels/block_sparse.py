@@ -49,9 +49,11 @@ def _update(acc, l_i, m_i, qk, v, MASKED: tl.constexpr):
 
 @triton.jit
 def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, j0, j1, s_ik, s_kn, s_kd, s_vn, s_vd,
-            offs_m, offs_d, lk, off, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPOS: tl.constexpr,
+            offs_m, offs_d, lk, off, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPOS: tl.constexpr,
             TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Entries j0..j1 of the row's block list, exact keys, with (MASK) or without the element mask."""
+    """Entries j0..j1 of the row's block list, exact keys, with (MASK) or without the element mask. The softmax
+    scale (times log2 e) multiplies the fp32 scores: folded into a bf16/fp16 Q it rounded every score by up to 2^-9
+    of its size, 1e-2 in log-sum-exp once scores reach ~30."""
     for j in range(j0, j1):
         n = tl.load(idx_base + j * s_ik)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +66,7 @@ def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 
         else:
             k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd)
             v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
             valid = offs_n[None, :] < lk
             if CAUSAL:
@@ -79,7 +81,7 @@ def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 
 
 
 @triton.jit
-def _attend_pooled(acc, l_i, m_i, q, kp_base, vp_base, idx_base, cnt, s_ik, s_kn, s_kd, s_vn, s_vd, offs_d,
+def _attend_pooled(acc, l_i, m_i, q, kp_base, vp_base, idx_base, cnt, s_ik, s_kn, s_kd, s_vn, s_vd, offs_d, qk_scale,
                    P: tl.constexpr, LOG2P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Blocks listed at pooling level P: block n's keys are pooled rows n·(BLOCK_N/P) .. (n+1)·(BLOCK_N/P) of the
     level's K/V; P listed blocks fill one BLOCK_N-wide tile (a partly filled last tile is masked)."""
@@ -92,7 +94,7 @@ def _attend_pooled(acc, l_i, m_i, q, kp_base, vp_base, idx_base, cnt, s_ik, s_kn
         rows = n * SUB + cols % SUB
         k = tl.load(kp_base + rows[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
         v = tl.load(vp_base + rows[:, None] * s_vn + offs_d[None, :] * s_vd, mask=ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) + LOG2P  # + ln(P) in the natural-log domain
+        qk = tl.dot(q, tl.trans(k)) * qk_scale + LOG2P  # log2-domain logits; + log2(P): ln(P) in natural log
         qk = tl.where(ok[None, :], qk, float("-inf"))
         acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, False)  # the first column of a tile is always valid
     return acc, l_i, m_i
@@ -142,7 +144,6 @@ def _block_sparse_fwd(
                     mask=offs_m[:, None] < lq, other=0.0)
         k_base = K + b * s_kb + hk * s_kh
         v_base = V + b * s_vb + hk * s_vh
-    q = (q * qk_scale).to(q.dtype)  # softmax scale and log2(e) folded into Q once
     cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
     nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
     idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
@@ -156,24 +157,25 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Sorted indices make the blocks that need no element mask a prefix: run it without masks, then the rest.
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 0, nfull, s_ik,
-                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, False, CAUSAL, HAS_KPOS, TMA, BLOCK_N,
-                            HEAD_DIM)
+                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, qk_scale, False, CAUSAL, HAS_KPOS, TMA,
+                            BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, nfull, cnt, s_ik,
-                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, True, CAUSAL, HAS_KPOS, TMA, BLOCK_N,
-                            HEAD_DIM)
+                            s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, qk_scale, True, CAUSAL, HAS_KPOS, TMA,
+                            BLOCK_N, HEAD_DIM)
     if PYRAMID:
         kp_base = KP + b * s_kpb + hk * s_kph
         vp_base = VP + b * s_vpb + hk * s_vph
         pidx = PIDX + b * s_pib + h * s_pih + pid_m * s_pim
         pcnt = PCNT + b * s_pcb + h * s_pch + pid_m * s_pcm
         acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off2 * s_kpn, vp_base + off2 * s_vpn, pidx,
-                                       tl.load(pcnt), s_pik, s_kpn, s_kpd, s_vpn, s_vpd, offs_d, 2, 1.0, BLOCK_N)
+                                       tl.load(pcnt), s_pik, s_kpn, s_kpd, s_vpn, s_vpd, offs_d, qk_scale, 2, 1.0,
+                                       BLOCK_N)
         acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off4 * s_kpn, vp_base + off4 * s_vpn,
                                        pidx + s_pil, tl.load(pcnt + s_pcl), s_pik, s_kpn, s_kpd, s_vpn, s_vpd,
-                                       offs_d, 4, 2.0, BLOCK_N)
+                                       offs_d, qk_scale, 4, 2.0, BLOCK_N)
         acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off8 * s_kpn, vp_base + off8 * s_vpn,
                                        pidx + 2 * s_pil, tl.load(pcnt + 2 * s_pcl), s_pik, s_kpn, s_kpd, s_vpn,
-                                       s_vpd, offs_d, 8, 3.0, BLOCK_N)
+                                       s_vpd, offs_d, qk_scale, 8, 3.0, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
