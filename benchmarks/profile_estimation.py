@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, graph_ms  # noqa: E402
-from common import device_name, save, today  # noqa: E402
+from common import device_name, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta  # noqa: E402
@@ -65,7 +65,14 @@ def main():
                     "BM/BN/warps/stages[,...] (e.g. 128/128/8/3,128/64/4/3), at strides 8 and 16")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
+                    "their table to BENCHMARKS.md")
     args = ap.parse_args()
+    if args.markdown_from:
+        import json
+
+        write_share_markdown([json.loads(Path(f).read_text()) for f in args.markdown_from.split(",")])
+        return
     h, hk, d = 28, 4, 128
     q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
@@ -91,6 +98,26 @@ def main():
             print(f"{row['spec']}: layout density {row['layout_density']:.3f}, attention {row['attention_ms']:.2f} ms, "
                   f"estimation {100 * row['estimate_share']:.1f}% of it", flush=True)
     save("profile_estimation" + (f"_{args.tag}" if args.tag else ""), res)
+
+
+def write_share_markdown(runs: list[dict]) -> None:
+    """One table from ``--with-kernel`` runs: per spec and N, the estimation's GPU ms against the kernel's ms on the
+    layout that estimation picked."""
+    runs = sorted(runs, key=lambda r: r["n"])
+    specs = [r["spec"] for r in runs[0]["rows"]]
+    lines = [f"{runs[0]['date']}, {runs[0]['device']}: `{'`; `'.join(r['command'] for r in runs)}`. Random q/k "
+             "(28 heads / 4 KV heads, d = 128, bf16), causal; per cell: the estimation's GPU ms (CUDA-graph replay) "
+             "/ the kernel's ms on the layout it picked (density in brackets) = the estimation's share. The issue "
+             "asks for ≤ 10%.", "",
+             "| spec | " + " | ".join(f"N = {r['n']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for spec in specs:
+        cells = []
+        for r in runs:
+            e = next(x for x in r["rows"] if x["spec"] == spec)
+            cells.append(f"{e['gpu_ms'] or e['ms']:.2f} / {e['attention_ms']:.2f} ({e['layout_density']:.2f}) = "
+                         f"**{100 * e['estimate_share']:.1f}%**")
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    update_markdown(f"Estimation against the kernel on its own layout ({runs[0]['device']})", "\n".join(lines))
 
 
 def select_warps(specs, warps, q, k, meta) -> list[dict]:
