@@ -129,7 +129,7 @@ def time_kernels(n, h, hk, d, densities, quick, monitor=None, rounds=3):
 def same_rows_cudnn(q, ke, ve, density):
     """Dense cuDNN on the same work per query row as a causal layout of ``density``: the N queries cut into causal
     sequences of L = density·N tokens (a multiple of 128), whose rows attend 1…L keys as the layout's rows attend
-    about density × 1…N keys. What the best dense kernel reaches on rows this short bounds what a sparse one can.
+    about density × 1…N keys: the reference for what a kernel reaches on rows this short.
     Returns (callable, its FLOPs, facts) or (None, 0, facts with the error)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
