@@ -49,11 +49,22 @@ def flops(h, n, d, density=1.0) -> float:
     return 2.0 * n * n * d * h * density
 
 
+def causal_sdpa(backend: str, q, k, v):
+    """A callable running torch's causal SDPA on q/k/v with one backend ("flash" or "cudnn") forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return run
+
+
 def time_kernels(n, h, hk, d, densities, quick, monitor=None, rounds=3):
     """Dense baselines, then each layout through vidsparse and FlexAttention. The callables compared in one table row
     are timed in alternating rounds (``common.interleaved``), each round ``ROUND_MS`` of repetitions, so that a drift
     in clock or temperature falls on all of them alike; ``monitor`` records the SM clock each ran at."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -70,17 +81,12 @@ def time_kernels(n, h, hk, d, densities, quick, monitor=None, rounds=3):
             r["tflops"] = flops(h, n, d, dens) / r["ms"] / 1e9
         return res
 
-    def sdpa(backend):
-        def run():
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
-        return run
-
     dense_fns = {}
-    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+    for backend in ("flash", "cudnn"):
+        name, run = f"sdpa_{backend}", causal_sdpa(backend, q, ke, ve)
         try:
-            sdpa(backend)()
-            dense_fns[name] = sdpa(backend)
+            run()
+            dense_fns[name] = run
         except RuntimeError as exc:
             row[name] = {"error": str(exc).splitlines()[0][:200]}
     dense = BlockLayout.dense(n, n, device="cuda")
@@ -131,18 +137,11 @@ def same_rows_cudnn(q, ke, ve, density):
     sequences of L = density·N tokens (a multiple of 128), whose rows attend 1…L keys as the layout's rows attend
     about density × 1…N keys: the reference for what a kernel reaches on rows this short.
     Returns (callable, its FLOPs, facts) or (None, 0, facts with the error)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     _, h, n, d = q.shape
     seq = int(min(n, max(128, round(density * n / 128) * 128)))
     nseq = n // seq
     cut = lambda x: x[0, :, : nseq * seq].reshape(x.shape[1], nseq, seq, d).transpose(0, 1).contiguous()  # noqa: E731
-    qs, ks, vs = cut(q), cut(ke), cut(ve)
-
-    def run():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-
+    run = causal_sdpa("cudnn", cut(q), cut(ke), cut(ve))
     facts = {"seq": seq, "sequences": nseq}
     try:
         run()

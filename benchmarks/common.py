@@ -89,8 +89,8 @@ class GpuMonitor:
     ``libnvidia-ml.so.1``, called with ctypes: no extra package) by a background thread every ``interval_s``.
 
     Under sustained tensor-core load an H100 runs into its power cap and lowers the SM clock, so a kernel's time
-    depends on what ran before it; ``window(t0, t1)`` tells at which clock a measurement ran. ``ok`` is False where
-    NVML is missing (no NVIDIA driver): every window is then ``{}``."""
+    depends on what ran before it; ``interleaved`` tells from ``samples`` at which clock each measurement ran. ``ok``
+    is False where NVML is missing (no NVIDIA driver): nothing is sampled then."""
 
     THROTTLE = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
                 0x80: "hw_power_brake"}
@@ -131,11 +131,6 @@ class GpuMonitor:
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
 
-    def window(self, t0: float, t1: float) -> dict:
-        """Median SM clock and power, highest temperature and the throttle reasons seen between ``time.monotonic()``
-        readings ``t0`` and ``t1``."""
-        return summarize_samples([s for s in list(self.samples) if t0 <= s[0] <= t1], self.THROTTLE)
-
     def close(self) -> None:
         if self.ok:
             self._stop.set()
@@ -143,7 +138,8 @@ class GpuMonitor:
 
 
 def summarize_samples(samples, names: dict) -> dict:
-    """``GpuMonitor.window``'s summary of (time, MHz, W, °C, reasons) samples; {} for none."""
+    """Median SM clock and power, highest temperature and the throttle reasons seen in (time, MHz, W, °C, reasons)
+    samples; {} for none."""
     import statistics
 
     if not samples:

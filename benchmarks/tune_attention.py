@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, flops, graph_ms, random_layout, video_qk  # noqa: E402
+from attention import bench_ms, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
 from common import GpuMonitor, device_name, interleaved, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -102,14 +102,8 @@ def main():
                 print(row, flush=True)
             variants = {}
         if kind == "dense":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            ke, ve = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
-
-            def cudnn():
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
-            variants["sdpa_cudnn"] = cudnn
+            variants["sdpa_cudnn"] = causal_sdpa("cudnn", q, k.repeat_interleave(h // hk, 1),
+                                                 v.repeat_interleave(h // hk, 1))
         for w, st in ((8, 2), (8, 4), (4, 3)) if opts.all else ():
             variants[f"tma_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, tma=True, num_warps=w,
                                                                                         num_stages=st)
