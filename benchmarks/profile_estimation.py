@@ -59,10 +59,11 @@ def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=131072)
-    ap.add_argument("--specs", default="block_topk:density=0.1")
+    ap.add_argument("--specs", default="block_topk:density=0.1", help="method specs separated by ';'")
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
-                    "BM/BN/warps/stages[,...] (e.g. 128/128/8/3,128/64/4/3), at strides 8 and 16")
+                    "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr and splits the programs per row "
+                    "tile (e.g. 128/256/8/2/tma/2,128/256/8/2/ptr/1), at strides 8 and 16")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
@@ -80,7 +81,7 @@ def main():
     meta = SeqMeta(128, 128, True)
     res = {"benchmark": "profile_estimation", "date": today(), "device": device_name(), "n": args.n,
            "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
-    specs = args.specs.split(";" if ";" in args.specs else ",")
+    specs = args.specs.split(";")  # a spec's own options are comma-separated
     if args.select_warps:
         res["select_warps"] = select_warps(specs, [int(w) for w in args.select_warps.split(",")], q,
                                            k, meta)
@@ -148,9 +149,10 @@ def antidiagonal_configs(configs, q, k) -> list[dict]:
     for stride in (8, 16):
         for rep in range(2):
             for cfg in configs:
-                bm, bn, warps, stages = (int(x) for x in cfg.split("/"))
-                fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=bm, block_n=bn,  # noqa: E731
-                                                     num_warps=warps, num_stages=stages)
+                bm, bn, warps, stages, loads, splits = cfg.split("/")
+                fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=int(bm),  # noqa: E731
+                                                     block_n=int(bn), num_warps=int(warps), num_stages=int(stages),
+                                                     tma=loads == "tma", splits=int(splits))
                 try:
                     rows.append({"stride": stride, "config": cfg, "rep": rep, "ms": bench_ms(fn, rep_ms=200)})
                 except Exception as e:  # a configuration that does not fit (shared memory, registers)

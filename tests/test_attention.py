@@ -245,14 +245,16 @@ def test_xattention_antidiagonal_sums_equal_brute_force():
             assert fast[i, j] == pytest.approx(torch.fliplr(tile).diagonal().sum().item(), rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("b,h,hk,nq,nk,causal,tiles", [(1, 4, 2, 200, 200, True, (16, 16)),
-                                                      (2, 2, 1, 100, 300, True, (16, 32)),
-                                                      (1, 2, 2, 150, 130, False, (16, 16)),
-                                                      (1, 2, 1, 256, 256, True, (128, 128))])
+@pytest.mark.parametrize("b,h,hk,nq,nk,causal,tiles", [(1, 4, 2, 200, 200, True, (16, 16, 1)),
+                                                      (2, 2, 1, 100, 300, True, (16, 32, 2)),
+                                                      (1, 2, 2, 150, 130, False, (16, 16, 3)),
+                                                      (1, 2, 1, 256, 256, True, (128, 128, 1)),
+                                                      (1, 4, 2, 200, 200, True, (16, 16, 4))])
 def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq, nk, causal, tiles):
     """The fused antidiagonal kernel (strided scores, softmax and block sums without the score matrix) gives the
     torch path's block masses: lengths that are not block or stride multiples, GQA, batch > 1, more keys than
-    queries, several row and column tiles per program, and heads processed in groups (scratch bound forced low)."""
+    queries, several row and column tiles per program, heads processed in groups (scratch bound forced low), and
+    a row tile's column tiles split over 2-4 programs (some of which get none), the last to finish combining them."""
     from vidsparse.attention.kernels import antidiagonal
     from vidsparse.attention.patterns.xattention import XAttention
 
@@ -262,9 +264,29 @@ def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk
     k = 2 * torch.randn(b, hk, nk, 16, generator=g)
     meta = SeqMeta(32, 32, causal)
     want = XAttention(stride=4, chunk_tokens=64)._mass_torch(q, k, meta)
-    got = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, causal, block_m=tiles[0], block_n=tiles[1])
+    got = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, causal, block_m=tiles[0], block_n=tiles[1],
+                                               splits=tiles[2])
     torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
     torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 8.0), atol=1e-4, rtol=0)  # rows sum to 1
+
+
+@pytest.mark.parametrize("b,h,hk,nq,nk,causal", [(2, 4, 2, 200, 200, True), (1, 2, 1, 96, 160, True),
+                                                  (1, 2, 2, 160, 120, False)])
+def test_xattention_fused_kernel_tma_rows_equal_pointer_rows(interpreter, b, h, hk, nq, nk, causal):
+    """The kernel's TMA path (strided rows as boxes of a [B·heads, N/S, S·D] descriptor, zero-filled past N/S) gives
+    exactly the pointer path's masses, and the torch path's within fp32 tolerance: fp16, lengths that are stride but
+    not block multiples, GQA, batch > 1, and a transposed (non-contiguous) q and k that the TMA path copies."""
+    from vidsparse.attention.kernels import antidiagonal
+    from vidsparse.attention.patterns.xattention import XAttention
+
+    g = torch.Generator().manual_seed(nq * 3 + nk)
+    q = (2 * torch.randn(b, nq, h, 16, generator=g)).half().transpose(1, 2)  # a model's layout: [B, N, H, D] storage
+    k = (2 * torch.randn(b, nk, hk, 16, generator=g)).half().transpose(1, 2)
+    got = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, causal, block_m=16, block_n=16, tma=True)
+    ptr = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, causal, block_m=16, block_n=16, tma=False)
+    assert torch.equal(got, ptr)
+    want = XAttention(stride=4, chunk_tokens=64)._mass_torch(q.float(), k.float(), SeqMeta(32, 32, causal))
+    torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
@@ -309,6 +331,37 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert torch.equal(got.kv_index, want.kv_index)
     assert torch.equal(got.kv_full, want.kv_full)
     assert int(got.kv_count.min()) >= 1
+
+
+@pytest.mark.parametrize("nq,nk,causal,sink,local,tau,tied", [
+    (700, 700, True, 1, 1, 0.9, False), (300, 900, True, 2, 2, 0.5, True), (640, 500, False, 1, 1, 0.99, False),
+    (1057, 1057, True, 0, 0, 1.0, False), (500, 500, True, 1, 1, 0.0, True), (600, 600, False, 0, 1, 0.7, True)])
+def test_mass_selection_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, tau, tied):
+    """The kernel's binary search on the masses keeps exactly the blocks the torch path's stable sort and cumulative
+    sum keep, plus the forced ones, and writes the same layout: tau 0 (forced blocks only) and 1 (every positive
+    block), all-zero rows, and tied masses (multiples of 1/8, whose sums are exact) going to the lower index."""
+    from vidsparse.attention.patterns.base import mass_layout
+
+    meta = SeqMeta(32, 32, causal)
+    nqb, nkb = -(-nq // 32), -(-nk // 32)
+    g = torch.Generator().manual_seed(nq + nk)
+    if tied:
+        probs = torch.randint(0, 4, (2, 3, nqb, nkb), generator=g).float() / 8
+    else:
+        probs = torch.softmax(3 * torch.randn(2, 3, nqb, nkb, generator=g), -1)
+    if causal:
+        probs = probs * causal_block_mask(nqb, nkb, 32, 32, nq, nk)
+    probs[0, 1, nqb // 2] = 0.0  # a row with no mass: only its forced blocks
+    q, k = torch.zeros(2, 3, nq, 16), torch.zeros(2, 3, nk, 16)
+    want = mass_layout(probs, tau, q, k, meta, sink, local, backend="reference")
+    got = mass_layout(probs, tau, q, k, meta, sink, local, backend="kernel")
+    assert torch.equal(got.kv_count, want.kv_count)
+    assert torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_full, want.kv_full)
+    if tau > 0 and tied:  # the ties were real: some row kept only part of a group of equal masses
+        kept = want.block_mask()
+        assert any(bool(((probs[i] == v) & kept[i]).any() and ((probs[i] == v) & ~kept[i]).any())
+                   for i in range(2) for v in (0.125, 0.25, 0.375))
 
 
 @pytest.mark.parametrize("nq,nk,causal,sink,local,spec", [

@@ -172,6 +172,26 @@ def test_patterns_pick_the_same_blocks_on_cuda_as_on_cpu(spec):
         assert torch.equal(a.expand(1, 8).block_mask().cpu(), b.expand(1, 8).block_mask())
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+def test_mass_selection_kernel_equals_torch_on_cuda(tau, variant):
+    """xattention's and block_cdf's selection kernel on CUDA keeps the blocks the torch path keeps on the same
+    masses (peaked rows of 256 blocks, causal, forced sink and diagonal)."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    from vidsparse.attention.layout import causal_block_mask
+    from vidsparse.attention.patterns.base import mass_layout
+
+    n = 256 * 128
+    probs = torch.softmax(4 * torch.randn(1, 8, 256, 256, device="cuda"), -1)
+    probs = probs * causal_block_mask(256, 256, 128, 128, n, n, "cuda")
+    q = k = torch.empty(1, 8, n, 1, device="cuda")
+    meta = SeqMeta(128, 128, True)
+    got = mass_layout(probs, tau, q, k, meta, 1, 1, backend="kernel")
+    want = mass_layout(probs.cpu(), tau, q.cpu(), k.cpu(), meta, 1, 1, backend="reference")
+    assert torch.equal(got.kv_count.cpu(), want.kv_count)
+    assert torch.equal(got.kv_index.cpu(), want.kv_index)
+
+
 @pytest.mark.parametrize("spec", ["sink_window", "power", "block_topk", "block_cdf", "xattention",
                                   "vertical_slash:vertical=100,slash=200", "radial"])
 def test_patterns_execute(spec):
@@ -244,14 +264,15 @@ def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, variant):
     strided rows."""
     if variant != "hopper":
         pytest.skip("estimation does not depend on the kernel variant")
-    from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass
+    from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass, tma_fits
     from vidsparse.attention.patterns.xattention import XAttention
 
     q, k, _ = qkv(1, 8, 2, nq, 128, torch.bfloat16, nk=nk, seed=stride)
     q, k = 2 * q, 2 * k  # peaked rows: the masses span several orders of magnitude
     meta = SeqMeta(128, 128, causal)
     want = XAttention(stride=stride)._mass_torch(q.float(), k.float(), meta)
-    got = antidiagonal_block_mass(q, k, stride, 128, 128, causal)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 128.0 / stride, device="cuda"), atol=1e-3,
-                               rtol=0)
+    for tma in (False, True) if tma_fits(q, k, stride) else (False,):  # TMA boxes need stride-multiple lengths
+        got = antidiagonal_block_mass(q, k, stride, 128, 128, causal, tma=tma)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 128.0 / stride, device="cuda"), atol=1e-3,
+                                   rtol=0)

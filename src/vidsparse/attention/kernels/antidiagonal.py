@@ -4,26 +4,31 @@
 The torch path (``patterns/xattention.py``) interleaves Q and K at stride S into copies, runs one GEMM per chunk of
 query blocks that writes an (N/S)² score matrix, then reads it back for the softmax and the block sums. At 128K tokens
 and S = 8 that is about 7.5 GB of scores written and read twice. Here each program owns ``BM`` strided rows (whole
-query blocks) of one head and walks their key columns in tiles of ``BN``:
+query blocks) of one head and a share of their key columns, walked in tiles of ``BN``:
 
-1. The tile's scores are S products of [BM, D] query rows by [D, BN] key rows, loaded straight from q and k at stride
-   S (row i of the antidiagonal pairs token i·S + S−1−j with key token c·S + j), so no interleaved copies exist;
-   GQA reads the shared key head.
+1. The tile's scores are S products of [BM, D] query rows by [D, BN] key rows. On Hopper they come through the
+   tensor-memory accelerator as boxes of a [B·heads, N/S, S·D] view of q and k (row i of the antidiagonal pairs
+   token i·S + S−1−j with key token c·S + j: phase j is the view's columns j·D..(j+1)·D), elsewhere as strided
+   pointer loads; no interleaved copies exist; GQA reads the shared key head.
 2. An online softmax keeps each row's running max and sum; each row's unnormalised mass in each key block of the tile
    is stored as one log2-domain value (running max + log2 of the partial sum) in a scratch of [rows, key blocks],
-   ``block_k``/S times smaller than the scores (a key block spans that many strided columns).
-3. After the column walk the program rereads its own scratch rows and adds exp2(partial − row log-sum) over the rows
-   of each query block: the block's softmax mass.
+   ``block_k``/S times smaller than the scores (a key block spans that many strided columns). Only tiles that reach
+   past the key end or the row tile's first diagonal apply the element mask.
+3. A row tile's column tiles are split over ``splits`` programs, launched side by side. Each writes its rows' max and
+   sum; the last to finish (an atomic count per row tile) merges them into each row's log-sum, rereads the row
+   tile's scratch and adds exp2(partial − row log-sum) over the rows of each query block: the block's softmax mass.
+   The split is for the L2 cache: each program rereads its [BM, S·D] query rows once per column tile, and with
+   one program per row tile the rows of all resident programs (~34 MB at BM = 128 on 132 SMs) did not stay in L2
+   between rereads (Nsight Compute: L2 hit rate ~30%, the loads waiting on DRAM).
 
 Columns past each row's causal diagonal (and past the key length) are masked as in the torch path; tiles past the
 row tile's last diagonal are never computed, and their key blocks get zero mass.
 
-On an H100 at 128K tokens (28/4 heads) the whole xattention estimate takes 14.4 ms at S = 16 and 24.2 ms at S = 8,
-against 18.2 and 31.9 ms for the cuBLAS GEMM + score matrix + softmax-block-sum kernel it replaced (BENCHMARKS.md).
-The kernel itself reaches about 350-370 TF/s on the causal products (N²·D/S per head), about half the rate of the
-cuBLAS GEMMs in the path it replaced: Nsight Compute (``benchmarks/ncu_target.py``) shows it waiting on its strided
-loads (L2 hit rate ~30%, one 8-warp program per SM at 255 registers), so TMA loads of a [N/S, S, D] view or a
-warp-specialised version are the next step."""
+Measured on an H100 at 128K tokens, 28/4 heads (``benchmarks/profile_estimation.py --antidiagonal``, BENCHMARKS.md):
+the kernel took 21.3 ms at S = 8 and 11.3 ms at S = 16 with strided pointer loads and one program per row tile;
+TMA loads 20.0 / 10.3 ms; split in two 18.9 / 9.6 ms; the defaults (128 × 128 tiles, 3 stages, 4 splits, the
+interior tiles unmasked) about 17.5 / 8.6 ms, about 440 TF/s on the causal products (N²·D/S per head). The cuBLAS
+GEMM + score matrix + softmax-block-sum path it replaced took 31.9 / 18.2 ms for the whole estimate."""
 
 from __future__ import annotations
 
@@ -36,21 +41,24 @@ SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing he
 
 
 @triton.jit
-def _antidiagonal_mass(Q, K, LP, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, s_kd, s_pb, s_pm, s_ob, s_oh,
-                       s_om, s_on, bh0, H, GROUP, NQ, NK, R, NKB, col_lim, off_s, qk_scale,
+def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, s_kd, s_pb, s_pm, s_ob, s_oh,
+                       s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale,
                        S: tl.constexpr, D: tl.constexpr, QR: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, KBT: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                       NUM_STAGES: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr):
     i = tl.program_id(0)  # head within this group (fastest: the longest row tiles of every head go first)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    split = tl.program_id(1) % SPLITS  # this program's share of the row tile's column tiles
+    nrt = tl.num_programs(1) // SPLITS
+    pid_m = nrt - 1 - tl.program_id(1) // SPLITS
     bh = bh0 + i
     b = bh // H
     h = bh % H
     hk = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
-    k_base = K + b * s_kb + hk * s_kh + offs_d[:, None] * s_kd
+    if not TMA:
+        q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
+        k_base = K + b * s_kb + hk * s_kh + offs_d[:, None] * s_kd
     hi = tl.minimum(NKB * KC, col_lim)
     if CAUSAL:
         hi = tl.minimum(hi, pid_m * BM + BM + off_s)  # no column past the tile's last diagonal
@@ -60,20 +68,31 @@ def _antidiagonal_mass(Q, K, LP, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, 
     # one flat loop over (column tile, stride phase) so that the loads pipeline across tiles; a tile's epilogue runs
     # on its last phase
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t in tl.range(0, tl.cdiv(hi, BN) * S, num_stages=NUM_STAGES):
+    per = tl.cdiv(tl.cdiv(hi, BN), SPLITS)
+    for t in tl.range(split * per * S, tl.minimum(tl.cdiv(hi, BN), split * per + per) * S, num_stages=NUM_STAGES):
         j = t % S
         c0 = (t // S) * BN
         cols = c0 + tl.arange(0, BN)
-        q_tok = rows * S + (S - 1 - j)
-        k_tok = cols * S + j
-        qj = tl.load(q_base + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
-        kj = tl.load(k_base + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
+        if TMA:  # Q/K are [B·heads, N/S, S·D] descriptors: phase j of a strided row is columns j·D..(j+1)·D
+            qj = Q.load([bh, pid_m * BM, (S - 1 - j) * D]).reshape(BM, D)
+            kj = tl.trans(K.load([b * (H // GROUP) + hk, c0, j * D]).reshape(BN, D))
+        else:
+            q_tok = rows * S + (S - 1 - j)
+            k_tok = cols * S + j
+            qj = tl.load(q_base + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
+            kj = tl.load(k_base + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
         acc = tl.dot(qj, kj, acc, input_precision=PRECISION)
         if j == S - 1:
-            valid = cols[None, :] < hi
+            sc = acc * qk_scale
+            # only tiles that reach past the key end or the row tile's first diagonal need the element mask
+            edge = c0 + BN > hi
             if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None] + off_s)
-            sc = tl.where(valid, acc * qk_scale, float("-inf"))
+                edge = edge | (c0 + BN - 1 > pid_m * BM + off_s)
+            if edge:
+                valid = cols[None, :] < hi
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= rows[:, None] + off_s)
+                sc = tl.where(valid, sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
             p = tl.math.exp2(sc - m_sub[:, None])
@@ -84,17 +103,32 @@ def _antidiagonal_mass(Q, K, LP, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, 
             kb = c0 // KC + tl.arange(0, BN // KC)
             tl.store(lp_rows + kb[None, :], lpart, mask=(rows[:, None] < R) & (kb[None, :] < NKB))
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-    lse = tl.where(l > 0, m + tl.math.log2(l), 0.0)  # a row that saw nothing has only -inf partials
-    tl.debug_barrier()  # the scratch rows written above are reread by other threads of this program
-    kb_hi = (hi + KC - 1) // KC
-    qb = pid_m * (BM // QR) + tl.arange(0, BM // QR)
-    for kb0 in range(0, NKB, KBT):
-        kb = kb0 + tl.arange(0, KBT)
-        lp = tl.load(lp_rows + kb[None, :], mask=(rows[:, None] < R) & (kb[None, :] < kb_hi), other=float("-inf"))
-        pr = tl.math.exp2(lp - lse[:, None])
-        mass = tl.sum(tl.reshape(pr, [BM // QR, QR, KBT]), 1)
-        tl.store(OUT + b * s_ob + h * s_oh + qb[:, None] * s_om + kb[None, :] * s_on, mass,
-                 mask=(qb[:, None] * QR < R) & (kb[None, :] < NKB))
+    ml_rows = ML + (i * SPLITS + split) * 2 * RP + rows
+    tl.store(ml_rows, m)
+    tl.store(ml_rows + RP, l)
+    tl.debug_barrier()  # every thread's partials are written before the arrival below publishes them
+    # the row tile's last split to arrive combines the splits' softmax sums and writes the block masses
+    if tl.atomic_add(CNT + i * nrt + pid_m, 1, sem="acq_rel") == SPLITS - 1:
+        mx = tl.full([BM], float("-inf"), dtype=tl.float32)
+        for c in tl.static_range(SPLITS):
+            mx = tl.maximum(mx, tl.load(ML + (i * SPLITS + c) * 2 * RP + rows, cache_modifier=".cg"))
+        mx_sub = tl.where(mx == float("-inf"), 0.0, mx)
+        l = tl.zeros([BM], dtype=tl.float32)
+        for c in tl.static_range(SPLITS):
+            other = ML + (i * SPLITS + c) * 2 * RP + rows
+            l += tl.load(other + RP, cache_modifier=".cg") * tl.math.exp2(tl.load(other, cache_modifier=".cg") -
+                                                                             mx_sub)
+        lse = tl.where(l > 0, mx + tl.math.log2(l), 0.0)  # a row that saw nothing has only -inf partials
+        kb_hi = (hi + KC - 1) // KC
+        qb = pid_m * (BM // QR) + tl.arange(0, BM // QR)
+        for kb0 in range(0, NKB, KBT):
+            kb = kb0 + tl.arange(0, KBT)
+            lp = tl.load(lp_rows + kb[None, :], mask=(rows[:, None] < R) & (kb[None, :] < kb_hi),
+                         other=float("-inf"), cache_modifier=".cg")
+            pr = tl.math.exp2(lp - lse[:, None])
+            mass = tl.sum(tl.reshape(pr, [BM // QR, QR, KBT]), 1)
+            tl.store(OUT + b * s_ob + h * s_oh + qb[:, None] * s_om + kb[None, :] * s_on, mass,
+                     mask=(qb[:, None] * QR < R) & (kb[None, :] < NKB))
 
 
 def _pow2(x: int) -> bool:
@@ -107,14 +141,35 @@ def supported(q, k, stride: int, block_q: int, block_k: int) -> bool:
             and q.dtype == k.dtype)
 
 
+def tma_fits(q, k, stride: int) -> bool:
+    """Whether the strided rows can come through the tensor-memory accelerator: a Hopper (or later) GPU, 16-bit
+    inputs and lengths that are stride multiples (a [N/S, S·D] row then holds whole tokens of one head)."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and q.dtype in (torch.bfloat16,
+            torch.float16) and q.shape[2] % stride == 0 and k.shape[2] % stride == 0)
+
+
+def _strided_rows(x, stride: int, rows: int):
+    """x [B, heads, N, D] as a TMA descriptor over [B·heads, N/S, S·D] with [1, ``rows``, D] boxes (x is copied when
+    not contiguous, as a model's transposed q/k are) -> (descriptor, the tensor it reads)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, n, d = x.shape
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous()
+    return TensorDescriptor(x, [b * h, n // stride, stride * d], [n * d, stride * d, 1], [1, rows, d]), x
+
+
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
-                            block_m: int = 128, block_n: int = 256, num_warps: int = 8, num_stages: int = 2):
+                            block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3,
+                            tma: bool | None = None, splits: int = 4):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
     torch path pads them; causal with the end-aligned diagonal) summed over each key block's columns and the block's
-    rows. ``block_m``/``block_n``: strided rows and columns per program and per column tile (at least one block).
-    The defaults (128 × 256, 8 warps, 2 stages) were the fastest of six on an H100 at 128K tokens
-    (``benchmarks/profile_estimation.py --antidiagonal``): tied at S = 8, 8–11% ahead at S = 16."""
+    rows. ``block_m``/``block_n``: strided rows and columns per program and per column tile (at least one block);
+    ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
+    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles. The defaults
+    (128 × 128, 8 warps, 3 stages, 4 splits) were the fastest measured on an H100 at 64K and 128K tokens, both strides
+    (``benchmarks/profile_estimation.py --antidiagonal``; 3 and 6 splits tie at stride 8, 4 is ahead at 16)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride
@@ -125,14 +180,25 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     out = torch.empty(b, h, nqb, nkb, dtype=torch.float32, device=q.device)  # every entry is written
     per_head = triton.cdiv(r, bm) * bm * nkb * 4
     group = max(1, min(b * h, SCRATCH_BYTES // per_head))
-    lp = torch.empty(group, triton.cdiv(r, bm) * bm, nkb, dtype=torch.float32, device=q.device)
+    rp = triton.cdiv(r, bm) * bm
+    lp = torch.empty(group, rp, nkb, dtype=torch.float32, device=q.device)
+    ml = torch.empty(group, splits, 2, rp, dtype=torch.float32, device=q.device)  # each split's row max and sum
+    arrived = torch.zeros(-(-b * h // group), group, rp // bm, dtype=torch.int32, device=q.device)  # per row tile
     kbt = max(16, min(64, triton.next_power_of_2(nkb)))
+    if tma is None:
+        tma = tma_fits(q, k, s)
+    if tma:
+        (qa, q), (ka, k) = _strided_rows(q, s, bm), _strided_rows(k, s, bn)  # q, k: any copies, alive to the end
+    else:
+        qa, ka = q, k
     for bh0 in range(0, b * h, group):
         n = min(group, b * h - bh0)
-        _antidiagonal_mass[(n, triton.cdiv(r, bm))](
-            q, k, lp, out, *q.stride(), *k.stride(), lp.stride(0), lp.stride(1), *out.stride(),
-            bh0, h, h // hk, nq, nk, r, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
+        _antidiagonal_mass[(n, rp // bm * splits)](
+            qa, ka, lp, ml, arrived[bh0 // group], out, *q.stride(), *k.stride(), lp.stride(0), lp.stride(1),
+            *out.stride(),
+            bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
             S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages, num_warps=num_warps,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages, TMA=tma,
+            SPLITS=splits, num_warps=num_warps,
         )
     return out

@@ -127,6 +127,57 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
 
 
 @triton.jit
+def _mass_threshold(key, p, target):
+    """The largest key t whose entries from t up hold at least ``target`` of the mass (a 31-step binary search over
+    the non-negative keys of non-negative ``p``; 0, every entry, when even the whole row falls short)."""
+    lo = tl.full([], 0, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(31):
+        mid = (lo + hi + 1) >> 1
+        ge = tl.sum(tl.where(key >= mid.to(tl.int32), p, 0.0), 0) >= target
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, width, tau, sink, local, block_q,
+                 block_k, q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    n, p, allowed, forced = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL, W)
+    p = tl.where(n < nkb, p, 0.0)
+    total = tl.maximum(tl.sum(p, 0), 1e-30)
+    key = _order_key(p)
+    t = _mass_threshold(key, p, tau * total)
+    # every entry above t is kept; of those equal to t, in index order, each whose preceding mass is below tau
+    tie = key == t
+    before = tl.sum(tl.where(key > t, p, 0.0), 0) + tl.cumsum(tl.where(tie, p, 0.0), 0) - p
+    keep = ((key > t) | (tie & (before / total < tau)) | (tau >= 1)) & (p > 0) & allowed
+    r = bh * NQB + m
+    tl.store(CNT + r, _emit(keep | forced, n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width))
+
+
+def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q: int, block_k: int, q_len: int,
+                k_len: int, causal: bool):
+    """``patterns.base.keep_top_mass`` and ``finish_layout`` in one pass: per row of ``probs`` [B, H, NQ, NK]
+    (non-negative masses), the fewest blocks, largest first and ties to the lower index, whose mass reaches ``tau``
+    of the row's (every positive one at ``tau`` ≥ 1), plus the forced sink and diagonal blocks, nothing past the causal diagonal -> (index int32
+    [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ])."""
+    b, h, nqb, nkb = probs.shape
+    probs = probs.float().contiguous()
+    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=probs.device)
+    count = torch.empty(b, h, nqb, dtype=torch.int32, device=probs.device)
+    w = triton.next_power_of_2(max(nkb, 2))
+    _select_mass[(b * h, nqb)](
+        probs, index, count, probs.stride(0), probs.stride(1), probs.stride(2), index.stride(0), index.stride(1),
+        index.stride(2), h, nqb, nkb, nkb, float(tau), sink, local, block_q, block_k, q_len, k_len - q_len,
+        CAUSAL=causal, W=w, num_warps=_warps(w),
+    )
+    return index, count
+
+
+@triton.jit
 def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink, local, block_q,
             block_k, q_len, k_len, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)

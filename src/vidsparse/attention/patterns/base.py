@@ -152,8 +152,12 @@ def _forced_blocks(nqb, nkb, block_q, block_k, causal, q_len, k_len, sink, local
 
 
 def keep_top_mass(probs: Tensor, tau: float) -> Tensor:
-    """bool like ``probs``: per row, the smallest set of entries whose mass reaches ``tau`` (of the row's total)."""
-    vals, order = torch.sort(probs, dim=-1, descending=True)
+    """bool like ``probs``: per row, the smallest set of entries whose mass reaches ``tau`` (of the row's total),
+    largest first, equal entries in index order (a stable sort); at ``tau`` ≥ 1 every positive entry (not left to
+    the rounding of the cumulative sum)."""
+    if tau >= 1:
+        return probs > 0
+    vals, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     total = vals.sum(-1, keepdim=True).clamp_min(1e-30)
     before = (vals.cumsum(-1) - vals) / total  # mass of the entries ranked above
     keep_sorted = (before < tau) & (vals > 0)
@@ -176,6 +180,23 @@ def finish_layout(keep, q, k, meta, sink, local):
     nqb, nkb = keep.shape[-2:]
     keep = keep | forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device)
     return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
+
+
+def mass_layout(probs: Tensor, tau: float, q, k, meta: SeqMeta, sink: int, local: int,
+                backend: str = "auto") -> BlockLayout:
+    """Per row of block masses ``probs`` [B, H, NQ, NK], the fewest blocks reaching ``tau`` of the row's mass
+    (``keep_top_mass``) plus the forced sink and diagonal blocks. ``backend``: "kernel" (``kernels.block_select.
+    select_mass``: one Triton program per row finds the threshold by a binary search on the masses and writes the
+    row's indices; the default on CUDA) or "reference" (torch: a stable sort, a cumulative sum, a scatter back and the
+    mask-to-index conversion of ``finish_layout``). Both keep the same blocks up to the order in which the row's
+    mass is summed."""
+    if use_kernel(backend, probs):
+        from ..kernels.block_select import select_mass
+
+        index, count = select_mass(probs, tau, sink, local, meta.block_q, meta.block_k, q.shape[2], k.shape[2],
+                                   meta.causal)
+        return BlockLayout.from_index(index, count, meta.block_q, meta.block_k, q.shape[2], k.shape[2], meta.causal)
+    return finish_layout(keep_top_mass(probs, tau), q, k, meta, sink, local)
 
 
 def use_kernel(backend: str, x: Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, keep_top_mass, pooled_block_probs, finish_layout
+from .base import Pattern, SeqMeta, finish_layout, keep_top_mass, mass_layout, pooled_block_probs
 
 
 @PATTERNS.register("block_cdf")
@@ -16,18 +16,20 @@ from .base import Pattern, SeqMeta, keep_top_mass, pooled_block_probs, finish_la
 class BlockCDF(Pattern):
     """Smallest set of blocks whose pooled softmax mass reaches ``tau``, plus diagonal and sink blocks.
     ``min_cos``: like SpargeAttn, blocks whose keys are not self-similar (mean cosine to the block mean below it)
-    pool badly and are never pruned (0 disables)."""
+    pool badly and are never pruned (0 disables). ``backend``: the selection's, as ``base.mass_layout`` (with
+    ``min_cos`` > 0 always torch)."""
 
     tau: float = 0.9
     sink: int = 1
     local: int = 1
     min_cos: float = 0.0
+    backend: str = "auto"
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         p = pooled_block_probs(q, k, meta)
-        keep = keep_top_mass(p, self.tau)
-        if self.min_cos > 0:
-            keep = keep | _dissimilar_key_blocks(k, meta, self.min_cos, q.shape[1])[..., None, :]
+        if self.min_cos <= 0:
+            return mass_layout(p, self.tau, q, k, meta, self.sink, self.local, self.backend)
+        keep = keep_top_mass(p, self.tau) | _dissimilar_key_blocks(k, meta, self.min_cos, q.shape[1])[..., None, :]
         return finish_layout(keep, q, k, meta, self.sink, self.local)
 
 

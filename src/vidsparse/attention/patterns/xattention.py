@@ -9,7 +9,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, finish_layout, keep_top_mass, use_kernel
+from .base import Pattern, SeqMeta, mass_layout, use_kernel
 
 
 @PATTERNS.register("xattention")
@@ -21,9 +21,9 @@ class XAttention(Pattern):
     must be multiples of S.
 
     ``backend``: "kernel" (``kernels.antidiagonal``: scores, softmax and block sums in one Triton kernel that never
-    writes the score matrix; the default on CUDA where the strided blocks are powers of two) or "reference" (torch:
-    interleaved copies of Q and K, one GEMM per ``chunk_tokens`` of queries, the softmax over the materialised
-    scores)."""
+    writes the score matrix, on CUDA where the strided blocks are powers of two; then ``kernels.block_select.
+    select_mass`` picks the blocks; the default on CUDA) or "reference" (torch: interleaved copies of Q and K, one
+    GEMM per ``chunk_tokens`` of queries, the softmax over the materialised scores, a sort for the selection)."""
 
     stride: int = 8
     tau: float = 0.9
@@ -45,8 +45,7 @@ class XAttention(Pattern):
             mass = antidiagonal.antidiagonal_block_mass(q, k, s, meta.block_q, meta.block_k, meta.causal)
         else:
             mass = self._mass_torch(q, k, meta)
-        keep = keep_top_mass(mass, self.tau)
-        return finish_layout(keep, q, k, meta, self.sink, self.local)
+        return mass_layout(mass, self.tau, q, k, meta, self.sink, self.local, self.backend)
 
     def _mass_torch(self, q, k, meta: SeqMeta):
         """Block masses [B, H, NQB, NKB] through materialised strided scores, ``chunk_tokens`` queries at a time."""
