@@ -62,9 +62,8 @@ def main():
     ap.add_argument("--specs", default="block_topk:density=0.1", help="method specs separated by ';'")
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
-                    "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr (the Triton kernel) or gluon (the "
-                    "Hopper kernel: BM/BN/warps/stages ignored) and splits the programs per row tile (e.g. "
-                    "128/128/8/3/tma/4,128/256/8/2/ptr/1,0/0/0/0/gluon/4), at strides 8 and 16")
+                    "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr and splits the programs per row "
+                    "tile (e.g. 128/256/8/2/tma/2,128/256/8/2/ptr/1), at strides 8 and 16")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
@@ -153,8 +152,7 @@ def antidiagonal_configs(configs, q, k) -> list[dict]:
                 bm, bn, warps, stages, loads, splits = cfg.split("/")
                 fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=int(bm),  # noqa: E731
                                                      block_n=int(bn), num_warps=int(warps), num_stages=int(stages),
-                                                     tma=loads == "tma", splits=int(splits),
-                                                     hopper=loads == "gluon")
+                                                     tma=loads == "tma", splits=int(splits))
                 try:
                     rows.append({"stride": stride, "config": cfg, "rep": rep, "ms": bench_ms(fn, rep_ms=200)})
                 except Exception as e:  # a configuration that does not fit (shared memory, registers)

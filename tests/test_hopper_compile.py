@@ -1,7 +1,6 @@
-"""The Gluon Hopper kernels (attention; xattention's estimation) compiled for sm_90 on a machine without a GPU
-(Triton ships ptxas and cuobjdump): each must build, issue warpgroup MMAs (HGMMA), redistribute registers between its
-partitions (setmaxnreg) and spill no tile to local memory. Their numerics are checked on the GPU
-(tests/test_attention_gpu.py)."""
+"""The Gluon Hopper kernel compiled for sm_90 on a machine without a GPU (Triton ships ptxas and cuobjdump): it must
+build, issue warpgroup MMAs (HGMMA), redistribute registers between its partitions (setmaxnreg) and spill no tile
+to local memory. Its numerics are checked on the GPU (tests/test_attention_gpu.py, variant "hopper")."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import pytest
 pytest.importorskip("triton.experimental.gluon")
 
 
-PRELUDE = r"""
+BUILD = r"""
 import json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -40,9 +39,6 @@ class Sm90:  # just enough of a driver for warmup: it names the target; nothing 
 
 
 triton.runtime.driver.set_active(Sm90())
-"""
-
-BUILD = PRELUDE + r"""
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
 d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
@@ -61,24 +57,6 @@ open(sys.argv[4], "wb").write(k.asm["cubin"])
 print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
 """
 
-BUILD_MASS = PRELUDE + r"""
-from vidsparse.attention.kernels import antidiagonal_hopper as ah
-
-d, s, causal, cubin = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-n, h, hk = 1024, 4, 2
-q = torch.empty(h * n // s, s * d, dtype=torch.bfloat16)
-kv = torch.empty(hk * n // s, s * d, dtype=torch.bfloat16)
-qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16))
-kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
-f = torch.empty(4)
-k = ah._mass.warmup(qd, kd, f, f, torch.zeros(4, dtype=torch.int32), f, *([1] * 6), 0, h, h // hk, n // s, n // s, h,
-                    1, 4, 128, 128, 8, n // s, 0, 0.1, S=s, D=d, KC=128 // s, QR=128 // s, KBT=16, SPLITS=4,
-                    CAUSAL=causal, CONSUMER_REGS=ah.CONSUMER_REGS, LOADER_REGS=ah.LOADER_REGS, num_warps=4,
-                    maxnreg=ah.MAXNREG, grid=(1,))
-open(cubin, "wb").write(k.asm["cubin"])
-print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
-"""
-
 
 def _tool(name: str) -> str:
     import triton.backends.nvidia as nv
@@ -92,24 +70,14 @@ def _tool(name: str) -> str:
 @pytest.mark.parametrize("d,causal,lse,varlen", [(128, True, False, False), (64, False, True, True),
                                                  (128, True, True, True)])
 def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen):
-    _check_build(tmp_path, BUILD, str(d), str(int(causal)), str(int(lse)), str(tmp_path / "k.cubin"),
-                 str(int(varlen)))
-
-
-@pytest.mark.parametrize("d,stride,causal", [(128, 8, True), (128, 16, True), (64, 8, False)])
-def test_hopper_antidiagonal_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, stride, causal):
-    """xattention's warp-specialised estimation kernel (``kernels/antidiagonal_hopper.py``), under the same checks."""
-    _check_build(tmp_path, BUILD_MASS, str(d), str(stride), str(int(causal)), str(tmp_path / "k.cubin"))
-
-
-def _check_build(tmp_path, script: str, *args: str):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
-    which Gluon cannot compile. ``args[3]`` is the cubin's path."""
-    cubin = Path(args[3])
+    which Gluon cannot compile."""
+    cubin = tmp_path / "k.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300,
-                         check=False)
+    run = subprocess.run([sys.executable, "-c", BUILD, str(d), str(int(causal)), str(int(lse)), str(cubin),
+                          str(int(varlen))],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
     sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout

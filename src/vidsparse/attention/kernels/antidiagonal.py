@@ -148,16 +148,6 @@ def tma_fits(q, k, stride: int) -> bool:
             torch.float16) and q.shape[2] % stride == 0 and k.shape[2] % stride == 0)
 
 
-def _hopper_supported(q, k, stride: int, block_q: int, block_k: int) -> bool:
-    if not tma_fits(q, k, stride):
-        return False
-    try:
-        from .antidiagonal_hopper import supported
-    except ImportError:  # a Triton without Gluon
-        return False
-    return supported(q, k, stride, block_q, block_k)
-
-
 def _strided_rows(x, stride: int, rows: int):
     """x [B, heads, N, D] as a TMA descriptor over [B·heads, N/S, S·D] with [1, ``rows``, D] boxes (x is copied when
     not contiguous, as a model's transposed q/k are) -> (descriptor, the tensor it reads)."""
@@ -171,23 +161,15 @@ def _strided_rows(x, stride: int, rows: int):
 
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
                             block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3,
-                            tma: bool | None = None, splits: int = 4, hopper: bool | None = None):
+                            tma: bool | None = None, splits: int = 4):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
     torch path pads them; causal with the end-aligned diagonal) summed over each key block's columns and the block's
     rows. ``block_m``/``block_n``: strided rows and columns per program and per column tile (at least one block);
     ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
-    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles; ``hopper``: the
-    warp-specialised Gluon kernel of ``antidiagonal_hopper.py`` (default: where it ``supported``; it takes only
-    ``splits`` of the launch arguments). The Triton kernel's defaults
+    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles. The defaults
     (128 × 128, 8 warps, 3 stages, 4 splits) were the fastest measured on an H100 at 64K and 128K tokens, both strides
     (``benchmarks/profile_estimation.py --antidiagonal``; 3 and 6 splits tie at stride 8, 4 is ahead at 16)."""
-    if hopper is None:
-        hopper = _hopper_supported(q, k, stride, block_q, block_k)
-    if hopper:
-        from .antidiagonal_hopper import antidiagonal_block_mass_hopper
-
-        return antidiagonal_block_mass_hopper(q, k, stride, block_q, block_k, causal, splits)
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride
