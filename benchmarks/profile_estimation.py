@@ -69,7 +69,15 @@ def main():
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
                     "their table to BENCHMARKS.md")
     ap.add_argument("--note", default="", help="with --markdown-from: a sentence added to the section")
+    ap.add_argument("--antidiagonal-markdown-from", default="", help="comma list of --antidiagonal results JSON: "
+                    "write their configurations' table to BENCHMARKS.md (with --note)")
     args = ap.parse_args()
+    if args.antidiagonal_markdown_from:
+        import json
+
+        write_antidiagonal_markdown([(f, json.loads(Path(f).read_text()))
+                                     for f in args.antidiagonal_markdown_from.split(",")], args.note)
+        return
     if args.markdown_from:
         import json
 
@@ -120,6 +128,25 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
                          f"**{100 * e['estimate_share']:.1f}%**")
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     update_markdown(f"Estimation against the kernel on its own layout ({runs[0]['device']})", "\n".join(lines))
+
+
+def write_antidiagonal_markdown(runs: list[tuple[str, dict]], note: str = "") -> None:
+    """One table from ``--antidiagonal`` runs: per run (a process), N and stride, each configuration's ms in its
+    alternating repetitions."""
+    lines = [f"{runs[0][1]['device']}, 28 heads / 4 KV heads, d = 128, bf16, causal, random q/k: xattention's block-mass "
+             "kernel alone (`kernels/antidiagonal.py`), per launch configuration BM/BN/warps/stages/loads/splits "
+             "(loads: `tma` descriptors or `ptr` strided pointer loads; `gluon`: a warp-specialised Gluon version, "
+             "since reverted; splits: programs per row tile). The configurations of a run alternate; each cell lists "
+             "its repetitions in ms." + (f" {note}" if note else ""), "",
+             "| run | N | stride | config | ms |", "|---|---|---|---|---|"]
+    for path, r in runs:
+        cells: dict = {}
+        for x in r["antidiagonal"]:
+            cells.setdefault((x["stride"], x["config"]), []).append(f"{x['ms']:.2f}" if "ms" in x else "did not fit")
+        for (stride, cfg), ms in cells.items():
+            lines.append(f"| `{Path(path).name}` ({r['date']}) | {r['n']} | {stride} | {cfg} | {', '.join(ms)} |")
+    lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for _, r in runs) + "."]
+    update_markdown(f"xattention estimation kernel: launch configurations ({runs[0][1]['device']})", "\n".join(lines))
 
 
 def select_warps(specs, warps, q, k, meta) -> list[dict]:

@@ -256,9 +256,10 @@ def test_key_subset_kernel_matches_masked_sdpa():
     assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), torch.bfloat16)
 
 
-@pytest.mark.parametrize("stride,nq,nk,causal", [(8, 3000, 3000, True), (16, 2500, 4100, True),
-                                                 (8, 2000, 1800, False)])
-def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, variant):
+@pytest.mark.parametrize("stride,nq,nk,causal,d", [(8, 3000, 3000, True, 128), (16, 2500, 4100, True, 128),
+                                                   (8, 2000, 1800, False, 128), (16, 4096, 4096, True, 128),
+                                                   (8, 1000, 2000, True, 64)])
+def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, d, variant):
     """The fused antidiagonal kernel (bf16 inputs, fp32 accumulation, no score matrix) against the torch path on the
     same values in fp32: block masses within fp32 summation-order error, every query block's masses summing to its
     strided rows."""
@@ -267,7 +268,7 @@ def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, variant):
     from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass, tma_fits
     from vidsparse.attention.patterns.xattention import XAttention
 
-    q, k, _ = qkv(1, 8, 2, nq, 128, torch.bfloat16, nk=nk, seed=stride)
+    q, k, _ = qkv(1, 8, 2, nq, d, torch.bfloat16, nk=nk, seed=stride)
     q, k = 2 * q, 2 * k  # peaked rows: the masses span several orders of magnitude
     meta = SeqMeta(128, 128, causal)
     want = XAttention(stride=stride)._mass_torch(q.float(), k.float(), meta)
