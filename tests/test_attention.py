@@ -333,6 +333,15 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert int(got.kv_count.min()) >= 1
 
 
+@pytest.mark.parametrize("spec", ["xattention:backend=gpu", "block_cdf:backend=Kernel"])
+def test_unknown_estimation_backend_is_a_spec_error(spec):
+    """A misspelt backend is refused when the spec is parsed (it used to fall back to torch silently)."""
+    from vidsparse.errors import SpecError
+
+    with pytest.raises(SpecError, match="backend must be one of auto, kernel, reference"):
+        PATTERNS.from_spec(spec)
+
+
 @pytest.mark.parametrize("nq,nk,causal,sink,local,tau,tied", [
     (700, 700, True, 1, 1, 0.9, False), (300, 900, True, 2, 2, 0.5, True), (640, 500, False, 1, 1, 0.99, False),
     (1057, 1057, True, 0, 0, 1.0, False), (500, 500, True, 1, 1, 0.0, True), (600, 600, False, 0, 1, 0.7, True)])

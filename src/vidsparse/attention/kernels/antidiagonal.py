@@ -169,7 +169,8 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
     multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles. The defaults
     (128 × 128, 8 warps, 3 stages, 4 splits) were the fastest measured on an H100 at 64K and 128K tokens, both strides
-    (``benchmarks/profile_estimation.py --antidiagonal``; 3 and 6 splits tie at stride 8, 4 is ahead at 16)."""
+    (``benchmarks/profile_estimation.py --antidiagonal``: 3 and 4 splits within run-to-run noise of each other at
+    stride 8, 4 ahead at 16; BENCHMARKS.md, "xattention estimation kernel")."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride

@@ -162,8 +162,8 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
                 k_len: int, causal: bool):
     """``patterns.base.keep_top_mass`` and ``finish_layout`` in one pass: per row of ``probs`` [B, H, NQ, NK]
     (non-negative masses), the fewest blocks, largest first and ties to the lower index, whose mass reaches ``tau``
-    of the row's (every positive one at ``tau`` ≥ 1), plus the forced sink and diagonal blocks, nothing past the causal diagonal -> (index int32
-    [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ])."""
+    of the row's (every positive one at ``tau`` ≥ 1), plus the forced sink and diagonal blocks, nothing past the
+    causal diagonal -> (index int32 [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ])."""
     b, h, nqb, nkb = probs.shape
     probs = probs.float().contiguous()
     index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=probs.device)

@@ -199,9 +199,18 @@ def mass_layout(probs: Tensor, tau: float, q, k, meta: SeqMeta, sink: int, local
     return finish_layout(keep_top_mass(probs, tau), q, k, meta, sink, local)
 
 
+BACKENDS = ("auto", "kernel", "reference")
+
+
+def check_backend(backend: str) -> None:
+    """A pattern's ``backend`` option must be one of ``BACKENDS`` (raised as a spec error by the registry)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+
+
 def use_kernel(backend: str, x: Tensor) -> bool:
-    """The estimation kernels' switch (``backend`` of ``topk_layout``, ``pyramid``, ``xattention``): "kernel" always,
-    "auto" for CUDA tensors, "reference" never."""
+    """The estimation kernels' switch (``backend`` of ``topk_layout``, ``mass_layout``, ``pyramid``, ``xattention``,
+    ``block_cdf``): "kernel" always, "auto" for CUDA tensors, "reference" never."""
     return backend == "kernel" or (backend == "auto" and x.is_cuda)
 
 
