@@ -17,9 +17,10 @@ query blocks) of one head and a share of their key columns, walked in tiles of `
 3. A row tile's column tiles are split over ``splits`` programs, launched side by side. Each writes its rows' max and
    sum; the last to finish (an atomic count per row tile) merges them into each row's log-sum, rereads the row
    tile's scratch and adds exp2(partial − row log-sum) over the rows of each query block: the block's softmax mass.
-   The split is for the L2 cache: each program rereads its [BM, S·D] query rows once per column tile, and with
-   one program per row tile the rows of all resident programs (~34 MB at BM = 128 on 132 SMs) did not stay in L2
-   between rereads (Nsight Compute: L2 hit rate ~30%, the loads waiting on DRAM).
+   The split is meant for the L2 cache: each program rereads its [BM, S·D] query rows once per column tile, and
+   with one program per row tile the rows of all resident programs (~34 MB at BM = 128 on 132 SMs) did not stay in
+   L2 between rereads (Nsight Compute on the unsplit kernel: L2 hit rate ~30%, the loads waiting on DRAM); with
+   the split fewer distinct rows are resident. The hit rate after the split has not been measured, only the time.
 
 Columns past each row's causal diagonal (and past the key length) are masked as in the torch path; tiles past the
 row tile's last diagonal are never computed, and their key blocks get zero mass.
