@@ -4,7 +4,7 @@ total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attent
     python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1;xattention:stride=16"]
         [--select-warps 1,2,4,8] [--with-kernel] [--tag T]
 
-Specs are separated by ";" (or by "," when none has settings). Each row has the mean ms per call (``do_bench``: host
+Specs are separated by ";" (a spec's own settings by ","). Each row has the mean ms per call (``do_bench``: host
 launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed).
 
 Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels). ``--select-warps``: first

@@ -107,9 +107,9 @@ def test_rows_past_the_length_are_written_as_zeros():
 
 @pytest.mark.parametrize("ramp", ["up", "down"])
 def test_running_max_that_grows_along_the_row(ramp):
-    """Keys scaled up along the sequence ("up": each row's block maxima keep growing, so the Gluon kernel's running
-    max moves past its 2^8 slack every few blocks and the accumulator is rescaled) or down (the first block holds the
-    max and every later rescale is skipped): output and log-sum-exp against fp32 torch."""
+    """Keys scaled up along the sequence ("up": each row's block maxima keep growing, so the running max moves and
+    the accumulator is rescaled block after block) or down (the first block holds the max; every later factor is 1):
+    output and log-sum-exp against fp32 torch, on every kernel variant."""
     from vidsparse.attention.kernels import block_sparse as bs
 
     n = 2048

@@ -42,18 +42,25 @@ def _order_key(score):
 
 
 @triton.jit
-def _threshold(key, total):
-    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key) by a 32-step binary search.
-    The bounds are int64 scalars (their sum overflows int32); each step compares the int32 keys with an int32
-    midpoint, which a wider one would widen to int64 across the whole row."""
-    lo = tl.full([], -2147483648, tl.int64)
+def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr):
+    """The largest t in [LO, 2^31) whose keys >= t weigh at least ``target`` (``weight``: 1 counts them, a tensor
+    sums it), by a ``STEPS``-step binary search (LO when even every key falls short). The bounds are int64 scalars
+    (their sum overflows int32); each step compares the int32 keys with an int32 midpoint, which a wider one would
+    widen to int64 across the whole row."""
+    lo = tl.full([], LO, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):
+    for _ in range(STEPS):
         mid = (lo + hi + 1) >> 1
-        ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= total
+        ge = tl.sum(tl.where(key >= mid.to(tl.int32), weight, 0), 0) >= target
         lo = tl.where(ge, mid, lo)
         hi = tl.where(ge, hi, mid - 1)
     return lo.to(tl.int32)
+
+
+@triton.jit
+def _threshold(key, total):
+    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key), over the whole int32 range."""
+    return _search(key, 1, total, -2147483648, 32)
 
 
 @triton.jit
@@ -127,20 +134,6 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
 
 
 @triton.jit
-def _mass_threshold(key, p, target):
-    """The largest key t whose entries from t up hold at least ``target`` of the mass (a 31-step binary search over
-    the non-negative keys of non-negative ``p``; 0, every entry, when even the whole row falls short)."""
-    lo = tl.full([], 0, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(31):
-        mid = (lo + hi + 1) >> 1
-        ge = tl.sum(tl.where(key >= mid.to(tl.int32), p, 0.0), 0) >= target
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid - 1)
-    return lo.to(tl.int32)
-
-
-@triton.jit
 def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, width, tau, sink, local, block_q,
                  block_k, q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
@@ -149,7 +142,7 @@ def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, w
     p = tl.where(n < nkb, p, 0.0)
     total = tl.maximum(tl.sum(p, 0), 1e-30)
     key = _order_key(p)
-    t = _mass_threshold(key, p, tau * total)
+    t = _search(key, p, tau * total, 0, 31)  # masses are >= 0: their keys too (0: every entry)
     # every entry above t is kept; of those equal to t, in index order, each whose preceding mass is below tau
     tie = key == t
     before = tl.sum(tl.where(key > t, p, 0.0), 0) + tl.cumsum(tl.where(tie, p, 0.0), 0) - p
