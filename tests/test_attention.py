@@ -217,6 +217,9 @@ def test_keep_top_mass_is_minimal():
     assert keep_top_mass(p, 0.8).tolist() == [[True, True, False, False]]
     assert keep_top_mass(p, 0.81).tolist() == [[True, True, True, False]]
     assert keep_topk(p, 2).tolist() == [[True, True, False, False]]
+    z = torch.tensor([[0.0, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    assert keep_topk(z, 3).tolist() == [[False, True, False, False], [False, True, True, True]]  # only positives
+    assert keep_topk(z, 9).tolist() == (z > 0).tolist() and not keep_topk(z, 0).any()
 
 
 def test_block_cdf_recall_grows_with_tau():
@@ -428,7 +431,7 @@ def test_vertical_slash_covers_selected_lines():
 
 @pytest.mark.parametrize("r,nk", [(4, 10), (5, 5), (1, 7), (6, 40)])
 def test_diagonal_sums_equal_scatter(r, nk):
-    from vidsparse.attention.patterns.vertical_slash import diagonal_sums
+    from vidsparse.attention.patterns.base import diagonal_sums
 
     first = nk - r
     qpos, kpos = torch.arange(first, nk)[:, None], torch.arange(nk)[None, :]
@@ -436,6 +439,62 @@ def test_diagonal_sums_equal_scatter(r, nk):
     diag = (qpos - kpos).clamp(min=0).expand(2, 3, r, nk)
     ref = torch.zeros(2, 3, nk).scatter_add_(-1, diag.reshape(2, 3, -1), a.reshape(2, 3, -1))
     torch.testing.assert_close(diagonal_sums(a, first), ref)
+
+
+@pytest.mark.parametrize("b,h,hk,r,nk,d,dtype,chunks,consecutive", [
+    (1, 2, 1, 64, 300, 16, torch.float32, 64, True),  # one row chunk: every column one store
+    (2, 4, 2, 100, 257, 32, torch.float32, 2, True),  # two row chunks (atomic columns), key chunks merged
+    (1, 2, 2, 7, 50, 16, torch.float16, 64, True),  # a partial row chunk, fp16
+    (1, 2, 1, 130, 400, 24, torch.float32, 3, True),  # three row chunks, a head dim that is not a power of two
+    (1, 4, 2, 40, 333, 16, torch.float32, 2, False),  # probe rows at scattered positions (ZipVL): columns only
+])
+def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, r, nk, d, dtype, chunks,
+                                             consecutive):
+    """The two-pass kernel's column and diagonal sums of the probe rows' causal softmax equal torch's
+    ``row_probs(...).sum(2)`` and ``diagonal_sums`` within fp32 tolerance: GQA, batch 2, model-layout (transposed)
+    q and k, row counts within and past one 64-row chunk, the statistics of several key chunks merged (``MAX_CHUNKS``
+    forced low), and rows at positions that are not consecutive."""
+    from vidsparse.attention.kernels import row_mass
+    from vidsparse.attention.patterns.base import column_probs, diagonal_sums, row_probs
+
+    monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
+    g = torch.Generator().manual_seed(r * 7 + nk)
+    q = (2 * torch.randn(b, nk, h, d, generator=g)).to(dtype).transpose(1, 2)  # [B, N, H, D] storage, as models
+    k = (2 * torch.randn(b, nk, hk, d, generator=g)).to(dtype).transpose(1, 2)
+    if consecutive:
+        pos = torch.arange(nk - r, nk)
+    else:
+        pos = torch.randperm(nk, generator=g)[:r].sort().values
+    rows = q[:, :, pos]
+    first = nk - r if consecutive else None
+    cols, diag = row_mass.column_mass(rows, k, pos, diagonal_first=first)
+    a = row_probs(rows.float(), k.float(), pos)
+    torch.testing.assert_close(cols, a.sum(2), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    if consecutive:
+        torch.testing.assert_close(diag, diagonal_sums(a, first), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    else:
+        assert diag is None
+    ref_cols, ref_diag = column_probs(rows, k, pos, diagonal_first=first, backend="reference")
+    torch.testing.assert_close(cols, ref_cols, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    torch.testing.assert_close(cols.sum(-1), torch.full((b, h), float(r)), atol=1e-4, rtol=0)  # each row sums to 1
+
+
+@pytest.mark.parametrize("spec", ["vertical_slash:vertical=20,slash=30,force_vertical=2,force_slash=8",
+                                  "pbs:segment=64,last_q=80", "token_sparse:coverage=0.9,window=48"])
+def test_probe_row_patterns_pick_the_same_layout_with_the_kernel(interpreter, spec):
+    """vertical_slash, pbs and token_sparse give the same layout whether the probe rows' sums come from the kernel
+    (backend="kernel") or from torch (backend="reference")."""
+    q, k, _ = qkv(h=4, hk=2, n=320, d=16, seed=11)
+    meta = SeqMeta(32, 32)
+    got = PATTERNS.from_spec(f"{spec},backend=kernel").estimate(q, k, meta)
+    want = PATTERNS.from_spec(f"{spec},backend=reference").estimate(q, k, meta)
+    if spec.startswith("pbs"):
+        assert torch.equal(got.perm, want.perm)
+        got, want = got.blocks, want.blocks
+    if spec.startswith("token_sparse"):
+        assert torch.equal(got.count, want.count) and torch.equal(got.index, want.index)
+    else:
+        assert torch.equal(got.block_mask(), want.block_mask())
 
 
 def test_radial_density_falls_with_distance():

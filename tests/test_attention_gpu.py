@@ -172,6 +172,43 @@ def test_patterns_pick_the_same_blocks_on_cuda_as_on_cpu(spec):
         assert torch.equal(a.expand(1, 8).block_mask().cpu(), b.expand(1, 8).block_mask())
 
 
+@pytest.mark.parametrize("h,hk,r,nk,consecutive", [(28, 4, 64, 5000, True), (8, 2, 128, 4100, True),
+                                                     (8, 8, 200, 3001, True), (8, 2, 96, 4000, False)])
+def test_column_mass_kernel_equals_row_probs_on_cuda(h, hk, r, nk, consecutive, variant):
+    """The probe rows' column and diagonal sums (bf16 inputs, fp32 accumulation, no probability matrix) against
+    torch's ``row_probs`` on the same values in fp32: 28/4 heads at vertical_slash's 64 rows, pbs's 128, three row
+    chunks, and scattered probe positions (ZipVL); the sums of each row's probabilities are 1."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    from vidsparse.attention.kernels.row_mass import column_mass
+    from vidsparse.attention.patterns.base import diagonal_sums, row_probs
+
+    q, k, _ = qkv(1, h, hk, nk, 128, torch.bfloat16, seed=r)
+    q = 2 * q  # peaked rows
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pos = torch.arange(nk - r, nk, device="cuda") if consecutive else \
+        torch.randperm(nk, generator=g, device="cuda")[:r].sort().values
+    first = nk - r if consecutive else None
+    cols, diag = column_mass(q[:, :, pos], k, pos, diagonal_first=first)
+    a = row_probs(q[:, :, pos].float(), k.float(), pos)
+    torch.testing.assert_close(cols, a.sum(2), atol=1e-5, rtol=1e-3)
+    if consecutive:
+        torch.testing.assert_close(diag, diagonal_sums(a, first), atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(cols.sum(-1), torch.full((1, h), float(r), device="cuda"), atol=1e-3, rtol=0)
+
+
+def test_vertical_slash_picks_the_same_blocks_with_the_kernel(variant):
+    """vertical_slash's layout from the kernel's sums equals the one from torch's on the same CUDA inputs."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    q, k, _ = qkv(1, 8, 2, 6000, 128, torch.bfloat16, seed=5)
+    meta = SeqMeta(128, 128, True)
+    spec = "vertical_slash:vertical=300,slash=500"
+    got = PATTERNS.from_spec(spec).estimate(q, k, meta)
+    want = PATTERNS.from_spec(spec + ",backend=reference").estimate(q, k, meta)
+    assert torch.equal(got.block_mask(), want.block_mask())
+
+
 @pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
 def test_mass_selection_kernel_equals_torch_on_cuda(tau, variant):
     """xattention's and block_cdf's selection kernel on CUDA keeps the blocks the torch path keeps on the same

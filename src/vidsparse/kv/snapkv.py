@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention.patterns.base import row_probs
+from ..attention.patterns.base import column_probs
 from ..registry import KV
 from .base import KVMethod
 
@@ -22,7 +22,7 @@ def snapkv_scores(q, k, window: int, kernel: int, scale: float | None = None):
     hk = k.shape[1]
     g = h // hk
     rows = torch.arange(n - window, n, device=q.device)
-    p = row_probs(q[:, :, n - window:], k, rows, scale=scale)[..., : n - window].sum(2)  # [B, H, N-window]
+    p = column_probs(q[:, :, n - window:], k, rows, scale=scale)[0][..., : n - window]  # [B, H, N-window]
     p = p.view(b, hk, g, -1).mean(2)
     if kernel > 1:
         p = F.avg_pool1d(p.reshape(b * hk, 1, -1), kernel, stride=1, padding=kernel // 2,

@@ -259,10 +259,12 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
 def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | None = None) -> Tensor:
     """Softmax attention of the last ``rows`` queries over all keys, averaged over query rows and heads (GQA-aware):
     float32 [B, Nk]. What FastV ranks tokens by; costs O(rows·N) instead of materialising the N×N matrix."""
-    from ..attention.patterns.base import row_probs
+    from ..attention.patterns.base import column_probs
 
     nk = k.shape[2]
-    return row_probs(q[:, :, -rows:], k, torch.arange(nk - rows, nk, device=q.device), scale=scale).mean(dim=(1, 2))
+    rows = min(rows, q.shape[2])
+    cols, _ = column_probs(q[:, :, -rows:], k, torch.arange(nk - rows, nk, device=q.device), scale=scale)
+    return cols.mean(1) / rows
 
 
 # ---- vision towers: packed (varlen) attention in a few batched launches -------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, PermutedLayout
-from .base import Pattern, SeqMeta, block_scores, keep_top_mass, pool_blocks, row_probs
+from .base import Pattern, SeqMeta, block_scores, check_backend, column_probs, keep_top_mass, pool_blocks
 
 
 @PATTERNS.register("pbs")
@@ -24,8 +24,10 @@ class PBS(Pattern):
     tau: float = 0.9
     last_q: int = 128
     first_block: bool = True
+    backend: str = "auto"  # the probe rows' column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
 
     def __post_init__(self):
+        check_backend(self.backend)
         if self.segment <= 0 or not 0.0 < self.tau <= 1.0 or self.last_q < 1:
             raise ValueError("segment must be > 0, tau in (0, 1], last_q >= 1")
 
@@ -35,7 +37,7 @@ class PBS(Pattern):
         hk, nk = k.shape[1], k.shape[2]
         lq = min(self.last_q, nq)
         qpos = torch.arange(nq - lq, nq, device=q.device) + (nk - nq)
-        score = row_probs(q[:, :, nq - lq:], k, qpos).sum(2).view(b, hk, h // hk, nk).sum(2)
+        score = column_probs(q[:, :, nq - lq:], k, qpos, backend=self.backend)[0].view(b, hk, h // hk, nk).sum(2)
         order = torch.argsort(score, dim=-1, descending=True, stable=True)
         seg = order // self.segment
         return torch.gather(order, -1, torch.argsort(seg, dim=-1, stable=True))  # by segment, best first

@@ -14,7 +14,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import TokenLayout
-from .base import Pattern, SeqMeta, row_probs
+from .base import Pattern, SeqMeta, check_backend, column_probs
 
 
 @PATTERNS.register("token_sparse", returns="tokens")
@@ -24,8 +24,10 @@ class TokenSparse(Pattern):
     window: int = 128
     sink: int = 4
     from_layer: int = 2
+    backend: str = "auto"  # the window's column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
 
     def __post_init__(self):
+        check_backend(self.backend)
         if not 0.0 < self.coverage <= 1.0:
             raise ValueError("coverage must be in (0, 1]")
         if self.window < 1 or self.sink < 0 or self.from_layer < 0:
@@ -35,7 +37,7 @@ class TokenSparse(Pattern):
         """float32 [B, H, N]: mean softmax weight each key gets from the last ``window`` queries."""
         n = q.shape[2]
         w = min(self.window, n)
-        return row_probs(q[:, :, n - w:], k, torch.arange(n - w, n, device=q.device)).mean(2)
+        return column_probs(q[:, :, n - w:], k, torch.arange(n - w, n, device=q.device), backend=self.backend)[0] / w
 
     def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
         b, h, n, _ = q.shape

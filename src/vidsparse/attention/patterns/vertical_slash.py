@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, keep_topk, row_probs
+from .base import Pattern, SeqMeta, check_backend, column_probs, keep_topk
 
 
 @PATTERNS.register("vertical_slash")
@@ -18,24 +18,27 @@ class VerticalSlash(Pattern):
     key columns with the largest summed attention (the first 30 forced), slashes = the ``slash`` diagonals with the
     largest summed attention (the last 100, i.e. the local band, forced). Executed at block granularity: a block is
     computed if a chosen column or diagonal passes through it (a superset of MInference's mixed sparse kernel, which
-    gathers single columns)."""
+    gathers single columns). ``backend``: how the probe rows' column and diagonal sums are computed
+    (``column_probs``: a Triton kernel by default on CUDA, "reference" for torch)."""
 
     vertical: int = 1000
     slash: int = 6096
     last_q: int = 64
     force_vertical: int = 30
     force_slash: int = 100
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_backend(self.backend)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         b, h, nq, _ = q.shape
         nk = k.shape[2]
         off = nk - nq
         lq = min(self.last_q, nq)
-        qpos = torch.arange(nq - lq, nq, device=q.device)[:, None] + off
-        a = row_probs(q[:, :, nq - lq:], k, qpos[:, 0])
-        vert = a.sum(2)  # [B, H, Nk]
-        vert[..., : self.force_vertical] = float("inf")
-        slash = diagonal_sums(a, nq - lq + off)
+        qpos = torch.arange(nq - lq, nq, device=q.device) + off
+        vert, slash = column_probs(q[:, :, nq - lq:], k, qpos, diagonal_first=nq - lq + off, backend=self.backend)
+        vert[..., : self.force_vertical] = float("inf")  # [B, H, Nk]
         slash[..., : self.force_slash] = float("inf")
         v_keep = keep_topk(vert, min(self.vertical, nk)) if self.vertical > 0 else torch.zeros_like(vert, dtype=torch.bool)
         s_keep = keep_topk(slash, min(self.slash, nk))
@@ -56,17 +59,3 @@ class VerticalSlash(Pattern):
         keep = (hits > 0) | vb[:, :, None, :]
         return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
-
-def diagonal_sums(a, first: int):
-    """slash[o] = Σ_r a[r, first + r − o]: the attention each diagonal offset o collects from rows at consecutive
-    positions first, first+1, ..., Nk−1 (a [B, H, R, Nk], zero past each row's position). One skewed view of the
-    key-reversed rows, summed over rows — no scatter, no atomics. -> [B, H, Nk]."""
-    b, h, r, nk = a.shape
-    if first + r != nk:
-        raise ValueError(f"rows must end at the last key (first {first} + rows {r} != keys {nk})")
-    af = torch.nn.functional.pad(a.flip(-1), (r, 0)).contiguous()  # [B, H, R, R + Nk], R zeros on the left
-    w = nk + r
-    # row i, offset o reads af[i, r + (nk − 1 − first − i) + o]: rows shift left by one, so the row stride is w − 1;
-    # reads past a row's end land in the next row's zero padding
-    view = af.as_strided((b, h, r, nk), (h * r * w, r * w, w - 1, 1), af.storage_offset() + r + nk - 1 - first)
-    return view.sum(2)

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ...attention.patterns.base import row_probs
+from ...attention.patterns.base import column_probs
 from ...registry import INLLM
 from .base import Cut, InLLMReducer
 
 
 def probe_mass(q, k, probes, scale=None):
     """float32 [N]: attention mass each key receives from the probe queries (mean over probes and heads)."""
-    return row_probs(q[:, :, probes], k, probes, scale=scale)[0].mean((0, 1))
+    return column_probs(q[:, :, probes], k, probes, scale=scale)[0][0].mean(0) / len(probes)
 
 
 def top_mass(mass, candidates, tau: float):

@@ -1,0 +1,168 @@
+"""Column and diagonal sums of a few query rows' exact causal softmax over all keys, in two Triton passes.
+
+What the probe-row estimates read (``vertical_slash``'s verticals and slashes, ``pbs``'s permutation, ``token_sparse``,
+SnapKV, ZipVL, FastV): Σ over R rows of softmax(scale · q_r·Kᵀ), keys after a row's position excluded, per key
+(the column sums) and, for rows at consecutive positions, per diagonal offset o = position − key (the diagonal sums).
+The torch path (``patterns.base.row_probs``) builds the [B, H, R, Nk] fp32 probability matrix: a GEMM, a masked fill,
+a softmax, a sum over rows, and for the diagonals a flip, a pad, a copy and a skewed sum — about ten passes over a
+matrix of 235 MB at 32K keys, 28 heads and 64 rows. Here it never reaches memory:
+
+1. ``_row_stats``: per (head, row chunk, key chunk), the running max and sum of exp of the rows' scores over the
+   chunk's key tiles (online softmax), written per chunk (at most ``MAX_CHUNKS``).
+2. ``_row_mass``: per (head, row chunk, key chunk), merges the chunks' statistics into each row's max and sum once,
+   then for each of its key tiles recomputes the scores, normalises them and sums them over rows (the columns). For the diagonals, the tile's
+   probabilities are skewed in registers (``tl.gather``: entry (r, u) takes column r − u + BN − 1, so each diagonal
+   becomes a column) and summed over rows; a tile's BN + BR − 1 diagonals overlap the next tile's in BR − 1, added
+   with atomics (each offset gets two additions per row chunk).
+
+Products are the inputs' (bf16/fp16 exact in the fp32 accumulator; fp32 inputs use IEEE fp32 products), as the
+torch path's TF32 products of bf16 operands are. With one row chunk (R ≤ 64) every column sum is one store and every
+diagonal sum two additions to zero — the result does not depend on the order the programs run in; with more row
+chunks the atomics' order may move sums in the last bit."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BR = 64  # rows per program
+BN_STATS = 128  # key tile of the statistics pass
+BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
+MAX_CHUNKS = 64  # key chunks of the statistics pass (each row merges at most this many partial max/sum pairs)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D: tl.constexpr, BD: tl.constexpr,
+               BR: tl.constexpr):
+    """This program's query rows [BR, BD] (zeros past R and past D) and their positions (-1 past R)."""
+    rows = rc * BR + tl.arange(0, BR)
+    dd = tl.arange(0, BD)
+    b = bh // H
+    h = bh % H
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qr + dd[None, :] * s_qd,
+                mask=(rows[:, None] < R) & (dd[None, :] < D), other=0.0)
+    pos = tl.load(QPOS + rows, mask=rows < R, other=-1)
+    return q, pos, rows
+
+
+@triton.jit
+def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D: tl.constexpr, BD: tl.constexpr,
+            BN: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of the rows against keys n0..n0+BN in the log2 domain, -inf where a key is past the row's position or
+    past the keys; and the keys' indices."""
+    n = n0 + tl.arange(0, BN)
+    dd = tl.arange(0, BD)
+    b = bh // H
+    hk = (bh % H) // G
+    kt = tl.load(K + b * s_kb + hk * s_kh + n[None, :] * s_kn + dd[:, None] * s_kd,
+                 mask=(n[None, :] < NK) & (dd[:, None] < D), other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    visible = (n[None, :] <= pos[:, None]) & (n[None, :] < NK)
+    return tl.where(visible, s, float("-inf")), n
+
+
+@triton.jit
+def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn, s_kd, qk_scale,
+               D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    rc = tl.program_id(1)
+    c = tl.program_id(2)
+    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
+    q = q.to(K.dtype.element_ty)
+    m = tl.full([BR], float("-inf"), tl.float32)
+    l = tl.zeros([BR], tl.float32)
+    t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
+    for t in range(c * TPC, t_end):
+        s, _n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
+        m = m_new
+    off = (bh * R + rows) * NCH + c
+    tl.store(ML + off, m, mask=rows < R)
+    tl.store(ML + R * NCH * tl.num_programs(0) + off, l, mask=rows < R)
+
+
+@triton.jit
+def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
+              s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr):
+    bh = tl.program_id(0)
+    rc = tl.program_id(1)
+    c = tl.program_id(2)
+    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
+    q = q.to(K.dtype.element_ty)
+    # each row's max and sum of exp over all keys, from the statistics pass's chunks (once per program)
+    ch = tl.arange(0, BCH)
+    off = (bh * R + rows[:, None]) * NCH + ch[None, :]
+    ok = (rows[:, None] < R) & (ch[None, :] < NCH)
+    mc = tl.load(ML + off, mask=ok, other=float("-inf"))
+    lc = tl.load(ML + R * NCH * tl.num_programs(0) + off, mask=ok, other=0.0)
+    m = tl.max(mc, 1)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
+    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # tiles past every row's position add nothing
+    for t in range(c * TPC, t_end):
+        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION)
+        p = tl.exp2(s - m_sub[:, None]) * inv[:, None]  # 0 where masked (exp2(-inf)) and on rows past R (inv 0)
+        col = tl.sum(p, 0)
+        if ATOMIC_COLS:
+            tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
+        else:
+            tl.store(COLS + bh * NK + n, col, mask=n < NK)
+        if DIAGONALS:  # row r, key n0 + j lies on offset FIRST + rc·BR + r − n0 − j: local index u = r − j + BN − 1
+            u = tl.arange(0, 2 * BN)
+            j = tl.arange(0, BR)[:, None] - u[None, :] + (BN - 1)
+            on = (j >= 0) & (j < BN)
+            skew = tl.gather(p, tl.where(on, j, 0), 1)
+            diag = tl.sum(tl.where(on, skew, 0.0), 0)
+            o = FIRST + rc * BR - t * BN - (BN - 1) + u
+            tl.atomic_add(DIAG + bh * NK + o, diag, mask=(o >= 0) & (o < NK) & (u < BN + BR - 1), sem="relaxed")
+
+
+def _chunks(nk: int, bn: int) -> tuple[int, int]:
+    """Key tiles of ``bn`` per program and programs per (head, row chunk): at most ``MAX_CHUNKS`` programs."""
+    tpc = triton.cdiv(triton.cdiv(nk, bn), MAX_CHUNKS)
+    return tpc, triton.cdiv(triton.cdiv(nk, bn), tpc)
+
+
+def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: int | None = None):
+    """q_rows [B, H, R, D] at positions ``q_pos`` int [R]; k [B, Hkv, Nk, D] (GQA: not expanded; any strides) ->
+    (cols, diag): float32 [B, H, Nk] each — Σ_r softmax(scale · q_r·Kᵀ) over the keys at or before each row's
+    position, per key (``cols``) and, when ``diagonal_first`` is given (the rows are at positions diagonal_first,
+    diagonal_first + 1, …), per diagonal offset o = position − key (``diag``, else None). ``scale`` defaults to
+    1/√D. Equals ``row_probs(q_rows, k, q_pos, scale=scale).sum(2)`` (and ``diagonal_sums`` of it) up to fp32
+    summation order."""
+    b, h, r, d = q_rows.shape
+    hk, nk = k.shape[1], k.shape[2]
+    if h % hk or k.shape[0] != b or k.shape[-1] != d or q_pos.shape != (r,):
+        raise ValueError(f"column_mass: q_rows {tuple(q_rows.shape)}, k {tuple(k.shape)}, q_pos "
+                         f"{tuple(q_pos.shape)} do not match")
+    dev = q_rows.device
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cols = torch.zeros(b, h, nk, dtype=torch.float32, device=dev)  # tiles past every row's position add nothing
+    diag = torch.zeros(b, h, nk, dtype=torch.float32, device=dev) if diagonal_first is not None else None
+    if r == 0 or nk == 0:
+        return cols, diag
+    pos = q_pos.to(device=dev, dtype=torch.int32).contiguous()
+    k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)
+    tpc, nch = _chunks(nk, BN_STATS)
+    tpc2, nch2 = _chunks(nk, BN)
+    rcs = triton.cdiv(r, BR)
+    ml = torch.empty(2, b * h, r, nch, dtype=torch.float32, device=dev)
+    bd = max(16, triton.next_power_of_2(d))
+    precision = "ieee" if q_rows.dtype == torch.float32 else "tf32"
+    common = (*q_rows.stride(), *k.stride(), scale * LOG2E)
+    _row_stats[(b * h, rcs, nch)](q_rows, k, pos, ml, h, h // hk, r, nk, tpc, nch, *common, D=d, BD=bd, BR=BR,
+                                  BN=BN_STATS, PRECISION=precision, num_warps=4)
+    _row_mass[(b * h, rcs, nch2)](
+        q_rows, k, pos, ml, cols, diag if diag is not None else cols, h, h // hk, r, nk, nch, tpc2,
+        diagonal_first if diagonal_first is not None else 0, *common, D=d, BD=bd, BR=BR, BN=BN,
+        BCH=max(2, triton.next_power_of_2(nch)), PRECISION=precision, ATOMIC_COLS=rcs > 1,
+        DIAGONALS=diag is not None, num_warps=4)
+    return cols, diag
