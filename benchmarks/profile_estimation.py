@@ -64,8 +64,6 @@ def main():
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
                     "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr and splits the programs per row "
                     "tile (e.g. 128/256/8/2/tma/2,128/256/8/2/ptr/1), at strides 8 and 16")
-    ap.add_argument("--pooled", default="", help="block_topk's fused kernel configs to compare, as comma list of "
-                    "SCORE_ELEMENTS/warps (kernels.block_select.select_pooled), each timed on the first spec")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
@@ -97,8 +95,6 @@ def main():
                                            k, meta)
     if args.antidiagonal:
         res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
-    if args.pooled:
-        res["pooled"] = pooled_configs(args.pooled.split(","), specs[0], q, k, meta)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
     if args.with_kernel:
         from vidsparse.attention import sparse_attention
@@ -169,24 +165,6 @@ def select_warps(specs, warps, q, k, meta) -> list[dict]:
     os.environ.pop("VIDSPARSE_SELECT_WARPS")
     best = min(warps, key=lambda w: sum(r["ms"] for r in rows if r["warps"] == w))
     print(f"fastest over all specs: {best} warps", flush=True)
-    return rows
-
-
-def pooled_configs(configs, spec, q, k, meta) -> list[dict]:
-    """``spec``'s estimation (a ``block_topk`` spec) per launch configuration of its fused kernel (``SCORE_ELEMENTS``
-    / warps of ``kernels.block_select``), twice, interleaved."""
-    from vidsparse.attention.kernels import block_select
-
-    default = block_select.SCORE_ELEMENTS, block_select.POOLED_WARPS
-    pat = PATTERNS.from_spec(spec)
-    rows = []
-    for rep in range(2):
-        for cfg in configs:
-            block_select.SCORE_ELEMENTS, block_select.POOLED_WARPS = (int(x) for x in cfg.split("/"))
-            rows.append({"spec": spec, "config": cfg, "rep": rep,
-                         "ms": bench_ms(lambda: pat.estimate(q, k, meta), rep_ms=200)})
-            print(rows[-1], flush=True)
-    block_select.SCORE_ELEMENTS, block_select.POOLED_WARPS = default
     return rows
 
 

@@ -24,9 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-SCORE_ELEMENTS = 8192  # select_pooled's [QB, W] score tile (QB query blocks by W key blocks) ...
-POOLED_WARPS = 16  # ... over this many warps: 16 scores a thread
-
 
 def _warps(w: int) -> int:
     """Warps per row program: ``VIDSPARSE_SELECT_WARPS`` when set (a tuning knob), else 2 up to 1,024 key blocks and
@@ -46,15 +43,15 @@ def _order_key(score):
 
 @triton.jit
 def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr):
-    """Per row of ``key`` [R, W]: the largest t in [LO, 2^31) whose keys >= t weigh at least ``target`` [R]
-    (``weight``: 1 counts them, a tensor sums it), by a ``STEPS``-step binary search (LO when even every key falls
-    short) -> int32 [R]. The bounds are int64 (their sum overflows int32); each step compares the int32 keys with an
-    int32 midpoint, which a wider one would widen to int64 across the whole row."""
-    lo = tl.full([key.shape[0]], LO, tl.int64)
-    hi = tl.full([key.shape[0]], 2147483647, tl.int64)
+    """The largest t in [LO, 2^31) whose keys >= t weigh at least ``target`` (``weight``: 1 counts them, a tensor
+    sums it), by a ``STEPS``-step binary search (LO when even every key falls short). The bounds are int64 scalars
+    (their sum overflows int32); each step compares the int32 keys with an int32 midpoint, which a wider one would
+    widen to int64 across the whole row."""
+    lo = tl.full([], LO, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
     for _ in range(STEPS):
         mid = (lo + hi + 1) >> 1
-        ge = tl.sum(tl.where(key >= mid.to(tl.int32)[:, None], weight, 0), 1) >= target
+        ge = tl.sum(tl.where(key >= mid.to(tl.int32), weight, 0), 0) >= target
         lo = tl.where(ge, mid, lo)
         hi = tl.where(ge, hi, mid - 1)
     return lo.to(tl.int32)
@@ -62,126 +59,76 @@ def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr):
 
 @triton.jit
 def _threshold(key, total):
-    """Per row, the largest t with at least ``total`` keys >= t (the ``total``-th largest key), over the whole int32
-    range."""
+    """The largest t with at least ``total`` keys >= t (the ``total``-th largest key), over the whole int32 range."""
     return _search(key, 1, total, -2147483648, 32)
 
 
 @triton.jit
 def _top(key, total):
-    """Per row of ``key`` [R, W], the ``total`` [R] largest keys, ties to the lowest indices (a stable descending
-    sort's first ``total``)."""
-    t = _threshold(key, total)[:, None]
+    """The ``total`` largest keys, ties to the lowest indices (a stable descending sort's first ``total``)."""
+    t = _threshold(key, total)
     above = key > t
     tie = key == t
-    room = total - tl.sum(above.to(tl.int32), 1)
-    return (above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None]))) & (total[:, None] > 0)
+    room = total - tl.sum(above.to(tl.int32), 0)
+    return (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))) & (total > 0)
 
 
 @triton.jit
 def _emit(keep, n, row, width):
-    """Write each row's kept block indices (``keep`` [R, W], block indices ``n`` [1, W]) in ascending order from the
-    pointers ``row`` [R], zeros after them up to ``width`` (broadcastable to [R, W]); return the counts [R]."""
-    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
-    count = tl.sum(keep.to(tl.int32), 1)
-    tl.store(row[:, None] + pos, n + tl.zeros_like(pos), mask=keep)
-    tl.store(row[:, None] + n, tl.zeros_like(pos), mask=(n >= count[:, None]) & (n < width))
+    """Write the kept block indices of a row in ascending order, zeros after them; return their count."""
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    count = tl.sum(keep.to(tl.int32), 0)
+    tl.store(row + pos, n, mask=keep)
+    tl.store(row + n, tl.zeros_like(n), mask=(n >= count) & (n < width))
     return count
-
-
-@triton.jit
-def _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL: tl.constexpr):
-    """Query blocks ``m`` [R] × key blocks ``n`` [1, W]: (causally allowed, forced sink and diagonal blocks), [R, W]
-    each."""
-    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
-    if CAUSAL:
-        allowed = (n * block_k <= last_q[:, None]) & (n < nkb)
-        diag = last_q // block_k
-    else:
-        allowed = (n < nkb) & (m[:, None] >= 0)
-        diag = m * block_q // block_k
-    forced = ((n < sink) | ((n <= diag[:, None]) & (n > diag[:, None] - local))) & allowed
-    return allowed, forced
 
 
 @triton.jit
 def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL: tl.constexpr,
          W: tl.constexpr):
-    """This program's row of block scores as a [1, W] tile and its geometry: (query block [1], key blocks [1, W],
-    score, causally allowed, forced sink and diagonal blocks)."""
+    """This program's row of pooled scores and its geometry: (block index, score, causally allowed, forced sink
+    and diagonal blocks)."""
     bh = tl.program_id(0)
-    m = tl.program_id(1) + tl.zeros([1], tl.int32)
-    n = tl.arange(0, W)[None, :]
-    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m[:, None] * s_sm + n, mask=n < nkb,
+    m = tl.program_id(1)
+    n = tl.arange(0, W)
+    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=n < nkb,
                     other=float("-inf")).to(tl.float32)
-    allowed, forced = _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
-    return m, n, score, allowed, forced
+    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
+    if CAUSAL:
+        allowed = (n * block_k <= last_q) & (n < nkb)
+        diag = last_q // block_k
+    else:
+        allowed = n < nkb
+        diag = m * block_q // block_k
+    forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
+    return n, score, allowed, forced
 
 
 @triton.jit
-def _select_pooled(Q, KPT, QS, IDX, TOTAL, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kd, s_ib, s_ih, s_im, H, G, NQB,
-                   nkb, width, sink, local, block_q, block_k, q_len, off, scale, CAUSAL: tl.constexpr,
-                   D: tl.constexpr, BD: tl.constexpr, QB: tl.constexpr, RT: tl.constexpr, W: tl.constexpr):
-    """``block_topk``'s estimate for ``QB`` query blocks of one head: pool their queries (fp32 sums of the block's
-    rows over its length, times ``scale``), score them against the head's pooled keys ``KPT`` [B, Hkv, D, NKB]
-    (fp32 products summed over D in order), bias and select as ``_top``, write the indices."""
+def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, sink, local, block_q, block_k,
+            q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    m0 = tl.program_id(1) * QB
-    dd = tl.arange(0, BD)
-    scratch = QS + (bh * tl.num_programs(1) + tl.program_id(1)) * QB * BD  # this program's pooled queries
-    q_base = Q + b * s_qb + h * s_qh + dd[None, :] * s_qd
-    for i in range(QB):
-        lo = (m0 + i) * block_q
-        hi = tl.minimum(lo + block_q, q_len)
-        acc = tl.zeros([BD], tl.float32)
-        for r0 in range(lo, hi, RT):
-            rows = r0 + tl.arange(0, RT)
-            x = tl.load(q_base + rows[:, None] * s_qm, mask=(rows[:, None] < hi) & (dd[None, :] < D), other=0.0)
-            acc += tl.sum(x.to(tl.float32), 0)
-        tl.store(scratch + i * BD + dd, acc / tl.maximum(hi - lo, 1) * scale)
-    tl.debug_barrier()  # every thread's pooled rows are in the scratch before any thread reads a column of them
-    r = tl.arange(0, QB)
-    n = tl.arange(0, W)[None, :]
-    s = tl.zeros([QB, W], tl.float32)
-    k_base = KPT + b * s_kb + (h // G) * s_kh + n
-    for d in range(D):
-        s += tl.load(scratch + r * BD + d)[:, None] * tl.load(k_base + d * s_kd, mask=n < nkb, other=0.0)
-    m = m0 + r
-    live = m < NQB
-    allowed, forced = _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
-    allowed = allowed & live[:, None]
-    forced = forced & live[:, None]
-    key = _order_key(tl.where(forced, float("inf"), tl.where(allowed, s, float("-inf"))))
-    total = tl.load(TOTAL + m, mask=live, other=0)
-    _emit(_top(key, total), n, IDX + b * s_ib + h * s_ih + m * s_im, tl.where(live, width, 0)[:, None])
+    m = tl.program_id(1)
+    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                     CAUSAL, W)
+    score = tl.where(forced, float("inf"), tl.where(allowed, score, float("-inf")))
+    key = _order_key(score)
+    total = tl.load(TOTAL + m)
+    _emit(_top(key, total), n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width)
 
 
-def select_pooled(q: torch.Tensor, k: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int,
-                  block_q: int, block_k: int, causal: bool) -> torch.Tensor:
-    """``patterns.base.block_scores`` (mean-pooled queries and keys, 1/√D) and ``topk_layout`` in one kernel: per
-    query block of q [B, H, Nq, D] (any strides; GQA with k [B, Hkv, Nk, D]), the ``total[m]`` best key blocks
-    (forced sink and diagonal blocks first, nothing past the causal diagonal, ties to the lower index) -> int32
-    [B, H, NQ, width], ascending then zeros. The keys are pooled by torch (``pool_blocks``); each program pools
-    the queries of its query blocks itself, so the pooled queries and the score matrix never reach memory."""
-    from ..patterns.base import pool_blocks
-
-    b, h, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
-    kpt = pool_blocks(k, block_k).transpose(-1, -2).contiguous()  # [B, Hkv, D, NKB] fp32
+def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int, block_q: int,
+                  block_k: int, q_len: int, k_len: int, causal: bool) -> torch.Tensor:
+    """int32 [B, H, NQ, width]: per row the ``total[m]`` best blocks of ``scores`` [B, H, NQ, NK] (forced sink and
+    diagonal blocks first, nothing past the causal diagonal), in ascending order, then zeros."""
+    b, h, nqb, nkb = scores.shape
+    scores = scores.contiguous()
+    out = torch.empty(b, h, nqb, width, dtype=torch.int32, device=scores.device)
     w = triton.next_power_of_2(max(nkb, 2))
-    qb = max(1, min(16, SCORE_ELEMENTS // w))  # query blocks per program
-    bd = triton.next_power_of_2(d)
-    grid = (b * h, triton.cdiv(nqb, qb))
-    scratch = torch.empty(grid[0] * grid[1] * qb * bd, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, h, nqb, width, dtype=torch.int32, device=q.device)
-    _select_pooled[grid](
-        q, kpt, scratch, out, total.to(torch.int32).contiguous(), *q.stride(), kpt.stride(0), kpt.stride(1),
-        kpt.stride(2), out.stride(0), out.stride(1), out.stride(2), h, h // hk, nqb, nkb, width, sink, local,
-        block_q, block_k, nq, nk - nq, 1.0 / d ** 0.5, CAUSAL=causal, D=d, BD=bd, QB=qb, RT=64, W=w,
-        num_warps=POOLED_WARPS,
+    _select[(b * h, nqb)](
+        scores, out, total.to(torch.int32).contiguous(), scores.stride(0), scores.stride(1), scores.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), h, nkb, width, sink, local, block_q, block_k, q_len,
+        k_len - q_len, CAUSAL=causal, W=w, num_warps=_warps(w),
     )
     return out
 
@@ -190,16 +137,16 @@ def select_pooled(q: torch.Tensor, k: torch.Tensor, total: torch.Tensor, width: 
 def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, width, tau, sink, local, block_q,
                  block_k, q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
-    m, n, p, allowed, forced = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL,
-                                    W)
+    m = tl.program_id(1)
+    n, p, allowed, forced = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL, W)
     p = tl.where(n < nkb, p, 0.0)
-    total = tl.maximum(tl.sum(p, 1), 1e-30)
+    total = tl.maximum(tl.sum(p, 0), 1e-30)
     key = _order_key(p)
-    t = _search(key, p, tau * total, 0, 31)[:, None]  # masses are >= 0: their keys too (0: every entry)
+    t = _search(key, p, tau * total, 0, 31)  # masses are >= 0: their keys too (0: every entry)
     # every entry above t is kept; of those equal to t, in index order, each whose preceding mass is below tau
     tie = key == t
-    before = tl.sum(tl.where(key > t, p, 0.0), 1)[:, None] + tl.cumsum(tl.where(tie, p, 0.0), 1) - p
-    keep = ((key > t) | (tie & (before / total[:, None] < tau)) | (tau >= 1)) & (p > 0) & allowed
+    before = tl.sum(tl.where(key > t, p, 0.0), 0) + tl.cumsum(tl.where(tie, p, 0.0), 0) - p
+    keep = ((key > t) | (tie & (before / total < tau)) | (tau >= 1)) & (p > 0) & allowed
     r = bh * NQB + m
     tl.store(CNT + r, _emit(keep | forced, n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width))
 
@@ -227,9 +174,10 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
 def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink, local, block_q,
             block_k, q_len, k_len, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
+    m = tl.program_id(1)
     off = k_len - q_len
-    m, n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
-                                        CAUSAL, W)
+    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                     CAUSAL, W)
     score = tl.where(allowed, score, float("-inf"))
     key = _order_key(score)
     # the rank bounds of the four levels, nested: top r1 exact, top r2 at least 2x-pooled, ...
@@ -241,7 +189,7 @@ def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2
     # a block is pooled only when all its keys exist and every query of the row block sees all of them
     poolable = (n + 1) * block_k <= k_len
     if CAUSAL:
-        poolable = poolable & ((n + 1) * block_k - 1 <= m[:, None] * block_q + off)
+        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
     lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
     r = bh * NQB + m  # the row in the [B, H, NQ] outputs
     plane = tl.num_programs(0) * NQB

@@ -242,7 +242,7 @@ def check_backend(backend: str) -> None:
 
 
 def use_kernel(backend: str, x: Tensor) -> bool:
-    """The estimation kernels' switch (``backend`` of ``block_topk``, ``mass_layout``, ``pyramid``, ``xattention``,
+    """The estimation kernels' switch (``backend`` of ``topk_layout``, ``mass_layout``, ``pyramid``, ``xattention``,
     ``block_cdf``): "kernel" always, "auto" for CUDA tensors, "reference" never."""
     return backend == "kernel" or (backend == "auto" and x.is_cuda)
 
@@ -258,20 +258,26 @@ def row_totals(budget: Tensor, width: int, nqb: int, nkb: int, meta: SeqMeta, q_
 
 
 def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: SeqMeta, sink: int, local: int,
-                total: Tensor | None = None) -> BlockLayout:
+                backend: str = "auto", total: Tensor | None = None) -> BlockLayout:
     """Per row, the forced sink and diagonal blocks plus the highest-scoring others, ``budget`` [NQ] blocks in all
-    (never fewer than the forced ones, never more than the row's causal blocks), no host sync, in torch. ``scores``
-    [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``), overwritten: one in-place pass puts forced blocks
-    at +inf and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` (an upper bound of every row's
-    total, known on the host) picks them, one sort orders the kept indices. ``total``: the rows' block counts when
-    the caller has them already (``row_totals`` of the budget; ``block_topk`` caches them per shape), else computed
-    from ``budget``. (On CUDA ``block_topk`` runs ``kernels.block_select.select_pooled`` instead, which keeps the
-    same blocks.)"""
+    (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
+    [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
+    ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
+    score by a radix search and compacts the blocks above it; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
+    -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
+    the kept indices). Both keep the same blocks. ``total``: the rows' block counts when the caller has them already
+    (``row_totals`` of the budget; ``block_topk`` caches them per shape), else computed from ``budget``."""
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = scores.shape[-2:]
     width = max(1, min(width, nkb))
     if total is None:
         total = row_totals(budget, width, nqb, nkb, meta, nq, nk, sink, local, q.device)
+    if use_kernel(backend, scores):
+        from ..kernels.block_select import select_blocks
+
+        index = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk, meta.causal)
+        return BlockLayout.from_index(index, total.expand(*scores.shape[:-1]), meta.block_q, meta.block_k, nq, nk,
+                                      meta.causal)
     allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
         torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
     forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed
