@@ -220,6 +220,7 @@ def test_keep_top_mass_is_minimal():
     z = torch.tensor([[0.0, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
     assert keep_topk(z, 3).tolist() == [[False, True, False, False], [False, True, True, True]]  # only positives
     assert keep_topk(z, 9).tolist() == (z > 0).tolist() and not keep_topk(z, 0).any()
+    assert keep_topk(z, torch.tensor([3, 2])).tolist() == [[False, True, False, False], [False, False, True, True]]
 
 
 def test_block_cdf_recall_grows_with_tau():

@@ -195,11 +195,17 @@ def keep_top_mass(probs: Tensor, tau: float) -> Tensor:
     return keep.scatter(-1, order, keep_sorted)
 
 
-def keep_topk(probs: Tensor, k: int) -> Tensor:
-    """bool like ``probs``: the top ``k`` entries per row, those > 0 (at a tie across the k-th value, whichever
-    entries ``torch.topk`` returns). One unsorted ``topk`` and a scatter, not a rank for every entry from a full
-    sort: on an H100 the sort took 0.13 of ``vertical_slash``'s 0.87 ms at 32K tokens and 0.39 of 4.2 ms at 128K
-    (``profile_estimation_rowmass_*.json``)."""
+def keep_topk(probs: Tensor, k: Tensor | int) -> Tensor:
+    """bool like ``probs``: the top ``k`` entries per row, those > 0 (``k`` an int, or a per-row tensor [NQ]; at a
+    tie across the k-th value, whichever entries the selection returns). An int ``k`` takes one unsorted ``topk`` and
+    a scatter, not a rank for every entry from a full sort: on an H100 the sort took 0.13 of ``vertical_slash``'s
+    0.87 ms at 32K tokens and 0.39 of 4.2 ms at 128K (``profile_estimation_rowmass_*.json``). Per-row counts keep the
+    ranks of a full sort."""
+    if isinstance(k, Tensor):
+        order = torch.argsort(probs, dim=-1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order))
+        return (rank < k.view(*([1] * (probs.dim() - 2)), -1, 1)) & (probs > 0)
     keep = torch.zeros_like(probs, dtype=torch.bool)
     if k <= 0:
         return keep
