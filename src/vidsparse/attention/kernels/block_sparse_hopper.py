@@ -16,10 +16,7 @@ kernel cannot express in Triton 3.6:
   blocks, and that fixed cost was a large share of it.
 - Three partitions per program: one loader warp that streams Q and the rows' K and V blocks through the tensor-memory
   accelerator into shared memory (Q two buffers per consumer with ``q_ready``/``q_empty`` mbarriers, K and V two-deep
-  rings with ``ready`` ones and one ``released`` barrier per block: a consumer signals K_j and V_{j-1} free with one
-  arrive once P_{j-1}·V_{j-1} is done — Gluon's arrive is one thread's after a warpgroup barrier, so one arrive a
-  block instead of two saves a barrier per block), and two consumer warpgroups, each owning 64 of a tile's 128 query
-  rows. The
+  rings with ``ready``/``empty`` ones), and two consumer warpgroups, each owning 64 of a tile's 128 query rows. The
   consumers are independent partitions, so the warp schedulers interleave one's softmax with the other's tensor-core
   work.
 - Inside each consumer, the softmax of key block j overlaps the asynchronous P·V product of block j−1 and the
@@ -193,7 +190,7 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
               CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
-    (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, released, v_ready, tiles,
+    (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
      qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
@@ -240,18 +237,19 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
                                                     _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
                                                     lk, off, qk_scale, CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(released.index(slot), count=1)  # K of this block, V of the one before
+                mbarrier.arrive(v_empty.index(last), count=1)
                 _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
                           s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
                 mbarrier.arrive(q_empty.index(pqb), count=1)
             else:
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                mbarrier.arrive(released.index(slot), count=1)
+                mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
                                                     _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
                                                     lk, off, qk_scale, CAUSAL)
@@ -270,10 +268,11 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL),
                                                 offs_m, offs_nb, lk, off, qk_scale, CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(released.index(slot), count=1)  # K_j and V_{j-1}: one arrive (one barrier) a block
+                mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
             qi += 1
@@ -294,7 +293,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
         last = pc % STAGES
         mbarrier.wait(v_ready.index(last), (pc // STAGES) & 1)
         acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # nothing is loaded after it: no release
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(last), count=1)
         _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
                   BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
 
@@ -314,7 +314,7 @@ def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
 @gluon.jit
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
             RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, released, v_ready, tiles,
+    (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
      ntiles, _qk_scale) = args
     BM: gl.constexpr = BLOCK_M // 2
@@ -343,12 +343,10 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
                 slot = c % STAGES
                 phase = (c // STAGES) & 1
                 row = kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N
-                mbarrier.wait(released.index(slot), phase ^ 1)  # K_{c-STAGES} done: released in its block
+                mbarrier.wait(k_empty.index(slot), phase ^ 1)
                 mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
-                # V_{c-STAGES} done: released one block later, with K_{c-STAGES+1} (fresh barriers count as a
-                # completed phase 1, so the first blocks pass)
-                mbarrier.wait(released.index((c + 1) % STAGES), (((c + 1) // STAGES) & 1) ^ 1)
+                mbarrier.wait(v_empty.index(slot), phase ^ 1)
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
             it += cnt
@@ -372,8 +370,9 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    released = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(4):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
@@ -386,10 +385,11 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(released.index(i), count=2)  # both consumer warpgroups release a block
+        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
+        mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
-    args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, released, v_ready,
+    args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
             tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
