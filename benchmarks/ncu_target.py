@@ -4,7 +4,8 @@
     ncu --set full -k regex:"_fwd|_antidiagonal_mass" --launch-skip 2 --launch-count 2 -o prof \
         python benchmarks/ncu_target.py [--n 16384] [--density 0.05] [--layout pattern|random] [--skip-mass]
 
-(``--launch-skip 2`` passes over the warm-up launches.)
+(``--launch-skip 2`` passes over the warm-up launches; with ``--skip-mass`` there is one warm-up launch and one
+profiled launch: ``-k regex:_fwd --launch-skip 1 --launch-count 1``.)
 
 - the Gluon block-sparse kernel on the blocks ``block_topk`` picks on video-structured q/k (28/4 heads, d = 128), or
   with ``--layout random`` on the random layout of ``attention.py``'s kernel table (random q/k/v);

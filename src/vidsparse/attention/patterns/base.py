@@ -69,7 +69,8 @@ def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = N
     """Exact causal softmax of some query rows over keys: q_rows [B, H, R, D] at positions ``q_pos`` int [R]; k
     [B, Hkv, Nk, D] at positions ``k_pos`` int [Nk] (default 0..Nk−1); a key after a row's position is excluded.
     GQA: each query head scores against its shared key head, K is not expanded. -> float32 [B, H, R, Nk].
-    What every probe-query estimate shares (vertical_slash, token_sparse, grid, FastV, ZipVL, SnapKV)."""
+    What every probe-query estimate reads: ``grid`` directly; vertical_slash, pbs, token_sparse, FastV, ZipVL and
+    SnapKV only its sums over rows, through ``column_probs`` (on CUDA a kernel that never builds this matrix)."""
     b, h, r, d = q_rows.shape
     hk, nk = k.shape[1], k.shape[2]
     a = q_rows.float().reshape(b * hk, (h // hk) * r, d)
