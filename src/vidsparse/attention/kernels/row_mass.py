@@ -10,15 +10,16 @@ matrix of 235 MB at 32K keys, 28 heads and 64 rows. Here it never reaches memory
 1. ``_row_stats``: per (head, row chunk, key chunk), the running max and sum of exp of the rows' scores over the
    chunk's key tiles (online softmax), written per chunk (at most ``MAX_CHUNKS``).
 2. ``_row_mass``: per (head, row chunk, key chunk), merges the chunks' statistics into each row's max and sum once,
-   then for each of its key tiles recomputes the scores, normalises them and sums them over rows (the columns). For the diagonals, the tile's
-   probabilities are skewed in registers (``tl.gather``: entry (r, u) takes column r − u + BN − 1, so each diagonal
-   becomes a column) and summed over rows; a tile's BN + BR − 1 diagonals overlap the next tile's in BR − 1, added
-   with atomics (each offset gets two additions per row chunk).
+   then for each of its key tiles recomputes the scores, normalises them and sums them over rows (the columns). For
+   the diagonals, the tile's probabilities are skewed in registers (``tl.gather``: entry (r, u) takes column
+   r − u + BN − 1, so each diagonal becomes a column) and summed over rows; a tile's BN + BR − 1 diagonals overlap the
+   next tile's in BR − 1, added with atomics (at most two additions per offset and row chunk).
 
 Products are the inputs' (bf16/fp16 exact in the fp32 accumulator; fp32 inputs use IEEE fp32 products), as the
 torch path's TF32 products of bf16 operands are. With one row chunk (R ≤ 64) every column sum is one store and every
-diagonal sum two additions to zero — the result does not depend on the order the programs run in; with more row
-chunks the atomics' order may move sums in the last bit.
+diagonal sum at most two additions to zero (the same in either order), so the result does not depend on the order the
+programs run in; with more row chunks the atomics' order may move the diagonal sums (past two chunks also the column
+sums) in the last bit.
 
 Measured on an H100, 28/4 heads, bf16 (``benchmarks/profile_estimation.py --with-kernel``, GPU time of the whole
 estimate, ``profile_estimation_share_*.json``): ``vertical_slash`` at 32K / 64K / 128K tokens 1.73 / 3.54 / 7.83 ms
