@@ -337,7 +337,8 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert int(got.kv_count.min()) >= 1
 
 
-@pytest.mark.parametrize("spec", ["xattention:backend=gpu", "block_cdf:backend=Kernel"])
+@pytest.mark.parametrize("spec", ["xattention:backend=gpu", "block_cdf:backend=Kernel", "vertical_slash:backend=torch",
+                                  "pbs:backend=triton", "token_sparse:backend=cuda"])
 def test_unknown_estimation_backend_is_a_spec_error(spec):
     """A misspelt backend is refused when the spec is parsed (it used to fall back to torch silently)."""
     from vidsparse.errors import SpecError

@@ -40,6 +40,12 @@ class Pattern(ABC):
     capabilities: ClassVar[dict]
     from_layer = 0  # first decoder layer the pattern applies to; earlier layers stay dense (a field where tunable)
 
+    def __post_init__(self):
+        """Checks every pattern shares (a subclass with its own checks calls this first): a ``backend`` field must
+        name one of ``BACKENDS``."""
+        if hasattr(self, "backend"):
+            check_backend(self.backend)
+
     @abstractmethod
     def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:
         """q [B, H, N, D], k [B, Hkv, N, D] -> BlockLayout with H heads (or 1 for static patterns)."""

@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, check_backend, finish_layout, keep_top_mass, mass_layout, pooled_block_probs
+from .base import Pattern, SeqMeta, finish_layout, keep_top_mass, mass_layout, pooled_block_probs
 
 
 @PATTERNS.register("block_cdf")
@@ -24,9 +24,6 @@ class BlockCDF(Pattern):
     local: int = 1
     min_cos: float = 0.0
     backend: str = "auto"
-
-    def __post_init__(self):
-        check_backend(self.backend)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         p = pooled_block_probs(q, k, meta)

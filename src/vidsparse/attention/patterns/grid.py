@@ -28,6 +28,7 @@ class Grid(Pattern):
     stride: int = 0  # > 0: use this stride for every head (no search)
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 < self.tau <= 1.0 or self.probe < 1 or self.stride < 0:
             raise ValueError("tau must be in (0, 1], probe >= 1, stride >= 0")
 

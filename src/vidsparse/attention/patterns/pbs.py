@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, PermutedLayout
-from .base import Pattern, SeqMeta, block_scores, check_backend, column_probs, keep_top_mass, pool_blocks
+from .base import Pattern, SeqMeta, block_scores, column_probs, keep_top_mass, pool_blocks
 
 
 @PATTERNS.register("pbs")
@@ -27,7 +27,7 @@ class PBS(Pattern):
     backend: str = "auto"  # the probe rows' column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
 
     def __post_init__(self):
-        check_backend(self.backend)
+        super().__post_init__()
         if self.segment <= 0 or not 0.0 < self.tau <= 1.0 or self.last_q < 1:
             raise ValueError("segment must be > 0, tau in (0, 1], last_q >= 1")
 

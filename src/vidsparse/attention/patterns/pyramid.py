@@ -39,6 +39,7 @@ class Pyramid(Pattern):
     local: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in ("rank", "energy"):
             raise ValueError(f"mode must be rank or energy, not {self.mode!r}")
         if not 0 <= self.exact <= self.pool2 <= self.pool4 <= self.pool8 <= 1:

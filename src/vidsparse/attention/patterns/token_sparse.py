@@ -14,7 +14,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import TokenLayout
-from .base import Pattern, SeqMeta, check_backend, column_probs
+from .base import Pattern, SeqMeta, column_probs
 
 
 @PATTERNS.register("token_sparse", returns="tokens")
@@ -27,7 +27,7 @@ class TokenSparse(Pattern):
     backend: str = "auto"  # the window's column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
 
     def __post_init__(self):
-        check_backend(self.backend)
+        super().__post_init__()
         if not 0.0 < self.coverage <= 1.0:
             raise ValueError("coverage must be in (0, 1]")
         if self.window < 1 or self.sink < 0 or self.from_layer < 0:

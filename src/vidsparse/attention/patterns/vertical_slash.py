@@ -8,7 +8,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, check_backend, column_probs, keep_topk
+from .base import Pattern, SeqMeta, column_probs, keep_topk
 
 
 @PATTERNS.register("vertical_slash")
@@ -27,9 +27,6 @@ class VerticalSlash(Pattern):
     force_vertical: int = 30
     force_slash: int = 100
     backend: str = "auto"
-
-    def __post_init__(self):
-        check_backend(self.backend)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         b, h, nq, _ = q.shape

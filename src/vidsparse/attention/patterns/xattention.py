@@ -9,7 +9,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
-from .base import Pattern, SeqMeta, check_backend, mass_layout, use_kernel
+from .base import Pattern, SeqMeta, mass_layout, use_kernel
 
 
 @PATTERNS.register("xattention")
@@ -31,9 +31,6 @@ class XAttention(Pattern):
     local: int = 1
     chunk_tokens: int = 8192
     backend: str = "auto"
-
-    def __post_init__(self):
-        check_backend(self.backend)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
