@@ -80,7 +80,6 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, s_qb, s_qh, s_qr, s_qd, s_
     rc = tl.program_id(1)
     c = tl.program_id(2)
     q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
-    q = q.to(K.dtype.element_ty)
     m = tl.full([BR], float("-inf"), tl.float32)
     l = tl.zeros([BR], tl.float32)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
@@ -103,7 +102,6 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
     rc = tl.program_id(1)
     c = tl.program_id(2)
     q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
-    q = q.to(K.dtype.element_ty)
     # each row's max and sum of exp over all keys, from the statistics pass's chunks (once per program)
     ch = tl.arange(0, BCH)
     off = (bh * R + rows[:, None]) * NCH + ch[None, :]
@@ -158,7 +156,7 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
     if r == 0 or nk == 0:
         return cols, diag
     pos = q_pos.to(device=dev, dtype=torch.int32).contiguous()
-    k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)
+    k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)  # the kernels' products take one dtype
     tpc, nch = _chunks(nk, BN_STATS)
     tpc2, nch2 = _chunks(nk, BN)
     rcs = triton.cdiv(r, BR)
