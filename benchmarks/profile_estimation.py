@@ -2,7 +2,7 @@
 total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attention.py``).
 
     python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1;xattention:stride=16"]
-        [--select-warps 1,2,4,8] [--with-kernel] [--tag T]
+        [--select-warps 1,2,4,8] [--env-ab VAR=v1,v2] [--with-kernel] [--tag T]
 
 Specs are separated by ";" (a spec's own settings by ","). Each row has the mean ms per call (``do_bench``: host
 launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed).
@@ -10,6 +10,8 @@ launch overhead included where it dominates) and the GPU ms (the call captured i
 Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels). ``--select-warps``: first
 times each spec's estimation with the block-selection kernels (``kernels.block_select``) launched with each number of
 warps per row program, interleaved twice, in the same process; saves ``select_warps`` rows and prints the fastest.
+``--env-ab VAR=v1,v2`` does the same for any environment variable a kernel wrapper reads at each call (``env_ab``
+rows, with GPU ms from graph replay), e.g. ``VIDSPARSE_SELECT_SPLIT=0,1`` for the selection's row split.
 ``--with-kernel`` also times the attention kernel on the layout each spec picks (random v) and reports the
 estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
 ``--tag`` saves ``profile_estimation_TAG.json``."""
@@ -61,6 +63,8 @@ def main():
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--specs", default="block_topk:density=0.1", help="method specs separated by ';'")
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
+    ap.add_argument("--env-ab", default="", help="VAR=v1,v2[,...]: each spec's estimation per value of an environment "
+                    "variable the kernels read (e.g. VIDSPARSE_SELECT_SPLIT=0,1), interleaved")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
                     "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr and splits the programs per row "
                     "tile (e.g. 128/256/8/2/tma/2,128/256/8/2/ptr/1), at strides 8 and 16")
@@ -91,8 +95,10 @@ def main():
            "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
     specs = args.specs.split(";")  # a spec's own options are comma-separated
     if args.select_warps:
-        res["select_warps"] = select_warps(specs, [int(w) for w in args.select_warps.split(",")], q,
-                                           k, meta)
+        res["select_warps"] = env_ab(specs, "VIDSPARSE_SELECT_WARPS", args.select_warps.split(","), q, k, meta)
+    if args.env_ab:
+        var, values = args.env_ab.split("=", 1)
+        res["env_ab"] = env_ab(specs, var, values.split(","), q, k, meta)
     if args.antidiagonal:
         res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
@@ -149,22 +155,24 @@ def write_antidiagonal_markdown(runs: list[tuple[str, dict]], note: str = "") ->
     update_markdown(f"xattention estimation kernel: launch configurations ({runs[0][1]['device']})", "\n".join(lines))
 
 
-def select_warps(specs, warps, q, k, meta) -> list[dict]:
-    """Each spec's estimation per selection-kernel warp count (``VIDSPARSE_SELECT_WARPS``), twice, interleaved."""
+def env_ab(specs, var, values, q, k, meta) -> list[dict]:
+    """Each spec's estimation per value of the environment variable ``var`` (read by the kernels' wrappers at each
+    call), twice, interleaved in this process: the mean ms per call (``do_bench``) and the GPU ms (graph replay)."""
     import os
 
     rows = []
     for spec in specs:
         pat = PATTERNS.from_spec(spec)
         for rep in range(2):
-            for w in warps:
-                os.environ["VIDSPARSE_SELECT_WARPS"] = str(w)
-                rows.append({"spec": spec, "warps": w, "rep": rep,
-                             "ms": bench_ms(lambda pat=pat: pat.estimate(q, k, meta), rep_ms=200)})
+            for v in values:
+                os.environ[var] = v
+                fn = lambda pat=pat: pat.estimate(q, k, meta)  # noqa: E731
+                rows.append({"spec": spec, "var": var, "value": v, "rep": rep, "ms": bench_ms(fn, rep_ms=200),
+                             "gpu_ms": graph_ms(fn)})
                 print(rows[-1], flush=True)
-    os.environ.pop("VIDSPARSE_SELECT_WARPS")
-    best = min(warps, key=lambda w: sum(r["ms"] for r in rows if r["warps"] == w))
-    print(f"fastest over all specs: {best} warps", flush=True)
+    os.environ.pop(var)
+    best = min(values, key=lambda v: sum(r["gpu_ms"] or r["ms"] for r in rows if r["value"] == v))
+    print(f"fastest over all specs: {var}={best}", flush=True)
     return rows
 
 

@@ -314,9 +314,12 @@ def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
 
 @pytest.mark.parametrize("nq,nk,causal,sink,local,budget", [(700, 700, True, 2, 3, 0.3), (300, 900, True, 1, 1, 0.2),
                                                               (640, 500, False, 1, 2, 0.25),
-                                                              (1057, 1057, True, 0, 0, 0.05)])  # 1056 = 33·32
+                                                              (1057, 1057, True, 0, 0, 0.05),  # 1056 = 33·32
+                                                              (2200, 2200, True, 1, 1, 0.6), (1500, 2600, True, 1, 2, 0.3)])
 def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink, local, budget):
-    """The in-register sort selects exactly the blocks torch's biased topk selects, for every row's own budget."""
+    """The in-register sort selects exactly the blocks torch's biased topk selects, for every row's own budget. Past
+    64 key blocks causal rows run in narrower launches (2200: widths 32, 64 and 128, output 42 wide; 1500 queries
+    on 2600 keys: the rows start at block 34)."""
     import math
 
     from vidsparse.attention.patterns.base import block_scores, topk_layout
@@ -335,6 +338,27 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert torch.equal(got.kv_index, want.kv_index)
     assert torch.equal(got.kv_full, want.kv_full)
     assert int(got.kv_count.min()) >= 1
+
+
+@pytest.mark.parametrize("dtype,block,transposed,causal", [(torch.float32, 32, False, True),
+                                                        (torch.float16, 24, True, False),
+                                                        (torch.float32, 64, True, True)])
+def test_pooled_scores_kernel_equals_torch(interpreter, dtype, block, transposed, causal):
+    """The score product (GQA: 3 query heads per key head, batch 2, keys of another length, head dim 24 padded to
+    32, partial last blocks, a model's transposed q/k) equals the torch path within fp32 rounding; the causal mask
+    lands on the same entries."""
+    from vidsparse.attention.patterns.base import block_scores
+
+    g = torch.Generator().manual_seed(block)
+    mk = lambda hh, n: (torch.randn(2, n, hh, 24, generator=g).transpose(1, 2) if transposed  # noqa: E731
+                        else torch.randn(2, hh, n, 24, generator=g)).to(dtype)
+    q, k = mk(6, 300), mk(2, 350)
+    meta = SeqMeta(block, block, causal)
+    got, want = block_scores(q, k, meta, backend="kernel"), block_scores(q, k, meta, backend="reference")
+    assert got.shape == want.shape == (2, 6, -(-300 // block), -(-350 // block))
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isinf(want).any()) == causal
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
 @pytest.mark.parametrize("spec", ["xattention:backend=gpu", "block_cdf:backend=Kernel", "vertical_slash:backend=torch",
@@ -381,7 +405,8 @@ def test_mass_selection_kernel_equals_torch_sort(interpreter, nq, nk, causal, si
 @pytest.mark.parametrize("nq,nk,causal,sink,local,spec", [
     (700, 700, True, 1, 1, "pyramid"), (300, 900, True, 2, 2, "pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8"),
     (640, 500, False, 1, 1, "pyramid"), (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1"),
-    (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5")])
+    (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5"),
+    (2200, 2200, True, 1, 1, "pyramid:exact=0.2,pool2=0.5,pool4=0.7,pool8=0.9")])  # narrower launches
 def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, spec):
     """The four nested radix searches give every block the level torch's sort of the row gives it, and write each
     level's layout exactly as the mask conversion does; with tied scores (rounded to a few values) ties go to the

@@ -136,30 +136,37 @@ class exact_tf32:
             torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-def pool_blocks(x: Tensor, block: int) -> Tensor:
-    """Mean over blocks of the sequence axis: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the last block is
-    partial). Reads x once in its own dtype, accumulating in fp32."""
+def pool_blocks(x: Tensor, block: int, scale: float = 1.0) -> Tensor:
+    """Mean over blocks of the sequence axis, times ``scale``: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the
+    last block is partial). Reads x once in its own dtype, accumulating in fp32."""
     b, h, n, d = x.shape
     nb = -(-n // block)
     full = n // block
-    out = x[:, :, : full * block].reshape(b, h, full, block, d).sum(3, dtype=torch.float32) / block
+    out = x[:, :, : full * block].reshape(b, h, full, block, d).sum(3, dtype=torch.float32).mul_(scale / block)
     if nb > full:
-        tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (n - full * block)
+        tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32).mul_(scale / (n - full * block))
         out = torch.cat([out, tail], dim=2)
     return out
 
 
-def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True) -> Tensor:
+def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True,
+                 backend: str = "auto") -> Tensor:
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
-    GQA: each query head scores against its shared key head."""
+    GQA: each query head scores against its shared key head. ``backend``: the product of the pooled tensors on the
+    tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's
+    fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
-    qp = pool_blocks(q, meta.block_q)
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d))  # scaled once, not the NQ × NK scores
     kp = pool_blocks(k, meta.block_k) if kp is None else kp
-    g = h // hk
-    qp = qp * (1.0 / math.sqrt(d))  # on the pooled queries, not on the NQ × NK scores
-    s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
+    if use_kernel(backend, qp):
+        from ..kernels.pooled_scores import scores
+
+        s = scores(qp, kp)
+    else:
+        g = h // hk
+        s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
     if meta.causal and masked:
         allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
@@ -196,8 +203,10 @@ def keep_top_mass(probs: Tensor, tau: float) -> Tensor:
         return probs > 0
     vals, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     total = vals.sum(-1, keepdim=True).clamp_min(1e-30)
-    before = (vals.cumsum(-1) - vals) / total  # mass of the entries ranked above
-    keep_sorted = (before < tau) & (vals > 0)
+    before = vals.cumsum(-1) - vals  # mass of the entries ranked above
+    # against tau·total, a product (correctly rounded here and in the kernel's selection), not before / total: the
+    # GPU's fp32 division is approximate, and a row at the boundary kept another block on the GPU than here
+    keep_sorted = (before < tau * total) & (vals > 0)
     keep = torch.zeros_like(keep_sorted)
     return keep.scatter(-1, order, keep_sorted)
 

@@ -17,20 +17,23 @@ from .base import Pattern, SeqMeta, block_scores, row_totals, topk_layout
 class BlockTopK(Pattern):
     """Top blocks by pooled score per query block: ``topk`` blocks per row, or when 0, ``density`` × the row's causal
     blocks (rounded up). The diagonal (``local`` blocks) and ``sink`` blocks are always kept and count towards that
-    budget. Softmax is monotone, so the raw pooled logits rank the blocks; one ``topk`` builds the layout."""
+    budget. Softmax is monotone, so the raw pooled logits rank the blocks; one ``topk`` builds the layout.
+    ``backend``: "auto" (the Triton pooled scores and selection on CUDA, torch elsewhere), "kernel" or "reference"
+    (torch)."""
 
     topk: int = 0
     density: float = 0.1
     sink: int = 1
     local: int = 1
+    backend: str = "auto"
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        s = block_scores(q, k, meta, masked=False)
+        s = block_scores(q, k, meta, masked=False, backend=self.backend)
         nqb, nkb = s.shape[-2:]
         width = max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local)
         total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, q.shape[2], k.shape[2], self.topk,
                         self.density, self.sink, self.local, max(1, min(width, nkb)), q.device)
-        return topk_layout(s, None, width, q, k, meta, self.sink, self.local, total=total)
+        return topk_layout(s, None, width, q, k, meta, self.sink, self.local, backend=self.backend, total=total)
 
 
 @shape_cache()

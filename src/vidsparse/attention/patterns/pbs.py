@@ -24,7 +24,7 @@ class PBS(Pattern):
     tau: float = 0.9
     last_q: int = 128
     first_block: bool = True
-    backend: str = "auto"  # the probe rows' column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
+    backend: str = "auto"  # the probe rows' column sums and the pooled scores: Triton kernels on CUDA, or "reference"
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,7 +52,8 @@ class PBS(Pattern):
         hk, nk = k.shape[1], k.shape[2]
         perm = self.permutation(q, k)
         kperm = torch.gather(k, 2, perm[..., None].expand(-1, -1, -1, d))
-        s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False), kp=pool_blocks(kperm, meta.block_k))
+        s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False),
+                         kp=pool_blocks(kperm, meta.block_k), backend=self.backend)
         nqb, nkb = s.shape[-2:]
         m = torch.arange(nqb, device=q.device)[:, None]
         n = torch.arange(nkb, device=q.device)[None, :]

@@ -83,7 +83,8 @@ class Pyramid(Pattern):
         """``backend``: "kernel" (rank mode: ``kernels.block_select.select_levels`` ranks and compacts every row in
         one Triton program; the default on CUDA) or "reference" (torch: a sort of every row); both give the same
         layout."""
-        return self.layout_from_scores(block_scores(q, k, meta), meta, q.shape[2], k.shape[2], backend)
+        return self.layout_from_scores(block_scores(q, k, meta, backend=backend), meta, q.shape[2], k.shape[2],
+                                       backend)
 
     def layout_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int,
                            backend: str = "auto") -> PyramidLayout:

@@ -1,0 +1,82 @@
+"""Pooled block scores on the tensor cores: what ``block_topk``, ``pyramid`` and ``pbs`` rank key blocks by.
+
+``patterns.base.block_scores`` is pooled(Q)·pooled(K)ᵀ/√D per (query block, key block). The pooling stays a torch
+sum reduction (read once, fp32 accumulation); the product of the pooled fp32 tensors is the part torch runs slowly:
+cuBLAS computes fp32 GEMMs on the CUDA cores (FFMA; torch leaves TF32 off for fp32 products). ``_scores`` computes
+it per (batch·KV head, tile of query rows, tile of key blocks) on the tensor cores in TF32×3 (each fp32 operand split
+into a TF32 high and low part, three products: about fp32 accuracy, against TF32's 2⁻¹¹ relative), stored fp32
+[B, H, NQ, NK]. GQA: a KV head's query heads are consecutive rows of the pooled queries, so one tile spans them and
+the keys are never expanded.
+
+Measured on an H200, 28/4 heads, d = 128, in the same process (``benchmarks/profile_estimation.py --with-kernel``,
+``profile_estimation_share_*.json``): the product takes 0.011 / 0.037 / 0.135 ms at 32K / 64K / 128K tokens against
+cuBLAS's 0.017 / 0.063 / 0.198 ms. Launch configurations (``--env-ab VIDSPARSE_SCORES_CONFIG=...``,
+``profile_estimation_scores_*.json``; ``block_topk``'s whole estimate at 128K): 128×128 tiles, the whole head dim
+per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.674 ms (not taken: its rounding
+reorders near-equal blocks against the fp32 path); IEEE fp32 on the CUDA cores 1.87 ms. A Triton pooling kernel
+(one program per block, any strides) was measured too and dropped: 0.303 ms at 128K against 0.280 ms for torch's
+two reductions (``profile_estimation_share_131072.json`` of 2026-11-28, the H200 runs' ``_pool`` rows).
+
+Results equal the torch path up to fp32 rounding: ``tests/test_attention.py`` checks it in the interpreter,
+``tests/test_attention_gpu.py`` with TF32×3 on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BM, BN, BK, WARPS, PRECISION = 128, 128, 128, 8, "tf32x3"  # the score tiles: query rows, key blocks, head-dim step
+
+
+def _config(name: str, default: tuple) -> tuple:
+    """A launch configuration, or its override from the environment (a tuning knob, read at each call:
+    ``VIDSPARSE_SCORES_CONFIG`` = BM/BN/BK/warps/precision)."""
+    env = os.environ.get(name)
+    if not env:
+        return default
+    parts = env.split("/")
+    return tuple(type(d)(x) for d, x in zip(default, parts))
+
+
+@triton.jit
+def _scores(QP, KP, S, HK, G, NQB, NKB, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            BK: tl.constexpr, PRECISION: tl.constexpr):
+    bk = tl.program_id(0)  # batch · KV head
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)  # over the G · NQB pooled queries of this KV head
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    q_base = QP + bk * G * NQB * D  # the KV head's G query heads are consecutive in [B, H, NQB, D]
+    k_base = KP + bk * NKB * D
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in tl.static_range(0, BD, BK):
+        dd = k0 + tl.arange(0, BK)
+        q = tl.load(q_base + rows[:, None] * D + dd[None, :], mask=(rows[:, None] < G * NQB) & (dd[None, :] < D),
+                    other=0.0)
+        k = tl.load(k_base + cols[None, :] * D + dd[:, None], mask=(cols[None, :] < NKB) & (dd[:, None] < D),
+                    other=0.0)
+        acc = tl.dot(q, k, acc, input_precision=PRECISION)
+    tl.store(S + bk * G * NQB * NKB + rows[:, None] * NKB + cols[None, :], acc,
+             mask=(rows[:, None] < G * NQB) & (cols[None, :] < NKB))
+
+
+def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+    """qp float32 [B, H, NQ, D], kp float32 [B, Hkv, NK, D] (H a multiple of Hkv; query head h reads key head
+    h // (H / Hkv)) -> float32 [B, H, NQ, NK]: qp · kpᵀ, TF32×3 on the tensor cores."""
+    b, h, nqb, d = qp.shape
+    hk, nkb = kp.shape[1], kp.shape[2]
+    if h % hk or kp.shape[0] != b or kp.shape[-1] != d:
+        raise ValueError(f"scores: qp {tuple(qp.shape)} and kp {tuple(kp.shape)} do not match")
+    qp = qp.float().contiguous()
+    kp = kp.float().contiguous()
+    out = torch.empty(b, h, nqb, nkb, dtype=torch.float32, device=qp.device)
+    if out.numel() == 0:
+        return out
+    g = h // hk
+    bd = max(16, triton.next_power_of_2(d))
+    bm, bn, bk, warps, precision = _config("VIDSPARSE_SCORES_CONFIG", (BM, BN, BK, WARPS, PRECISION))
+    _scores[(b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))](
+        qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn, BK=min(bk, bd), PRECISION=precision,
+        num_warps=warps)
+    return out
