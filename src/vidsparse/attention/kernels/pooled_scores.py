@@ -15,7 +15,7 @@ cuBLAS's 0.017 / 0.063 / 0.198 ms. Launch configurations (``--env-ab VIDSPARSE_S
 per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.674 ms (not taken: its rounding
 reorders near-equal blocks against the fp32 path); IEEE fp32 on the CUDA cores 1.87 ms. A Triton pooling kernel
 (one program per block, any strides) was measured too and dropped: 0.303 ms at 128K against 0.280 ms for torch's
-two reductions (``profile_estimation_share_131072.json`` of 2026-11-28, the H200 runs' ``_pool`` rows).
+two reductions (``profile_estimation_share_131072_poolkernel.json`` against ``…_131072.json``).
 
 Results equal the torch path up to fp32 rounding: ``tests/test_attention.py`` checks it in the interpreter,
 ``tests/test_attention_gpu.py`` with TF32×3 on the GPU."""
