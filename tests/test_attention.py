@@ -340,6 +340,34 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert int(got.kv_count.min()) >= 1
 
 
+@pytest.mark.parametrize("few", ["0", "100000"])
+def test_block_select_breaks_ties_to_the_lower_index_on_both_paths(interpreter, monkeypatch, few):
+    """The counting search (``VIDSPARSE_SELECT_FEW=0``) and the rounds of max-reduction (every row) keep, of tied
+    scores, the lowest-indexed blocks: exactly a stable descending sort's first ``total`` of the biased row."""
+    import math
+
+    from vidsparse.attention.patterns.base import forced_blocks, row_totals, topk_layout
+
+    monkeypatch.setenv("VIDSPARSE_SELECT_FEW", few)
+    nq = nk = 2200
+    meta = SeqMeta(32, 32, True)
+    nqb = nkb = -(-nq // 32)
+    s = torch.randint(0, 4, (1, 2, nqb, nkb), generator=torch.Generator().manual_seed(3)).float()  # 4 values: ties
+    q = k = torch.zeros(1, 2, nq, 16)
+    allowed = causal_block_mask(nqb, nkb, 32, 32, nq, nk)
+    per_row = torch.ceil(allowed.sum(-1).double() * 0.3).long()
+    width = math.ceil(nkb * 0.3)
+    got = topk_layout(s.clone(), per_row, width, q, k, meta, 1, 1, backend="kernel")
+    total = row_totals(per_row, width, nqb, nkb, meta, nq, nk, 1, 1, "cpu")
+    biased = s.masked_fill(~allowed, float("-inf")).masked_fill(forced_blocks(nqb, nkb, meta, nq, nk, 1, 1, None)
+                                                                  & allowed, float("inf"))
+    order = torch.sort(biased, dim=-1, descending=True, stable=True).indices
+    for m in range(nqb):
+        for hh in range(2):
+            want = order[0, hh, m, : int(total[m])].sort().values.int()
+            assert torch.equal(got.kv_index[0, hh, m, : int(total[m])], want), (m, hh)
+
+
 @pytest.mark.parametrize("dtype,block,transposed,causal", [(torch.float32, 32, False, True),
                                                         (torch.float16, 24, True, False),
                                                         (torch.float32, 64, True, True)])

@@ -26,6 +26,9 @@ import triton
 import triton.language as tl
 
 
+FEW = 16  # rows picking at most this many blocks beyond the forced ones take ``_top_few`` (VIDSPARSE_SELECT_FEW)
+
+
 def _warps(w: int) -> int:
     """Warps per row program: ``VIDSPARSE_SELECT_WARPS`` when set (a tuning knob), else 2 up to 1,024 key blocks and
     4 beyond. Measured on an H100 at 1,024 key blocks (``benchmarks/profile_estimation.py --select-warps 1,2,4``):
@@ -103,6 +106,19 @@ def _top(key, total):
 
 
 @triton.jit
+def _top_few(key, n, forced, picks, W: tl.constexpr):
+    """``_top``'s set for a row whose forced blocks are all kept (+inf keys) and ``picks`` more are wanted, by
+    ``picks`` rounds of one max-reduction each over (key, lowest index first) packed in an int64: cheaper than the
+    32 counting steps of the search when few blocks are picked (``VIDSPARSE_SELECT_FEW``)."""
+    packed = (key.to(tl.int64) << 32) | (W - 1 - n).to(tl.int64)  # larger key first, then the lower index
+    keep = forced
+    for _ in range(picks):
+        best = tl.max(tl.where(keep, -9223372036854775807 - 1, packed), 0)
+        keep = keep | (packed == best)
+    return keep
+
+
+@triton.jit
 def _emit(keep, n, row, width):
     """Write the kept block indices of a row in ascending order, zeros after them; return their count."""
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -136,7 +152,7 @@ def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
 
 @triton.jit
 def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, sink, local, block_q, block_k,
-            q_len, off, M0, CAUSAL: tl.constexpr, W: tl.constexpr):
+            q_len, off, M0, FEW, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = M0 + tl.program_id(1)
     n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
@@ -144,7 +160,12 @@ def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, si
     score = tl.where(forced, float("inf"), tl.where(allowed, score, float("-inf")))
     key = _order_key(score)
     total = tl.load(TOTAL + m)
-    _emit(_top(key, total), n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width)
+    picks = total - tl.sum(forced.to(tl.int32), 0)  # the total covers every forced block (``row_totals``)
+    if picks <= FEW:
+        keep = _top_few(key, n, forced, picks, W) & (total > 0)
+    else:
+        keep = _top(key, total)
+    _emit(keep, n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width)
 
 
 def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int, block_q: int,
@@ -155,11 +176,12 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
     scores = scores.contiguous()
     out = torch.empty(b, h, nqb, width, dtype=torch.int32, device=scores.device)
     total = total.to(torch.int32).contiguous()
+    few = int(os.environ.get("VIDSPARSE_SELECT_FEW", FEW))
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _select[(b * h, rows)](
             scores, out, total, scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1),
-            out.stride(2), h, nkb, width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, CAUSAL=causal,
-            W=w, num_warps=_warps(w),
+            out.stride(2), h, nkb, width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, few,
+            CAUSAL=causal, W=w, num_warps=_warps(w),
         )
     return out
 
