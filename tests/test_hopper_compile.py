@@ -1,6 +1,7 @@
-"""The Gluon Hopper kernel compiled for sm_90 on a machine without a GPU (Triton ships ptxas and cuobjdump): it must
-build, issue warpgroup MMAs (HGMMA), redistribute registers between its partitions (setmaxnreg) and spill no tile
-to local memory. Its numerics are checked on the GPU (tests/test_attention_gpu.py, variant "hopper")."""
+"""Kernels compiled for sm_90 on a machine without a GPU (Triton ships ptxas and cuobjdump). The Gluon attention
+kernel must build, issue warpgroup MMAs (HGMMA), redistribute registers between its partitions (setmaxnreg) and spill
+no tile to local memory; the estimation kernels (last test) must use the tensor cores and no local memory. Their
+numerics are checked on the GPU (tests/test_attention_gpu.py)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,52 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
     assert "LOCAL:0" in usage and stack <= 16 and spills <= 8, (usage, spills)
     assert info["shared"] <= 227 * 1024
+
+
+ESTIMATION_BUILD = r"""
+import sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+
+
+class Sm90:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+triton.runtime.driver.set_active(Sm90())
+from vidsparse.attention.kernels import block_select as bs, pooled_scores as ps
+
+f32, i32 = torch.empty(16), torch.empty(16, dtype=torch.int32)
+k = ps._scores.warmup(f32, f32, f32, 4, 7, 256, 256, D=128, BD=128, BM=ps.BM, BN=ps.BN, BK=ps.BK,
+                      PRECISION=ps.PRECISION, num_warps=ps.WARPS, grid=(1,))
+open(sys.argv[1], "wb").write(k.asm["cubin"])
+k = bs._select.warmup(f32, i32, i32, 1, 1, 1, 1, 1, 1, 28, 512, 52, 1, 1, 128, 128, 65536, 0, 0, bs.FEW, CAUSAL=True,
+                      W=512, num_warps=bs._warps(512), grid=(1,))
+open(sys.argv[2], "wb").write(k.asm["cubin"])
+"""
+
+
+def test_estimation_kernels_build_for_sm90(tmp_path):
+    """The pooled-score product runs on the tensor cores (HGMMA: TF32×3, not FFMA as cuBLAS runs torch's fp32 GEMM)
+    and the selection kernel, with its int64 rounds for rows that pick few blocks, builds without local memory."""
+    scores, select = tmp_path / "scores.cubin", tmp_path / "select.cubin"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", ESTIMATION_BUILD, str(scores), str(select)], capture_output=True,
+                         text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(scores)], capture_output=True, text=True, check=True).stdout
+    assert "HGMMA" in sass and "FFMA" not in sass
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(select)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "LOCAL:0" in usage, usage
