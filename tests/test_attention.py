@@ -315,7 +315,8 @@ def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
 @pytest.mark.parametrize("nq,nk,causal,sink,local,budget", [(700, 700, True, 2, 3, 0.3), (300, 900, True, 1, 1, 0.2),
                                                               (640, 500, False, 1, 2, 0.25),
                                                               (1057, 1057, True, 0, 0, 0.05),  # 1056 = 33·32
-                                                              (2200, 2200, True, 1, 1, 0.6), (1500, 2600, True, 1, 2, 0.3)])
+                                                              (2200, 2200, True, 1, 1, 0.6),
+                                                              (1500, 2600, True, 1, 2, 0.3)])
 def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink, local, budget):
     """The in-register sort selects exactly the blocks torch's biased topk selects, for every row's own budget. Past
     64 key blocks causal rows run in narrower launches (2200: widths 32, 64 and 128, output 42 wide; 1500 queries

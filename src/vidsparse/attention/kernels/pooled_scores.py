@@ -44,7 +44,7 @@ def _config(name: str, default: tuple) -> tuple:
 @triton.jit
 def _scores(QP, KP, S, HK, G, NQB, NKB, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             BK: tl.constexpr, PRECISION: tl.constexpr):
-    bk = tl.program_id(0).to(tl.int64)  # batch · KV head (int64: at 1M tokens the offsets pass 2^31 after 4.5 KV heads)
+    bk = tl.program_id(0).to(tl.int64)  # batch · KV head (int64: at 1M tokens offsets pass 2^31 past 4.5 KV heads)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)  # over the G · NQB pooled queries of this KV head
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
     q_base = QP + bk * G * NQB * D  # the KV head's G query heads are consecutive in [B, H, NQB, D]
