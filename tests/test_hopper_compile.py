@@ -17,12 +17,10 @@ import pytest
 pytest.importorskip("triton.experimental.gluon")
 
 
-BUILD = r"""
+SM90 = r"""
 import json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 class Sm90:  # just enough of a driver for warmup: it names the target; nothing is launched
@@ -40,6 +38,11 @@ class Sm90:  # just enough of a driver for warmup: it names the target; nothing 
 
 
 triton.runtime.driver.set_active(Sm90())
+"""
+
+BUILD = SM90 + r"""
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
 d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
@@ -94,27 +97,7 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     assert info["shared"] <= 227 * 1024
 
 
-ESTIMATION_BUILD = r"""
-import sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-
-
-class Sm90:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-triton.runtime.driver.set_active(Sm90())
+ESTIMATION_BUILD = SM90 + r"""
 from vidsparse.attention.kernels import block_select as bs, pooled_scores as ps
 
 f32, i32 = torch.empty(16), torch.empty(16, dtype=torch.int32)
