@@ -9,13 +9,14 @@ into a TF32 high and low part, three products: about fp32 accuracy, against TF32
 the keys are never expanded.
 
 Measured on an H200, 28/4 heads, d = 128, in the same process (``benchmarks/profile_estimation.py --with-kernel``,
-``profile_estimation_share_*.json``): the product takes 0.011 / 0.037 / 0.135 ms at 32K / 64K / 128K tokens against
+``profile_estimation_share_*.json``): the product takes 0.010 / 0.037 / 0.135 ms at 32K / 64K / 128K tokens against
 cuBLAS's 0.017 / 0.063 / 0.198 ms. Launch configurations (``--env-ab VIDSPARSE_SCORES_CONFIG=...``,
 ``profile_estimation_scores_*.json``; ``block_topk``'s whole estimate at 128K): 128×128 tiles, the whole head dim
-per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.674 ms (not taken: its rounding
-reorders near-equal blocks against the fp32 path); IEEE fp32 on the CUDA cores 1.87 ms. A Triton pooling kernel
-(one program per block, any strides) was measured too and dropped: 0.303 ms at 128K against 0.280 ms for torch's
-two reductions (``profile_estimation_share_131072_poolkernel.json`` against ``…_131072.json``).
+per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.674 ms (not taken: its 2⁻¹¹
+rounding can reorder near-equal blocks against the fp32 and CPU paths, not measured); IEEE fp32 on the CUDA cores
+1.87 ms. A Triton pooling kernel (one program per block, any strides) was measured too and dropped: 0.303 ms at
+128K against 0.280 ms for torch's two reductions (``profile_estimation_share_131072_poolkernel.json`` against
+``profile_estimation_share_131072.json``, separate processes).
 
 Results equal the torch path up to fp32 rounding: ``tests/test_attention.py`` checks it in the interpreter,
 ``tests/test_attention_gpu.py`` with TF32×3 on the GPU."""
