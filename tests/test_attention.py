@@ -118,6 +118,10 @@ def test_token_sparse_layout_and_execution(coverage, backend):
     assert isinstance(lay, TokenLayout)
     kept = lay.kept_mask()[0]
     assert kept[:, :10].all() and kept[:, 280:].all()  # text (and the window inside it) always kept
+    for hh in range(4):  # each head's kept positions ascending, then -1 (the estimate keeps all N columns)
+        c = int(lay.count[0, hh])
+        assert c == int(kept[hh].sum()) and lay.index.shape[-1] == 300
+        assert torch.equal(lay.index[0, hh, :c], kept[hh].nonzero()[:, 0]) and (lay.index[0, hh, c:] == -1).all()
     sc = p.scores(q, k)[0]
     dropped_mass = (sc * ~kept).sum(-1)
     assert (dropped_mass <= (1 - coverage) + 1e-5).all()

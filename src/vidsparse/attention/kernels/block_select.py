@@ -127,14 +127,19 @@ def _top_few(key, n, forced, picks, W: tl.constexpr):
 
 
 @triton.jit
-def _emit(keep, n, row, width):
-    """Write the kept block indices of a row in ascending order, zeros after them; return their count."""
+def _emit(keep, full, n, row, frow, width):
+    """Write the kept block indices of a row in ascending order, zeros after them, and at ``frow`` whether each needs
+    no element mask (``full``: the layout's ``kv_full``, False after them); return their count."""
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
     count = tl.sum(keep.to(tl.int32), 0)
     tl.store(row + pos, n, mask=keep)
-    tl.store(row + n, tl.zeros_like(n), mask=(n >= count) & (n < width))
+    tl.store(frow + pos, full, mask=keep)
+    rest = (n >= count) & (n < width)
+    tl.store(row + n, tl.zeros_like(n), mask=rest)
+    tl.store(frow + n, tl.zeros_like(full), mask=rest)
     for z in range(n.shape[0], width, n.shape[0]):  # a narrow row group's output can be wider than its rows
         tl.store(row + z + n, tl.zeros_like(n), mask=z + n < width)
+        tl.store(frow + z + n, tl.zeros_like(full), mask=z + n < width)
     return count
 
 
@@ -142,29 +147,32 @@ def _emit(keep, n, row, width):
 def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m, CAUSAL: tl.constexpr,
          W: tl.constexpr):
     """Row ``m`` of this program's head of pooled scores and its geometry: (block index, score, causally allowed,
-    forced sink and diagonal blocks)."""
+    forced sink and diagonal blocks, full: inside both lengths and wholly below the diagonal — ``layout.
+    full_block_mask``'s rule)."""
     bh = tl.program_id(0)
     n = tl.arange(0, W)
     score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=n < nkb,
                     other=float("-inf")).to(tl.float32)
     last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
+    full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
     if CAUSAL:
         allowed = (n * block_k <= last_q) & (n < nkb)
         diag = last_q // block_k
+        full = full & ((n + 1) * block_k - 1 <= m * block_q + off)
     else:
         allowed = n < nkb
         diag = m * block_q // block_k
     forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
-    return n, score, allowed, forced
+    return n, score, allowed, forced, full
 
 
 @triton.jit
-def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, sink, local, block_q, block_k,
-            q_len, off, M0, FEW, CAUSAL: tl.constexpr, W: tl.constexpr):
+def _select(S, IDX, FULL, CNT, TOTAL, s_sb, s_sh, s_sm, H, NQB, nkb, width, sink, local, block_q, block_k, q_len,
+            off, M0, FEW, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = M0 + tl.program_id(1)
-    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
-                                     CAUSAL, W)
+    n, score, allowed, forced, full = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                           m, CAUSAL, W)
     score = tl.where(forced, float("inf"), tl.where(allowed, score, float("-inf")))
     key = _order_key(score)
     total = tl.load(TOTAL + m)
@@ -173,34 +181,44 @@ def _select(S, IDX, TOTAL, s_sb, s_sh, s_sm, s_ib, s_ih, s_im, H, nkb, width, si
         keep = _top_few(key, n, forced, picks, W) & (total > 0)
     else:
         keep = _top(key, total)
-    _emit(keep, n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width)
+    r = bh * NQB + m  # the row in the contiguous [B, H, NQ] outputs
+    tl.store(CNT + r, _emit(keep, full, n, IDX + r * width, FULL + r * width, width))
 
 
 def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int, block_q: int,
-                  block_k: int, q_len: int, k_len: int, causal: bool) -> torch.Tensor:
-    """int32 [B, H, NQ, width]: per row the ``total[m]`` best blocks of ``scores`` [B, H, NQ, NK] (forced sink and
-    diagonal blocks first, nothing past the causal diagonal), in ascending order, then zeros."""
+                  block_k: int, q_len: int, k_len: int, causal: bool):
+    """Per row the ``total[m]`` best blocks of ``scores`` [B, H, NQ, NK] (forced sink and diagonal blocks first,
+    nothing past the causal diagonal) -> (index int32 [B, H, NQ, width] ascending then zeros, count int32
+    [B, H, NQ], full bool [B, H, NQ, width]: the layout's ``kv_full``)."""
     b, h, nqb, nkb = scores.shape
     scores = scores.contiguous()
-    out = torch.empty(b, h, nqb, width, dtype=torch.int32, device=scores.device)
+    out, full, count = _outputs(b, h, nqb, width, scores.device)
     total = total.to(torch.int32).contiguous()
     few = int(os.environ.get("VIDSPARSE_SELECT_FEW", FEW))
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _select[(b * h, rows)](
-            scores, out, total, scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1),
-            out.stride(2), h, nkb, width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, few,
-            CAUSAL=causal, W=w, num_warps=_warps(w),
+            scores, out, full, count, total, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
+            width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, few, CAUSAL=causal, W=w,
+            num_warps=_warps(w),
         )
-    return out
+    return out, count, full
+
+
+def _outputs(b: int, h: int, nqb: int, width: int, device):
+    """A layout's contiguous (index int32, full bool [B, H, NQ, width]; count int32 [B, H, NQ]), every entry
+    written by the kernel."""
+    return (torch.empty(b, h, nqb, width, dtype=torch.int32, device=device),
+            torch.empty(b, h, nqb, width, dtype=torch.bool, device=device),
+            torch.empty(b, h, nqb, dtype=torch.int32, device=device))
 
 
 @triton.jit
-def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, width, tau, sink, local, block_q,
-                 block_k, q_len, off, CAUSAL: tl.constexpr, W: tl.constexpr):
+def _select_mass(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, local, block_q, block_k, q_len, off,
+                 CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = tl.program_id(1)  # every row at full width: the row's total mass counts entries past the diagonal too
-    n, p, allowed, forced = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, m, CAUSAL,
-                                 W)
+    n, p, allowed, forced, full = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
+                                       CAUSAL, W)
     p = tl.where(n < nkb, p, 0.0)
     total = tl.maximum(tl.sum(p, 0), 1e-30)
     key = _order_key(p)
@@ -211,7 +229,7 @@ def _select_mass(P, IDX, CNT, s_pb, s_ph, s_pm, s_ib, s_ih, s_im, H, NQB, nkb, w
     before = tl.sum(tl.where(key > t, p, 0.0), 0) + tl.cumsum(tl.where(tie, p, 0.0), 0) - p
     keep = ((key > t) | (tie & (before < target)) | (tau >= 1)) & (p > 0) & allowed
     r = bh * NQB + m
-    tl.store(CNT + r, _emit(keep | forced, n, IDX + (bh // H) * s_ib + (bh % H) * s_ih + m * s_im, width))
+    tl.store(CNT + r, _emit(keep | forced, full, n, IDX + r * nkb, FULL + r * nkb, nkb))
 
 
 def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q: int, block_k: int, q_len: int,
@@ -219,28 +237,27 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
     """``patterns.base.keep_top_mass`` and ``finish_layout`` in one pass: per row of ``probs`` [B, H, NQ, NK]
     (non-negative masses), the fewest blocks, largest first and ties to the lower index, whose mass reaches ``tau``
     of the row's (every positive one at ``tau`` ≥ 1), plus the forced sink and diagonal blocks, nothing past the
-    causal diagonal -> (index int32 [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ])."""
+    causal diagonal -> (index int32 [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ], full bool
+    [B, H, NQ, NK])."""
     b, h, nqb, nkb = probs.shape
     probs = probs.float().contiguous()
-    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=probs.device)
-    count = torch.empty(b, h, nqb, dtype=torch.int32, device=probs.device)
+    index, full, count = _outputs(b, h, nqb, nkb, probs.device)
     w = triton.next_power_of_2(max(nkb, 2))
     _select_mass[(b * h, nqb)](
-        probs, index, count, probs.stride(0), probs.stride(1), probs.stride(2), index.stride(0), index.stride(1),
-        index.stride(2), h, nqb, nkb, nkb, float(tau), sink, local, block_q, block_k, q_len, k_len - q_len,
-        CAUSAL=causal, W=w, num_warps=_warps(w),
+        probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
+        local, block_q, block_k, q_len, k_len - q_len, CAUSAL=causal, W=w, num_warps=_warps(w),
     )
-    return index, count
+    return index, count, full
 
 
 @triton.jit
-def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink, local, block_q,
-            block_k, q_len, k_len, M0, CAUSAL: tl.constexpr, W: tl.constexpr):
+def _levels(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink,
+            local, block_q, block_k, q_len, k_len, M0, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = M0 + tl.program_id(1)
     off = k_len - q_len
-    n, score, allowed, forced = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
-                                     CAUSAL, W)
+    n, score, allowed, forced, full = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
+                                           m, CAUSAL, W)
     score = tl.where(allowed, score, float("-inf"))
     key = _order_key(score)
     # the rank bounds of the four levels, nested: top r1 exact, top r2 at least 2x-pooled, ...
@@ -256,10 +273,10 @@ def _levels(S, RANKS, I1, I2, I4, I8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2
     lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
     r = bh * NQB + m  # the row in the [B, H, NQ] outputs
     plane = tl.num_programs(0) * NQB
-    tl.store(CNT + r, _emit(lvl == 1, n, I1 + r * w1, w1))
-    tl.store(CNT + plane + r, _emit(lvl == 2, n, I2 + r * w2, w2))
-    tl.store(CNT + 2 * plane + r, _emit(lvl == 4, n, I4 + r * w4, w4))
-    tl.store(CNT + 3 * plane + r, _emit(lvl == 8, n, I8 + r * w8, w8))
+    tl.store(CNT + r, _emit(lvl == 1, full, n, I1 + r * w1, F1 + r * w1, w1))
+    tl.store(CNT + plane + r, _emit(lvl == 2, full, n, I2 + r * w2, F2 + r * w2, w2))
+    tl.store(CNT + 2 * plane + r, _emit(lvl == 4, full, n, I4 + r * w4, F4 + r * w4, w4))
+    tl.store(CNT + 3 * plane + r, _emit(lvl == 8, full, n, I8 + r * w8, F8 + r * w8, w8))
 
 
 def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, int, int, int], sink: int,
@@ -268,17 +285,18 @@ def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, 
     (by score, ties to the lower index) below ``ranks[m, 0]`` exact, below ``ranks[m, 1]`` 2×-pooled, ``[m, 2]``
     4×, ``[m, 3]`` 8× (``ranks`` int32 [NQ, 4], nested), nothing past the causal diagonal; forced sink/diagonal
     blocks and blocks that cannot be pooled (cut by the diagonal or the sequence end) exact. -> four (index int32
-    [B, H, NQ, width], count int32 [B, H, NQ]) pairs, levels 1, 2, 4, 8, indices ascending; ``widths`` must bound
-    each level's count."""
+    [B, H, NQ, width], count int32 [B, H, NQ], full bool [B, H, NQ, width]) triples, levels 1, 2, 4, 8, indices
+    ascending; ``widths`` must bound each level's count."""
     b, h, nqb, nkb = scores.shape
     scores = scores.contiguous()
     widths = [max(1, min(int(x), nkb)) for x in widths]
     outs = [torch.empty(b, h, nqb, x, dtype=torch.int32, device=scores.device) for x in widths]
+    fulls = [torch.empty(b, h, nqb, x, dtype=torch.bool, device=scores.device) for x in widths]
     cnt = torch.empty(4, b, h, nqb, dtype=torch.int32, device=scores.device)
     ranks = ranks.to(torch.int32).contiguous()
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _levels[(b * h, rows)](
-            scores, ranks, *outs, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb, *widths,
-            sink, local, block_q, block_k, q_len, k_len, m0, CAUSAL=causal, W=w, num_warps=_warps(w),
+            scores, ranks, *outs, *fulls, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
+            *widths, sink, local, block_q, block_k, q_len, k_len, m0, CAUSAL=causal, W=w, num_warps=_warps(w),
         )
-    return [(x, cnt[i]) for i, x in enumerate(outs)]
+    return [(x, cnt[i], f) for i, (x, f) in enumerate(zip(outs, fulls))]

@@ -242,15 +242,15 @@ def mass_layout(probs: Tensor, tau: float, q, k, meta: SeqMeta, sink: int, local
     """Per row of block masses ``probs`` [B, H, NQ, NK], the fewest blocks reaching ``tau`` of the row's mass
     (``keep_top_mass``) plus the forced sink and diagonal blocks. ``backend``: "kernel" (``kernels.block_select.
     select_mass``: one Triton program per row finds the threshold by a binary search on the masses and writes the
-    row's indices; the default on CUDA) or "reference" (torch: a stable sort, a cumulative sum, a scatter back and the
-    mask-to-index conversion of ``finish_layout``). Both keep the same blocks up to the order in which the row's
+    row's layout: indices, count, ``kv_full``; the default on CUDA) or "reference" (torch: a stable sort, a
+    cumulative sum, a scatter back and the mask-to-index conversion of ``finish_layout``). Both keep the same blocks up to the order in which the row's
     mass is summed."""
     if use_kernel(backend, probs):
         from ..kernels.block_select import select_mass
 
-        index, count = select_mass(probs, tau, sink, local, meta.block_q, meta.block_k, q.shape[2], k.shape[2],
-                                   meta.causal)
-        return BlockLayout.from_index(index, count, meta.block_q, meta.block_k, q.shape[2], k.shape[2], meta.causal)
+        index, count, full = select_mass(probs, tau, sink, local, meta.block_q, meta.block_k, q.shape[2],
+                                         k.shape[2], meta.causal)
+        return BlockLayout(index, count, full, meta.block_q, meta.block_k, q.shape[2], k.shape[2], meta.causal)
     return finish_layout(keep_top_mass(probs, tau), q, k, meta, sink, local)
 
 
@@ -285,8 +285,9 @@ def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: S
     (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
     [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
     ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
-    score by a radix search and compacts the blocks above it; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf and blocks past the diagonal at
-    -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
+    score by a radix search and writes the layout — indices of the blocks above it, counts and ``kv_full`` — with no
+    torch conversion; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf
+    and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
     the kept indices). Both keep the same blocks. ``total``: the rows' block counts when the caller has them already
     (``row_totals`` of the budget; ``block_topk`` caches them per shape), else computed from ``budget``."""
     nq, nk = q.shape[2], k.shape[2]
@@ -297,9 +298,9 @@ def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: S
     if use_kernel(backend, scores):
         from ..kernels.block_select import select_blocks
 
-        index = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk, meta.causal)
-        return BlockLayout.from_index(index, total.expand(*scores.shape[:-1]), meta.block_q, meta.block_k, nq, nk,
-                                      meta.causal)
+        index, count, full = select_blocks(scores, total, width, sink, local, meta.block_q, meta.block_k, nq, nk,
+                                           meta.causal)
+        return BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, meta.causal)
     allowed = causal_block_mask(nqb, nkb, meta.block_q, meta.block_k, nq, nk, q.device) if meta.causal else \
         torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
     forced = forced_blocks(nqb, nkb, meta, nq, nk, sink, local, q.device) & allowed

@@ -88,8 +88,6 @@ class Pyramid(Pattern):
 
     def layout_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int,
                            backend: str = "auto") -> PyramidLayout:
-        make_index = lambda pair: BlockLayout.from_index(pair[0], pair[1], meta.block_q, meta.block_k, nq, nk,
-                                                         meta.causal)
         if self.mode == "rank" and use_kernel(backend, s):
             from ..kernels.block_select import select_levels
 
@@ -97,7 +95,8 @@ class Pyramid(Pattern):
                                          self.bounds, self.sink, self.local, s.device)
             parts = select_levels(s, ranks, widths, self.sink, self.local, meta.block_q, meta.block_k, nq, nk,
                                   meta.causal)
-            return PyramidLayout(make_index(parts[0]), tuple(make_index(x) for x in parts[1:]))
+            make = lambda part: BlockLayout(*part, meta.block_q, meta.block_k, nq, nk, meta.causal)
+            return PyramidLayout(make(parts[0]), tuple(make(x) for x in parts[1:]))
         lvl = self.levels_from_scores(s, meta, nq, nk)
         make = lambda m: BlockLayout.from_block_mask(m, meta.block_q, meta.block_k, nq, nk, meta.causal,
                                                      width=m.shape[-1])

@@ -58,8 +58,9 @@ class TokenSparse(Pattern):
         drop = (torch.cumsum(finite, -1) <= (1.0 - self.coverage) * total) & ~torch.isinf(srt)
         keep = torch.zeros_like(drop).scatter(-1, order, ~drop)
         count = keep.sum(-1)
-        lmax = int(count.max())
-        pos = torch.arange(n, device=q.device).expand(b, h, n)
-        index = torch.where(keep, pos, torch.full_like(pos, n)).sort(-1).values[..., :lmax]
-        index = torch.where(index >= n, torch.full_like(index, -1), index)
-        return TokenLayout(index, count, n, k.shape[2], meta.causal)
+        # compact each row's kept positions to its front (ascending) with a cumsum and a scatter: no sort, and no
+        # host sync — the index keeps all N columns (-1 past the count); the executor trims it to the longest row
+        slot = torch.where(keep, keep.cumsum(-1) - 1, n)
+        index = torch.full((b, h, n + 1), -1, dtype=torch.long, device=q.device)
+        index.scatter_(-1, slot, torch.arange(n, device=q.device).expand(b, h, n))  # column n: the dropped
+        return TokenLayout(index[..., :n], count, n, k.shape[2], meta.causal)
