@@ -29,11 +29,14 @@ Measured on an H100 at 128K tokens, 28/4 heads (``benchmarks/profile_estimation.
 the kernel took 21.3 ms at S = 8 and 11.3 ms at S = 16 with strided pointer loads and one program per row tile;
 TMA loads 20.0 / 10.3 ms; split in two 18.9 / 9.6 ms; the defaults (128 × 128 tiles, 3 stages, 4 splits, the
 interior tiles unmasked) about 17.5 / 8.6 ms, about 440 TF/s on the causal products (N²·D/S per head). The cuBLAS
-GEMM + score matrix + softmax-block-sum path it replaced took 31.9 / 18.2 ms for the whole estimate."""
+GEMM + score matrix + softmax-block-sum path it replaced took 31.9 / 18.2 ms for the whole estimate.
+
+Tried on an H200 and reverted (commit abb0e93, ``profile_estimation_antidiag{FOLD,OVERLAP}_*.json``, in-process A/B
+of xattention's estimate): applying the scale inside the exponent's multiply-add instead of as its own pass made
+stride 8 slower (17.6-17.7 → 18.8-19.4 ms at 128K, ~1.2 → 1.25 ms at 32K), and deferring each tile's softmax to the
+next tile's first phase, to overlap it with that phase's product, slower still (18.7 → 21.7-22.1 ms at 128K)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -44,49 +47,11 @@ SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing he
 
 
 @triton.jit
-def _tile_mass(acc, m, l, c0, rows, hi, pid_m, off_s, qk_scale, lp_rows, R, NKB, KC: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, CAUSAL: tl.constexpr, FOLD: tl.constexpr):
-    """A finished column tile's products ``acc`` [BM, BN] (columns from ``c0``): the online softmax's row max ``m``
-    and sum ``l`` updated, each row's unnormalised mass per key block of the tile stored as one log2 value. FOLD:
-    the scale is applied inside the exponent's multiply-add (and to the row max), not as its own pass."""
-    cols = c0 + tl.arange(0, BN)
-    # only tiles that reach past the key end or the row tile's first diagonal need the element mask
-    edge = c0 + BN > hi
-    if CAUSAL:
-        edge = edge | (c0 + BN - 1 > pid_m * BM + off_s)
-    if FOLD:
-        sc = acc
-    else:
-        sc = acc * qk_scale
-    if edge:
-        valid = cols[None, :] < hi
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None] + off_s)
-        sc = tl.where(valid, sc, float("-inf"))
-    if FOLD:
-        m_new = tl.maximum(m, tl.max(sc, 1) * qk_scale)  # the scale is positive: the max commutes with it
-    else:
-        m_new = tl.maximum(m, tl.max(sc, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
-    if FOLD:
-        p = tl.math.exp2(sc * qk_scale - m_sub[:, None])
-    else:
-        p = tl.math.exp2(sc - m_sub[:, None])
-    l = l * tl.math.exp2(m - m_sub) + tl.sum(p, 1)
-    part = tl.sum(tl.reshape(p, [BM, BN // KC, KC]), 2)
-    lpart = tl.where(part > 0, m_sub[:, None] + tl.math.log2(part), float("-inf"))
-    kb = c0 // KC + tl.arange(0, BN // KC)
-    tl.store(lp_rows + kb[None, :], lpart, mask=(rows[:, None] < R) & (kb[None, :] < NKB))
-    return m_new, l
-
-
-@triton.jit
 def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, s_kd, s_pb, s_pm, s_ob, s_oh,
                        s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale,
                        S: tl.constexpr, D: tl.constexpr, QR: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, KBT: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr, FOLD: tl.constexpr,
-                       OVERLAP: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr):
     i = tl.program_id(0)  # head within this group (fastest: the longest row tiles of every head go first)
     split = tl.program_id(1) % SPLITS  # this program's share of the row tile's column tiles
     nrt = tl.num_programs(1) // SPLITS
@@ -107,14 +72,10 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
     l = tl.zeros([BM], dtype=tl.float32)
     lp_rows = LP + i * s_pb + rows[:, None] * s_pm
     # one flat loop over (column tile, stride phase) so that the loads pipeline across tiles; a tile's epilogue runs
-    # on its last phase (OVERLAP: on the next tile's first phase, after that phase's product is issued, so that the
-    # softmax runs while the tensor cores work)
+    # on its last phase
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    prev = tl.zeros([BM, BN], dtype=tl.float32)
     per = tl.cdiv(tl.cdiv(hi, BN), SPLITS)
-    t0 = split * per * S
-    t1 = tl.minimum(tl.cdiv(hi, BN), split * per + per) * S
-    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+    for t in tl.range(split * per * S, tl.minimum(tl.cdiv(hi, BN), split * per + per) * S, num_stages=NUM_STAGES):
         j = t % S
         c0 = (t // S) * BN
         cols = c0 + tl.arange(0, BN)
@@ -127,21 +88,27 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
             qj = tl.load(q_base + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
             kj = tl.load(k_base + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
         acc = tl.dot(qj, kj, acc, input_precision=PRECISION)
-        if OVERLAP:
-            if (j == 0) & (t > t0):
-                m, l = _tile_mass(prev, m, l, c0 - BN, rows, hi, pid_m, off_s, qk_scale, lp_rows, R, NKB, KC, BM, BN,
-                                  CAUSAL, FOLD)
-            if j == S - 1:
-                prev = acc
-                acc = tl.zeros([BM, BN], dtype=tl.float32)
-        elif j == S - 1:
-            m, l = _tile_mass(acc, m, l, c0, rows, hi, pid_m, off_s, qk_scale, lp_rows, R, NKB, KC, BM, BN, CAUSAL,
-                              FOLD)
+        if j == S - 1:
+            sc = acc * qk_scale
+            # only tiles that reach past the key end or the row tile's first diagonal need the element mask
+            edge = c0 + BN > hi
+            if CAUSAL:
+                edge = edge | (c0 + BN - 1 > pid_m * BM + off_s)
+            if edge:
+                valid = cols[None, :] < hi
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= rows[:, None] + off_s)
+                sc = tl.where(valid, sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
+            p = tl.math.exp2(sc - m_sub[:, None])
+            l = l * tl.math.exp2(m - m_sub) + tl.sum(p, 1)
+            m = m_new
+            part = tl.sum(tl.reshape(p, [BM, BN // KC, KC]), 2)
+            lpart = tl.where(part > 0, m_sub[:, None] + tl.math.log2(part), float("-inf"))
+            kb = c0 // KC + tl.arange(0, BN // KC)
+            tl.store(lp_rows + kb[None, :], lpart, mask=(rows[:, None] < R) & (kb[None, :] < NKB))
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if OVERLAP:
-        if t1 > t0:
-            m, l = _tile_mass(prev, m, l, (t1 // S - 1) * BN, rows, hi, pid_m, off_s, qk_scale, lp_rows, R, NKB, KC,
-                              BM, BN, CAUSAL, FOLD)
     ml_rows = ML + (i * SPLITS + split) * 2 * RP + rows
     tl.store(ml_rows, m)
     tl.store(ml_rows + RP, l)
@@ -168,12 +135,6 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
             mass = tl.sum(tl.reshape(pr, [BM // QR, QR, KBT]), 1)
             tl.store(OUT + b * s_ob + h * s_oh + qb[:, None] * s_om + kb[None, :] * s_on, mass,
                      mask=(qb[:, None] * QR < R) & (kb[None, :] < NKB))
-
-
-def _flag(name: str, default: bool) -> bool:
-    """An on/off switch of the kernel read from the environment at each call (a tuning knob: "0" or "1")."""
-    v = os.environ.get(name)
-    return default if v is None else v != "0"
 
 
 def _pow2(x: int) -> bool:
@@ -245,7 +206,6 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
             bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
             S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages, TMA=tma,
-            SPLITS=splits, FOLD=_flag("VIDSPARSE_ANTIDIAG_FOLD", True),
-            OVERLAP=_flag("VIDSPARSE_ANTIDIAG_OVERLAP", False), num_warps=num_warps,
+            SPLITS=splits, num_warps=num_warps,
         )
     return out
