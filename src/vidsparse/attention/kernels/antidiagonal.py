@@ -34,7 +34,14 @@ GEMM + score matrix + softmax-block-sum path it replaced took 31.9 / 18.2 ms for
 Tried on an H200 and reverted (commit abb0e93, ``profile_estimation_antidiag{FOLD,OVERLAP}_*.json``, in-process A/B
 of xattention's estimate): applying the scale inside the exponent's multiply-add instead of as its own pass made
 stride 8 slower (17.6-17.7 → 18.8-19.4 ms at 128K, ~1.2 → 1.25 ms at 32K), and deferring each tile's softmax to the
-next tile's first phase, to overlap it with that phase's product, slower still (18.7 → 21.7-22.1 ms at 128K)."""
+next tile's first phase, to overlap it with that phase's product, slower still (18.7 → 21.7-22.1 ms at 128K).
+Wider tiles (256 query rows, 8 or 16 warps, 2 stages) were 13-25% slower at 32K and 128K, 4 warps within noise
+(``profile_estimation_antidiag_sweep_*.json`` on the H200). Nsight Compute on the H200 (32K, stride 8,
+``ncu_antidiag_*_32768_s8.txt``): 1.05 ms, L2 throughput 63%, SM (tensor) 49%, one 8-warp program per SM
+(165 registers, 201 KB shared memory); the per-tile log-partials' move from the product's register layout to the
+store's goes through shared memory with 7-10-way bank conflicts (~14M conflicts per launch). Dropping the
+``part > 0`` select (log2(0) is -inf already) removed one of the three layout moves but not the conflicts, and no
+time (``profile_estimation_antidiagLOG0_*.json``); it stays as the simpler form."""
 
 from __future__ import annotations
 
@@ -105,7 +112,7 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
             l = l * tl.math.exp2(m - m_sub) + tl.sum(p, 1)
             m = m_new
             part = tl.sum(tl.reshape(p, [BM, BN // KC, KC]), 2)
-            lpart = tl.where(part > 0, m_sub[:, None] + tl.math.log2(part), float("-inf"))
+            lpart = m_sub[:, None] + tl.math.log2(part)  # log2(0) = -inf: a block with no mass needs no select
             kb = c0 // KC + tl.arange(0, BN // KC)
             tl.store(lp_rows + kb[None, :], lpart, mask=(rows[:, None] < R) & (kb[None, :] < NKB))
             acc = tl.zeros([BM, BN], dtype=tl.float32)
