@@ -105,7 +105,7 @@ k = ps._scores.warmup(f32, f32, f32, 4, 7, 256, 256, D=128, BD=128, BM=ps.BM, BN
                       PRECISION=ps.PRECISION, num_warps=ps.WARPS, grid=(1,))
 open(sys.argv[1], "wb").write(k.asm["cubin"])
 k = bs._select.warmup(f32, i32, b8, i32, i32, 1, 1, 1, 28, 512, 512, 52, 1, 1, 128, 128, 65536, 0, 0, bs.FEW,
-                      CAUSAL=True, W=512, RADIX=bs._radix(), num_warps=bs._warps(512), grid=(1,))
+                      CAUSAL=True, W=512, num_warps=bs._warps(512), grid=(1,))
 open(sys.argv[2], "wb").write(k.asm["cubin"])
 """
 

@@ -20,6 +20,13 @@ forced ones take that many rounds of one int64 max-reduction instead of the 32 c
 ``block_topk``'s whole estimate at 5% 0.154 → 0.139 ms at 32K, 0.303 → 0.288 ms at 64K, 0.719 → 0.702 ms at 128K;
 ``FEW`` of 8, 16 and 32 compared, 16 fastest at every size, ``profile_estimation_selectfew_*.json``).
 
+Tried and reverted (commit 2 before this docstring's, ``profile_estimation_selectradix_*.json``, H200, in-process):
+radix rounds of 2- or 4-bit digits in place of the binary searches — one [2^bits, W] reduction per round, 16 or 8
+rounds instead of 31-32. Slower at every size: ``block_cdf`` 0.99 → 1.65 / 2.88 ms at 128K, ``block_topk`` 10%
+0.71 → 1.08 / 1.74 ms, ``pyramid`` 1.95 → 8.4 / 5.5 ms. The wider reductions raise the registers (``_select_mass``
+37 → 62 / 121 at 256 key blocks, spills at 1,024) and the rows, thousands per launch, are bound by throughput, not
+by the latency of the rounds.
+
 ``select_levels`` does the same for ``pyramid``'s rank mode: four nested searches give each block its level (exact,
 2×, 4×, 8× pooled, skipped) and four compactions write the levels' layouts, in place of a full sort of every row,
 a scatter of the levels back and four mask-to-index conversions."""
@@ -34,7 +41,6 @@ import triton
 import triton.language as tl
 
 
-RADIX_BITS = 4  # digit bits of the searches' radix rounds (VIDSPARSE_SELECT_RADIX; 0: binary search)
 FEW = 16  # rows picking at most this many blocks beyond the forced ones take ``_top_few`` (VIDSPARSE_SELECT_FEW)
 
 
@@ -45,12 +51,6 @@ def _warps(w: int) -> int:
     1,024 key blocks unmeasured: twice the warps for twice the row.)"""
     env = os.environ.get("VIDSPARSE_SELECT_WARPS")
     return int(env) if env else (2 if w <= 1024 else 4)
-
-
-def _radix() -> int:
-    """The searches' method: radix rounds of this many bits per digit (2 or 4), or 0 for the binary search
-    (``VIDSPARSE_SELECT_RADIX``)."""
-    return int(os.environ.get("VIDSPARSE_SELECT_RADIX", RADIX_BITS))
 
 
 def _row_groups(nqb: int, nkb: int, block_q: int, block_k: int, q_len: int, k_len: int,
@@ -89,14 +89,11 @@ def _order_key(score):
 
 
 @triton.jit
-def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr, RADIX: tl.constexpr):
+def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr):
     """The largest t in [LO, 2^31) whose keys >= t weigh at least ``target`` (``weight``: 1 counts them, a tensor
-    sums it; LO when even every key falls short). RADIX > 0: ``_radix_search`` with digits of that many bits; 0: a
-    ``STEPS``-step binary search. The
-    bounds are int64 scalars (their sum overflows int32); each step compares the int32 keys with an int32 midpoint,
-    which a wider one would widen to int64 across the whole row."""
-    if RADIX > 0:
-        return _radix_search(key, weight, target, LO, RADIX)
+    sums it), by a ``STEPS``-step binary search (LO when even every key falls short). The bounds are int64 scalars
+    (their sum overflows int32); each step compares the int32 keys with an int32 midpoint, which a wider one would
+    widen to int64 across the whole row."""
     lo = tl.full([], LO, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
     for _ in range(STEPS):
@@ -108,40 +105,15 @@ def _search(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr, RADIX: t
 
 
 @triton.jit
-def _radix_search(key, weight, target, LO: tl.constexpr, BITS: tl.constexpr):
-    """``_search``'s t in 32 / ``BITS`` rounds of ``BITS``-bit digits, most significant first, instead of 31-32
-    halvings: each round sums the weights of the keys that share the digits found so far, per value of their next
-    digit (one [2^BITS, W] reduction), and keeps the largest digit whose keys, with every key above them, still
-    weigh ``target``. The keys are compared as unsigned after flipping the sign bit (the same order)."""
-    u = (key ^ -2147483648).to(tl.uint32, bitcast=True)
-    digit = tl.arange(0, 1 << BITS)
-    w = weight + tl.zeros_like(key)  # the weights as a row (``weight`` may be a scalar 1)
-    d = (u >> (32 - BITS)).to(tl.int32)
-    s = tl.sum(tl.where(d[None, :] == digit[:, None], w[None, :], 0), 1)
-    best = tl.max(tl.where(tl.cumsum(s, 0, reverse=True) >= target, digit, -1), 0)
-    above = tl.sum(tl.where(digit > best, s, 0), 0)  # the weight of the keys above the chosen digit's range
-    prefix = tl.maximum(best, 0).to(tl.uint32) << (32 - BITS)
-    for i in tl.static_range(2, 32 // BITS + 1):
-        shift = 32 - BITS * i
-        inside = (u >> (shift + BITS)) == (prefix >> (shift + BITS))
-        d = ((u >> shift) & ((1 << BITS) - 1)).to(tl.int32)
-        s = tl.sum(tl.where((d[None, :] == digit[:, None]) & inside[None, :], w[None, :], 0), 1)
-        best = tl.max(tl.where(above + tl.cumsum(s, 0, reverse=True) >= target, digit, -1), 0)
-        above += tl.sum(tl.where(digit > best, s, 0), 0)
-        prefix = prefix | (tl.maximum(best, 0).to(tl.uint32) << shift)
-    return tl.maximum(prefix.to(tl.int32, bitcast=True) ^ -2147483648, LO)
-
-
-@triton.jit
-def _threshold(key, total, RADIX: tl.constexpr):
+def _threshold(key, total):
     """The largest t with at least ``total`` keys >= t (the ``total``-th largest key), over the whole int32 range."""
-    return _search(key, 1, total, -2147483648, 32, RADIX)
+    return _search(key, 1, total, -2147483648, 32)
 
 
 @triton.jit
-def _top(key, total, RADIX: tl.constexpr):
+def _top(key, total):
     """The ``total`` largest keys, ties to the lowest indices (a stable descending sort's first ``total``)."""
-    t = _threshold(key, total, RADIX)
+    t = _threshold(key, total)
     above = key > t
     tie = key == t
     room = total - tl.sum(above.to(tl.int32), 0)
@@ -203,7 +175,7 @@ def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
 
 @triton.jit
 def _select(S, IDX, FULL, CNT, TOTAL, s_sb, s_sh, s_sm, H, NQB, nkb, width, sink, local, block_q, block_k, q_len,
-            off, M0, FEW, CAUSAL: tl.constexpr, W: tl.constexpr, RADIX: tl.constexpr):
+            off, M0, FEW, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = M0 + tl.program_id(1)
     n, score, allowed, forced, full = _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
@@ -215,7 +187,7 @@ def _select(S, IDX, FULL, CNT, TOTAL, s_sb, s_sh, s_sm, H, NQB, nkb, width, sink
     if picks <= FEW:
         keep = _top_few(key, n, forced, picks, W) & (total > 0)
     else:
-        keep = _top(key, total, RADIX)
+        keep = _top(key, total)
     r = bh * NQB + m  # the row in the contiguous [B, H, NQ] outputs
     tl.store(CNT + r, _emit(keep, full, n, IDX + r * width, FULL + r * width, width))
 
@@ -233,7 +205,7 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _select[(b * h, rows)](
             scores, out, full, count, total, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
-            width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, few, CAUSAL=causal, W=w, RADIX=_radix(),
+            width, sink, local, block_q, block_k, q_len, k_len - q_len, m0, few, CAUSAL=causal, W=w,
             num_warps=_warps(w),
         )
     return out, count, full
@@ -249,7 +221,7 @@ def _outputs(b: int, h: int, nqb: int, width: int, device):
 
 @triton.jit
 def _select_mass(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, local, block_q, block_k, q_len, off,
-                 CAUSAL: tl.constexpr, W: tl.constexpr, RADIX: tl.constexpr):
+                 CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = tl.program_id(1)  # every row at full width: the row's total mass counts entries past the diagonal too
     n, p, allowed, forced, full = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
@@ -258,7 +230,7 @@ def _select_mass(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, lo
     total = tl.maximum(tl.sum(p, 0), 1e-30)
     key = _order_key(p)
     target = tau * total  # compared as sums against a product, exactly as the torch path does (no division)
-    t = _search(key, p, target, 0, 31, RADIX)  # masses are >= 0: their keys too (0: every entry)
+    t = _search(key, p, target, 0, 31)  # masses are >= 0: their keys too (0: every entry)
     # every entry above t is kept; of those equal to t, in index order, each whose preceding mass is below tau
     tie = key == t
     before = tl.sum(tl.where(key > t, p, 0.0), 0) + tl.cumsum(tl.where(tie, p, 0.0), 0) - p
@@ -280,14 +252,14 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
     w = triton.next_power_of_2(max(nkb, 2))
     _select_mass[(b * h, nqb)](
         probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
-        local, block_q, block_k, q_len, k_len - q_len, CAUSAL=causal, W=w, RADIX=_radix(), num_warps=_warps(w),
+        local, block_q, block_k, q_len, k_len - q_len, CAUSAL=causal, W=w, num_warps=_warps(w),
     )
     return index, count, full
 
 
 @triton.jit
 def _levels(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink,
-            local, block_q, block_k, q_len, k_len, M0, CAUSAL: tl.constexpr, W: tl.constexpr, RADIX: tl.constexpr):
+            local, block_q, block_k, q_len, k_len, M0, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
     m = M0 + tl.program_id(1)
     off = k_len - q_len
@@ -296,10 +268,10 @@ def _levels(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, 
     score = tl.where(allowed, score, float("-inf"))
     key = _order_key(score)
     # the rank bounds of the four levels, nested: top r1 exact, top r2 at least 2x-pooled, ...
-    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 3), RADIX), 8, 0)
-    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 2), RADIX), 4, lvl)
-    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 1), RADIX), 2, lvl)
-    lvl = tl.where(_top(key, tl.load(RANKS + m * 4), RADIX), 1, lvl)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 3)), 8, 0)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 2)), 4, lvl)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 1)), 2, lvl)
+    lvl = tl.where(_top(key, tl.load(RANKS + m * 4)), 1, lvl)
     lvl = tl.where(allowed, lvl, 0)
     # a block is pooled only when all its keys exist and every query of the row block sees all of them
     poolable = (n + 1) * block_k <= k_len
@@ -332,6 +304,6 @@ def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, 
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _levels[(b * h, rows)](
             scores, ranks, *outs, *fulls, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
-            *widths, sink, local, block_q, block_k, q_len, k_len, m0, CAUSAL=causal, W=w, RADIX=_radix(), num_warps=_warps(w),
+            *widths, sink, local, block_q, block_k, q_len, k_len, m0, CAUSAL=causal, W=w, num_warps=_warps(w),
         )
     return [(x, cnt[i], f) for i, (x, f) in enumerate(zip(outs, fulls))]
