@@ -20,7 +20,7 @@ forced ones take that many rounds of one int64 max-reduction instead of the 32 c
 ``block_topk``'s whole estimate at 5% 0.154 → 0.139 ms at 32K, 0.303 → 0.288 ms at 64K, 0.719 → 0.702 ms at 128K;
 ``FEW`` of 8, 16 and 32 compared, 16 fastest at every size, ``profile_estimation_selectfew_*.json``).
 
-Tried and reverted (commit 2 before this docstring's, ``profile_estimation_selectradix_*.json``, H200, in-process):
+Tried and reverted (commit de15fe5, ``profile_estimation_selectradix_*.json``, H200, in-process A/B):
 radix rounds of 2- or 4-bit digits in place of the binary searches — one [2^bits, W] reduction per round, 16 or 8
 rounds instead of 31-32. Slower at every size: ``block_cdf`` 0.99 → 1.65 / 2.88 ms at 128K, ``block_topk`` 10%
 0.71 → 1.08 / 1.74 ms, ``pyramid`` 1.95 → 8.4 / 5.5 ms. The wider reductions raise the registers (``_select_mass``
