@@ -183,11 +183,12 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles. The defaults
     (128 × 128, 3 stages, 4 splits; then 8 warps) were the fastest measured on an H100 at 64K and 128K tokens, both
     strides (``benchmarks/profile_estimation.py --antidiagonal``: 3 and 4 splits within run-to-run noise of each other
-    at stride 8, 4 ahead at 16; BENCHMARKS.md, "xattention estimation kernel"). ``num_warps``: by default 4 at strides up
-    to 8 and 8 above: one warpgroup holds the whole 128 × 128 tile (222 registers at stride 8, none spilled; 255 and
-    a spill at 16). Four warps were 1-3% faster at stride 8 in each of three sweeps (H100 32K: 1.12 against 1.14-1.16
-    ms; H200 32K: 1.09-1.12 against 1.12-1.13 ms; H200 128K: 16.7-17.6 against 17.3-17.4 ms) and 4-7% slower at 16
-    (``profile_estimation_antidiag_sweep_*.json``); strides below 8 are unmeasured."""
+    at stride 8, 4 ahead at 16; BENCHMARKS.md, "xattention estimation kernel"). ``num_warps``: by default 4 at strides
+    up to 8 and 8 above: one warpgroup holds the whole 128 × 128 tile (222 registers at stride 8, none spilled; 255
+    and a spill at 16). Four warps were faster at stride 8 in five of six repetitions over three sweeps, by 0.4-3.9%
+    (one 1% slower; H100 32K: 1.12 against 1.14-1.16 ms; H200 32K: 1.09-1.12 against 1.12-1.13 ms; H200 128K:
+    16.7-17.6 against 17.3-17.4 ms), and 4-7% slower at 16 (``profile_estimation_antidiag_sweep_*.json``); strides
+    below 8 are unmeasured."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride

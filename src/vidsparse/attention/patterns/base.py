@@ -243,8 +243,8 @@ def mass_layout(probs: Tensor, tau: float, q, k, meta: SeqMeta, sink: int, local
     (``keep_top_mass``) plus the forced sink and diagonal blocks. ``backend``: "kernel" (``kernels.block_select.
     select_mass``: one Triton program per row finds the threshold by a binary search on the masses and writes the
     row's layout: indices, count, ``kv_full``; the default on CUDA) or "reference" (torch: a stable sort, a
-    cumulative sum, a scatter back and the mask-to-index conversion of ``finish_layout``). Both keep the same blocks up to the order in which the row's
-    mass is summed."""
+    cumulative sum, a scatter back and the mask-to-index conversion of ``finish_layout``). Both keep the same blocks
+    up to the order in which the row's mass is summed."""
     if use_kernel(backend, probs):
         from ..kernels.block_select import select_mass
 
@@ -287,9 +287,10 @@ def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: S
     ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
     score by a radix search and writes the layout — indices of the blocks above it, counts and ``kv_full`` — with no
     torch conversion; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf
-    and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total, known on the host — and one sort of
-    the kept indices). Both keep the same blocks. ``total``: the rows' block counts when the caller has them already
-    (``row_totals`` of the budget; ``block_topk`` caches them per shape), else computed from ``budget``."""
+    and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total,
+    known on the host — and one sort of the kept indices). Both keep the same blocks. ``total``: the rows' block
+    counts when the caller has them already (``row_totals`` of the budget; ``block_topk`` caches them per shape),
+    else computed from ``budget``."""
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = scores.shape[-2:]
     width = max(1, min(width, nkb))
