@@ -285,7 +285,7 @@ def topk_layout(scores: Tensor, budget: Tensor | None, width: int, q, k, meta: S
     (never fewer than the forced ones, never more than the row's causal blocks), no host sync. ``scores``
     [B, H, NQ, NK] unmasked (``block_scores(..., masked=False)``); the torch path overwrites it.
     ``backend``: "kernel" (``kernels.block_select``: one Triton program per row finds its ``total``-th largest biased
-    score by a radix search and writes the layout — indices of the blocks above it, counts and ``kv_full`` — with no
+    score by a binary search and writes the layout — indices of the blocks above it, counts and ``kv_full`` — with no
     torch conversion; the default on CUDA) or "reference" (torch: one in-place pass that puts forced blocks at +inf
     and blocks past the diagonal at -inf, one sorted ``topk`` of ``width`` — an upper bound of every row's total,
     known on the host — and one sort of the kept indices). Both keep the same blocks. ``total``: the rows' block
