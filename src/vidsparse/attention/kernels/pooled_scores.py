@@ -16,7 +16,11 @@ per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.
 rounding can reorder near-equal blocks against the fp32 and CPU paths, not measured); IEEE fp32 on the CUDA cores
 1.87 ms. A Triton pooling kernel (one program per block, any strides) was measured too and dropped: 0.303 ms at
 128K against 0.280 ms for torch's two reductions (``profile_estimation_share_131072_poolkernel.json`` against
-``profile_estimation_share_131072.json``, separate processes).
+``profile_estimation_share_131072.json``, separate processes). Nor did fusing q's pooling into this product pay
+(commit 8223304: one kernel reading q once, summing 16 query blocks per program in fp32, then the TF32×3 product
+on HMMA; ``profile_estimation_poolfused_*.json``, in-process A/B of ``block_topk`` 5%): 0.121 against 0.122 ms at
+32K, 0.730 against 0.693 ms at 128K (the best of four fused launch configurations at both sizes: 16 blocks, 8
+tokens per step, 3 stages, 4 warps, 64-block product tiles).
 
 Results equal the torch path up to fp32 rounding: ``tests/test_attention.py`` checks it in the interpreter,
 ``tests/test_attention_gpu.py`` with TF32×3 on the GPU."""
@@ -80,65 +84,4 @@ def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     _scores[(b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))](
         qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn, BK=min(bk, bd), PRECISION=precision,
         num_warps=warps)
-    return out
-
-
-# fused pooling: query blocks per program, tokens per step, pipeline stages, warps, key blocks per product tile
-POOL_CONFIG = (16, 8, 3, 4, 64)
-
-
-@triton.jit
-def _pool_scores(Q, KP, S, s_qb, s_qh, s_qm, s_qd, HK, G, NQB, NKB, NQ, block, scale, D: tl.constexpr,
-                 BD: tl.constexpr, BR: tl.constexpr, TT: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    bk = tl.program_id(0).to(tl.int64)  # batch · KV head
-    b = bk // HK
-    r = tl.program_id(1) * BR + tl.arange(0, BR)  # over the G · NQB query blocks of this KV head, as in _scores
-    live = r < G * NQB
-    h = (bk % HK) * G + r // NQB
-    m = r % NQB
-    d = tl.arange(0, BD)
-    row = Q + b * s_qb + h.to(tl.int64)[:, None, None] * s_qh + d[None, None, :] * s_qd  # [BR, 1, BD]
-    first = m * block
-    tt = tl.arange(0, TT)
-    acc = tl.zeros([BR, BD], dtype=tl.float32)
-    for t0 in tl.range(0, block, TT, num_stages=STAGES):  # each row's block, TT tokens at a time
-        tok = first[:, None] + t0 + tt[None, :]
-        inside = live[:, None] & (t0 + tt[None, :] < block) & (tok < NQ)
-        x = tl.load(row + tok.to(tl.int64)[:, :, None] * s_qm, mask=inside[:, :, None] & (d[None, None, :] < D),
-                    other=0.0)
-        acc += tl.sum(x.to(tl.float32), 1)
-    pooled = acc * (scale / tl.maximum(tl.minimum(block, NQ - first), 1).to(tl.float32))[:, None]  # mean · scale
-    k_base = KP + bk * NKB * D
-    for n0 in range(0, NKB, BN):
-        n = n0 + tl.arange(0, BN)
-        kt = tl.load(k_base + n[None, :] * D + d[:, None], mask=(n[None, :] < NKB) & (d[:, None] < D), other=0.0)
-        sc = tl.dot(pooled, kt, input_precision=PRECISION)
-        tl.store(S + (bk * G * NQB + r[:, None]) * NKB + n[None, :], sc, mask=live[:, None] & (n[None, :] < NKB))
-
-
-def pooled_scores(q: torch.Tensor, kp: torch.Tensor, block: int, scale: float) -> torch.Tensor | None:
-    """``block_scores``' product with the query pooling fused in: q [B, H, N, D] (any strides, 16/32-bit) is read
-    once, each program summing ``BR`` query blocks in fp32 (the last block over its own length) before multiplying
-    them by kp float32 [B, Hkv, NK, D] in TF32×3 -> float32 [B, H, ceil(N / block), NK] = (mean of q's block ·
-    ``scale``) · kpᵀ. None when ``VIDSPARSE_POOLED_SCORES=torch`` (the torch pooling and ``scores``, the A/B
-    baseline); otherwise that variable may set BR/TT/stages/warps/BN."""
-    env = os.environ.get("VIDSPARSE_POOLED_SCORES", "")
-    if env == "torch":
-        return None
-    br, tt, stages, warps, bn = _config("VIDSPARSE_POOLED_SCORES", POOL_CONFIG) if env else POOL_CONFIG
-    b, h, n, d = q.shape
-    hk, nkb = kp.shape[1], kp.shape[2]
-    if h % hk or kp.shape[0] != b or kp.shape[-1] != d:
-        raise ValueError(f"pooled_scores: q {tuple(q.shape)} and kp {tuple(kp.shape)} do not match")
-    kp = kp.float().contiguous()
-    nqb = -(-n // block)
-    out = torch.empty(b, h, nqb, nkb, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
-    g = h // hk
-    bd = max(16, triton.next_power_of_2(d))
-    _pool_scores[(b * hk, triton.cdiv(g * nqb, br))](
-        q, kp, out, *q.stride(), hk, g, nqb, nkb, n, block, float(scale), D=d, BD=bd, BR=br, TT=tt, BN=bn,
-        STAGES=stages, PRECISION=PRECISION, num_warps=warps)
     return out

@@ -153,26 +153,22 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
                  backend: str = "auto") -> Tensor:
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
-    GQA: each query head scores against its shared key head. ``backend``: "kernel" (``kernels.pooled_scores``; "auto"
-    on CUDA): one kernel reads q once, pools its blocks in fp32 and multiplies them by the pooled keys on the tensor
-    cores in TF32×3, about fp32 accuracy; or "reference": torch's pooling and fp32 GEMM, which cuBLAS runs on the
-    CUDA cores."""
+    GQA: each query head scores against its shared key head. ``backend``: the product of the pooled tensors on the
+    tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's
+    fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d))  # scaled once, not the NQ × NK scores
     kp = pool_blocks(k, meta.block_k) if kp is None else kp
-    s = None
-    if use_kernel(backend, q):
-        from ..kernels.pooled_scores import pooled_scores, scores
+    if use_kernel(backend, qp):
+        from ..kernels.pooled_scores import scores
 
-        s = pooled_scores(q, kp, meta.block_q, 1.0 / math.sqrt(d))  # q pooled inside the product's kernel
-        if s is None:  # VIDSPARSE_POOLED_SCORES=torch: torch's pooling, then the product kernel
-            s = scores(pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d)), kp)
-    if s is None:
-        qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d))  # scaled once, not the NQ × NK scores
+        s = scores(qp, kp)
+    else:
         g = h // hk
         s = torch.einsum("bkgmd,bknd->bkgmn", qp.view(b, hk, g, -1, d), kp).reshape(b, h, qp.shape[2], kp.shape[2])
     if meta.causal and masked:
-        allowed = causal_block_mask(s.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
+        allowed = causal_block_mask(qp.shape[2], kp.shape[2], meta.block_q, meta.block_k, nq, k.shape[2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
     return s
 
