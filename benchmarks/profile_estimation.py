@@ -161,16 +161,22 @@ def env_ab(specs, var, values, q, k, meta) -> list[dict]:
     import os
 
     rows = []
-    for spec in specs:
-        pat = PATTERNS.from_spec(spec)
-        for rep in range(2):
-            for v in values:
-                os.environ[var] = v
-                fn = lambda pat=pat: pat.estimate(q, k, meta)  # noqa: E731
-                rows.append({"spec": spec, "var": var, "value": v, "rep": rep, "ms": bench_ms(fn, rep_ms=200),
-                             "gpu_ms": graph_ms(fn)})
-                print(rows[-1], flush=True)
-    os.environ.pop(var)
+    before = os.environ.get(var)  # the caller's own setting comes back afterwards, also after an error
+    try:
+        for spec in specs:
+            pat = PATTERNS.from_spec(spec)
+            for rep in range(2):
+                for v in values:
+                    os.environ[var] = v
+                    fn = lambda pat=pat: pat.estimate(q, k, meta)  # noqa: E731
+                    rows.append({"spec": spec, "var": var, "value": v, "rep": rep, "ms": bench_ms(fn, rep_ms=200),
+                                 "gpu_ms": graph_ms(fn)})
+                    print(rows[-1], flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
     best = min(values, key=lambda v: sum(r["gpu_ms"] or r["ms"] for r in rows if r["value"] == v))
     print(f"fastest over all specs: {var}={best}", flush=True)
     return rows
