@@ -14,6 +14,7 @@ warps per row program, interleaved twice, in the same process; saves ``select_wa
 rows, with GPU ms from graph replay), e.g. ``VIDSPARSE_SELECT_SPLIT=0,1`` for the selection's row split.
 ``--with-kernel`` also times the attention kernel on the layout each spec picks (random v) and reports the
 estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
+It also times reading q and k once (``read_floor``): the least any estimate that pools all of q can take.
 ``--tag`` saves ``profile_estimation_TAG.json``."""
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def main():
     ap.add_argument("--env-ab", default="", help="VAR=v1,v2[,...]: each spec's estimation per value of an environment "
                     "variable the kernels read (e.g. VIDSPARSE_SELECT_SPLIT=0,1), interleaved")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
-                    "BM/BN/warps/stages/loads/splits[,...] with loads tma or ptr and splits the programs per row "
-                    "tile (e.g. 128/256/8/2/tma/2,128/256/8/2/ptr/1), at strides 8 and 16")
+                    "BM/BN/warps/stages/loads/splits[/width][,...] with loads tma or ptr, splits the programs per "
+                    "row tile and width the head-dim slice per product step (default: all of D) (e.g. "
+                    "128/256/8/2/tma/2,128/128/4/3/tma/4/64), at strides 8 and 16")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
@@ -103,6 +105,7 @@ def main():
         res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
     if args.with_kernel:
+        res["read_floor"] = read_floor(q, k)
         from vidsparse.attention import sparse_attention
 
         v = torch.randn_like(k)
@@ -114,6 +117,17 @@ def main():
             print(f"{row['spec']}: layout density {row['layout_density']:.3f}, attention {row['attention_ms']:.2f} ms, "
                   f"estimation {100 * row['estimate_share']:.1f}% of it", flush=True)
     save("profile_estimation" + (f"_{args.tag}" if args.tag else ""), res)
+
+
+def read_floor(q, k) -> dict:
+    """What reading q and k once costs on this card: one torch sum of each to a scalar (fp32 accumulation), GPU ms
+    from graph replay, and the bandwidth it reaches. A pattern that pools all of q (``block_topk``, ``pyramid``,
+    ``pbs``) cannot estimate faster than this."""
+    ms = graph_ms(lambda: (q.sum(dtype=torch.float32), k.sum(dtype=torch.float32)))
+    nbytes = q.numel() * q.element_size() + k.numel() * k.element_size()
+    out = {"gpu_ms": ms, "bytes": nbytes, "tb_per_s": nbytes / (ms * 1e-3) / 1e12 if ms else None}
+    print(f"read q and k once: {ms:.3f} ms, {nbytes / 1e6:.0f} MB, {out['tb_per_s']:.2f} TB/s", flush=True)
+    return out
 
 
 def write_share_markdown(runs: list[dict], note: str = "") -> None:
@@ -133,6 +147,9 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
             cells.append(f"{e['gpu_ms'] or e['ms']:.2f} / {e['attention_ms']:.2f} ({e['layout_density']:.2f}) = "
                          f"**{100 * e['estimate_share']:.1f}%**")
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    if all("read_floor" in r for r in runs):
+        lines.append("| read q and k once (torch sums; no estimate can pool q faster) | " + " | ".join(
+            f"{r['read_floor']['gpu_ms']:.3f} ms, {r['read_floor']['tb_per_s']:.2f} TB/s" for r in runs) + " |")
     update_markdown(f"Estimation against the kernel on its own layout ({runs[0]['device']})", "\n".join(lines))
 
 
@@ -140,9 +157,10 @@ def write_antidiagonal_markdown(runs: list[tuple[str, dict]], note: str = "") ->
     """One table from ``--antidiagonal`` runs: per run (a process), N and stride, each configuration's ms in its
     alternating repetitions."""
     lines = [f"{runs[0][1]['device']}, 28 heads / 4 KV heads, d = 128, bf16, causal, random q/k: xattention's block-mass "
-             "kernel alone (`kernels/antidiagonal.py`), per launch configuration BM/BN/warps/stages/loads/splits "
+             "kernel alone (`kernels/antidiagonal.py`), per launch configuration BM/BN/warps/stages/loads/splits[/width] "
              "(loads: `tma` descriptors or `ptr` strided pointer loads; `gluon`: a warp-specialised Gluon version, "
-             "since reverted; splits: programs per row tile). The configurations of a run alternate; each cell lists "
+             "since reverted; splits: programs per row tile; width: head-dim columns per product step, D "
+             "when absent). The configurations of a run alternate; each cell lists "
              "its repetitions in ms." + (f" {note}" if note else ""), "",
              "| run | N | stride | config | ms |", "|---|---|---|---|---|"]
     for path, r in runs:
@@ -190,10 +208,11 @@ def antidiagonal_configs(configs, q, k) -> list[dict]:
     for stride in (8, 16):
         for rep in range(2):
             for cfg in configs:
-                bm, bn, warps, stages, loads, splits = cfg.split("/")
+                bm, bn, warps, stages, loads, splits, *width = cfg.split("/")
                 fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=int(bm),  # noqa: E731
                                                      block_n=int(bn), num_warps=int(warps), num_stages=int(stages),
-                                                     tma=loads == "tma", splits=int(splits))
+                                                     tma=loads == "tma", splits=int(splits),
+                                                     block_d=int(width[0]) if width else None)
                 try:
                     rows.append({"stride": stride, "config": cfg, "rep": rep, "ms": bench_ms(fn, rep_ms=200)})
                 except Exception as e:  # a configuration that does not fit (shared memory, registers)

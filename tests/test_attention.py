@@ -297,6 +297,26 @@ def test_xattention_fused_kernel_tma_rows_equal_pointer_rows(interpreter, b, h, 
     torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
+@pytest.mark.parametrize("tma", [False, True])
+def test_xattention_fused_kernel_head_dim_slices(interpreter, tma):
+    """Products in head-dim slices (``block_d`` < D: each stride phase in two steps of 16 columns) give the torch
+    path's masses and the whole-D kernel's within fp32 tolerance, through pointer loads and TMA boxes; a slice that
+    does not divide D is refused."""
+    from vidsparse.attention.kernels import antidiagonal
+    from vidsparse.attention.patterns.xattention import XAttention
+
+    g = torch.Generator().manual_seed(5)
+    q = (2 * torch.randn(2, 4, 192, 32, generator=g)).half()
+    k = (2 * torch.randn(2, 2, 192, 32, generator=g)).half()
+    sliced = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, True, block_m=16, block_n=16, tma=tma, block_d=16)
+    whole = antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, True, block_m=16, block_n=16, tma=tma)
+    want = XAttention(stride=4, chunk_tokens=64)._mass_torch(q.float(), k.float(), SeqMeta(32, 32, True))
+    torch.testing.assert_close(sliced, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    torch.testing.assert_close(sliced, whole, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    with pytest.raises(ValueError, match="block_d"):
+        antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, True, block_d=24)
+
+
 def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
     """backend="kernel" routes through the fused kernel (counted by a wrapper that calls it) and picks the torch
     path's blocks; "reference" and a strided block that is not a power of two stay on torch."""

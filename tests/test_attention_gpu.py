@@ -1,5 +1,7 @@
 """The Triton kernel on CUDA against the fp32 reference (run on the accelerator machine: pytest -m gpu)."""
 
+import itertools
+
 import pytest
 import torch
 from tolerances import LSE_ATOL, causal_lse, kernel_ok
@@ -331,8 +333,9 @@ def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, d, variant
     q, k = 2 * q, 2 * k  # peaked rows: the masses span several orders of magnitude
     meta = SeqMeta(128, 128, causal)
     want = XAttention(stride=stride)._mass_torch(q.float(), k.float(), meta)
-    for tma in (False, True) if tma_fits(q, k, stride) else (False,):  # TMA boxes need stride-multiple lengths
-        got = antidiagonal_block_mass(q, k, stride, 128, 128, causal, tma=tma)
+    loads = (False, True) if tma_fits(q, k, stride) else (False,)  # TMA boxes need stride-multiple lengths
+    for tma, width in itertools.product(loads, (None, 32)):  # all of D per product step, then 32-column slices
+        got = antidiagonal_block_mass(q, k, stride, 128, 128, causal, tma=tma, block_d=width)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 128.0 / stride, device="cuda"), atol=1e-3,
                                    rtol=0)

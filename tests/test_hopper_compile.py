@@ -110,6 +110,44 @@ open(sys.argv[2], "wb").write(k.asm["cubin"])
 """
 
 
+ANTIDIAGONAL_BUILD = SM90 + r"""
+from vidsparse.attention.kernels import antidiagonal as ad
+
+s, d = int(sys.argv[1]), int(sys.argv[2])
+bn, warps, dk = ad.launch_defaults(s, d)
+x = torch.empty(1, 4, 2048, d, dtype=torch.bfloat16)
+(qa, _), (ka, _) = ad._strided_rows(x, s, 128, dk), ad._strided_rows(x, s, bn, dk)
+f, i = torch.empty(16), torch.empty(16, dtype=torch.int32)
+k = ad._antidiagonal_mass.warmup(qa, ka, f, f, i, f, *([1] * 14), 0, 4, 1, 2048, 2048, 2048 // s, 2048 // s, 16,
+                                 2048 // s, 0, 0.1, S=s, D=d, QR=128 // s, KC=128 // s, BM=128, BN=bn, KBT=16,
+                                 CAUSAL=True, PRECISION="tf32", NUM_STAGES=3, TMA=True, SPLITS=4, DK=dk,
+                                 num_warps=warps, grid=(1,))
+open(sys.argv[3], "wb").write(k.asm["cubin"])
+print(json.dumps({"shared": k.metadata.shared, "warps": warps}))
+"""
+
+
+@pytest.mark.parametrize("stride,d", [(8, 128), (16, 128), (8, 64)])
+def test_antidiagonal_kernel_builds_at_its_defaults(tmp_path, stride, d):
+    """xattention's block-mass kernel at its default launch (TMA boxes, 3 stages) builds for sm_90 on the tensor cores
+    without local memory; at strides up to 8 its 4-warp program takes at most half an SM's registers (255 each at
+    most) and shared memory (at most 113 KB), so that two programs run on each SM."""
+    cubin = tmp_path / "k.cubin"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", ANTIDIAGONAL_BUILD, str(stride), str(d), str(cubin)],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "HGMMA" in sass and "LOCAL:0" in usage, usage
+    assert info["shared"] <= 227 * 1024
+    if stride <= 8:
+        assert info["warps"] == 4 and info["shared"] <= 113 * 1024, info
+
+
 def test_estimation_kernels_build_for_sm90(tmp_path):
     """The pooled-score product runs on the tensor cores (HGMMA: TF32×3, not FFMA as cuBLAS runs torch's fp32 GEMM)
     and the selection kernel, with its int64 rounds for rows that pick few blocks, builds without local memory."""

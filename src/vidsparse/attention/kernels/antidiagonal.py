@@ -9,7 +9,8 @@ query blocks) of one head and a share of their key columns, walked in tiles of `
 1. The tile's scores are S products of [BM, D] query rows by [D, BN] key rows. On Hopper they come through the
    tensor-memory accelerator as boxes of a [B·heads, N/S, S·D] view of q and k (row i of the antidiagonal pairs
    token i·S + S−1−j with key token c·S + j: phase j is the view's columns j·D..(j+1)·D), elsewhere as strided
-   pointer loads; no interleaved copies exist; GQA reads the shared key head.
+   pointer loads; no interleaved copies exist; GQA reads the shared key head. Each phase runs in steps of
+   ``block_d`` head-dim columns (64 by default): smaller pipeline stages, so that two programs share an SM.
 2. An online softmax keeps each row's running max and sum; each row's unnormalised mass in each key block of the tile
    is stored as one log2-domain value (running max + log2 of the partial sum) in a scratch of [rows, key blocks],
    ``block_k``/S times smaller than the scores (a key block spans that many strided columns). Only tiles that reach
@@ -58,7 +59,7 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
                        s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale,
                        S: tl.constexpr, D: tl.constexpr, QR: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, KBT: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr, DK: tl.constexpr):
     i = tl.program_id(0)  # head within this group (fastest: the longest row tiles of every head go first)
     split = tl.program_id(1) % SPLITS  # this program's share of the row tile's column tiles
     nrt = tl.num_programs(1) // SPLITS
@@ -68,7 +69,8 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
     h = bh % H
     hk = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, DK)
+    P: tl.constexpr = S * (D // DK)  # product steps per column tile: S phases of D // DK head-dim slices each
     if not TMA:
         q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
         k_base = K + b * s_kb + hk * s_kh + offs_d[:, None] * s_kd
@@ -82,20 +84,21 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
     # on its last phase
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     per = tl.cdiv(tl.cdiv(hi, BN), SPLITS)
-    for t in tl.range(split * per * S, tl.minimum(tl.cdiv(hi, BN), split * per + per) * S, num_stages=NUM_STAGES):
-        j = t % S
-        c0 = (t // S) * BN
+    for t in tl.range(split * per * P, tl.minimum(tl.cdiv(hi, BN), split * per + per) * P, num_stages=NUM_STAGES):
+        j = (t % P) // (D // DK)
+        dk = (t % (D // DK)) * DK  # the head-dim slice of this step
+        c0 = (t // P) * BN
         cols = c0 + tl.arange(0, BN)
         if TMA:  # Q/K are [B·heads, N/S, S·D] descriptors: phase j of a strided row is columns j·D..(j+1)·D
-            qj = Q.load([bh, pid_m * BM, (S - 1 - j) * D]).reshape(BM, D)
-            kj = tl.trans(K.load([b * (H // GROUP) + hk, c0, j * D]).reshape(BN, D))
+            qj = Q.load([bh, pid_m * BM, (S - 1 - j) * D + dk]).reshape(BM, DK)
+            kj = tl.trans(K.load([b * (H // GROUP) + hk, c0, j * D + dk]).reshape(BN, DK))
         else:
             q_tok = rows * S + (S - 1 - j)
             k_tok = cols * S + j
-            qj = tl.load(q_base + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
-            kj = tl.load(k_base + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
+            qj = tl.load(q_base + dk * s_qd + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
+            kj = tl.load(k_base + dk * s_kd + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
         acc = tl.dot(qj, kj, acc, input_precision=PRECISION)
-        if j == S - 1:
+        if t % P == P - 1:
             sc = acc * qk_scale
             # only tiles that reach past the key end or the row tile's first diagonal need the element mask
             edge = c0 + BN > hi
@@ -161,39 +164,63 @@ def tma_fits(q, k, stride: int) -> bool:
             torch.float16) and q.shape[2] % stride == 0 and k.shape[2] % stride == 0)
 
 
-def _strided_rows(x, stride: int, rows: int):
-    """x [B, heads, N, D] as a TMA descriptor over [B·heads, N/S, S·D] with [1, ``rows``, D] boxes (x is copied when
-    not contiguous, as a model's transposed q/k are) -> (descriptor, the tensor it reads)."""
+def _strided_rows(x, stride: int, rows: int, width: int):
+    """x [B, heads, N, D] as a TMA descriptor over [B·heads, N/S, S·D] with [1, ``rows``, ``width``] boxes (x is
+    copied when not contiguous, as a model's transposed q/k are) -> (descriptor, the tensor it reads)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     b, h, n, d = x.shape
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
-    return TensorDescriptor(x, [b * h, n // stride, stride * d], [n * d, stride * d, 1], [1, rows, d]), x
+    return TensorDescriptor(x, [b * h, n // stride, stride * d], [n * d, stride * d, 1], [1, rows, width]), x
+
+
+def launch_defaults(stride: int, d: int, block_n: int | None = None, num_warps: int | None = None,
+                    block_d: int | None = None) -> tuple[int, int, int]:
+    """(key columns per tile, warps, head-dim columns per step) for a stride and head dim, where not given (see
+    ``antidiagonal_block_mass``)."""
+    if block_n is None:
+        block_n = 128 if stride <= 8 else 256
+    if num_warps is None:
+        num_warps = 4 if block_n <= 128 else 8
+    return block_n, num_warps, min(d, 64) if block_d is None else block_d
 
 
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
-                            block_m: int = 128, block_n: int = 128, num_warps: int | None = None, num_stages: int = 3,
-                            tma: bool | None = None, splits: int = 4):
+                            block_m: int = 128, block_n: int | None = None, num_warps: int | None = None,
+                            num_stages: int = 3, tma: bool | None = None, splits: int = 4,
+                            block_d: int | None = None):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
     torch path pads them; causal with the end-aligned diagonal) summed over each key block's columns and the block's
     rows. ``block_m``/``block_n``: strided rows and columns per program and per column tile (at least one block);
     ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
-    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles. The defaults
-    (128 × 128, 3 stages, 4 splits; then 8 warps) were the fastest measured on an H100 at 64K and 128K tokens, both
-    strides (``benchmarks/profile_estimation.py --antidiagonal``: 3 and 4 splits within run-to-run noise of each other
-    at stride 8, 4 ahead at 16; BENCHMARKS.md, "xattention estimation kernel"). ``num_warps``: by default 4 at strides
-    up to 8 and 8 above: one warpgroup holds the whole 128 × 128 tile (222 registers at stride 8, none spilled; 255
-    and a spill at 16). Four warps were faster at stride 8 in five of six repetitions over three sweeps, by 0.4-3.9%
-    (one 1% slower; H100 32K: 1.12 against 1.14-1.16 ms; H200 32K: 1.09-1.12 against 1.12-1.13 ms; H200 128K:
-    16.7-17.6 against 17.3-17.4 ms), and 4-7% slower at 16 (``profile_estimation_antidiag_sweep_*.json``); strides
-    below 8 are unmeasured."""
+    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles; ``block_d``:
+    head-dim columns per product step (a power of two ≥ 16 dividing D; each stride phase takes D / ``block_d``
+    steps).
+
+    Defaults, from ``benchmarks/profile_estimation.py --antidiagonal`` (BM/BN/warps/stages/loads/splits/width;
+    BENCHMARKS.md, "xattention estimation kernel"): 128 query rows, 3 stages, 4 splits (on an H100, 3 and 4 splits
+    were within noise at stride 8, 4 ahead at 16), 64-column steps, and by stride:
+
+    - S ≤ 8: 128 key columns, 4 warps. With 64-column steps a stage is 32 KB, so three take 100 KB and two programs
+      fit on an SM (249 registers × 128 threads each): one program's softmax runs beside the other's products. On an
+      H200 (``profile_estimation_antidiag_slices{,2}_*.json``, two processes, two repetitions each) this took
+      15.1-15.9 ms at 128K against 16.0-16.3 ms with whole-D steps (one 201 KB program per SM), and 0.99-1.13 against
+      1.06-1.08 ms at 32K. 8 warps (1.10-1.12 ms at 32K) and 256-column tiles (1.07-1.08) were no faster.
+    - S ≥ 16: 256 key columns, 8 warps (255 registers, none spilled; 152 KB). On the H200: 7.91-7.94 ms at 128K against
+      8.40-8.71 ms for the earlier default (128 × 128, whole-D steps, 8 warps), and 0.54-0.55 against 0.56-0.57 ms at 32K;
+      four stages were level with three.
+
+    Earlier, with whole-D steps: 4 warps were faster at stride 8 in five of six repetitions over three sweeps, by
+    0.4-3.9%, and 4-7% slower at 16 (``profile_estimation_antidiag_sweep_*.json``). Strides below 8 are
+    unmeasured."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride
-    if num_warps is None:
-        num_warps = 4 if s <= 8 else 8
+    block_n, num_warps, dk = launch_defaults(s, d, block_n, num_warps, block_d)
+    if dk < 16 or d % dk or not _pow2(dk):
+        raise ValueError(f"antidiagonal_block_mass: block_d {dk} must be a power of two ≥ 16 dividing D = {d}")
     nqb, nkb = -(-nq // block_q), -(-nk // block_k)
     qr, kc = block_q // s, block_k // s
     bm, bn = max(block_m, qr, 16), max(block_n, kc, 16)
@@ -209,7 +236,7 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     if tma is None:
         tma = tma_fits(q, k, s)
     if tma:
-        (qa, q), (ka, k) = _strided_rows(q, s, bm), _strided_rows(k, s, bn)  # q, k: any copies, alive to the end
+        (qa, q), (ka, k) = _strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)  # q, k: any copies, alive to the end
     else:
         qa, ka = q, k
     for bh0 in range(0, b * h, group):
@@ -220,6 +247,6 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
             bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
             S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages, TMA=tma,
-            SPLITS=splits, num_warps=num_warps,
+            SPLITS=splits, DK=dk, num_warps=num_warps,
         )
     return out
