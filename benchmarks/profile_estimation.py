@@ -173,8 +173,8 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
                          f"**{100 * e['estimate_share']:.1f}%**")
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     if all("read_floor" in r for r in runs):
-        lines.append("| reading q and k once (the faster of torch's sums and a streaming Triton read; no estimate "
-                     "that pools all of q can be faster) | " + " | ".join(
+        lines.append("| reading q and k once (the faster of torch's sums and a streaming Triton read): a floor for "
+                     "any estimate that pools all of q | " + " | ".join(
                          f"{r['read_floor']['gpu_ms']:.3f} ms ({r['read_floor']['tb_per_s']:.2f} TB/s, "
                          f"{r['read_floor']['read']})" for r in runs) + " |")
     update_markdown(f"Estimation against the kernel on its own layout ({runs[0]['device']})", "\n".join(lines))
