@@ -204,13 +204,17 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     were within noise at stride 8, 4 ahead at 16), 64-column steps, and by stride:
 
     - S ≤ 8: 128 key columns, 4 warps. With 64-column steps a stage is 32 KB, so three take 100 KB and two programs
-      fit on an SM (249 registers × 128 threads each): one program's softmax runs beside the other's products. On an
-      H200 (``profile_estimation_antidiag_slices{,2}_*.json``, two processes, two repetitions each) this took
-      15.1-15.9 ms at 128K against 16.0-16.3 ms with whole-D steps (one 201 KB program per SM), and 0.99-1.13 against
-      1.06-1.08 ms at 32K. 8 warps (1.10-1.12 ms at 32K) and 256-column tiles (1.07-1.08) were no faster.
-    - S ≥ 16: 256 key columns, 8 warps (255 registers, none spilled; 152 KB). On the H200: 7.91-7.94 ms at 128K against
-      8.40-8.71 ms for the earlier default (128 × 128, whole-D steps, 8 warps), and 0.54-0.55 against 0.56-0.57 ms at 32K;
-      four stages were level with three.
+      fit on an SM: one program's softmax runs beside the other's products. On an H200
+      (``profile_estimation_antidiag_slices{,2}_*.json``, two processes, two repetitions each) this took 15.1-15.9 ms
+      at 128K against 16.0-16.3 ms with whole-D steps (one 201 KB program per SM), and 0.99-1.13 against 1.06-1.08 ms
+      at 32K. 8 warps (1.10-1.12 ms at 32K) and 256-column tiles (1.07-1.08) were no faster. Nsight Compute at 32K
+      (``ncu_antidiag_slices_32768_s8.txt``): 172 registers and 100 KB per program, two per SM by both limits;
+      0.89 ms against the whole-D kernel's 1.05; L2 throughput 78% (63%), SM throughput 64% (49%). The L2 is now
+      the nearer limit: each program rereads its [BM, S·D] rows per column tile.
+    - S ≥ 16: 256 key columns, 8 warps (255 registers, none spilled; 152 KB; one program per SM). On the H200:
+      7.91-7.94 ms at 128K against 8.40-8.71 ms for the earlier default (128 × 128, whole-D steps, 8 warps), and
+      0.54-0.55 against 0.56-0.57 ms at 32K; four stages were level with three. Nsight Compute at 32K
+      (``ncu_antidiag_slices_32768_s16.txt``): 0.50 ms, L2 throughput 60%, SM throughput 59%.
 
     Earlier, with whole-D steps: 4 warps were faster at stride 8 in five of six repetitions over three sweeps, by
     0.4-3.9%, and 4-7% slower at 16 (``profile_estimation_antidiag_sweep_*.json``). Strides below 8 are
@@ -236,7 +240,8 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     if tma is None:
         tma = tma_fits(q, k, s)
     if tma:
-        (qa, q), (ka, k) = _strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)  # q, k: any copies, alive to the end
+        # q, k: any copies, alive to the end
+        (qa, q), (ka, k) = _strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)
     else:
         qa, ka = q, k
     for bh0 in range(0, b * h, group):
