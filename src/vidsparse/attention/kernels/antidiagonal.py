@@ -37,8 +37,9 @@ of xattention's estimate): applying the scale inside the exponent's multiply-add
 stride 8 slower (17.6-17.7 → 18.8-19.4 ms at 128K, ~1.2 → 1.25 ms at 32K), and deferring each tile's softmax to the
 next tile's first phase, to overlap it with that phase's product, slower still (18.7 → 21.7-22.1 ms at 128K).
 Wider tiles (256 query rows, 8 or 16 warps, 2 stages) were 13-25% slower at 32K and 128K, 4 warps within noise
-(``profile_estimation_antidiag_sweep_*.json`` on the H200). Nsight Compute on the H200 (32K, stride 8,
-``ncu_antidiag_*_32768_s8.txt``): 1.05 ms, L2 throughput 63%, SM (tensor) 49%, one 8-warp program per SM
+(``profile_estimation_antidiag_sweep_*.json`` on the H200). Nsight Compute on the H200 on the whole-D kernel of
+then (32K, stride 8, ``ncu_antidiag_{details,log0}_32768_s8.txt``; the head-dim steps since are in
+``antidiagonal_block_mass``'s docstring): 1.05 ms, L2 throughput 63%, SM (tensor) 49%, one 8-warp program per SM
 (165 registers, 201 KB shared memory); the per-tile log-partials' move from the product's register layout to the
 store's goes through shared memory with 7-10-way bank conflicts (~14M conflicts per launch). Dropping the
 ``part > 0`` select (log2(0) is -inf already) removed one of the three layout moves but not the conflicts, and no
