@@ -71,22 +71,31 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+def _build(tmp_path, script: str, *args) -> str:
+    """Runs a build script in a fresh interpreter -> its stdout. The test session runs Triton in interpreter mode
+    (TRITON_INTERPRET=1), under which nothing compiles for a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def _dump(cubin, flag: str) -> str:
+    """cuobjdump's ``-sass`` or ``--dump-resource-usage`` output for a cubin."""
+    return subprocess.run([_tool("cuobjdump"), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("d,causal,lse,varlen", [(128, True, False, False), (64, False, True, True),
                                                  (128, True, True, True)])
 def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
     which Gluon cannot compile."""
     cubin = tmp_path / "k.cubin"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", BUILD, str(d), str(int(causal)), str(int(lse)), str(cubin),
-                          str(int(varlen))],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    info = json.loads(run.stdout.strip().splitlines()[-1])
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    out = _build(tmp_path, BUILD, d, int(causal), int(lse), cubin, int(varlen))
+    info = json.loads(out.strip().splitlines()[-1])
+    sass, usage = _dump(cubin, "-sass"), _dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass
     assert info["ptx_setmaxnreg"]
     # no tile spills: ptxas may keep a couple of scalars (the program id, a base address) on the stack across the
@@ -133,15 +142,8 @@ def test_antidiagonal_kernel_builds_at_its_defaults(tmp_path, stride, d):
     without local memory; at strides up to 8 its 4-warp program takes at most half an SM's registers (255 each at
     most) and shared memory (at most 113 KB), so that two programs run on each SM."""
     cubin = tmp_path / "k.cubin"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", ANTIDIAGONAL_BUILD, str(stride), str(d), str(cubin)],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    info = json.loads(run.stdout.strip().splitlines()[-1])
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    info = json.loads(_build(tmp_path, ANTIDIAGONAL_BUILD, stride, d, cubin).strip().splitlines()[-1])
+    sass, usage = _dump(cubin, "-sass"), _dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass and "LOCAL:0" in usage, usage
     assert info["shared"] <= 227 * 1024
     if stride <= 8:
@@ -152,13 +154,8 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
     """The pooled-score product runs on the tensor cores (HGMMA: TF32×3, not FFMA as cuBLAS runs torch's fp32 GEMM)
     and the selection kernel, with its int64 rounds for rows that pick few blocks, builds without local memory."""
     scores, select = tmp_path / "scores.cubin", tmp_path / "select.cubin"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", ESTIMATION_BUILD, str(scores), str(select)], capture_output=True,
-                         text=True, env=env, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(scores)], capture_output=True, text=True, check=True).stdout
+    _build(tmp_path, ESTIMATION_BUILD, scores, select)
+    sass = _dump(scores, "-sass")
     assert "HGMMA" in sass and "FFMA" not in sass
-    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(select)], capture_output=True, text=True,
-                           check=True).stdout
+    usage = _dump(select, "--dump-resource-usage")
     assert "LOCAL:0" in usage, usage
