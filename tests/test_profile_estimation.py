@@ -1,0 +1,48 @@
+"""What benchmarks/profile_estimation.py reports besides its timings: the streaming read behind its read floor (in
+Triton's interpreter) and the share table it writes to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import profile_estimation as pe  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [(3, 5000), (1, 256 * 4), (7,)])
+def test_stream_sum_reads_every_element_once(shape):
+    """The partial sums add up to the tensor's sum: lengths that end inside a step, a whole number of programs, and
+    fewer elements than one step; bf16 read, fp32 accumulated."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g).bfloat16()
+    parts = pe.stream_sum(x, block=256, iters=4)
+    assert parts.shape == (-(-x.numel() // 1024),)
+    torch.testing.assert_close(parts.sum(), x.float().sum(), atol=1e-3, rtol=1e-5)
+
+
+def _run(n: int, attention_ms: float, est_ms: float, floor_ms: float) -> dict:
+    return {"n": n, "date": "2026-11-28", "device": "Test GPU", "command": f"profile --n {n}",
+            "rows": [{"spec": "block_topk:density=0.05", "gpu_ms": est_ms, "ms": 2 * est_ms,
+                      "attention_ms": attention_ms, "layout_density": 0.05, "estimate_share": est_ms / attention_ms}],
+            "read_floor": {"gpu_ms": floor_ms, "tb_per_s": 1.0, "read": "stream"}}
+
+
+def test_share_table_lists_each_size_and_the_read_floor(tmp_path, monkeypatch):
+    """Runs given in any order become columns by N; each cell is the estimate's GPU ms over the kernel's, and the
+    last row the read floor of each run."""
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    pe.write_share_markdown([_run(65536, 2.0, 0.1, 0.05), _run(32768, 0.8, 0.12, 0.076)], note="A note.")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Estimation against the kernel on its own layout (Test GPU)" in text
+    assert "| spec | N = 32768 | N = 65536 |" in text
+    assert "| `block_topk:density=0.05` | 0.12 / 0.80 (0.05) = **15.0%** | 0.10 / 2.00 (0.05) = **5.0%** |" in text
+    assert "| 0.076 ms (1.00 TB/s, stream) | 0.050 ms (1.00 TB/s, stream) |" in text
+    assert "A note." in text
