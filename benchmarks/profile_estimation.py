@@ -14,7 +14,8 @@ warps per row program, interleaved twice, in the same process; saves ``select_wa
 rows, with GPU ms from graph replay), e.g. ``VIDSPARSE_SELECT_SPLIT=0,1`` for the selection's row split.
 ``--with-kernel`` also times the attention kernel on the layout each spec picks (random v) and reports the
 estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
-It also times reading q and k once (``read_floor``): the least any estimate that pools all of q can take.
+It also times reading q and k once (``read_floor``): at the bandwidth reached, a floor for any estimate that pools
+all of q.
 ``--tag`` saves ``profile_estimation_TAG.json``."""
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def stream_sum(x: torch.Tensor, block: int = 4096, iters: int = 8) -> torch.Tens
 def read_floor(q, k) -> dict:
     """What reading q and k once costs on this card, GPU ms from graph replay and the bandwidth reached, by the
     faster of two reads: torch's sum of each to a scalar (fp32 accumulation) and a plain Triton streaming read
-    (``stream_sum``). A pattern that pools all of q (``block_topk``, ``pyramid``, ``pbs``) cannot estimate faster."""
+    (``stream_sum``). At the bandwidth these reads reach, that is a floor for a pattern that pools all of q
+    (``block_topk``, ``pyramid``, ``pbs``)."""
     nbytes = q.numel() * q.element_size() + k.numel() * k.element_size()
     reads = {"torch_sum": lambda: (q.sum(dtype=torch.float32), k.sum(dtype=torch.float32)),
              "stream": lambda: (stream_sum(q), stream_sum(k))}
@@ -183,12 +185,12 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
 def write_antidiagonal_markdown(runs: list[tuple[str, dict]], note: str = "") -> None:
     """One table from ``--antidiagonal`` runs: per run (a process), N and stride, each configuration's ms in its
     alternating repetitions."""
-    lines = [f"{runs[0][1]['device']}, 28 heads / 4 KV heads, d = 128, bf16, causal, random q/k: xattention's block-mass "
-             "kernel alone (`kernels/antidiagonal.py`), per launch configuration BM/BN/warps/stages/loads/splits[/width] "
-             "(loads: `tma` descriptors or `ptr` strided pointer loads; `gluon`: a warp-specialised Gluon version, "
-             "since reverted; splits: programs per row tile; width: head-dim columns per product step, D "
-             "when absent). The configurations of a run alternate; each cell lists "
-             "its repetitions in ms." + (f" {note}" if note else ""), "",
+    lines = [f"{runs[0][1]['device']}, 28 heads / 4 KV heads, d = 128, bf16, causal, random q/k: xattention's "
+             "block-mass kernel alone (`kernels/antidiagonal.py`), per launch configuration "
+             "BM/BN/warps/stages/loads/splits[/width] (loads: `tma` descriptors or `ptr` strided pointer loads; "
+             "`gluon`: a warp-specialised Gluon version, since reverted; splits: programs per row tile; width: "
+             "head-dim columns per product step, D when absent). The configurations of a run alternate; each cell "
+             "lists its repetitions in ms." + (f" {note}" if note else ""), "",
              "| run | N | stride | config | ms |", "|---|---|---|---|---|"]
     for path, r in runs:
         cells: dict = {}
@@ -228,7 +230,9 @@ def env_ab(specs, var, values, q, k, meta) -> list[dict]:
 
 
 def antidiagonal_configs(configs, q, k) -> list[dict]:
-    """xattention's fused kernel (``kernels.antidiagonal``) per launch configuration, twice, interleaved."""
+    """xattention's fused kernel (``kernels.antidiagonal``) per launch configuration, twice, interleaved. A
+    configuration without a width steps through all of D at once, whatever the kernel's default, so that a
+    configuration string means the same launch in every run."""
     from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass
 
     rows = []
@@ -239,7 +243,7 @@ def antidiagonal_configs(configs, q, k) -> list[dict]:
                 fn = lambda: antidiagonal_block_mass(q, k, stride, 128, 128, True, block_m=int(bm),  # noqa: E731
                                                      block_n=int(bn), num_warps=int(warps), num_stages=int(stages),
                                                      tma=loads == "tma", splits=int(splits),
-                                                     block_d=int(width[0]) if width else None)
+                                                     block_d=int(width[0]) if width else q.shape[-1])
                 try:
                     rows.append({"stride": stride, "config": cfg, "rep": rep, "ms": bench_ms(fn, rep_ms=200)})
                 except Exception as e:  # a configuration that does not fit (shared memory, registers)

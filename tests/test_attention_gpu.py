@@ -334,7 +334,7 @@ def test_xattention_fused_kernel_equals_torch(stride, nq, nk, causal, d, variant
     meta = SeqMeta(128, 128, causal)
     want = XAttention(stride=stride)._mass_torch(q.float(), k.float(), meta)
     loads = (False, True) if tma_fits(q, k, stride) else (False,)  # TMA boxes need stride-multiple lengths
-    for tma, width in itertools.product(loads, (None, 32)):  # all of D per product step, then 32-column slices
+    for tma, width in itertools.product(loads, (None, 32)):  # the default step (64 columns; D at d = 64), then 32
         got = antidiagonal_block_mass(q, k, stride, 128, 128, causal, tma=tma, block_d=width)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 128.0 / stride, device="cuda"), atol=1e-3,

@@ -1,7 +1,7 @@
 """Kernels compiled for sm_90 on a machine without a GPU (Triton ships ptxas and cuobjdump). The Gluon attention
 kernel must build, issue warpgroup MMAs (HGMMA), redistribute registers between its partitions (setmaxnreg) and spill
-no tile to local memory; the estimation kernels (last test) must use the tensor cores and no local memory. Their
-numerics are checked on the GPU (tests/test_attention_gpu.py)."""
+no tile to local memory; the estimation kernels (the last two tests) must use the tensor cores and no local memory.
+Their numerics are checked on the GPU (tests/test_attention_gpu.py)."""
 
 from __future__ import annotations
 
