@@ -6,41 +6,15 @@ Their numerics are checked on the GPU (tests/test_attention_gpu.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from builds import build, dump
 
 pytest.importorskip("triton.experimental.gluon")
 
 
-SM90 = r"""
-import json, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-
-
-class Sm90:  # just enough of a driver for warmup: it names the target; nothing is launched
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-triton.runtime.driver.set_active(Sm90())
-"""
-
-BUILD = SM90 + r"""
+BUILD = r"""
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from vidsparse.attention.kernels import block_sparse_hopper as hop
@@ -62,40 +36,15 @@ print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.me
 """
 
 
-def _tool(name: str) -> str:
-    import triton.backends.nvidia as nv
-
-    path = Path(nv.__file__).parent / "bin" / name
-    if not path.exists():
-        pytest.skip(f"Triton's {name} is not installed")
-    return str(path)
-
-
-def _build(tmp_path, script: str, *args) -> str:
-    """Runs a build script in a fresh interpreter -> its stdout. The test session runs Triton in interpreter mode
-    (TRITON_INTERPRET=1), under which nothing compiles for a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env,
-                         timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
-
-
-def _dump(cubin, flag: str) -> str:
-    """cuobjdump's ``-sass`` or ``--dump-resource-usage`` output for a cubin."""
-    return subprocess.run([_tool("cuobjdump"), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.parametrize("d,causal,lse,varlen", [(128, True, False, False), (64, False, True, True),
                                                  (128, True, True, True)])
 def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
     which Gluon cannot compile."""
     cubin = tmp_path / "k.cubin"
-    out = _build(tmp_path, BUILD, d, int(causal), int(lse), cubin, int(varlen))
+    out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen))
     info = json.loads(out.strip().splitlines()[-1])
-    sass, usage = _dump(cubin, "-sass"), _dump(cubin, "--dump-resource-usage")
+    sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass
     assert info["ptx_setmaxnreg"]
     # no tile spills: ptxas may keep a couple of scalars (the program id, a base address) on the stack across the
@@ -106,7 +55,7 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     assert info["shared"] <= 227 * 1024
 
 
-ESTIMATION_BUILD = SM90 + r"""
+ESTIMATION_BUILD = r"""
 from vidsparse.attention.kernels import block_select as bs, pooled_scores as ps
 
 f32, i32, b8 = torch.empty(16), torch.empty(16, dtype=torch.int32), torch.empty(16, dtype=torch.bool)
@@ -119,17 +68,17 @@ open(sys.argv[2], "wb").write(k.asm["cubin"])
 """
 
 
-ANTIDIAGONAL_BUILD = SM90 + r"""
+ANTIDIAGONAL_BUILD = r"""
 from vidsparse.attention.kernels import antidiagonal as ad
 
 s, d = int(sys.argv[1]), int(sys.argv[2])
-bn, warps, dk = ad.launch_defaults(s, d)
+(bn, warps, stages), dk = ad.fitting_launches(s, d)[0], ad.launch_defaults(s, d)[2]
 x = torch.empty(1, 4, 2048, d, dtype=torch.bfloat16)
 (qa, _), (ka, _) = ad._strided_rows(x, s, 128, dk), ad._strided_rows(x, s, bn, dk)
 f, i = torch.empty(16), torch.empty(16, dtype=torch.int32)
 k = ad._antidiagonal_mass.warmup(qa, ka, f, f, i, f, *([1] * 14), 0, 4, 1, 2048, 2048, 2048 // s, 2048 // s, 16,
                                  2048 // s, 0, 0.1, S=s, D=d, QR=128 // s, KC=128 // s, BM=128, BN=bn, KBT=16,
-                                 CAUSAL=True, PRECISION="tf32", NUM_STAGES=3, TMA=True, SPLITS=4, DK=dk,
+                                 CAUSAL=True, PRECISION="tf32", NUM_STAGES=stages, TMA=True, SPLITS=4, DK=dk,
                                  num_warps=warps, grid=(1,))
 open(sys.argv[3], "wb").write(k.asm["cubin"])
 print(json.dumps({"shared": k.metadata.shared, "warps": warps}))
@@ -142,8 +91,8 @@ def test_antidiagonal_kernel_builds_at_its_defaults(tmp_path, stride, d):
     without local memory; at strides up to 8 its 4-warp program takes at most half an SM's registers (255 each at
     most) and shared memory (at most 113 KB), so that two programs run on each SM."""
     cubin = tmp_path / "k.cubin"
-    info = json.loads(_build(tmp_path, ANTIDIAGONAL_BUILD, stride, d, cubin).strip().splitlines()[-1])
-    sass, usage = _dump(cubin, "-sass"), _dump(cubin, "--dump-resource-usage")
+    info = json.loads(build(tmp_path / "cache", ANTIDIAGONAL_BUILD, stride, d, cubin).strip().splitlines()[-1])
+    sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass and "LOCAL:0" in usage, usage
     assert info["shared"] <= 227 * 1024
     if stride <= 8:
@@ -154,8 +103,8 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
     """The pooled-score product runs on the tensor cores (HGMMA: TF32×3, not FFMA as cuBLAS runs torch's fp32 GEMM)
     and the selection kernel, with its int64 rounds for rows that pick few blocks, builds without local memory."""
     scores, select = tmp_path / "scores.cubin", tmp_path / "select.cubin"
-    _build(tmp_path, ESTIMATION_BUILD, scores, select)
-    sass = _dump(scores, "-sass")
+    build(tmp_path / "cache", ESTIMATION_BUILD, scores, select)
+    sass = dump(scores, "-sass")
     assert "HGMMA" in sass and "FFMA" not in sass
-    usage = _dump(select, "--dump-resource-usage")
+    usage = dump(select, "--dump-resource-usage")
     assert "LOCAL:0" in usage, usage

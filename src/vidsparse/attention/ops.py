@@ -13,8 +13,11 @@ from .layout import BlockLayout
 
 
 def kernel_available(q: Tensor) -> bool:
-    """The kernel serves CUDA tensors. (CPU tensors run it only when asked, under TRITON_INTERPRET=1, in tests.)"""
-    if not q.is_cuda:
+    """The kernel serves CUDA tensors on a GPU of compute capability 8.0 or newer (``kernels/fit.py``). (CPU tensors
+    run it only when asked, under TRITON_INTERPRET=1, in tests.)"""
+    from .kernels.fit import kernel_device
+
+    if not kernel_device(q):
         return False
     try:
         import triton  # noqa: F401
@@ -64,6 +67,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     if isinstance(layout, GroupLayout):
         return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
     use_kernel = backend == "kernel" or (backend == "auto" and kernel_available(q))
+    if backend == "kernel":
+        from .kernels.fit import require_kernel_device
+
+        require_kernel_device(q)
     if use_kernel and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         from ..errors import UnsupportedError
 

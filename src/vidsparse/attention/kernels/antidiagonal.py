@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit
+
 LOG2E = 1.4426950408889634
 SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing heads in groups
 
@@ -187,9 +189,27 @@ def launch_defaults(stride: int, d: int, block_n: int | None = None, num_warps: 
     return block_n, num_warps, min(d, 64) if block_d is None else block_d
 
 
+def fitting_launches(stride: int, d: int, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> list[tuple[int, int, int]]:
+    """(key columns per tile, warps, stages) to try, best first (``fit.launch_fitting``): the defaults, then, where
+    the caller left them open, 128-column tiles with 4 warps (72 KB at sm_86 whatever the stride, against 104 KB for
+    the 256-column default at stride 16) and 2 stages. Their order follows an H200 run with pointer loads, as a GPU
+    without TMA loads (``profile_estimation_fitchain_ptr.json``, 32K, stride 16): 0.57 ms for the default, 0.63 for
+    128 columns and 4 warps, 0.71-0.74 for that with 2 stages, 0.75-0.78 for the default with 2 stages. On the GPUs
+    the smaller launches are for they are unmeasured."""
+    tile, warps, _ = launch_defaults(stride, d, block_n, num_warps)
+    stages = 3 if num_stages is None else num_stages
+    chain = [(tile, warps, stages)]
+    if block_n is None and num_warps is None:
+        chain.append((128, 4, stages))
+    if num_stages is None:
+        chain.append((chain[-1][0], chain[-1][1], 2))
+    return list(dict.fromkeys(chain))
+
+
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
                             block_m: int = 128, block_n: int | None = None, num_warps: int | None = None,
-                            num_stages: int = 3, tma: bool | None = None, splits: int = 4,
+                            num_stages: int | None = None, tma: bool | None = None, splits: int = 4,
                             block_d: int | None = None):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
@@ -217,18 +237,21 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
       0.54-0.55 against 0.56-0.57 ms at 32K; four stages were level with three. Nsight Compute at 32K
       (``ncu_antidiag_slices_32768_s16.txt``): 0.50 ms, L2 throughput 60%, SM throughput 59%.
 
+    On a GPU with less shared memory per program than Hopper's 227 KB the launch steps down ``fitting_launches``
+    (``fit.launch_fitting``): at 99 KB (GA10x, Ada) stride ≥ 16 takes 128-column tiles with 4 warps.
+
     Earlier, with whole-D steps: 4 warps were faster at stride 8 in five of six repetitions over three sweeps, by
     0.4-3.9%, and 4-7% slower at 16 (``profile_estimation_antidiag_sweep_*.json``). Strides below 8 are
     unmeasured."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     s = stride
-    block_n, num_warps, dk = launch_defaults(s, d, block_n, num_warps, block_d)
+    dk = launch_defaults(s, d, block_d=block_d)[2]
     if dk < 16 or d % dk or not _pow2(dk):
         raise ValueError(f"antidiagonal_block_mass: block_d {dk} must be a power of two ≥ 16 dividing D = {d}")
     nqb, nkb = -(-nq // block_q), -(-nk // block_k)
     qr, kc = block_q // s, block_k // s
-    bm, bn = max(block_m, qr, 16), max(block_n, kc, 16)
+    bm = max(block_m, qr, 16)
     r = nqb * qr
     out = torch.empty(b, h, nqb, nkb, dtype=torch.float32, device=q.device)  # every entry is written
     per_head = triton.cdiv(r, bm) * bm * nkb * 4
@@ -240,19 +263,24 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     kbt = max(16, min(64, triton.next_power_of_2(nkb)))
     if tma is None:
         tma = tma_fits(q, k, s)
-    if tma:
+
+    def launch(config):
+        tile_n, warps, stages = config
+        bn = max(tile_n, kc, 16)
         # q, k: any copies, alive to the end
-        (qa, q), (ka, k) = _strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)
-    else:
-        qa, ka = q, k
-    for bh0 in range(0, b * h, group):
-        n = min(group, b * h - bh0)
-        _antidiagonal_mass[(n, rp // bm * splits)](
-            qa, ka, lp, ml, arrived[bh0 // group], out, *q.stride(), *k.stride(), lp.stride(0), lp.stride(1),
-            *out.stride(),
-            bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
-            S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages, TMA=tma,
-            SPLITS=splits, DK=dk, num_warps=num_warps,
-        )
+        (qa, qt), (ka, kt) = (_strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)) if tma else ((q, q), (k, k))
+        for bh0 in range(0, b * h, group):
+            n = min(group, b * h - bh0)
+            _antidiagonal_mass[(n, rp // bm * splits)](
+                qa, ka, lp, ml, arrived[bh0 // group], out, *qt.stride(), *kt.stride(), lp.stride(0), lp.stride(1),
+                *out.stride(),
+                bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
+                S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=stages, TMA=tma,
+                SPLITS=splits, DK=dk, num_warps=warps,
+            )
+
+    shape = (s, d, dk, bm, q.dtype, tma, splits, block_n, num_warps, num_stages)
+    fit.launch_fitting("antidiagonal_block_mass", q.device, shape,
+                       fitting_launches(s, d, block_n, num_warps, num_stages), launch)
     return out

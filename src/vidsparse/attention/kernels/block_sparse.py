@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit
+
 LOG2E = 1.4426950408889634
 POOL_LEVELS = (2, 4, 8)
 
@@ -315,19 +317,28 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         qa, ka, va = q, k, v
     nqb = triton.cdiv(nq, block_q)
     grid = ((h // hk) * nqb, b * hk)
-    if num_warps is None and q.is_cuda and block_q == block_k == 128:
-        # measured on an H100 (benchmarks/tune_attention.py): 8 warps, 3 stages (2 for the pyramid's extra loops);
-        # 4 stages exceed shared memory; the autotuner's pick between near-equal configs was noisy (up to 13% worse)
-        num_warps, num_stages = 8, num_stages or (2 if pooled is not None else 3)
-    launch = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages or 3}
-    kernel = _block_sparse_fwd if launch or not q.is_cuda else _autotuned()  # the interpreter has no autotuner
-    kernel[grid](
+    args = (
         qa, ka, va, out, lse, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
-        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos, kpos_off,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)), *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos, kpos_off,
         *kp.stride(), *vp.stride(), *s_pidx, *s_pcnt, *offs,
         h, hk, h // hk, nqb, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, TMA=tma, HAS_KPOS=key_pos is not None,
-        PYRAMID=pooled is not None, RETURN_LSE=return_lse, **launch,
     )
+    consts = dict(HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, TMA=tma, HAS_KPOS=key_pos is not None,
+                  PYRAMID=pooled is not None, RETURN_LSE=return_lse)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no autotuner and no launch resources
+        _block_sparse_fwd[grid](*args, **consts)
+    elif num_warps is not None:
+        _block_sparse_fwd[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages or 3)
+    elif block_q == block_k == 128:
+        # measured on an H100 (benchmarks/tune_attention.py): 8 warps, 3 stages (2 for the pyramid's extra loops);
+        # 4 stages exceed shared memory; the autotuner's pick between near-equal configs was noisy (up to 13% worse).
+        # Fewer stages where the GPU's shared memory is smaller (fit.py: 160 KB at head dim 128 and 3 stages, 96 KB
+        # at 2 stages, built for sm_86)
+        stages = (num_stages, ) if num_stages else (2, 1) if pooled is not None else (3, 2, 1)
+        shape = (d, q.dtype, tma, key_pos is not None, pooled is not None, return_lse, num_stages)
+        fit.launch_fitting("block_sparse_attention", q.device, shape, stages,
+                           lambda st: _block_sparse_fwd[grid](*args, **consts, num_warps=8, num_stages=st))
+    else:
+        _autotuned()[grid](*args, **consts)  # the autotuner passes over launches that do not fit
     return (out, lse) if return_lse else out

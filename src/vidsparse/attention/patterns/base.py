@@ -265,8 +265,14 @@ def check_backend(backend: str) -> None:
 
 def use_kernel(backend: str, x: Tensor) -> bool:
     """The estimation kernels' switch (``backend`` of ``topk_layout``, ``mass_layout``, ``pyramid``, ``xattention``,
-    ``block_cdf``): "kernel" always, "auto" for CUDA tensors, "reference" never."""
-    return backend == "kernel" or (backend == "auto" and x.is_cuda)
+    ``block_cdf``): "kernel" always (``UnsupportedError`` on a CUDA GPU older than compute capability 8.0), "auto"
+    for CUDA tensors on a GPU the kernels support (``kernels/fit.py``), "reference" never."""
+    from ..kernels.fit import kernel_device, require_kernel_device
+
+    if backend == "kernel":
+        require_kernel_device(x)
+        return True
+    return backend == "auto" and kernel_device(x)
 
 
 def row_totals(budget: Tensor, width: int, nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int,

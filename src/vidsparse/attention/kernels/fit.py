@@ -1,0 +1,75 @@
+"""Kernel launches that fit the GPU they run on.
+
+The Triton kernels' default launches were measured on Hopper, whose SMs give one program up to 227 KB of shared
+memory. An A100 gives 163 KB; the GA10x and Ada cards (RTX 30xx and 40xx, A10, A40, L4, L40S) and Blackwell's
+consumer parts give 99 KB. Built for sm_86, the attention kernel's default launch for 128 × 128 blocks at head dim
+128 (8 warps, 3 stages) needs 160 KB, and xattention's antidiagonal kernel at stride ≥ 16 (256-column tiles, 8 warps)
+104 KB: on those cards their first launch failed (``tests/test_launch_fit.py`` builds them for each target).
+
+Triton compares a compiled kernel's shared memory with the device's limit before it launches anything and raises
+``OutOfResources``. ``launch_fitting`` tries a kernel's launches best first, steps down on that error, and remembers
+the first that fits per kernel, device and shape class, so later calls go straight to it.
+
+The kernels need compute capability 8.0 or newer (Ampere): bf16 and TF32 tensor-core products, and on Turing
+(64 KB) the attention kernel's 128 × 128 tiles alone do not fit. ``kernel_device`` says whether a tensor's GPU
+qualifies; on an older one the "auto" backends take the torch paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+_PICKED: dict = {}  # (kernel, device, key) -> index of the first launch that fit
+
+
+def capability_supported(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability runs the Triton kernels (Ampere or newer)."""
+    return tuple(capability) >= MIN_CAPABILITY
+
+
+def kernel_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA and compute capability ≥ 8.0."""
+    return x.is_cuda and capability_supported(torch.cuda.get_device_capability(x.device))
+
+
+def require_kernel_device(x: torch.Tensor) -> None:
+    """Raise ``UnsupportedError`` when ``x`` is on a CUDA GPU too old for the kernels (a forced "kernel" backend)."""
+    if x.is_cuda and not kernel_device(x):
+        from ...errors import UnsupportedError
+
+        major, minor = torch.cuda.get_device_capability(x.device)
+        raise UnsupportedError(f"the Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
+                               f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}: use backend 'reference'")
+
+
+def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Sequence, launch: Callable):
+    """``launch(config)`` for the first of ``configs`` (best first) whose shared memory fits ``device``; returns
+    what ``launch`` returns. A launch Triton refuses for shared memory launched nothing, so the next is tried; the
+    pick is remembered per (``kernel``, device, ``key``). Raises ``UnsupportedError`` when none fits."""
+    from triton.runtime.errors import OutOfResources
+
+    slot = (kernel, device.type, device.index, key)
+    start = _PICKED.get(slot, 0)
+    refused = None
+    for i in range(start, len(configs)):
+        try:
+            out = launch(configs[i])
+        except OutOfResources as exc:
+            if exc.name != "shared memory":
+                raise
+            refused = exc
+            continue
+        _PICKED[slot] = i
+        return out
+    from ...errors import UnsupportedError
+
+    raise UnsupportedError(f"{kernel}: no launch fits this GPU's shared memory (the last tried needs "
+                           f"{refused.required} bytes, the GPU gives {refused.limit}); use backend 'reference'")
+
+
+def picked(kernel: str, device: torch.device, key: tuple) -> int | None:
+    """Index of the launch ``launch_fitting`` settled on for this kernel, device and key (None before any)."""
+    return _PICKED.get((kernel, device.type, device.index, key))

@@ -1,0 +1,163 @@
+"""Kernel launches fit the GPU's shared memory (``attention/kernels/fit.py``). The kernels are built for each target
+by Triton and launched through a stand-in driver (``builds.py``): Triton's own check refuses a launch whose shared
+memory passes the target's limit, as it does on a GPU, and the stand-in records what got through. Numerics of the
+launches picked on a smaller GPU are checked on the GPU (``test_attention_gpu.py``, a lowered limit)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from builds import build
+
+from vidsparse.attention.kernels import fit
+from vidsparse.errors import UnsupportedError
+
+OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
+
+LAUNCH = r"""
+from vidsparse.attention.kernels import antidiagonal as ad, block_select as sel, block_sparse as bs
+from vidsparse.attention.kernels import pooled_scores as ps, row_mass as rm
+from vidsparse.errors import VidsparseError
+
+bf, i32 = torch.bfloat16, torch.int32
+
+
+def attention(d, pyramid=False):
+    q, k = torch.zeros(1, 4, 1024, d, dtype=bf), torch.zeros(1, 2, 1024, d, dtype=bf)
+    idx, cnt = torch.zeros(1, 4, 8, 8, dtype=i32), torch.ones(1, 4, 8, dtype=i32)
+    pooled = (torch.zeros(3, 1, 4, 8, 2, dtype=i32), torch.zeros(3, 1, 4, 8, dtype=i32)) if pyramid else None
+    bs.block_sparse_attention(q, k, k, idx, cnt, 128, 128, True, None, pooled=pooled, hopper=False)
+
+
+def antidiagonal(s):
+    q, k = torch.zeros(1, 4, 1024, 128, dtype=bf), torch.zeros(1, 2, 1024, 128, dtype=bf)
+    ad.antidiagonal_block_mass(q, k, s, 128, 128, True)
+
+
+nkb = 1024  # 128K tokens in 128-token blocks
+scores = torch.zeros(1, 1, 4, nkb)
+CASES = {
+    "attention_d128": lambda: attention(128),
+    "attention_d64": lambda: attention(64),
+    "pyramid_d128": lambda: attention(128, pyramid=True),
+    "antidiagonal_s8": lambda: antidiagonal(8),
+    "antidiagonal_s16": lambda: antidiagonal(16),
+    "scores": lambda: ps.scores(torch.zeros(1, 4, 256, 128), torch.zeros(1, 2, 256, 128)),
+    "column_mass": lambda: rm.column_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
+                                          torch.arange(4032, 4096)),
+    "select_blocks": lambda: sel.select_blocks(scores, torch.full((4,), 8), 64, 1, 1, 128, 128, 512, nkb * 128, True),
+    "select_mass": lambda: sel.select_mass(scores, 0.9, 1, 1, 128, 128, 512, nkb * 128, True),
+    "select_levels": lambda: sel.select_levels(scores, torch.zeros(4, 4, dtype=i32), (8, 8, 8, 8), 1, 1, 128, 128,
+                                               512, nkb * 128, True),
+}
+result = {}
+for name in sys.argv[1].split(","):
+    launched.clear()
+    try:
+        CASES[name]()
+        result[name] = list(launched)
+    except VidsparseError as exc:
+        result[name] = {"error": type(exc).__name__, "message": str(exc)}
+print(json.dumps(result))
+"""
+
+ALL = ("attention_d128,attention_d64,pyramid_d128,antidiagonal_s8,antidiagonal_s16,scores,column_mass,select_blocks,"
+       "select_mass,select_levels")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("triton")
+
+
+def _launch(cache, cases: str, target) -> dict:
+    return json.loads(build(cache, LAUNCH, cases, target=target).strip().splitlines()[-1])
+
+
+def test_every_kernel_launches_within_99_kb_on_sm86(cache):
+    """GA10x and Ada cards (RTX 30xx/40xx, A10, L4, L40S) give a program 99 KB. Before fit.py the attention kernel's
+    default launch at head dim 128 (3 stages: 160 KB) and xattention's at stride 16 (256-column tiles, 8 warps:
+    104 KB) were refused there; now they step down to 2 stages and to 128-column tiles with 4 warps. Every other
+    kernel's launch fits as it is."""
+    limit = 99 * 1024
+    got = _launch(cache, ALL, (86, limit))
+    for name, launches in got.items():
+        assert isinstance(launches, list) and launches, (name, launches)
+        assert all(shared <= limit for _, shared, _, _ in launches), (name, launches)
+    assert got["attention_d128"] == [["_block_sparse_fwd", 98304, 8, 2]]
+    assert got["attention_d64"] == [["_block_sparse_fwd", 81920, 8, 3]]  # its default fits
+    assert [w for _, _, w, _ in got["antidiagonal_s16"]] == [4]
+    assert got["antidiagonal_s8"][0][2:] == [4, 3]  # the stride-8 default (128 columns, 4 warps) fits
+
+
+def test_defaults_kept_where_they_fit(cache):
+    """On Hopper (227 KB) the measured defaults launch; on an A100 (163 KB) the attention kernel's 3 stages fit."""
+    hopper = _launch(cache, "attention_d128,antidiagonal_s16", (90, 227 * 1024))
+    assert [(w, st) for _, _, w, st in hopper["attention_d128"]] == [(8, 3)]  # 224 KB built for sm_90
+    assert [(w, st) for _, _, w, st in hopper["antidiagonal_s16"]] == [(8, 3)]
+    a100 = _launch(cache, "attention_d128", (80, 163 * 1024))
+    assert a100["attention_d128"] == [["_block_sparse_fwd", 163840, 8, 3]]
+
+
+def test_no_fitting_launch_is_a_clear_error(cache):
+    got = _launch(cache, "attention_d128,antidiagonal_s8", (86, 32 * 1024))
+    for name in got:
+        assert got[name]["error"] == "UnsupportedError", got
+        assert "shared memory" in got[name]["message"] and "32768" in got[name]["message"], got
+        assert "backend 'reference'" in got[name]["message"]
+
+
+def test_launch_fitting_steps_down_and_remembers():
+    """The first launch that Triton does not refuse for shared memory runs; later calls start from it; a refusal for
+    another resource is not a reason to step down."""
+    tried = []
+
+    def launch(stages):
+        tried.append(stages)
+        if stages > 2:
+            raise OutOfResources(40000 * stages, 100000, "shared memory")
+        return f"ran {stages}"
+
+    dev, key = torch.device("cpu"), ("step-down test", 1)
+    assert fit.launch_fitting("k", dev, key, (4, 3, 2, 1), launch) == "ran 2"
+    assert tried == [4, 3, 2] and fit.picked("k", dev, key) == 2
+    tried.clear()
+    assert fit.launch_fitting("k", dev, key, (4, 3, 2, 1), launch) == "ran 2"
+    assert tried == [2]
+    assert fit.picked("k", dev, ("another shape", 1)) is None
+
+    def tmem(_):
+        raise OutOfResources(600, 512, "tensor memory")
+
+    with pytest.raises(OutOfResources):
+        fit.launch_fitting("k", dev, ("tmem test",), (1, 2), tmem)
+    with pytest.raises(UnsupportedError, match="120000 bytes, the GPU gives 100000"):
+        fit.launch_fitting("k", dev, ("none fits",), (4, 3), launch)
+
+
+@pytest.mark.parametrize("cap,ok", [((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True),
+                                    ((12, 0), True)])
+def test_kernels_need_ampere(cap, ok):
+    assert fit.capability_supported(cap) is ok
+
+
+def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
+    """On a CUDA GPU older than Ampere the "auto" backends take the torch paths, and a forced "kernel" backend is a
+    clear error (the tensor's device is faked: this machine has no GPU)."""
+    from vidsparse.attention import ops
+    from vidsparse.attention.patterns import base
+
+    class Cuda(torch.Tensor):
+        is_cuda = property(lambda self: True)
+
+    x = torch.zeros(1, 1, 4, 16).as_subclass(Cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert not ops.kernel_available(x)
+    assert not base.use_kernel("auto", x)
+    with pytest.raises(UnsupportedError, match="Tesla T4 is 7.5"):
+        base.use_kernel("kernel", x)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert base.use_kernel("auto", x) and base.use_kernel("kernel", x)
