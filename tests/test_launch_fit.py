@@ -146,8 +146,9 @@ def test_kernels_need_ampere(cap, ok):
 def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
     """On a CUDA GPU older than Ampere the "auto" backends take the torch paths, and a forced "kernel" backend is a
     clear error (the tensor's device is faked: this machine has no GPU)."""
-    from vidsparse.attention import ops
+    from vidsparse.attention import BlockLayout, ops
     from vidsparse.attention.patterns import base
+    from vidsparse.models.hf import subset_attention
 
     class Cuda(torch.Tensor):
         is_cuda = property(lambda self: True)
@@ -159,5 +160,9 @@ def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
     assert not base.use_kernel("auto", x)
     with pytest.raises(UnsupportedError, match="Tesla T4 is 7.5"):
         base.use_kernel("kernel", x)
+    with pytest.raises(UnsupportedError, match="compute capability 8.0"):
+        ops.sparse_attention(x, x, x, BlockLayout.dense(4, 4, 128, 128), backend="kernel")
+    with pytest.raises(UnsupportedError, match="compute capability 8.0"):
+        subset_attention(x, x, x, torch.arange(2), backend="kernel")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert base.use_kernel("auto", x) and base.use_kernel("kernel", x)

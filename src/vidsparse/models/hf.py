@@ -177,11 +177,14 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float
                      chunk: int = 4096, backend: str = "auto") -> Tensor:
     """Causal prefill attention of every query over only the keys ``keys`` (sorted int64 [K'] into the sequence):
     query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. A query's own key is always
-    allowed (so a query that sees no kept key attends to itself). On CUDA (``backend`` "auto" or "kernel") the block
-    kernel runs on the gathered keys (``key_subset_attention``); otherwise masked SDPA ("reference"), queries in
-    chunks so the mask stays [chunk, K']."""
+    allowed (so a query that sees no kept key attends to itself). On CUDA (``backend`` "auto" or "kernel"; "auto" on
+    an Ampere or newer GPU) the block kernel runs on the gathered keys (``key_subset_attention``); otherwise masked
+    SDPA ("reference"), queries in chunks so the mask stays [chunk, K']."""
+    from ..attention.kernels.fit import require_kernel_device
     from ..attention.ops import kernel_available, key_subset_attention
 
+    if backend == "kernel":
+        require_kernel_device(q)
     if backend == "kernel" or (backend == "auto" and kernel_available(q) and q.shape[-1] in (16, 32, 64, 128)):
         return key_subset_attention(q, k, v, keys, scale)
     n = q.shape[2]
