@@ -137,6 +137,12 @@ def test_launch_fitting_steps_down_and_remembers():
         fit.launch_fitting("k", dev, ("none fits",), (4, 3), launch)
 
 
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, for the device checks (the GPU's capability is faked alongside)."""
+
+    is_cuda = property(lambda self: True)
+
+
 @pytest.mark.parametrize("cap,ok", [((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True),
                                     ((12, 0), True)])
 def test_kernels_need_ampere(cap, ok):
@@ -150,10 +156,7 @@ def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
     from vidsparse.attention.patterns import base
     from vidsparse.models.hf import subset_attention
 
-    class Cuda(torch.Tensor):
-        is_cuda = property(lambda self: True)
-
-    x = torch.zeros(1, 1, 4, 16).as_subclass(Cuda)
+    x = torch.zeros(1, 1, 4, 16).as_subclass(OnCuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert not ops.kernel_available(x)
@@ -166,3 +169,42 @@ def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
         subset_attention(x, x, x, torch.arange(2), backend="kernel")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert base.use_kernel("auto", x) and base.use_kernel("kernel", x)
+
+
+def test_kernels_need_triton_34(monkeypatch):
+    """Triton 3.3 has no ``triton.tools.tensor_descriptor``, which the TMA paths import on Hopper: with it the "auto"
+    backends take the torch paths and a forced "kernel" backend is a clear error."""
+    import triton
+
+    from vidsparse.attention import ops
+    from vidsparse.attention.patterns import base
+
+    assert not fit.triton_at_least((3, 4), "3.3.1") and fit.triton_at_least((3, 4), "3.4.0")
+    x = torch.zeros(1, 1, 4, 16).as_subclass(OnCuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    assert not ops.kernel_available(x) and not base.use_kernel("auto", x)
+    with pytest.raises(UnsupportedError, match="Triton 3.4 or newer"):
+        base.use_kernel("kernel", x)
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    assert ops.kernel_available(x) and base.use_kernel("auto", x)
+
+
+def test_gluon_kernel_only_with_the_triton_it_builds_on(monkeypatch):
+    """Triton 3.5 imports the Gluon Hopper API but its warp_specialize has another signature: the Gluon kernel's
+    build failed there (a CompilationError at the first call), so Hopper then runs the Triton kernel. (The device is
+    faked as in the test above.)"""
+    hop = pytest.importorskip("vidsparse.attention.kernels.block_sparse_hopper", exc_type=ImportError)
+    import triton
+
+    from vidsparse.attention.kernels import block_sparse as bs
+
+    assert not hop.triton_supported("3.5.1") and hop.triton_supported("3.6.0")
+    assert hop.triton_supported("3.7.0+git1a2b3c") and hop.triton_supported("4.0")
+
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16).as_subclass(OnCuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert bs._hopper_fits(q, q, q, 128, 128, 0.1)
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    assert not bs._hopper_fits(q, q, q, 128, 128, 0.1)

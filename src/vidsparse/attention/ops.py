@@ -13,17 +13,11 @@ from .layout import BlockLayout
 
 
 def kernel_available(q: Tensor) -> bool:
-    """The kernel serves CUDA tensors on a GPU of compute capability 8.0 or newer (``kernels/fit.py``). (CPU tensors
-    run it only when asked, under TRITON_INTERPRET=1, in tests.)"""
+    """The kernel serves CUDA tensors on a GPU of compute capability 8.0 or newer, with Triton 3.4 or newer
+    (``kernels/fit.py``). (CPU tensors run it only when asked, under TRITON_INTERPRET=1, in tests.)"""
     from .kernels.fit import kernel_device
 
-    if not kernel_device(q):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return kernel_device(q)
 
 
 def use_tma(q: Tensor, layout: BlockLayout) -> bool:

@@ -226,17 +226,17 @@ def _autotuned():
 
 
 def _hopper_fits(q, k, v, block_q, block_k, scale) -> bool:
-    """The Gluon kernel's domain: a Hopper GPU and a Triton with Gluon's Hopper API (``VIDSPARSE_ATTENTION_HOPPER=0``
-    turns it off)."""
+    """The Gluon kernel's domain: a Hopper GPU and Triton 3.6 or newer (``VIDSPARSE_ATTENTION_HOPPER=0`` turns it
+    off). With an older Triton, Hopper runs this file's kernel."""
     if os.environ.get("VIDSPARSE_ATTENTION_HOPPER", "1") == "0":
         return False
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     try:
-        from .block_sparse_hopper import supported
-    except ImportError:  # Triton before Gluon's Hopper API
+        from .block_sparse_hopper import supported, triton_supported
+    except ImportError:  # Triton before Gluon's Hopper API (3.4 and older)
         return False
-    return supported(q, k, v, block_q, block_k, scale)
+    return triton_supported() and supported(q, k, v, block_q, block_k, scale)
 
 
 def _bcast_strides(t, dims):
@@ -324,8 +324,8 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         *kp.stride(), *vp.stride(), *s_pidx, *s_pcnt, *offs,
         h, hk, h // hk, nqb, scale * LOG2E,
     )
-    consts = dict(HEAD_DIM=d, BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=causal, TMA=tma, HAS_KPOS=key_pos is not None,
-                  PYRAMID=pooled is not None, RETURN_LSE=return_lse)
+    consts = {"HEAD_DIM": d, "BLOCK_M": block_q, "BLOCK_N": block_k, "CAUSAL": causal, "TMA": tma,
+              "HAS_KPOS": key_pos is not None, "PYRAMID": pooled is not None, "RETURN_LSE": return_lse}
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no autotuner and no launch resources
         _block_sparse_fwd[grid](*args, **consts)
     elif num_warps is not None:

@@ -402,6 +402,18 @@ def _tma_ready(t2):
     return t2 if t2.is_contiguous() and t2.data_ptr() % 16 == 0 else t2.clone(memory_format=torch.contiguous_format)
 
 
+TRITON_MIN = (3, 6)  # gl.warp_specialize taking a list of (partition, args): 3.5 has the Hopper API but not that
+
+
+def triton_supported(version: str | None = None) -> bool:
+    """Whether this Triton (or ``version``) compiles the kernel. Triton 3.5 imports the Gluon Hopper API the kernel
+    uses but its ``warp_specialize`` has another signature, so the build failed there; 3.4 lacks
+    ``warpgroup_mma`` (an ImportError)."""
+    from .fit import triton_at_least
+
+    return triton_at_least(TRITON_MIN, version)
+
+
 def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
     """Whether the kernel can run this call on a Hopper GPU (``block_sparse._hopper_fits`` checks the device):
     128×128 blocks, bf16/fp16, head dim 64 or 128, a positive scale. (Non-contiguous inputs — a model's q/k/v are

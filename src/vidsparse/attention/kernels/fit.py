@@ -11,16 +11,23 @@ Triton compares a compiled kernel's shared memory with the device's limit before
 the first that fits per kernel, device and shape class, so later calls go straight to it.
 
 The kernels need compute capability 8.0 or newer (Ampere): bf16 and TF32 tensor-core products, and on Turing
-(64 KB) the attention kernel's 128 × 128 tiles alone do not fit. ``kernel_device`` says whether a tensor's GPU
-qualifies; on an older one the "auto" backends take the torch paths."""
+(64 KB) the attention kernel's 128 × 128 tiles alone do not fit. They need Triton 3.4 or newer: the TMA paths that
+Hopper takes by default import ``triton.tools.tensor_descriptor``, which Triton 3.3 lacks. With 3.4 and 3.5 the
+Triton kernels built for the targets of ``tests/test_launch_fit.py`` and ``tests/test_hopper_compile.py`` and
+``tests/test_attention.py`` passed in the interpreter, as with 3.6; the Gluon attention kernel needs 3.6
+(``block_sparse_hopper.triton_supported``).
+``kernel_device`` says whether a tensor's GPU and the installed Triton qualify; otherwise the "auto" backends take
+the torch paths."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 
 MIN_CAPABILITY = (8, 0)
+MIN_TRITON = (3, 4)
 
 _PICKED: dict = {}  # (kernel, device, key) -> index of the first launch that fit
 
@@ -30,19 +37,37 @@ def capability_supported(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= MIN_CAPABILITY
 
 
+def triton_at_least(minimum: tuple[int, int], version: str | None = None) -> bool:
+    """Whether the installed Triton (or ``version``, e.g. "3.6.0+git1a2b") is at least ``minimum``; False without
+    Triton."""
+    if version is None:
+        try:
+            import triton
+        except ImportError:
+            return False
+        version = triton.__version__
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= minimum
+
+
 def kernel_device(x: torch.Tensor) -> bool:
-    """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA and compute capability ≥ 8.0."""
-    return x.is_cuda and capability_supported(torch.cuda.get_device_capability(x.device))
+    """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA, compute capability ≥ 8.0 and Triton ≥ 3.4."""
+    return (x.is_cuda and capability_supported(torch.cuda.get_device_capability(x.device))
+            and triton_at_least(MIN_TRITON))
 
 
 def require_kernel_device(x: torch.Tensor) -> None:
-    """Raise ``UnsupportedError`` when ``x`` is on a CUDA GPU too old for the kernels (a forced "kernel" backend)."""
-    if x.is_cuda and not kernel_device(x):
-        from ...errors import UnsupportedError
+    """Raise ``UnsupportedError`` when ``x`` is on a CUDA GPU too old for the kernels, or the installed Triton is
+    (a forced "kernel" backend)."""
+    if not x.is_cuda or kernel_device(x):
+        return
+    from ...errors import UnsupportedError
 
-        major, minor = torch.cuda.get_device_capability(x.device)
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if not capability_supported((major, minor)):
         raise UnsupportedError(f"the Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
                                f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}: use backend 'reference'")
+    raise UnsupportedError("the Triton kernels need Triton 3.4 or newer (pip install 'triton>=3.4', or a torch that "
+                           "brings it): use backend 'reference'")
 
 
 def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Sequence, launch: Callable):
