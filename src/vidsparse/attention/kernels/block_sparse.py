@@ -320,7 +320,8 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     args = (
         qa, ka, va, out, lse, kv_index, kv_count, nfull, lq, lk, kpos, kp, vp, pidx, pcnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)), *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos, kpos_off,
+        *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
+        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *_bcast_strides(nfull, 3), *s_kpos, kpos_off,
         *kp.stride(), *vp.stride(), *s_pidx, *s_pcnt, *offs,
         h, hk, h // hk, nqb, scale * LOG2E,
     )

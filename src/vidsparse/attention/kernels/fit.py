@@ -12,12 +12,11 @@ the first that fits per kernel, device and shape class, so later calls go straig
 
 The kernels need compute capability 8.0 or newer (Ampere): bf16 and TF32 tensor-core products, and on Turing
 (64 KB) the attention kernel's 128 × 128 tiles alone do not fit. They need Triton 3.4 or newer: the TMA paths that
-Hopper takes by default import ``triton.tools.tensor_descriptor``, which Triton 3.3 lacks. With 3.4 and 3.5 the
-Triton kernels built for the targets of ``tests/test_launch_fit.py`` and ``tests/test_hopper_compile.py`` and
-``tests/test_attention.py`` passed in the interpreter, as with 3.6; the Gluon attention kernel needs 3.6
-(``block_sparse_hopper.triton_supported``).
-``kernel_device`` says whether a tensor's GPU and the installed Triton qualify; otherwise the "auto" backends take
-the torch paths."""
+Hopper takes by default import ``triton.tools.tensor_descriptor``, which Triton 3.3 lacks. With 3.4 and 3.5, as
+with 3.6, the Triton kernels build for the targets of ``tests/test_launch_fit.py`` and ``tests/test_hopper_compile.py``
+and ``tests/test_attention.py`` passes in the interpreter; the Gluon attention kernel needs 3.6
+(``block_sparse_hopper.triton_supported``). ``kernel_device`` says whether a tensor's GPU and the installed Triton
+qualify; otherwise the "auto" backends take the torch paths."""
 
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def triton_at_least(minimum: tuple[int, int], version: str | None = None) -> boo
 
 
 def kernel_device(x: torch.Tensor) -> bool:
-    """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA, compute capability ≥ 8.0 and Triton ≥ 3.4."""
+    """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA, compute capability ≥ 8.0, Triton ≥ 3.4."""
     return (x.is_cuda and capability_supported(torch.cuda.get_device_capability(x.device))
             and triton_at_least(MIN_TRITON))
 

@@ -265,8 +265,8 @@ def check_backend(backend: str) -> None:
 
 def use_kernel(backend: str, x: Tensor) -> bool:
     """The estimation kernels' switch (``backend`` of ``topk_layout``, ``mass_layout``, ``pyramid``, ``xattention``,
-    ``block_cdf``): "kernel" always (``UnsupportedError`` on a CUDA GPU older than compute capability 8.0), "auto"
-    for CUDA tensors on a GPU the kernels support (``kernels/fit.py``), "reference" never."""
+    ``block_cdf``): "kernel" always (``UnsupportedError`` on a CUDA GPU older than compute capability 8.0 or with
+    Triton older than 3.4), "auto" where the kernels run (``kernels/fit.py``), "reference" never."""
     from ..kernels.fit import kernel_device, require_kernel_device
 
     if backend == "kernel":
