@@ -24,11 +24,11 @@ from vidsparse.errors import VidsparseError
 bf, i32 = torch.bfloat16, torch.int32
 
 
-def attention(d, pyramid=False):
+def attention(d, pyramid=False, tma=False):
     q, k = torch.zeros(1, 4, 1024, d, dtype=bf), torch.zeros(1, 2, 1024, d, dtype=bf)
     idx, cnt = torch.zeros(1, 4, 8, 8, dtype=i32), torch.ones(1, 4, 8, dtype=i32)
     pooled = (torch.zeros(3, 1, 4, 8, 2, dtype=i32), torch.zeros(3, 1, 4, 8, dtype=i32)) if pyramid else None
-    bs.block_sparse_attention(q, k, k, idx, cnt, 128, 128, True, None, pooled=pooled, hopper=False)
+    bs.block_sparse_attention(q, k, k, idx, cnt, 128, 128, True, None, pooled=pooled, tma=tma, hopper=False)
 
 
 def antidiagonal(s):
@@ -41,6 +41,7 @@ scores = torch.zeros(1, 1, 4, nkb)
 CASES = {
     "attention_d128": lambda: attention(128),
     "attention_d64": lambda: attention(64),
+    "attention_d128_tma": lambda: attention(128, tma=True),  # Hopper's default for permuted keys (no Gluon)
     "pyramid_d128": lambda: attention(128, pyramid=True),
     "antidiagonal_s8": lambda: antidiagonal(8),
     "antidiagonal_s16": lambda: antidiagonal(16),
@@ -94,8 +95,9 @@ def test_every_kernel_launches_within_99_kb_on_sm86(cache):
 
 def test_defaults_kept_where_they_fit(cache):
     """On Hopper (227 KB) the measured defaults launch; on an A100 (163 KB) the attention kernel's 3 stages fit."""
-    hopper = _launch(cache, "attention_d128,antidiagonal_s16", (90, 227 * 1024))
+    hopper = _launch(cache, "attention_d128,attention_d128_tma,antidiagonal_s16", (90, 227 * 1024))
     assert [(w, st) for _, _, w, st in hopper["attention_d128"]] == [(8, 3)]  # 224 KB built for sm_90
+    assert [(w, st) for _, _, w, st in hopper["attention_d128_tma"]] == [(8, 3)]
     assert [(w, st) for _, _, w, st in hopper["antidiagonal_s16"]] == [(8, 3)]
     a100 = _launch(cache, "attention_d128", (80, 163 * 1024))
     assert a100["attention_d128"] == [["_block_sparse_fwd", 163840, 8, 3]]
