@@ -20,6 +20,7 @@ qualify; otherwise the "auto" backends take the torch paths."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 
@@ -45,7 +46,13 @@ def triton_at_least(minimum: tuple[int, int], version: str | None = None) -> boo
         except ImportError:
             return False
         version = triton.__version__
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= minimum
+    return _major_minor(version) >= minimum
+
+
+@functools.cache
+def _major_minor(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string, parsed once: the estimation switches ask at every call."""
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
 def kernel_device(x: torch.Tensor) -> bool:
