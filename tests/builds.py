@@ -60,6 +60,61 @@ class Target:
 triton.runtime.driver.set_active(Target())
 """
 
+# After DRIVER: launches the named cases (sys.argv[1], comma-separated) of the kernels through their public wrappers
+# on CPU tensors at their default launches; prints {case: [[kernel, shared bytes, warps, stages], ...] or an error}
+LAUNCH = r"""
+from vidsparse.attention.kernels import antidiagonal as ad, block_select as sel, block_sparse as bs
+from vidsparse.attention.kernels import pooled_scores as ps, row_mass as rm
+from vidsparse.errors import VidsparseError
+
+bf, i32 = torch.bfloat16 if CAP >= 80 else torch.float16, torch.int32  # Turing has no bf16
+
+
+def attention(d, pyramid=False, tma=False):
+    q, k = torch.zeros(1, 4, 1024, d, dtype=bf), torch.zeros(1, 2, 1024, d, dtype=bf)
+    idx, cnt = torch.zeros(1, 4, 8, 8, dtype=i32), torch.ones(1, 4, 8, dtype=i32)
+    pooled = (torch.zeros(3, 1, 4, 8, 2, dtype=i32), torch.zeros(3, 1, 4, 8, dtype=i32)) if pyramid else None
+    bs.block_sparse_attention(q, k, k, idx, cnt, 128, 128, True, None, pooled=pooled, tma=tma, hopper=False)
+
+
+def antidiagonal(s):
+    q, k = torch.zeros(1, 4, 1024, 128, dtype=bf), torch.zeros(1, 2, 1024, 128, dtype=bf)
+    ad.antidiagonal_block_mass(q, k, s, 128, 128, True)
+
+
+nkb = 1024  # 128K tokens in 128-token blocks
+scores = torch.zeros(1, 1, 4, nkb)
+CASES = {
+    "attention_d128": lambda: attention(128),
+    "attention_d64": lambda: attention(64),
+    "attention_d128_tma": lambda: attention(128, tma=True),  # Hopper's default for permuted keys (no Gluon)
+    "pyramid_d128": lambda: attention(128, pyramid=True),
+    "antidiagonal_s8": lambda: antidiagonal(8),
+    "antidiagonal_s16": lambda: antidiagonal(16),
+    "antidiagonal_s32": lambda: antidiagonal(32),
+    "scores": lambda: ps.scores(torch.zeros(1, 4, 256, 128), torch.zeros(1, 2, 256, 128)),
+    "column_mass": lambda: rm.column_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
+                                          torch.arange(4032, 4096)),
+    "select_blocks": lambda: sel.select_blocks(scores, torch.full((4,), 8), 64, 1, 1, 128, 128, 512, nkb * 128, True),
+    "select_mass": lambda: sel.select_mass(scores, 0.9, 1, 1, 128, 128, 512, nkb * 128, True),
+    "select_levels": lambda: sel.select_levels(scores, torch.zeros(4, 4, dtype=i32), (8, 8, 8, 8), 1, 1, 128, 128,
+                                               512, nkb * 128, True),
+}
+result = {}
+for name in sys.argv[1].split(","):
+    launched.clear()
+    try:
+        CASES[name]()
+        result[name] = list(launched)
+    except VidsparseError as exc:
+        result[name] = {"error": type(exc).__name__, "message": str(exc)}
+print(json.dumps(result))
+"""
+
+# every case but the TMA one (a Hopper path) and stride 32
+ALL = ("attention_d128,attention_d64,pyramid_d128,antidiagonal_s8,antidiagonal_s16,scores,column_mass,select_blocks,"
+       "select_mass,select_levels")
+
 HOPPER = (90, 227 * 1024)  # compute capability, shared memory per program (bytes)
 
 

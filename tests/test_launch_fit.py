@@ -9,64 +9,12 @@ import json
 
 import pytest
 import torch
-from builds import build
+from builds import ALL, LAUNCH, build
 
 from vidsparse.attention.kernels import fit
 from vidsparse.errors import UnsupportedError
 
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
-
-LAUNCH = r"""
-from vidsparse.attention.kernels import antidiagonal as ad, block_select as sel, block_sparse as bs
-from vidsparse.attention.kernels import pooled_scores as ps, row_mass as rm
-from vidsparse.errors import VidsparseError
-
-bf, i32 = torch.bfloat16, torch.int32
-
-
-def attention(d, pyramid=False, tma=False):
-    q, k = torch.zeros(1, 4, 1024, d, dtype=bf), torch.zeros(1, 2, 1024, d, dtype=bf)
-    idx, cnt = torch.zeros(1, 4, 8, 8, dtype=i32), torch.ones(1, 4, 8, dtype=i32)
-    pooled = (torch.zeros(3, 1, 4, 8, 2, dtype=i32), torch.zeros(3, 1, 4, 8, dtype=i32)) if pyramid else None
-    bs.block_sparse_attention(q, k, k, idx, cnt, 128, 128, True, None, pooled=pooled, tma=tma, hopper=False)
-
-
-def antidiagonal(s):
-    q, k = torch.zeros(1, 4, 1024, 128, dtype=bf), torch.zeros(1, 2, 1024, 128, dtype=bf)
-    ad.antidiagonal_block_mass(q, k, s, 128, 128, True)
-
-
-nkb = 1024  # 128K tokens in 128-token blocks
-scores = torch.zeros(1, 1, 4, nkb)
-CASES = {
-    "attention_d128": lambda: attention(128),
-    "attention_d64": lambda: attention(64),
-    "attention_d128_tma": lambda: attention(128, tma=True),  # Hopper's default for permuted keys (no Gluon)
-    "pyramid_d128": lambda: attention(128, pyramid=True),
-    "antidiagonal_s8": lambda: antidiagonal(8),
-    "antidiagonal_s16": lambda: antidiagonal(16),
-    "scores": lambda: ps.scores(torch.zeros(1, 4, 256, 128), torch.zeros(1, 2, 256, 128)),
-    "column_mass": lambda: rm.column_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
-                                          torch.arange(4032, 4096)),
-    "select_blocks": lambda: sel.select_blocks(scores, torch.full((4,), 8), 64, 1, 1, 128, 128, 512, nkb * 128, True),
-    "select_mass": lambda: sel.select_mass(scores, 0.9, 1, 1, 128, 128, 512, nkb * 128, True),
-    "select_levels": lambda: sel.select_levels(scores, torch.zeros(4, 4, dtype=i32), (8, 8, 8, 8), 1, 1, 128, 128,
-                                               512, nkb * 128, True),
-}
-result = {}
-for name in sys.argv[1].split(","):
-    launched.clear()
-    try:
-        CASES[name]()
-        result[name] = list(launched)
-    except VidsparseError as exc:
-        result[name] = {"error": type(exc).__name__, "message": str(exc)}
-print(json.dumps(result))
-"""
-
-ALL = ("attention_d128,attention_d64,pyramid_d128,antidiagonal_s8,antidiagonal_s16,scores,column_mass,select_blocks,"
-       "select_mass,select_levels")
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -210,3 +158,26 @@ def test_gluon_kernel_only_with_the_triton_it_builds_on(monkeypatch):
     assert bs._hopper_fits(q, q, q, 128, 128, 0.1)
     monkeypatch.setattr(triton, "__version__", "3.5.1")
     assert not bs._hopper_fits(q, q, q, 128, 128, 0.1)
+
+
+def test_launch_memory_table_marks_launches_over_the_limit(tmp_path, monkeypatch):
+    """benchmarks/launch_memory.py's table: KB (warps, stages) per kernel and target, bold past the target's limit,
+    "-" where a case was not built."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+    import launch_memory
+
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    res = {"date": "2026-11-28", "device": "Test CPU", "triton": "3.6.0", "command": "launch_memory",
+           "limits": {"86": 101376, "90": 232448},
+           "targets": {"86": {"attention_d128": [["_block_sparse_fwd", 163840, 8, 3]]},
+                       "90": {"attention_d128": [["_block_sparse_fwd", 229376, 8, 3]],
+                              "attention_d128_tma": [["_block_sparse_fwd", 229400, 8, 3]]}}}
+    launch_memory.write_markdown(res)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| attention_d128 | **160.0 (8, 3)** | 224.0 (8, 3) |" in text
+    assert "| attention_d128_tma | - | 224.0 (8, 3) |" in text
+    assert "| attention_d64 | - | - |" in text

@@ -4,7 +4,8 @@ The Triton kernels' default launches were measured on Hopper, whose SMs give one
 memory. An A100 gives 163 KB; the GA10x and Ada cards (RTX 30xx and 40xx, A10, A40, L4, L40S) and Blackwell's
 consumer parts give 99 KB. Built for sm_86, the attention kernel's default launch for 128 × 128 blocks at head dim
 128 (8 warps, 3 stages) needs 160 KB, and xattention's antidiagonal kernel at stride ≥ 16 (256-column tiles, 8 warps)
-104 KB: on those cards their first launch failed (``tests/test_launch_fit.py`` builds them for each target).
+104 KB: on those cards their first launch failed (``tests/test_launch_fit.py`` builds them for each target;
+``benchmarks/launch_memory.py`` tabulates every kernel's default per GPU generation).
 
 Triton compares a compiled kernel's shared memory with the device's limit before it launches anything and raises
 ``OutOfResources``. ``launch_fitting`` tries a kernel's launches best first, steps down on that error, and remembers
