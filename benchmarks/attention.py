@@ -35,12 +35,12 @@ def bench_ms(fn, rep_ms=400) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
 
 
-def random_layout(h, n, density, block=128, seed=0) -> BlockLayout:
+def random_layout(h, n, density, block=128, seed=0, device="cuda") -> BlockLayout:
     """Per head and query block, the diagonal plus random causal blocks up to ``density`` of the row's causal ones."""
     nb = -(-n // block)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    allowed = causal_block_mask(nb, nb, block, block, n, n, "cuda")
-    r = torch.rand(1, h, nb, nb, device="cuda", generator=g).masked_fill(~allowed, 0) + torch.eye(nb, device="cuda") * 2
+    g = torch.Generator(device=device).manual_seed(seed)
+    allowed = causal_block_mask(nb, nb, block, block, n, n, device)
+    r = torch.rand(1, h, nb, nb, device=device, generator=g).masked_fill(~allowed, 0) + torch.eye(nb, device=device) * 2
     per_row = torch.clamp(torch.ceil(allowed.sum(-1).float() * density).long(), min=1)
     return BlockLayout.from_block_mask(keep_topk(r, per_row), block, block, n, n)
 

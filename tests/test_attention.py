@@ -105,7 +105,7 @@ def test_every_pattern_is_tested():
     assert sorted(s.split(":")[0] for s in SPECS + TOKEN_SPECS) == PATTERNS.names()
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
 @pytest.mark.parametrize("coverage", [1.0, 0.8, 0.4])
 def test_token_sparse_layout_and_execution(coverage, backend):
     from vidsparse.attention.layout import TokenLayout
@@ -665,7 +665,7 @@ def test_kernel_pattern_layouts(interpreter):
         _check(q, k, v, lay)
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
 @pytest.mark.parametrize("stride", [1, 4, 12])
 def test_grid_group_execution_matches_mask(stride, backend):
     """Span rows see the text before the span plus same-phase span tokens (causally); other rows see everything."""
@@ -712,7 +712,7 @@ def _causal(n):
     return torch.ones(n, n, dtype=torch.bool).tril()
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
 def test_pyramid_pooling_is_exact_on_repeated_keys(backend):
     """Keys and values constant over each run of 8: a pooled key with its ln p bias stands exactly for the p keys it
     averages, so pyramid at any level equals dense causal attention."""
@@ -759,7 +759,7 @@ def test_pyramid_never_pools_across_the_diagonal():
     assert not ((lv > 1) & ~poolable).any() and (lv[..., poolable] > 1).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
 def test_pbs_with_every_block_equals_dense(backend):
     """tau=1 keeps every past block: permuting keys and masking by original position is then exact attention."""
     q, k, v = qkv(n=300, seed=8)

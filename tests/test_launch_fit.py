@@ -56,7 +56,8 @@ def test_no_fitting_launch_is_a_clear_error(cache):
     for name in got:
         assert got[name]["error"] == "UnsupportedError", got
         assert "shared memory" in got[name]["message"] and "32768" in got[name]["message"], got
-        assert "backend 'reference'" in got[name]["message"]
+    assert "use backend 'torch'" in got["attention_d128"]["message"]  # sparse_attention's torch path
+    assert "use the pattern option backend=reference" in got["antidiagonal_s8"]["message"]
 
 
 def test_launch_fitting_steps_down_and_remembers():

@@ -1,4 +1,6 @@
-"""``sparse_attention``: the public op. The Triton kernel on CUDA, the fp32-reference path elsewhere."""
+"""``sparse_attention``: the public op. The Triton kernel on CUDA GPUs that run it; elsewhere (the CPU, older GPUs or
+Triton) the block-wise torch path of ``blockwise.py``, whose memory stays within a chunk budget; the dense fp32
+oracle of ``reference.py`` on request."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from torch import Tensor
 
 from ..errors import InputError
 from .layout import BlockLayout
+
+BACKENDS = ("auto", "kernel", "torch", "reference")
 
 
 def kernel_available(q: Tensor) -> bool:
@@ -39,13 +43,16 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     ``layout``: a ``BlockLayout``, or a ``PyramidLayout`` (pooled blocks), ``PermutedLayout`` (permuted keys),
     ``TokenLayout`` (kept tokens) or ``GroupLayout`` (permuted groups).
     ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths of a padded batch (rows past them are 0; block layouts
-    only). ``backend``: "auto" (kernel when available), "kernel", or "reference"."""
+    only). ``backend``: "auto" (the kernel where ``kernel_available``, else "torch"), "kernel" (the Triton kernel),
+    "torch" (``blockwise.blockwise_attention``: only the listed blocks, through torch's SDPA in the inputs' dtype,
+    in chunks of at most ``VIDSPARSE_TORCH_ATTENTION_MB`` MiB of temporaries) or "reference" (the dense fp32 oracle:
+    memory grows as H·Nq·Nk, for tests)."""
     from .layout import GroupLayout, PermutedLayout, PyramidLayout, TokenLayout
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InputError("q, k, v must be [B, H, N, D]")
-    if backend not in ("auto", "kernel", "reference"):
-        raise InputError(f"unknown attention backend {backend!r}: auto, kernel or reference")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown attention backend {backend!r}: {', '.join(BACKENDS)}")
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -60,50 +67,51 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
     if isinstance(layout, GroupLayout):
         return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
-    use_kernel = backend == "kernel" or (backend == "auto" and kernel_available(q))
-    if backend == "kernel":
+    if backend == "auto":
+        backend = "kernel" if kernel_available(q) else "torch"
+    use_kernel = backend == "kernel"
+    if use_kernel:
         from .kernels.fit import require_kernel_device
 
         require_kernel_device(q)
-    if use_kernel and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        from ..errors import UnsupportedError
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            from ..errors import UnsupportedError
 
-        raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+            raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+        from .kernels.block_sparse import block_sparse_attention as run
+    elif backend == "torch":
+        from .blockwise import blockwise_attention as run
     if isinstance(layout, PyramidLayout):
-        if not use_kernel:
+        if backend == "reference":
             from .reference import pyramid_attention
 
             return pyramid_attention(q, k, v, layout, scale)
-        from .kernels import block_sparse as bs
-
         lay = layout.expand(b, h)
         width = max(p.kv_index.shape[-1] for p in lay.pooled)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         pidx = torch.stack([pad(p.kv_index) for p in lay.pooled]).contiguous()
         pcnt = torch.stack([p.kv_count for p in lay.pooled]).contiguous()
-        return bs.block_sparse_attention(q, k, v, lay.exact.kv_index, lay.exact.kv_count, lay.exact.block_q,
-                                         lay.exact.block_k, causal, scale, pooled=(pidx, pcnt))
+        return run(q, k, v, lay.exact.kv_index, lay.exact.kv_count, lay.exact.block_q, lay.exact.block_k, causal,
+                   scale, pooled=(pidx, pcnt))
     if isinstance(layout, PermutedLayout):
-        if not use_kernel:
+        if backend == "reference":
             from .reference import masked_attention
 
             return masked_attention(q, k, v, layout.dense_mask(h), scale)
-        from .kernels import block_sparse as bs
-
         idx = layout.perm[..., None].expand(-1, -1, -1, d)
         kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
         lay = layout.blocks
-        return bs.block_sparse_attention(q, kg, vg, lay.kv_index, lay.kv_count, lay.block_q, lay.block_k, causal,
-                                         scale, key_pos=layout.perm, tma=use_tma(q, lay))
+        extra = {"tma": use_tma(q, lay)} if use_kernel else {}
+        return run(q, kg, vg, lay.kv_index, lay.kv_count, lay.block_q, lay.block_k, causal, scale,
+                   key_pos=layout.perm, **extra)
+    if backend == "reference":
+        from .reference import layout_attention
+
+        return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)
     lay = layout.expand(b, h) if layout.kv_index.shape[:2] not in ((1, 1), (b, h), (1, h), (b, 1)) else layout
-    if use_kernel:
-        from .kernels import block_sparse as bs
-
-        return bs.block_sparse_attention(q, k, v, lay.kv_index, lay.kv_count, layout.block_q, layout.block_k, causal,
-                                         scale, seqlens_q, seqlens_k, tma=use_tma(q, layout))
-    from .reference import layout_attention
-
-    return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)
+    extra = {"tma": use_tma(q, layout)} if use_kernel else {}
+    return run(q, k, v, lay.kv_index, lay.kv_count, layout.block_q, layout.block_k, causal, scale, seqlens_q,
+               seqlens_k, **extra)
 
 
 def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor, causal: bool,

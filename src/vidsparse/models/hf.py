@@ -5,10 +5,11 @@ use, never at import), switches the language model's attention modules to it for
 and restores the previous implementation in ``finally``. No module's ``forward`` is reassigned.
 
 In prefill (queries = keys, more than one token, causal) the scope's pattern decides a ``BlockLayout`` per layer and
-``sparse_attention`` executes it (the Triton kernel on CUDA, the fp32 reference elsewhere). Everything else — decode
-steps, a scope without a pattern, non-causal modules — is dense SDPA with the same semantics as transformers' "sdpa"
-implementation. Prefill is detected from shapes, never from ``cache_position``/``cache`` kwargs, which transformers
-versions pass differently. Observers (SnapKV, FastV, ZipVL) see each prefill layer's post-RoPE q, k, v.
+``sparse_attention`` executes it (the Triton kernel on CUDA, the block-wise torch path elsewhere). Everything
+else — decode steps, a scope without a pattern, non-causal modules — is dense SDPA with the same semantics as
+transformers' "sdpa" implementation. Prefill is detected from shapes, never from ``cache_position``/``cache``
+kwargs, which transformers versions pass differently. Observers (SnapKV, FastV, ZipVL) see each prefill layer's
+post-RoPE q, k, v.
 
 Masking: "vidsparse" has no mask function registered, so transformers builds no mask for it and this function applies
 causality itself (bottom-right aligned when queries are fewer than keys). It therefore serves unpadded sequences —
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..errors import InputError
 
 NAME = "vidsparse"
 _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
@@ -178,8 +181,9 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float
     """Causal prefill attention of every query over only the keys ``keys`` (sorted int64 [K'] into the sequence):
     query i sees kept key j iff j ≤ i. q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, H, N, D]. A query's own key is always
     allowed (so a query that sees no kept key attends to itself). On CUDA (``backend`` "auto" or "kernel"; "auto" on
-    an Ampere or newer GPU) the block kernel runs on the gathered keys (``key_subset_attention``); otherwise masked
-    SDPA ("reference"), queries in chunks so the mask stays [chunk, K']."""
+    an Ampere or newer GPU) the block kernel runs on the gathered keys (``key_subset_attention``); otherwise
+    ("torch", "reference", or "auto" without the kernel) masked SDPA, queries in chunks so the mask stays
+    [chunk, K']."""
     from ..attention.kernels.fit import require_kernel_device
     from ..attention.ops import kernel_available, key_subset_attention
 
@@ -248,6 +252,10 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
     """Run ``llm`` (the language model part: its attention modules) with vidsparse attention inside the block.
 
     Restores each config's previous attention implementation on exit, also on error."""
+    from ..attention.ops import BACKENDS
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown attention backend {backend!r}: {', '.join(BACKENDS)}")
     register()
     scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend)
     scope.stats["sync_timing"] = sync_timing

@@ -72,15 +72,18 @@ def require_kernel_device(x: torch.Tensor) -> None:
     major, minor = torch.cuda.get_device_capability(x.device)
     if not capability_supported((major, minor)):
         raise UnsupportedError(f"the Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
-                               f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}: use backend 'reference'")
+                               f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}: use backend 'auto', "
+                               "which takes the torch paths there")
     raise UnsupportedError("the Triton kernels need Triton 3.4 or newer (pip install 'triton>=3.4', or a torch that "
-                           "brings it): use backend 'reference'")
+                           "brings it), or backend 'auto', which takes the torch paths without it")
 
 
-def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Sequence, launch: Callable):
+def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Sequence, launch: Callable,
+                   instead: str = "the pattern option backend=reference"):
     """``launch(config)`` for the first of ``configs`` (best first) whose shared memory fits ``device``; returns
     what ``launch`` returns. A launch Triton refuses for shared memory launched nothing, so the next is tried; the
-    pick is remembered per (``kernel``, device, ``key``). Raises ``UnsupportedError`` when none fits."""
+    pick is remembered per (``kernel``, device, ``key``). Raises ``UnsupportedError`` when none fits, naming
+    ``instead``, the torch path to ask for."""
     from triton.runtime.errors import OutOfResources
 
     slot = (kernel, device.type, device.index, key)
@@ -99,7 +102,7 @@ def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Seque
     from ...errors import UnsupportedError
 
     raise UnsupportedError(f"{kernel}: no launch fits this GPU's shared memory (the last tried needs "
-                           f"{refused.required} bytes, the GPU gives {refused.limit}); use backend 'reference'")
+                           f"{refused.required} bytes, the GPU gives {refused.limit}); use {instead}")
 
 
 def picked(kernel: str, device: torch.device, key: tuple) -> int | None:
