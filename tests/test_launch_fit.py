@@ -60,6 +60,21 @@ def test_no_fitting_launch_is_a_clear_error(cache):
     assert "use the pattern option backend=reference" in got["antidiagonal_s8"]["message"]
 
 
+def test_a_scores_launch_override_that_does_not_fit_is_a_clear_error(cache, monkeypatch):
+    """``VIDSPARSE_SCORES_CONFIG`` (a tuning knob) can name a launch larger than the GPU allows: the error names it
+    instead of Triton's OutOfResources. A malformed value is an input error."""
+    from vidsparse.attention.kernels import pooled_scores
+    from vidsparse.errors import InputError
+
+    monkeypatch.setenv("VIDSPARSE_SCORES_CONFIG", "256/256/128/8/tf32x3")
+    got = _launch(cache, "scores", (86, 99 * 1024))["scores"]
+    assert got["error"] == "UnsupportedError" and "VIDSPARSE_SCORES_CONFIG" in got["message"], got
+    for bad in ("128/128", "128/128/128/eight/tf32x3"):
+        monkeypatch.setenv("VIDSPARSE_SCORES_CONFIG", bad)
+        with pytest.raises(InputError, match="VIDSPARSE_SCORES_CONFIG"):
+            pooled_scores._config("VIDSPARSE_SCORES_CONFIG", (128, 128, 128, 8, "tf32x3"))
+
+
 def test_launch_fitting_steps_down_and_remembers():
     """The first launch that Triton does not refuse for shared memory runs; later calls start from it; a refusal for
     another resource is not a reason to step down."""

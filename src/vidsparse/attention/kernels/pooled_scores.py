@@ -43,7 +43,16 @@ def _config(name: str, default: tuple) -> tuple:
     if not env:
         return default
     parts = env.split("/")
-    return tuple(type(d)(x) for d, x in zip(default, parts))
+    try:
+        if len(parts) != len(default):
+            raise ValueError
+        got = tuple(type(d)(x) for d, x in zip(default, parts))
+    except ValueError:
+        from ...errors import InputError
+
+        raise InputError(f"{name}={env!r}: expected {len(default)} fields like "
+                         f"{'/'.join(map(str, default))} (rows/key blocks/head-dim step/warps/precision)") from None
+    return got
 
 
 @triton.jit
@@ -80,8 +89,16 @@ def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
         return out
     g = h // hk
     bd = max(16, triton.next_power_of_2(d))
-    bm, bn, bk, warps, precision = _config("VIDSPARSE_SCORES_CONFIG", (BM, BN, BK, WARPS, PRECISION))
-    _scores[(b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))](
-        qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn, BK=min(bk, bd), PRECISION=precision,
-        num_warps=warps)
+    config = _config("VIDSPARSE_SCORES_CONFIG", (BM, BN, BK, WARPS, PRECISION))
+    bm, bn, bk, warps, precision = config
+    grid = (b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))
+    launch = lambda _: _scores[grid](qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn,  # noqa: E731
+                                     BK=min(bk, bd), PRECISION=precision, num_warps=warps)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        launch(None)
+    else:  # 64 KB by default, within every supported GPU; an override that does not fit is a clear error
+        from . import fit
+
+        fit.launch_fitting("pooled_block_scores", qp.device, (d, *config), [config], launch,
+                           instead="a smaller VIDSPARSE_SCORES_CONFIG or the pattern option backend=reference")
     return out
