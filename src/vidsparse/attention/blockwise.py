@@ -4,11 +4,21 @@ does not run (the CPU, GPUs older than Ampere, Triton older than 3.4).
 The fp32 oracle in ``reference.py`` writes the layout out as a dense [B, H, Nq, Nk] mask and score matrix: 120 GB at
 32K tokens and 28 heads, so it serves tests, not long inputs. This path computes only the listed blocks. Each unit of
 work is one (batch, head, query block): its row of key blocks is gathered (GQA reads the shared K/V head through the
-index, nothing is expanded) and attended by torch's ``scaled_dot_product_attention`` under an element mask (the
-unlisted padding, sequence ends, causal positions), in the inputs' dtype: SDPA's fused CPU kernel, or on a GPU its
-memory-efficient kernel, which also runs on GPUs older than Ampere. Units are taken in chunks whose transient tensors
-fit ``max_bytes``, each chunk padded only to its own widest row, so the work follows the layout's density and peak
-memory stays near the budget whatever N is.
+index, nothing is expanded) and attended by torch's ``scaled_dot_product_attention`` in the inputs' dtype: SDPA's
+fused CPU kernel, or on a GPU its flash or memory-efficient kernel (the latter also runs on GPUs older than Ampere).
+Units are taken in chunks whose transient tensors fit ``max_bytes``, so the work follows the layout's density and
+peak memory stays near the budget whatever N is. Two ways to run a chunk:
+
+- mask-free (square blocks, no per-sequence lengths or key positions, causal keys ending a whole number of blocks
+  after the queries — a block pattern's layout in a model's prefill): units of one width run together without
+  padding, and their mask is either none or one shared lower-right causal bias at the diagonal block
+  (``_mask_free_groups``);
+- masked (everything else): units sorted by width, each chunk padded to its widest row and run under an element
+  mask (the unlisted padding, sequence ends, causal positions, pooled levels' ln p biases).
+
+On the H200 at 64K tokens and 28/4 heads the mask-free path measured 34 / 47 / 79 ms at 5 / 10 / 20% density, where
+running every chunk masked took 53 / 98 / 190 ms (``benchmarks/results/nvidia-h200/torch_attention.json`` and
+``torch_attention_masked_only.json``).
 
 Same semantics as the kernel (``kernels/block_sparse.py``): bottom-right causal alignment per sequence, or key
 positions (``key_pos``, permuted keys) with queries at ``i + query_offset``; rows past a sequence's length and rows
@@ -29,9 +39,10 @@ DEFAULT_MB = {"cpu": 256, "cuda": 1024}
 
 def default_budget(device: str = "cpu") -> int:
     """Bytes of transient tensors per chunk: ``VIDSPARSE_TORCH_ATTENTION_MB`` MiB, by default 256 on the CPU and
-    1024 on a GPU, where a chunk of fewer units left SDPA's grid under one wave (the H200 at 64K tokens and 5%:
-    the bound is an overestimate there, as SDPA's memory-efficient kernel does not materialise the scores; a 256 MiB
-    chunk added 130 MiB)."""
+    1024 on a GPU, where chunks of fewer units left SDPA's grid under one wave. On the H200 at 64K tokens, 28/4 heads
+    and 5% density, every chunk masked: 147 ms with 256 MiB chunks, 53 ms with 1024, 46 ms with 4096 (which added
+    2.3 GB); the bound overestimates there, as SDPA's GPU kernels do not materialise the scores (256 MiB chunks added
+    130 MiB). ``benchmarks/results/nvidia-h200/torch_attention_masked_only*``."""
     from ..errors import InputError
 
     raw = os.environ.get("VIDSPARSE_TORCH_ATTENTION_MB", str(DEFAULT_MB.get(device, DEFAULT_MB["cpu"])))
