@@ -171,9 +171,10 @@ def test_chunks_stay_within_the_budget():
 
 def test_peak_memory_follows_the_budget_not_n_squared():
     """At N = 8192 with 8 heads the oracle's dense score matrix alone is 2 GiB (its peak grew 6.5 GiB on this
-    machine); the block-wise path at 5% density and a 16 MiB chunk budget grew 47 MiB: its 16 MiB output, the chunk,
-    and what the C allocator keeps of freed chunks. Bound: 96 MiB. (tracemalloc does not see torch's CPU allocator,
-    so this reads the peak resident memory of a child process.)"""
+    machine); the block-wise path at 5% density and a 16 MiB chunk budget grew 24 MiB: its 16 MiB output and the
+    chunks (47 MiB when every chunk ran masked). Bound: 64 MiB. (tracemalloc does not see torch's CPU allocator, so
+    this reads the peak resident memory of a child process; importing a module inside the call would count too:
+    ``torch.nn.attention.bias`` alone is 120 MiB, which is why the CPU path builds its causal mask itself.)"""
     import subprocess
     import sys
     import textwrap
@@ -196,7 +197,7 @@ def test_peak_memory_follows_the_budget_not_n_squared():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     grown_mib = float(res.stdout.strip().splitlines()[-1])
-    assert grown_mib < 96, grown_mib
+    assert grown_mib < 64, grown_mib
 
 
 def test_budget_setting_errors():
