@@ -390,7 +390,8 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     fence_async_shared()
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK, ntiles, qk_scale)
+            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK,
+            ntiles, qk_scale)
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
                         (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN))], [4, 1],
@@ -471,7 +472,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         *out.stride()[:3], *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3),
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES, VARLEN=varlen,
+        HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES,
+        VARLEN=varlen,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out

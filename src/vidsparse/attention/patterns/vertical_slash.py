@@ -37,7 +37,8 @@ class VerticalSlash(Pattern):
         vert, slash = column_probs(q[:, :, nq - lq:], k, qpos, diagonal_first=nq - lq + off, backend=self.backend)
         vert[..., : self.force_vertical] = float("inf")  # [B, H, Nk]
         slash[..., : self.force_slash] = float("inf")
-        v_keep = keep_topk(vert, min(self.vertical, nk)) if self.vertical > 0 else torch.zeros_like(vert, dtype=torch.bool)
+        v_keep = (keep_topk(vert, min(self.vertical, nk)) if self.vertical > 0
+                  else torch.zeros_like(vert, dtype=torch.bool))
         s_keep = keep_topk(slash, min(self.slash, nk))
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
         # Vertical column c -> every query block, key block c // bk.
