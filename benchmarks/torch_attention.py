@@ -31,7 +31,7 @@ from common import device_name, save, today, update_markdown, versions  # noqa: 
 from vidsparse.attention import sparse_attention  # noqa: E402
 from vidsparse.attention.blockwise import default_budget  # noqa: E402
 
-SECTION = "Sparse attention without the kernel: the block-wise torch path"
+SECTION = "Sparse attention without the kernel"
 
 
 def inputs(n: int, h: int, hk: int, d: int, device: str):
@@ -189,25 +189,12 @@ def write_markdown(res: dict) -> None:
             "than that dense call" + ("; the memory-efficient backend is the dense kernel SDPA has on GPUs older "
                                      "than Ampere, where the torch path is meant to run" if gpu else "")
             + ".\n\n" + "\n".join(lines))
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else ""
-    start = text.find(f"## {SECTION}\n")
-    existing = ""
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        existing = text[start + len(SECTION) + 4: end if end >= 0 else len(text)]
-    parts = {}
-    for chunk in existing.split("\n### ")[1:]:
-        name, _, rest = chunk.partition("\n")
-        parts[name.strip()] = rest.strip()
-    parts[res["device"]] = body
     intro = ("What `sparse_attention` runs where the Triton kernel does not (`attention/blockwise.py`): only the "
-             "listed blocks, gathered per (head, query block) and attended by torch's SDPA (with square blocks, rows of "
-             "one width share one causal mask or none; otherwise under an element mask), "
-             "in chunks of at most `VIDSPARSE_TORCH_ATTENTION_MB` MiB of temporaries (256 on the CPU, 1024 on a "
-             "GPU). Before it, that path was the dense fp32 oracle, whose memory grows as H·N². Written by "
-             "`benchmarks/torch_attention.py`.")
-    update_markdown(SECTION, intro + "\n\n" + "\n\n".join(f"### {name}\n\n{b}" for name, b in parts.items()))
+             "listed blocks, gathered per (head, query block) and attended by torch's SDPA (with square blocks, rows "
+             "of one width share one causal mask or none; otherwise under an element mask), in chunks of at most "
+             "`VIDSPARSE_TORCH_ATTENTION_MB` MiB of temporaries (256 on the CPU, 1024 on a GPU). Before it, that path "
+             "was the dense fp32 oracle, whose memory grows as H·N². Written by `benchmarks/torch_attention.py`.")
+    update_markdown(f"{SECTION} ({res['device']})", intro + "\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,8 @@ def test_budget_setting_errors():
                 default_budget()
     with pytest.raises(InputError, match="auto, kernel, torch, reference"):
         sparse_attention(*_inputs(1, 1, 1, 8, 8, 8, 0)[:3], BlockLayout.dense(8, 8, 8, 8), backend="blocks")
+    from vidsparse.models.hf import attention_scope
+
+    with pytest.raises(InputError, match="auto, kernel, torch, reference"):
+        with attention_scope(None, backend="blocks"):  # checked before the model is touched
+            pass

@@ -32,7 +32,7 @@ import os
 import torch
 from torch import Tensor
 
-from .layout import POOL_LEVELS
+from .layout import POOL_LEVELS, pool_levels
 
 DEFAULT_MB = {"cpu": 256, "cuda": 1024}
 
@@ -192,11 +192,9 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_co
     full = nk // bk
     if pooled is not None and full:
         pidx, pcnt = pooled
-        for li, p in enumerate(POOL_LEVELS):
-            pooled_kv = [x[:, :, : full * bk].float().reshape(b, hk, full * bk // p, p, d).mean(3).to(x.dtype)
-                         for x in (k, v)]
+        for li, (p, kp, vp) in enumerate(zip(POOL_LEVELS, pool_levels(k, full, bk), pool_levels(v, full, bk))):
             lcount = pcnt[li].expand(b, h, nqb).reshape(units).long()
-            levels.append((p, *(_block_major(x, full, bk // p) for x in pooled_kv),
+            levels.append((p, _block_major(kp, full, bk // p), _block_major(vp, full, bk // p),
                            pidx[li].expand(b, h, nqb, pidx.shape[-1]).reshape(units, -1).long(), lcount,
                            lcount.tolist()))
 
@@ -213,10 +211,10 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_co
     else:
         order = sorted(range(units), key=lambda u: (widths[u] * bk + extra[u], u))
     widths, extra = [widths[u] for u in order], [extra[u] for u in order]
-    levels = [(p, kp, vp, pidx_u, pcnt_u, [host[u] for u in order]) for p, kp, vp, pidx_u, pcnt_u, host in levels]
-    order = torch.tensor(order, device=dev)
-    index, count, ub, um, kv_head = (t[order] for t in (index, count, ub, um, kv_head))
-    levels = [(p, kp, vp, pidx_u[order], pcnt_u[order], host) for p, kp, vp, pidx_u, pcnt_u, host in levels]
+    slots = torch.tensor(order, device=dev)  # run position -> unit
+    index, count, ub, um, kv_head = (t[slots] for t in (index, count, ub, um, kv_head))
+    levels = [(p, kp, vp, pidx_u[slots], pcnt_u[slots], [host[u] for u in order])
+              for p, kp, vp, pidx_u, pcnt_u, host in levels]
     out = torch.empty(units, bq, d, dtype=q.dtype, device=dev)
     rows_in_block = torch.arange(bq, device=dev)
     cols_in_block = torch.arange(bk, device=dev)
@@ -225,7 +223,7 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_co
     neg = float("-inf")
     for s, e, w in _chunks(widths, extra, lambda w_, x_: _unit_bytes(w_ * bk + x_, bq, d), budget, groups):
         if groups is not None:  # every unit of the run has ``w`` blocks and the same mask: a shared one, or none
-            _run_mask_free(q, kb, vb, qb, out, order[s:e], index[s:e, :w], kv_head[s:e], nkb, groups[s][1], nk,
+            _run_mask_free(q, kb, vb, qb, out, slots[s:e], index[s:e, :w], kv_head[s:e], nkb, groups[s][1], nk,
                            causal, scale)
             continue
         n_u, w = e - s, max(w, 1)
@@ -258,13 +256,13 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_co
             masks.append(torch.full(plisted.shape, math.log(p), dtype=mdt, device=dev).masked_fill_(~plisted, neg))
             keys.append(_gather_blocks(kp, pblocks))
             values.append(_gather_blocks(vp, pblocks))
-        qc = qb.index_select(0, order[s:e])
+        qc = qb.index_select(0, slots[s:e])
         if len(masks) > 1:
             mask = torch.cat([m.expand(n_u, bq, -1) for m in (masks[0], *(m[:, None, :] for m in masks[1:]))], -1)
             qc, kg, vg = qc.to(mdt), torch.cat(keys, 1).to(mdt), torch.cat(values, 1).to(mdt)
         del masks, keys, values
         o = torch.nn.functional.scaled_dot_product_attention(qc[:, None], kg[:, None], vg[:, None],
                                                              attn_mask=mask[:, None], scale=scale)[:, 0]
-        out.index_copy_(0, order[s:e], o.masked_fill_(~seen[..., None], 0.0).to(q.dtype))  # no key: 0, not NaN
+        out.index_copy_(0, slots[s:e], o.masked_fill_(~seen[..., None], 0.0).to(q.dtype))  # no key: 0, not NaN
     out = out.reshape(b, h, nqb * bq, d)
     return out if nqb * bq == nq else out[:, :, :nq].contiguous()

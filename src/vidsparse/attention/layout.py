@@ -304,6 +304,15 @@ class GroupLayout(_Density):
 POOL_LEVELS = (2, 4, 8)
 
 
+def pool_levels(x: Tensor, full_blocks: int, block_k: int) -> list[Tensor]:
+    """x [B, Hkv, N, D] mean-pooled over its first ``full_blocks`` key blocks at each of ``POOL_LEVELS``: per level p
+    [B, Hkv, full_blocks · block_k / p, D], averaged in fp32 and returned in x's dtype (what the pyramid's kernel and
+    torch path attend)."""
+    b, hk, _, d = x.shape
+    body = x[:, :, : full_blocks * block_k].float()
+    return [body.reshape(b, hk, -1, p, d).mean(3).to(x.dtype) for p in POOL_LEVELS]
+
+
 @dataclass(frozen=True, eq=False)
 class PyramidLayout(_Density):
     """Pyramid Sparse Attention: blocks computed on the exact keys plus blocks attended through mean-pooled K/V.

@@ -16,6 +16,12 @@ from .layout import BlockLayout
 BACKENDS = ("auto", "kernel", "torch", "reference")
 
 
+def check_backend(backend: str) -> None:
+    """``InputError`` unless ``backend`` is one of ``BACKENDS`` (``sparse_attention`` and ``attention_scope``)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown attention backend {backend!r}: {', '.join(BACKENDS)}")
+
+
 def kernel_available(q: Tensor) -> bool:
     """The kernel serves CUDA tensors on a GPU of compute capability 8.0 or newer, with Triton 3.4 or newer
     (``kernels/fit.py``). (CPU tensors run it only when asked, under TRITON_INTERPRET=1, in tests.)"""
@@ -51,8 +57,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InputError("q, k, v must be [B, H, N, D]")
-    if backend not in BACKENDS:
-        raise InputError(f"unknown attention backend {backend!r}: {', '.join(BACKENDS)}")
+    check_backend(backend)
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")

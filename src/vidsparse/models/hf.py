@@ -28,8 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-
 NAME = "vidsparse"
 _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("vidsparse_attention_scope", default=None)
 _REGISTERED: set[str] = set()
@@ -252,10 +250,9 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
     """Run ``llm`` (the language model part: its attention modules) with vidsparse attention inside the block.
 
     Restores each config's previous attention implementation on exit, also on error."""
-    from ..attention.ops import BACKENDS
+    from ..attention.ops import check_backend
 
-    if backend not in BACKENDS:
-        raise InputError(f"unknown attention backend {backend!r}: {', '.join(BACKENDS)}")
+    check_backend(backend)
     register()
     scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend)
     scope.stats["sync_timing"] = sync_timing

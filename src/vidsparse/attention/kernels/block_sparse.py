@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import POOL_LEVELS, pool_levels  # noqa: F401  (POOL_LEVELS: this module's name for it, kept)
 from . import fit
 
 LOG2E = 1.4426950408889634
-POOL_LEVELS = (2, 4, 8)
 
 
 def _configs():
@@ -244,18 +244,13 @@ def _bcast_strides(t, dims):
 
 
 def pool_kv(x, full_blocks: int, block_k: int):
-    """Mean-pooled copies of x [B, Hkv, N, D] over its first ``full_blocks`` key blocks at levels 2, 4, 8, stacked
-    along the sequence: -> (pooled [B, Hkv, R, D], row offset of each level)."""
-    b, hk, _, d = x.shape
-    body = x[:, :, : full_blocks * block_k].float()
-    parts, offs, o = [], [], 0
-    for p in POOL_LEVELS:
-        parts.append(body.reshape(b, hk, -1, p, d).mean(3))
-        offs.append(o)
-        o += parts[-1].shape[2]
-    if not o:  # no complete block: nothing can be pooled (a pyramid layout then lists no pooled block)
-        return x.new_zeros(b, hk, 1, d), [0, 0, 0]
-    return torch.cat(parts, 2).to(x.dtype).contiguous(), offs
+    """``layout.pool_levels`` of x [B, Hkv, N, D] stacked along the sequence: -> (pooled [B, Hkv, R, D], row offset
+    of each level)."""
+    if not full_blocks:  # no complete block: nothing can be pooled (a pyramid layout then lists no pooled block)
+        return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3]), [0, 0, 0]
+    parts = pool_levels(x, full_blocks, block_k)
+    offs = [sum(t.shape[2] for t in parts[:i]) for i in range(len(parts))]
+    return torch.cat(parts, 2).contiguous(), offs
 
 
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,

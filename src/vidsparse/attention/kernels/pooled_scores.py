@@ -94,11 +94,9 @@ def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     grid = (b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))
     launch = lambda _: _scores[grid](qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn,  # noqa: E731
                                      BK=min(bk, bd), PRECISION=precision, num_warps=warps)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        launch(None)
-    else:  # 64 KB by default, within every supported GPU; an override that does not fit is a clear error
-        from . import fit
+    # 64 KB by default, within every supported GPU; an override that does not fit is a clear error
+    from . import fit
 
-        fit.launch_fitting("pooled_block_scores", qp.device, (d, *config), [config], launch,
-                           instead="a smaller VIDSPARSE_SCORES_CONFIG or the pattern option backend=reference")
+    fit.launch_fitting("pooled_block_scores", qp.device, (d, *config), [config], launch,
+                       instead="a smaller VIDSPARSE_SCORES_CONFIG or the pattern option backend=reference")
     return out
