@@ -87,7 +87,7 @@ scores = torch.zeros(1, 1, 4, nkb)
 CASES = {
     "attention_d128": lambda: attention(128),
     "attention_d64": lambda: attention(64),
-    "attention_d128_tma": lambda: attention(128, tma=True),  # Hopper's default for permuted keys (no Gluon)
+    "attention_d128_tma": lambda: attention(128, tma=True),  # Hopper's default for permuted keys without Gluon
     "pyramid_d128": lambda: attention(128, pyramid=True),
     "antidiagonal_s8": lambda: antidiagonal(8),
     "antidiagonal_s16": lambda: antidiagonal(16),

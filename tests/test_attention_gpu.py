@@ -9,7 +9,7 @@ from tolerances import LSE_ATOL, causal_lse, kernel_ok
 from vidsparse import PATTERNS
 from vidsparse.attention import BlockLayout, sparse_attention
 from vidsparse.attention.patterns import SeqMeta
-from vidsparse.attention.reference import layout_attention
+from vidsparse.attention.reference import layout_attention, masked_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -304,6 +304,57 @@ def test_pbs_with_every_block_equals_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
                                                            v.float().repeat_interleave(4, 1), is_causal=True)
     assert kernel_ok((out.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("causal,d,dtype,hk,offset", [(True, 128, torch.bfloat16, 2, None),
+                                                      (True, 64, torch.float16, 8, None),
+                                                      (True, 128, torch.bfloat16, 2, 0),
+                                                      (False, 128, torch.bfloat16, 2, None)])
+def test_key_positions_match_reference(causal, d, dtype, hk, offset, variant):
+    """Keys that carry their original positions: permuted within 512-token segments per K/V head as ``pbs`` does
+    (queries at Nk − Nq), or a sorted subset of a longer sequence with the queries at 0 (``offset=0``, as
+    ``key_subset_attention`` runs it), on a random block layout with empty rows: output and log-sum-exp against fp32
+    torch on the dense mask those positions make, on every kernel variant; the Gluon kernel is the one Hopper runs."""
+    from vidsparse.attention.kernels import block_sparse as bs
+
+    b, h, nq, nk = 2, 8, 1500, 1400
+    g = torch.Generator(device="cuda").manual_seed(31)
+    q, k, v = qkv(b, h, hk, nq, d, dtype, nk=nk, seed=d + hk)
+    if offset is None:  # a permutation inside each segment, different per (batch, K/V head)
+        seg = torch.arange(nk, device="cuda") // 512
+        noise = torch.rand(b, hk, nk, device="cuda", generator=g)
+        pos = torch.argsort(seg * 2.0 + noise, -1)
+        qpos = torch.arange(nq, device="cuda") + (nk - nq)
+    else:  # a sorted subset of 3000 positions; query i sits at position i
+        pos = torch.sort(torch.randperm(nq * 2, device="cuda", generator=g)[:nk]).values.expand(b, hk, nk)
+        qpos = torch.arange(nq, device="cuda")
+    nqb, nkb = -(-nq // 128), -(-nk // 128)
+    blocks = torch.rand(b, h, nqb, nkb, device="cuda", generator=g) > 0.4
+    blocks[1, 3] = False  # empty rows
+    lay = BlockLayout.from_block_mask(blocks, 128, 128, nq, nk, causal=False)
+    mask = blocks.repeat_interleave(128, 2).repeat_interleave(128, 3)[:, :, :nq, :nk]
+    if causal:
+        mask = mask & (pos.repeat_interleave(h // hk, 1)[:, :, None, :] <= qpos[:, None])
+    ref = masked_attention(q.float(), k.float(), v.float(), mask)
+    same = masked_attention(q, k, v, mask, dtype=dtype)
+    out, lse = bs.block_sparse_attention(q, k, v, lay.kv_index, lay.kv_count, 128, 128, causal, None,
+                                         key_pos=pos.to(torch.int32), query_offset=offset, return_lse=True)
+    err_k, err_t = (out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item()
+    assert kernel_ok(err_k, err_t, dtype), (err_k, err_t)
+    assert torch.all(out[1, 3] == 0) and torch.all(lse[1, 3] == float("-inf"))
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float().repeat_interleave(h // hk, 1)) * d ** -0.5
+    ref_lse = torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1)
+    seen = mask.any(-1)
+    torch.testing.assert_close(lse[seen], ref_lse[seen], atol=LSE_ATOL, rtol=0)
+    assert torch.all(lse[~seen] == float("-inf")) and torch.all(out[~seen] == 0)
+    if variant == "hopper" and torch.cuda.get_device_capability()[0] == 9:  # the dispatch ran the Gluon kernel
+        from vidsparse.attention.kernels.block_sparse_hopper import (
+            block_sparse_attention_hopper,
+        )
+
+        direct = block_sparse_attention_hopper(q, k, v, lay.kv_index, lay.kv_count, causal, d ** -0.5,
+                                               return_lse=True, key_pos=pos, query_offset=offset)
+        assert torch.equal(direct[0], out) and torch.equal(direct[1], lse)
 
 
 def test_key_subset_kernel_matches_masked_sdpa():

@@ -1,9 +1,10 @@
 """Block-sparse flash-attention forward for Hopper in Gluon, persistent and warp-specialised in the manner of
 FlashAttention-3.
 
-Executes the plain ``BlockLayout`` path of ``block_sparse.py`` (128×128 blocks, bf16/fp16, head dim 64 or 128,
-causal or not, GQA, per-sequence lengths, optional log-sum-exp) with explicit Hopper machinery that a ``@triton.jit``
-kernel cannot express in Triton 3.6:
+Executes the ``BlockLayout`` and key-position paths of ``block_sparse.py`` (128×128 blocks, bf16/fp16, head dim 64
+or 128, causal or not, GQA, per-sequence lengths, keys with their original positions — ``pbs``'s permuted keys, a
+model's kept-key subsets — optional log-sum-exp) with explicit Hopper machinery that a ``@triton.jit`` kernel cannot
+express in Triton 3.6:
 
 - Persistent programs with a dynamic schedule: one program per SM; each takes its first tile by its id and then
   claims the next unclaimed (batch, head, query block) tile from a global counter, in launch order (query heads
@@ -24,6 +25,8 @@ kernel cannot express in Triton 3.6:
 - Which blocks need the element mask (the sequence end, the causal diagonal) is decided per block and per consumer
   from the block's last key and the consumer's first row, so the launch needs no precomputed mask-free counts. Rows
   past a sequence's length and tiles past it are written as zeros (log-sum-exp −inf) by the kernel: no memset.
+  With key positions a block's keys are not in order, so the launch does pass each row's count of leading mask-free
+  blocks (``full_prefix``), and only the blocks after them read their keys' positions for the causal mask.
 - The softmax scale (times log2 e) is applied in the exponent's fused multiply-add, not to Q, and P goes to the
   P·V product straight from registers.
 - The epilogue stages a tile's output in that tile's own Q buffer (free once its last Q·Kᵀ is done; handed back to
@@ -35,7 +38,7 @@ FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
 
 The Triton kernel in ``block_sparse.py`` stays the reference implementation for every other case (pointer loads,
-pyramid levels, key positions, other block shapes, the interpreter)."""
+pyramid levels, other block shapes, the interpreter)."""
 
 from __future__ import annotations
 
@@ -62,14 +65,21 @@ MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, qk_scale, CAUSAL: gl.constexpr):
+def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale, CAUSAL: gl.constexpr,
+             HAS_KPOS: gl.constexpr):
     """Online-softmax step on raw scores ``s`` of key block ``n`` (element mask when ``masked``); returns P (fp32),
-    the factor that rescales the accumulator, and the new running max (scaled log2 domain) and sum."""
+    the factor that rescales the accumulator, and the new running max (scaled log2 domain) and sum. With
+    ``HAS_KPOS`` the causal mask compares the keys' original positions (``kp_base``: the K/V head's int32 positions,
+    read only for masked blocks) with the rows' (row + ``off``)."""
     if masked:
         cols = n * s.shape[1] + offs_nb
         valid = cols[None, :] < lk
         if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + off)
+            if HAS_KPOS:
+                kp = gl.load(kp_base + cols, mask=cols < lk, other=0)
+                valid = valid & (kp[None, :] <= offs_m[:, None] + off)
+            else:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + off)
         s = gl.where(valid, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at -inf, never NaN
@@ -80,14 +90,18 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, qk_scale, CAUSAL:
 
 
 @gluon.jit
-def _needs_mask(n, row0, lk, off, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Whether key block ``n`` has a key that some row from ``row0`` on must not see: past the sequence's end, or
-    (causal) after the first row's diagonal."""
-    last = n * BLOCK_N + (BLOCK_N - 1)
-    if CAUSAL:
-        return (last >= lk) | (last > row0 + off)
+def _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_KPOS: gl.constexpr):
+    """Whether key block ``n`` (the row's ``j``-th) has a key that some row from ``row0`` on must not see: past the
+    sequence's end, or (causal) after the first row's diagonal. With key positions the row's leading ``nfull``
+    blocks are the mask-free ones (``block_sparse.full_prefix``, counted for the tile's first row)."""
+    if HAS_KPOS:
+        return j >= nfull
     else:
-        return last >= lk
+        last = n * BLOCK_N + (BLOCK_N - 1)
+        if CAUSAL:
+            return (last >= lk) | (last > row0 + off)
+        else:
+            return last >= lk
 
 
 @gluon.jit
@@ -187,12 +201,13 @@ def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s
 
 @gluon.jit
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
+              CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+              HAS_KPOS: gl.constexpr):
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
-     qk_scale) = args
+     qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off) = args
     BM: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -220,8 +235,14 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     k = 0  # tiles taken
     t = _take_tile(tile_ids, t_ready, t_empty, k)
     while t < ntiles:
-        b, h, _hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
-        off = lk - lq
+        b, h, hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
+        kp_base = KPOS + b * s_kpb + hk * s_kph  # a dummy pointer without key positions
+        if HAS_KPOS:
+            off = kpos_off  # query i sits at key position i + kpos_off
+            nfull = gl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
+        else:
+            off = lk - lq  # bottom-right causal alignment
+            nfull = 0
         row0 = pid_m * BLOCK_M + WG * BM  # this warpgroup's first query row
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
         if cnt > 0:
@@ -239,8 +260,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
-                                                    _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
-                                                    lk, off, qk_scale, CAUSAL)
+                                                    _needs_mask(0, n, nfull, row0, lk, off, BLOCK_N, CAUSAL,
+                                                                HAS_KPOS), offs_m, offs_nb, lk, off, kp_base,
+                                                    qk_scale, CAUSAL, HAS_KPOS)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(last), count=1)
                 _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
@@ -251,8 +273,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
-                                                    _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL), offs_m, offs_nb,
-                                                    lk, off, qk_scale, CAUSAL)
+                                                    _needs_mask(0, n, nfull, row0, lk, off, BLOCK_N, CAUSAL,
+                                                                HAS_KPOS), offs_m, offs_nb, lk, off, kp_base,
+                                                    qk_scale, CAUSAL, HAS_KPOS)
             m_i = m_new
             l_i = l_new
             acc = acc_none
@@ -269,8 +292,9 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, _needs_mask(n, row0, lk, off, BLOCK_N, CAUSAL),
-                                                offs_m, offs_nb, lk, off, qk_scale, CAUSAL)
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n,
+                                                _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS),
+                                                offs_m, offs_nb, lk, off, kp_base, qk_scale, CAUSAL, HAS_KPOS)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
@@ -301,22 +325,22 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
 
 @gluon.jit
 def _consumer0(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
-    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)
+               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
+    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)
 
 
 @gluon.jit
 def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
-    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)
+               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
+    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)
 
 
 @gluon.jit
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-            RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
+            RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
     (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
-     ntiles, _qk_scale) = args
+     ntiles, _qk_scale, _KPOS, _NFULL, _s_kpb, _s_kph, _s_fb, _s_fh, _s_fm, _kpos_off) = args
     BM: gl.constexpr = BLOCK_M // 2
     it = 0
     qi = 0
@@ -357,12 +381,12 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
-         s_ob, s_oh, s_om, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm,
-         NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale,
+def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL,
+         s_ob, s_oh, s_om, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm, s_kpb, s_kph, s_fb, s_fh, s_fm,
+         NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale, kpos_off,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-         LOADER_REGS: gl.constexpr):
+         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
+         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     BM: gl.constexpr = BLOCK_M // 2
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [4, BM, HEAD_DIM], q_desc.layout)  # [consumer × 2 tiles]
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -391,11 +415,11 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER,
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
             tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK,
-            ntiles, qk_scale)
-    gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
-                        (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN)),
-                        (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN))], [4, 1],
-                       [CONSUMER_REGS, LOADER_REGS])
+            ntiles, qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off)
+    gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)),
+                        (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)),
+                        (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS))],
+                       [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def _tma_ready(t2):
@@ -437,12 +461,15 @@ def _smem_layouts(d: int, bf16: bool):
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, scale: float, seqlens_q=None,
                                   seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
-                                  persistent: bool = True):
+                                  persistent: bool = True, *, key_pos=None, query_offset=None):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
-    ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``persistent=False`` launches one program per
-    tile instead of one per SM (for comparison: the hardware then schedules the tiles)."""
-    from .block_sparse import LOG2E, _bcast_strides
+    ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``key_pos`` int [B, Hkv, Nk]: the keys'
+    original positions for the causal mask (permuted or gathered keys, as ``block_sparse.block_sparse_attention``
+    takes them), query i at position i + ``query_offset`` (default Nk − Nq); the mask-free blocks are then the
+    row's leading run counted by ``full_prefix``. ``persistent=False`` launches one program per tile instead of one
+    per SM (for comparison: the hardware then schedules the tiles)."""
+    from .block_sparse import LOG2E, _bcast_strides, full_prefix
 
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -456,24 +483,33 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device) if return_lse else out
     varlen = seqlens_q is not None or seqlens_k is not None
-    if varlen:
-        full = lambda n: torch.full((b,), n, dtype=torch.int32, device=q.device)
+    if varlen or key_pos is not None:
+        full = lambda n: torch.full((b,), n, dtype=torch.int32, device=q.device)  # noqa: E731
         lq = seqlens_q.to(torch.int32) if seqlens_q is not None else full(nq)
         lk = seqlens_k.to(torch.int32) if seqlens_k is not None else full(nk)
     else:
         lq = lk = kv_count  # unused
+    kpos_off = (nk - nq) if query_offset is None else int(query_offset)
+    if key_pos is not None:  # the rows' mask-free leading blocks, and the positions the masked ones compare
+        nfull = full_prefix(kv_index, kv_count, BLOCK, BLOCK, causal, lq, lk, key_pos, h // hk, kpos_off)
+        kpos = key_pos.to(torch.int32)
+        kpos = kpos if kpos.stride(-1) == 1 else kpos.contiguous()
+        s_kpos, s_full = _bcast_strides(kpos, 2), _bcast_strides(nfull, 3)
+    else:
+        nfull = kpos = kv_count  # unused
+        s_kpos, s_full = [0, 0], [0, 0, 0]
     nqb = triton.cdiv(nq, BLOCK)
     ntiles = b * h * nqb
     grid = (min(ntiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
             if persistent else ntiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
-        qd, kd, vd, out, lse, kv_index, kv_count, lq, lk, counter,
+        qd, kd, vd, out, lse, kv_index, kv_count, lq, lk, counter, kpos, nfull,
         *out.stride()[:3], *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
-        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3),
-        nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E,
+        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full,
+        nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES,
-        VARLEN=varlen,
+        VARLEN=varlen, HAS_KPOS=key_pos is not None,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out

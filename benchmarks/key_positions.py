@@ -1,0 +1,139 @@
+"""Keys that carry their original positions, on Hopper: ``pbs``'s permuted keys and a model's kept-key subsets
+(``models.hf.subset_attention``), run by the warp-specialised Gluon kernel against the Triton kernel that ran them
+before it took key positions, in the same process (``VIDSPARSE_ATTENTION_HOPPER`` 1 / 0, alternating rounds), with
+dense cuDNN on the same inputs as the baseline.
+
+    python benchmarks/key_positions.py [--sizes 16384,32768,65536,131072] [--markdown-from FILE]
+
+``pbs`` runs on video-structured q/k (``attention.video_qk``: M-RoPE over 16×16-token frames), where it picks its
+layout; each timed call is the whole ``sparse_attention`` (the keys' gather by the permutation included). The subset
+rows keep a random sorted fraction of the keys. TF/s counts computed blocks only (2·N²·D per head × density). Saves
+``key_positions.json`` under the device's results and writes a BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import bench_ms, causal_sdpa, flops, video_qk  # noqa: E402
+from common import GpuMonitor, device_name, interleaved, save, today, update_markdown, versions  # noqa: E402
+
+from vidsparse import PATTERNS  # noqa: E402
+from vidsparse.attention import sparse_attention  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+
+ROUND_MS = 200
+H, HK, D = 28, 4, 128
+
+
+def kernel(on: bool, fn):
+    """``fn`` with the Gluon kernel allowed (``on``) or not: the switch is read at each call."""
+    def run():
+        os.environ["VIDSPARSE_ATTENTION_HOPPER"] = "1" if on else "0"
+        return fn()
+    return run
+
+
+def compare(fns: dict, work: float, monitor) -> dict:
+    """The callables (``triton``, ``gluon``, ``cudnn``) in alternating rounds; TF/s on ``work`` FLOPs for the sparse
+    two, and the largest difference between their outputs."""
+    diff = float((fns["gluon"]().float() - fns["triton"]().float()).abs().max())
+    res = interleaved(fns, lambda fn: bench_ms(fn, rep_ms=ROUND_MS), 3, monitor)
+    for name in ("triton", "gluon"):
+        res[name]["tflops"] = work / res[name]["ms"] / 1e9
+    res["max_abs_diff"] = diff
+    res["speedup"] = res["triton"]["ms"] / res["gluon"]["ms"]
+    res["vs_cudnn"] = res["cudnn"]["ms"] / res["gluon"]["ms"]
+    return res
+
+
+def run_size(n: int, monitor) -> dict:
+    from vidsparse.models.hf import subset_attention
+
+    row = {"n": n, "heads": H, "kv_heads": HK, "d": D, "cases": []}
+    q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
+    v = torch.randn_like(k)
+    cudnn = causal_sdpa("cudnn", q, k.repeat_interleave(H // HK, 1), v.repeat_interleave(H // HK, 1))
+    for spec in ("pbs", "pbs:tau=0.5"):
+        lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(128, 128, True))
+        dens = lay.density()
+        fns = {"triton": kernel(False, lambda: sparse_attention(q, k, v, lay)),
+               "gluon": kernel(True, lambda: sparse_attention(q, k, v, lay)), "cudnn": cudnn}
+        res = compare(fns, flops(H, n, D, dens), monitor)
+        row["cases"].append({"case": f"`{spec}` (video q/k)", "density": dens, **res})
+        print(n, spec, f"density {dens:.3f}", {x: round(res[x]["ms"], 3) for x in fns}, f"{res['speedup']:.2f}x",
+              flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qr = torch.randn(1, H, n, D, device="cuda", generator=g).bfloat16()
+    kr, vr = (torch.randn(1, HK, n, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    cudnn = causal_sdpa("cudnn", qr, kr.repeat_interleave(H // HK, 1), vr.repeat_interleave(H // HK, 1))
+    for frac in (0.5, 0.94):
+        keys = torch.sort(torch.randperm(n, device="cuda", generator=g)[: int(n * frac)]).values
+        fns = {"triton": kernel(False, lambda: subset_attention(qr, kr, vr, keys, backend="kernel")),
+               "gluon": kernel(True, lambda: subset_attention(qr, kr, vr, keys, backend="kernel")), "cudnn": cudnn}
+        res = compare(fns, flops(H, n, D, frac), monitor)  # each query sees about frac of the keys before it
+        row["cases"].append({"case": f"key subset, {frac:.0%} of the keys (random q/k)", "density": frac, **res})
+        print(n, "subset", frac, {x: round(res[x]["ms"], 3) for x in fns}, f"{res['speedup']:.2f}x", flush=True)
+    os.environ.pop("VIDSPARSE_ATTENTION_HOPPER", None)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16384,32768,65536,131072")
+    ap.add_argument("--markdown-from", default="", help="a saved key_positions.json: rewrite its table only")
+    args = ap.parse_args()
+    if args.markdown_from:
+        write_markdown(json.loads(Path(args.markdown_from).read_text()))
+        return
+    payload = {"benchmark": "key_positions", "date": today(), "device": device_name(),
+               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
+               "command": "python benchmarks/key_positions.py --sizes " + args.sizes, "rows": []}
+    t0 = time.time()
+    monitor = GpuMonitor()
+    try:
+        for n in (int(s) for s in args.sizes.split(",")):
+            payload["rows"].append(run_size(n, monitor))
+            torch.cuda.empty_cache()
+            save("key_positions", payload)  # partial results survive a time limit
+    finally:
+        monitor.close()
+    payload["seconds"] = time.time() - t0
+    print(f"wrote {save('key_positions', payload)}")
+    write_markdown(payload)
+
+
+def cell(x: dict, tf: bool = True) -> str:
+    mhz = f", {x['sm_mhz']:.0f} MHz" if "sm_mhz" in x else ""
+    return f"{x['ms']:.2f} ({x['tflops']:.0f}{mhz})" if tf else f"{x['ms']:.2f}{' (' + mhz[2:] + ')' if mhz else ''}"
+
+
+def write_markdown(p: dict) -> None:
+    lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {H} heads / {HK} K/V heads, d = {D}, "
+             "batch 1, causal, 128×128 blocks.", "",
+             "Keys that carry their original positions: `pbs`'s permuted keys (the whole `sparse_attention` call, "
+             "the gather of K/V by the permutation included) and a model's kept-key subsets "
+             "(`models.hf.subset_attention`, the path of ZipVL-style key pruning). The Gluon kernel runs them since "
+             "it takes key positions; the Triton kernel ran them before. Both, and dense cuDNN on the same inputs, are "
+             "timed in 3 alternating rounds in one process; cells read ms (TF/s on computed blocks, SM MHz). "
+             "A subset's density is its kept fraction: each query sees about that share of the keys before it. The "
+             "`pbs` rows of the section \"Sparse attention (NVIDIA H200) — kernels\" ran the Triton kernel.", "",
+             "| N | case | density | Triton kernel | Gluon kernel | Gluon vs Triton | dense cuDNN ms | Gluon vs cuDNN "
+             "| max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        for c in r["cases"]:
+            lines.append(f"| {r['n']} | {c['case']} | {c['density']:.3f} | {cell(c['triton'])} | {cell(c['gluon'])} | "
+                         f"{c['speedup']:.2f}x | {cell(c['cudnn'], False)} | {c['vs_cudnn']:.2f}x | "
+                         f"{c['max_abs_diff']:.1e} |")
+    update_markdown(f"Keys with their original positions on the Hopper kernel ({p['device']})", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
