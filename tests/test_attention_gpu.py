@@ -295,6 +295,42 @@ def test_pyramid_and_pbs_match_reference(spec, dtype):
     assert kernel_ok(err_k, err_t, dtype), (err_k, err_t)
 
 
+@pytest.mark.parametrize("causal,d,dtype,hk,n,nk", [(True, 128, torch.bfloat16, 2, 3000, 3000),
+                                                    (True, 64, torch.float16, 8, 2500, 2900),
+                                                    (False, 128, torch.bfloat16, 2, 2000, 2300)])
+def test_random_pyramid_levels_match_reference(causal, d, dtype, hk, n, nk, variant):
+    """Random exact and pooled blocks at every level (pooled only where the whole block is visible to its query
+    block; level counts that leave the last pooled tile part-filled; rows whose only blocks are pooled; empty rows):
+    against fp32 torch on the layout written out, on every kernel variant."""
+    from vidsparse.attention.layout import PyramidLayout
+    from vidsparse.attention.reference import pyramid_attention
+
+    g = torch.Generator(device="cuda").manual_seed(d + n)
+    q, k, v = qkv(2, 8, hk, n, d, dtype, nk=nk, seed=d + hk)
+    nqb, nkb = -(-n // 128), -(-nk // 128)
+    m, c = torch.arange(nqb, device="cuda")[:, None], torch.arange(nkb, device="cuda")[None, :]
+    poolable = (c + 1) * 128 <= nk
+    if causal:
+        poolable = poolable & ((c + 1) * 128 - 1 <= m * 128 + (nk - n))
+    level = torch.randint(0, 5, (2, 8, nqb, nkb), device="cuda", generator=g)  # 0 skip, 1 exact, 2-4 pooled 2/4/8
+    pooled_at = [(level == i) & poolable for i in (2, 3, 4)]
+    exact = (level == 1) | ((level > 1) & ~poolable & (torch.rand(level.shape, device="cuda", generator=g) > 0.5))
+    exact[0, 1, nqb - 1] = False  # a row with pooled blocks only
+    exact[1, 2] = False  # a head with no exact block
+    for pm in pooled_at:
+        pm[1, 3] = False  # ... and one with nothing at all
+    exact[1, 3] = False
+    lay = PyramidLayout(BlockLayout.from_block_mask(exact, 128, 128, n, nk, causal=causal),
+                        tuple(BlockLayout.from_block_mask(pm, 128, 128, n, nk, causal=causal) for pm in pooled_at))
+    assert all(bool((pl.kv_count % p != 0).any()) for p, pl in zip((2, 4, 8), lay.pooled))  # part-filled tiles
+    ref = pyramid_attention(q.float(), k.float(), v.float(), lay)
+    same = pyramid_attention(q, k, v, lay, dtype=dtype)
+    out = sparse_attention(q, k, v, lay, backend="kernel")
+    err_k, err_t = (out.float() - ref.float()).abs().max().item(), (same.float() - ref.float()).abs().max().item()
+    assert kernel_ok(err_k, err_t, dtype), (err_k, err_t)
+    assert not torch.isnan(out).any() and torch.all(out[1, 3] == 0)
+
+
 def test_pbs_with_every_block_equals_sdpa():
     q, k, v = qkv(1, 8, 2, 2500, 128, torch.bfloat16, seed=6)
     lay = PATTERNS.from_spec("pbs:tau=1.0").estimate(q, k, SeqMeta(128, 128, True))

@@ -26,16 +26,18 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
 d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
-kpos = sys.argv[6] == "1"
+kpos, pyramid = sys.argv[6] == "1", sys.argv[7] == "1"
 n, h, hk = 512, 4, 2
 q = torch.empty(h * n, d, dtype=torch.bfloat16)
 kv = torch.empty(hk * n, d, dtype=torch.bfloat16)
 qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16))
 kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
+pd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [hop.POOL_BOX, d], kd.layout)  # pooled K/V boxes
 i32 = torch.zeros(4, dtype=torch.int32)
-k = hop._fwd.warmup(qd, kd, kd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), *([i32] * 7), *([1] * 17),
-                    n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, 0, HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128,
-                    CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES, VARLEN=varlen, HAS_KPOS=kpos,
+k = hop._fwd.warmup(qd, kd, kd, pd, pd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), *([i32] * 9),
+                    *([1] * 26), n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, 0, n, 0, n // 2, n // 2 + n // 4,
+                    HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES,
+                    VARLEN=varlen, HAS_KPOS=kpos, PYRAMID=pyramid,
                     CONSUMER_REGS=hop.CONSUMER_REGS, LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG,
                     grid=(1,))
 open(sys.argv[4], "wb").write(k.asm["cubin"])
@@ -44,13 +46,16 @@ print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.me
 
 
 @pytest.mark.skipif(not _gluon_builds(), reason="the Gluon kernel builds with Triton 3.6 or newer")
-@pytest.mark.parametrize("d,causal,lse,varlen,kpos", [(128, True, False, False, False), (64, False, True, True, False),
-                                                      (128, True, True, True, False), (128, True, True, False, True)])
-def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen, kpos):
+@pytest.mark.parametrize("d,causal,lse,varlen,kpos,pyramid", [
+    (128, True, False, False, False, False), (64, False, True, True, False, False),
+    (128, True, True, True, False, False), (128, True, True, False, True, False),
+    (128, True, False, False, False, True), (64, False, False, False, False, True)])
+def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen, kpos, pyramid):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
-    which Gluon cannot compile. ``kpos``: keys with their original positions (permuted keys, key subsets)."""
+    which Gluon cannot compile. ``kpos``: keys with their original positions (permuted keys, key subsets);
+    ``pyramid``: pooled levels after the exact blocks."""
     cubin = tmp_path / "k.cubin"
-    out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos))
+    out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos), int(pyramid))
     info = json.loads(out.strip().splitlines()[-1])
     sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass

@@ -266,8 +266,7 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
     descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
     autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
-    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, no pyramid levels, no fixed
-    launch)."""
+    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128):
@@ -276,12 +275,12 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if hopper is None:
-        hopper = pooled is None and num_warps is None and _hopper_fits(q, k, v, block_q, block_k, scale)
+        hopper = num_warps is None and _hopper_fits(q, k, v, block_q, block_k, scale)
     if hopper:  # decides the element masks itself and writes every row: none of the set-up below
         from .block_sparse_hopper import block_sparse_attention_hopper
 
         return block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal, scale, seqlens_q, seqlens_k,
-                                             return_lse, key_pos=key_pos, query_offset=query_offset)
+                                             return_lse, key_pos=key_pos, query_offset=query_offset, pooled=pooled)
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
     dev = q.device
     lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)

@@ -1,10 +1,10 @@
 """Block-sparse flash-attention forward for Hopper in Gluon, persistent and warp-specialised in the manner of
 FlashAttention-3.
 
-Executes the ``BlockLayout`` and key-position paths of ``block_sparse.py`` (128×128 blocks, bf16/fp16, head dim 64
-or 128, causal or not, GQA, per-sequence lengths, keys with their original positions — ``pbs``'s permuted keys, a
-model's kept-key subsets — optional log-sum-exp) with explicit Hopper machinery that a ``@triton.jit`` kernel cannot
-express in Triton 3.6:
+Executes the layouts of ``block_sparse.py`` (128×128 blocks, bf16/fp16, head dim 64 or 128, causal or not, GQA,
+per-sequence lengths, keys with their original positions — ``pbs``'s permuted keys, a model's kept-key subsets —
+``pyramid``'s pooled levels, optional log-sum-exp) with explicit Hopper machinery that a ``@triton.jit`` kernel
+cannot express in Triton 3.6:
 
 - Persistent programs with a dynamic schedule: one program per SM; each takes its first tile by its id and then
   claims the next unclaimed (batch, head, query block) tile from a global counter, in launch order (query heads
@@ -27,6 +27,10 @@ express in Triton 3.6:
   past a sequence's length and tiles past it are written as zeros (log-sum-exp −inf) by the kernel: no memset.
   With key positions a block's keys are not in order, so the launch does pass each row's count of leading mask-free
   blocks (``full_prefix``), and only the blocks after them read their keys' positions for the causal mask.
+- Pyramid levels follow a row's exact blocks as further steps of the same pipeline: p blocks listed at level p share
+  one 128-key tile, which the loader fills from the mean-pooled K/V in 16-row TMA boxes (128/p pooled rows a
+  block) into the same ring; the consumers add the level's ln p to the logits through the row max and mask only a
+  part-filled last tile.
 - The softmax scale (times log2 e) is applied in the exponent's fused multiply-add, not to Q, and P goes to the
   P·V product straight from registers.
 - The epilogue stages a tile's output in that tile's own Q buffer (free once its last Q·Kᵀ is done; handed back to
@@ -38,7 +42,7 @@ FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
 
 The Triton kernel in ``block_sparse.py`` stays the reference implementation for every other case (pointer loads,
-pyramid levels, other block shapes, the interpreter)."""
+other block shapes, GPUs other than Hopper, the interpreter)."""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK = 128
+POOL_BOX = 16  # rows of a pooled K/V box (level 8's 16 rows per block; levels 2 and 4 take 4 and 2 boxes a block)
 NUM_STAGES = 2  # K/V ring depth: with Q double-buffered per consumer, a third stage would pass 227 KB of shared memory
 CONSUMER_REGS = 240
 LOADER_REGS = 24
@@ -65,12 +70,14 @@ MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale, CAUSAL: gl.constexpr,
-             HAS_KPOS: gl.constexpr):
-    """Online-softmax step on raw scores ``s`` of key block ``n`` (element mask when ``masked``); returns P (fp32),
-    the factor that rescales the accumulator, and the new running max (scaled log2 domain) and sum. With
-    ``HAS_KPOS`` the causal mask compares the keys' original positions (``kp_base``: the K/V head's int32 positions,
-    read only for masked blocks) with the rows' (row + ``off``)."""
+def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale, bias, CAUSAL: gl.constexpr,
+             HAS_KPOS: gl.constexpr, PYRAMID: gl.constexpr):
+    """Online-softmax step on raw scores ``s`` of key block ``n`` (element mask when ``masked``: columns from
+    ``lk`` on, and causal ones); returns P (fp32), the factor that rescales the accumulator, and the new running max
+    (scaled log2 domain) and sum. With ``HAS_KPOS`` the causal mask compares the keys' original positions
+    (``kp_base``: the K/V head's int32 positions, read only for masked blocks) with the rows' (row + ``off``). With
+    ``PYRAMID`` the scaled logits get + ``bias`` (log2 p for a tile of keys pooled p to one, 0 for exact keys),
+    carried in the row max rather than added to each score."""
     if masked:
         cols = n * s.shape[1] + offs_nb
         valid = cols[None, :] < lk
@@ -81,9 +88,15 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale
             else:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + off)
         s = gl.where(valid, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if PYRAMID:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale + bias)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at -inf, never NaN
-    p = gl.exp2(s * qk_scale - m_sub[:, None])
+    if PYRAMID:
+        p = gl.exp2(s * qk_scale - (m_sub - bias)[:, None])
+    else:
+        p = gl.exp2(s * qk_scale - m_sub[:, None])
     alpha = gl.exp2(m_i - m_sub)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -102,6 +115,54 @@ def _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N: gl.constexpr, CAUSAL: gl.co
             return (last >= lk) | (last > row0 + off)
         else:
             return last >= lk
+
+
+@gluon.jit
+def _pooled_step(r, c2, c4, c8):
+    """The ``r``-th pooled step of a row (after its exact blocks): levels 2, 4, 8 in turn, ``p`` listed blocks of
+    level p sharing one 128-key tile. -> (level 0..2, the tile's first listed entry, its entries (≤ p), p)."""
+    t2 = (c2 + 1) // 2
+    t4 = (c4 + 3) // 4
+    if r < t2:
+        lvl = 0
+        first = r * 2
+        left = c2 - first
+    elif r < t2 + t4:
+        lvl = 1
+        first = (r - t2) * 4
+        left = c4 - first
+    else:
+        lvl = 2
+        first = (r - t2 - t4) * 8
+        left = c8 - first
+    p = 2 << lvl
+    return lvl, first, gl.minimum(left, p), p
+
+
+@gluon.jit
+def _step(j, cnt, idx_base, s_ik, c2, c4, c8, row0, lk, off, nfull, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+          HAS_KPOS: gl.constexpr, PYRAMID: gl.constexpr):
+    """Consumer: the row's ``j``-th step -> (block index for the mask, whether it needs the element mask, the
+    column limit of that mask, the logit bias). Exact blocks first; with ``PYRAMID`` then the pooled tiles, whose
+    only mask is the tile's unfilled end (their blocks lie wholly before the row's first query)."""
+    if PYRAMID:
+        if j < cnt:
+            n = gl.load(idx_base + j * s_ik)
+            masked = _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS)
+            limit = lk
+            bias = 0.0
+        else:
+            lvl, _first, used, p = _pooled_step(j - cnt, c2, c4, c8)
+            n = 0  # columns 0..BLOCK_N-1 then pass the causal test: the pooled blocks are visible to every row
+            masked = used < p
+            limit = used * (BLOCK_N // p)
+            bias = (lvl + 1).to(gl.float32)  # log2 p
+    else:
+        n = gl.load(idx_base + j * s_ik)
+        masked = _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS)
+        limit = lk
+        bias = 0.0
+    return n, masked, limit, bias
 
 
 @gluon.jit
@@ -125,6 +186,50 @@ def _tile(t, tiles, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
     cnt = gl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
     cnt = cnt * (pid_m * BLOCK_M < lq).to(gl.int32)  # a tile past the sequence computes nothing (and writes zeros)
     return b, h, hk, pid_m, lq, lk, cnt, IDX + b * s_ib + h * s_ih + pid_m * s_im
+
+
+@gluon.jit
+def _pooled_counts(b, h, pid_m, lq, pyr, BLOCK_M: gl.constexpr, PYRAMID: gl.constexpr):
+    """A tile's listed blocks at pooling levels 2, 4, 8 (0 past the sequence) and the steps they take: ⌈c_p / p⌉
+    tiles of 128 pooled keys per level."""
+    if PYRAMID:
+        (_kpd, _vpd, _PIDX, PCNT, _s_pil, _s_pib, _s_pih, _s_pim, _s_pik, s_pcl, s_pcb, s_pch, s_pcm, _PR, _o2, _o4,
+         _o8) = pyr
+        live = (pid_m * BLOCK_M < lq).to(gl.int32)
+        base = PCNT + b * s_pcb + h * s_pch + pid_m * s_pcm
+        c2 = gl.load(base) * live
+        c4 = gl.load(base + s_pcl) * live
+        c8 = gl.load(base + 2 * s_pcl) * live
+        return c2, c4, c8, (c2 + 1) // 2 + (c4 + 3) // 4 + (c8 + 7) // 8
+    else:
+        return 0, 0, 0, 0
+
+
+@gluon.jit
+def _load_pooled(r, c2, c4, c8, b, h, hk, pid_m, HK, pyr, bufs, bar, V: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Loader: the ``r``-th pooled step's K (or, ``V``, its V) tile into ``bufs``: for each of its listed blocks at
+    level p, that block's 128/p pooled rows, in TMA boxes of ``POOL_BOX`` rows (the boxes past the tile's last
+    block repeat it, and the consumers mask those columns)."""
+    (kp_desc, vp_desc, PIDX, _PCNT, s_pil, s_pib, s_pih, s_pim, s_pik, _s_pcl, _s_pcb, _s_pch, _s_pcm, PR, off2, off4,
+     off8) = pyr
+    BOX: gl.constexpr = kp_desc.block_type.shape[0]
+    lvl, first, used, p = _pooled_step(r, c2, c4, c8)
+    sub = BLOCK_N // p  # pooled rows per listed block
+    per = sub // BOX  # boxes per listed block
+    if lvl == 0:
+        head_row = (b * HK + hk) * PR + off2
+    elif lvl == 1:
+        head_row = (b * HK + hk) * PR + off4
+    else:
+        head_row = (b * HK + hk) * PR + off8
+    pidx = PIDX + lvl * s_pil + b * s_pib + h * s_pih + pid_m * s_pim
+    for i in gl.static_range(BLOCK_N // BOX):
+        n = gl.load(pidx + (first + gl.minimum(i // per, used - 1)) * s_pik)
+        row = head_row + n * sub + (i % per) * BOX
+        if V:
+            tma.async_copy_global_to_shared(vp_desc, [row, 0], bar, bufs.slice(i * BOX, BOX))
+        else:
+            tma.async_copy_global_to_shared(kp_desc, [row, 0], bar, bufs.slice(i * BOX, BOX))
 
 
 @gluon.jit
@@ -202,12 +307,12 @@ def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s
 @gluon.jit
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
-              HAS_KPOS: gl.constexpr):
+              HAS_KPOS: gl.constexpr, PYRAMID: gl.constexpr):
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
-     qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off) = args
+     qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off, pyr) = args
     BM: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -243,14 +348,18 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
         else:
             off = lk - lq  # bottom-right causal alignment
             nfull = 0
+        c2, c4, c8, pooled_steps = _pooled_counts(b, h, pid_m, lq, pyr, BLOCK_M, PYRAMID)
+        steps = cnt + pooled_steps
         row0 = pid_m * BLOCK_M + WG * BM  # this warpgroup's first query row
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
-        if cnt > 0:
+        if steps > 0:
             qb = WG * 2 + qi % 2  # Q is double-buffered: the loader fetches the next tile's while this one runs
             mbarrier.wait(q_ready.index(qb), (qi // 2) & 1)
             q_s = q_bufs.index(qb)
             slot = it % STAGES
-            n = gl.load(idx_base)  # the block's index (for its mask), loaded while the scores are computed
+            # the block's index (for its mask), loaded while the scores are computed
+            n, masked, limit, bias = _step(0, cnt, idx_base, s_ik, c2, c4, c8, row0, lk, off, nfull, BLOCK_N, CAUSAL,
+                                           HAS_KPOS, PYRAMID)
             mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
             if has_prev:  # this tile's first Q·Kᵀ beside the previous tile's last P·V; its softmax overlaps the latter
                 last = pc % STAGES
@@ -259,10 +368,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
-                                                    _needs_mask(0, n, nfull, row0, lk, off, BLOCK_N, CAUSAL,
-                                                                HAS_KPOS), offs_m, offs_nb, lk, off, kp_base,
-                                                    qk_scale, CAUSAL, HAS_KPOS)
+                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n, masked, offs_m, offs_nb, limit, off,
+                                                    kp_base, qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(last), count=1)
                 _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
@@ -272,19 +379,18 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n,
-                                                    _needs_mask(0, n, nfull, row0, lk, off, BLOCK_N, CAUSAL,
-                                                                HAS_KPOS), offs_m, offs_nb, lk, off, kp_base,
-                                                    qk_scale, CAUSAL, HAS_KPOS)
+                p32, alpha, m_new, l_new = _softmax(s, m_none, l_none, n, masked, offs_m, offs_nb, limit, off,
+                                                    kp_base, qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
             m_i = m_new
             l_i = l_new
             acc = acc_none
             p = gl.convert_layout(p32.to(dtype), P_L)
-            for j in range(1, cnt):
+            for j in range(1, steps):
                 c = it + j
                 slot = c % STAGES
                 prev = (c - 1) % STAGES
-                n = gl.load(idx_base + j * s_ik)
+                n, masked, limit, bias = _step(j, cnt, idx_base, s_ik, c2, c4, c8, row0, lk, off, nfull, BLOCK_N,
+                                               CAUSAL, HAS_KPOS, PYRAMID)
                 # Q·K_jᵀ goes first, then P_{j-1}·V_{j-1}; the softmax of block j overlaps the latter
                 mbarrier.wait(k_ready.index(slot), (c // STAGES) & 1)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
@@ -292,17 +398,16 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n,
-                                                _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS),
-                                                offs_m, offs_nb, lk, off, kp_base, qk_scale, CAUSAL, HAS_KPOS)
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, limit, off, kp_base,
+                                                qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
             qi += 1
             pqb = qb
-            pc = it + cnt - 1
-            it += cnt
+            pc = it + steps - 1
+            it += steps
             has_prev = 1
             pb = b
             ph = h
@@ -325,22 +430,25 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
 
 @gluon.jit
 def _consumer0(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
-    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)
+               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
+               PYRAMID: gl.constexpr):
+    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID)
 
 
 @gluon.jit
 def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
-    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)
+               RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
+               PYRAMID: gl.constexpr):
+    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID)
 
 
 @gluon.jit
 def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-            RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr):
+            RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
+            PYRAMID: gl.constexpr):
     (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
      tile_ids, t_ready, t_empty, COUNTER, _O, _LSE, _s_ob, _s_oh, _s_om, _s_lb, _s_lh, s_ik, H, NQ, NK, HK,
-     ntiles, _qk_scale, _KPOS, _NFULL, _s_kpb, _s_kph, _s_fb, _s_fh, _s_fm, _kpos_off) = args
+     ntiles, _qk_scale, _KPOS, _NFULL, _s_kpb, _s_kph, _s_fb, _s_fh, _s_fm, _kpos_off, pyr) = args
     BM: gl.constexpr = BLOCK_M // 2
     it = 0
     qi = 0
@@ -352,8 +460,10 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
     while t < ntiles:
         _publish_tile(tile_ids, t_ready, t_empty, k, t)
         k += 1
-        b, h, hk, pid_m, _lq, _lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
-        if cnt > 0:
+        b, h, hk, pid_m, lq, _lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
+        c2, c4, c8, pooled_steps = _pooled_counts(b, h, pid_m, lq, pyr, BLOCK_M, PYRAMID)
+        steps = cnt + pooled_steps
+        if steps > 0:
             q_row = (b * H + h) * NQ + pid_m * BLOCK_M
             for wg in gl.static_range(2):
                 qb = wg * 2 + qi % 2
@@ -362,18 +472,31 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
                 tma.async_copy_global_to_shared(q_desc, [q_row + wg * BM, 0], q_ready.index(qb), q_bufs.index(qb))
             qi += 1
             kv_row0 = (b * HK + hk) * NK
-            for j in range(cnt):
+            for j in range(steps):
                 c = it + j
                 slot = c % STAGES
                 phase = (c // STAGES) & 1
-                row = kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N
-                mbarrier.wait(k_empty.index(slot), phase ^ 1)
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
-                mbarrier.wait(v_empty.index(slot), phase ^ 1)
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
-            it += cnt
+                pooled = False
+                if PYRAMID:
+                    pooled = j >= cnt
+                if pooled:  # a tile of pooled keys: the same bytes as a block, in 16-row boxes
+                    mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                    _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, k_bufs.index(slot),
+                                 k_ready.index(slot), False, BLOCK_N)
+                    mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                    _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, v_bufs.index(slot),
+                                 v_ready.index(slot), True, BLOCK_N)
+                else:
+                    row = kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N
+                    mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
+                    mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
+            it += steps
         t = nxt
         if t < ntiles:
             nxt = gl.atomic_add(COUNTER, 1) + gl.num_programs(0)
@@ -381,12 +504,13 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL,
+def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL, PIDX, PCNT,
          s_ob, s_oh, s_om, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm, s_kpb, s_kph, s_fb, s_fh, s_fm,
-         NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale, kpos_off,
+         s_pil, s_pib, s_pih, s_pim, s_pik, s_pcl, s_pcb, s_pch, s_pcm,
+         NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale, kpos_off, PR, off2, off4, off8,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
          RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
-         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+         PYRAMID: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     BM: gl.constexpr = BLOCK_M // 2
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [4, BM, HEAD_DIM], q_desc.layout)  # [consumer × 2 tiles]
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -415,10 +539,15 @@ def _fwd(q_desc, k_desc, v_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL,
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
             tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK,
-            ntiles, qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off)
-    gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)),
-                        (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS)),
-                        (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS))],
+            ntiles, qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off,
+            (kp_desc, vp_desc, PIDX, PCNT, s_pil, s_pib, s_pih, s_pim, s_pik, s_pcl, s_pcb, s_pch, s_pcm, PR, off2,
+             off4, off8))
+    gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
+                                      PYRAMID)),
+                        (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
+                                      PYRAMID)),
+                        (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
+                                   PYRAMID))],
                        [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -461,15 +590,20 @@ def _smem_layouts(d: int, bf16: bool):
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, scale: float, seqlens_q=None,
                                   seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
-                                  persistent: bool = True, *, key_pos=None, query_offset=None):
+                                  persistent: bool = True, *, key_pos=None, query_offset=None, pooled=None):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
     ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``key_pos`` int [B, Hkv, Nk]: the keys'
     original positions for the causal mask (permuted or gathered keys, as ``block_sparse.block_sparse_attention``
     takes them), query i at position i + ``query_offset`` (default Nk − Nq); the mask-free blocks are then the
-    row's leading run counted by ``full_prefix``. ``persistent=False`` launches one program per tile instead of one
-    per SM (for comparison: the hardware then schedules the tiles)."""
-    from .block_sparse import LOG2E, _bcast_strides, full_prefix
+    row's leading run counted by ``full_prefix``. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1,
+    H|1, NQ, W], count int32 [3, B|1, H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias
+    ln p, no element mask: each must lie wholly before its query block's first query). ``persistent=False`` launches
+    one program per tile instead of one per SM (for comparison: the hardware then schedules the tiles)."""
+    from .block_sparse import LOG2E, _bcast_strides, full_prefix, pool_kv
+
+    if pooled is not None and key_pos is not None:
+        raise ValueError("pooled levels and key positions do not combine")
 
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -498,18 +632,32 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     else:
         nfull = kpos = kv_count  # unused
         s_kpos, s_full = [0, 0], [0, 0, 0]
+    if pooled is not None:  # the levels' pooled K/V, stacked per K/V head; read in 16-row boxes
+        pidx, pcnt = pooled
+        kp, offs = pool_kv(k, nk // BLOCK, BLOCK)
+        vp, _ = pool_kv(v, nk // BLOCK, BLOCK)
+        pr = kp.shape[2]
+        kp2, vp2 = kp.reshape(-1, d), vp.reshape(-1, d)
+        kpd = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [POOL_BOX, d], kv_layout)
+        vpd = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [POOL_BOX, d], kv_layout)
+        s_pidx = [pidx.stride(0)] + _bcast_strides(pidx[0], 4)
+        s_pcnt = [pcnt.stride(0)] + _bcast_strides(pcnt[0], 3)
+    else:
+        pidx = pcnt = kv_count  # unused
+        kpd, vpd, pr, offs = kd, vd, 0, [0, 0, 0]
+        s_pidx, s_pcnt = [0] * 5, [0] * 4
     nqb = triton.cdiv(nq, BLOCK)
     ntiles = b * h * nqb
     grid = (min(ntiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
             if persistent else ntiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
-        qd, kd, vd, out, lse, kv_index, kv_count, lq, lk, counter, kpos, nfull,
+        qd, kd, vd, kpd, vpd, out, lse, kv_index, kv_count, lq, lk, counter, kpos, nfull, pidx, pcnt,
         *out.stride()[:3], *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
-        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full,
-        nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off,
+        *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full, *s_pidx, *s_pcnt,
+        nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off, pr, *offs,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES,
-        VARLEN=varlen, HAS_KPOS=key_pos is not None,
+        VARLEN=varlen, HAS_KPOS=key_pos is not None, PYRAMID=pooled is not None,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out

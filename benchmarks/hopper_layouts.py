@@ -1,14 +1,15 @@
-"""Keys that carry their original positions, on Hopper: ``pbs``'s permuted keys and a model's kept-key subsets
-(``models.hf.subset_attention``), run by the warp-specialised Gluon kernel against the Triton kernel that ran them
-before it took key positions, in the same process (``VIDSPARSE_ATTENTION_HOPPER`` 1 / 0, alternating rounds), with
-dense cuDNN on the same inputs as the baseline.
+"""The layouts the warp-specialised Gluon kernel took over from the Triton kernel on Hopper: ``pyramid``'s pooled
+levels, ``pbs``'s permuted keys and a model's kept-key subsets (``models.hf.subset_attention``), each through both
+kernels in the same process (``VIDSPARSE_ATTENTION_HOPPER`` 1 / 0, alternating rounds), with dense cuDNN on the same
+inputs as the baseline.
 
-    python benchmarks/key_positions.py [--sizes 16384,32768,65536,131072] [--markdown-from FILE]
+    python benchmarks/hopper_layouts.py [--sizes 16384,32768,65536,131072] [--markdown-from FILE]
 
-``pbs`` runs on video-structured q/k (``attention.video_qk``: M-RoPE over 16×16-token frames), where it picks its
-layout; each timed call is the whole ``sparse_attention`` (the keys' gather by the permutation included). The subset
-rows keep a random sorted fraction of the keys. TF/s counts computed blocks only (2·N²·D per head × density). Saves
-``key_positions.json`` under the device's results and writes a BENCHMARKS.md section."""
+``pyramid`` and ``pbs`` run on video-structured q/k (``attention.video_qk``: M-RoPE over 16×16-token frames), where
+they pick their layouts; each timed call is the whole ``sparse_attention`` (the K/V pooling, or the keys' gather by
+the permutation, included). The subset rows keep a random sorted fraction of the keys. TF/s counts computed blocks
+only (2·N²·D per head × density; a pooled block counts 1/p). Saves ``hopper_layouts.json`` under the device's
+results and writes a BENCHMARKS.md section."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def run_size(n: int, monitor) -> dict:
     q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
     v = torch.randn_like(k)
     cudnn = causal_sdpa("cudnn", q, k.repeat_interleave(H // HK, 1), v.repeat_interleave(H // HK, 1))
-    for spec in ("pbs", "pbs:tau=0.5"):
+    for spec in ("pyramid", "pyramid:exact=0.1,pool2=0.3,pool4=0.5,pool8=1", "pbs", "pbs:tau=0.5"):
         lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(128, 128, True))
         dens = lay.density()
         fns = {"triton": kernel(False, lambda: sparse_attention(q, k, v, lay)),
@@ -88,25 +89,25 @@ def run_size(n: int, monitor) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
-    ap.add_argument("--markdown-from", default="", help="a saved key_positions.json: rewrite its table only")
+    ap.add_argument("--markdown-from", default="", help="a saved hopper_layouts.json: rewrite its table only")
     args = ap.parse_args()
     if args.markdown_from:
         write_markdown(json.loads(Path(args.markdown_from).read_text()))
         return
-    payload = {"benchmark": "key_positions", "date": today(), "device": device_name(),
+    payload = {"benchmark": "hopper_layouts", "date": today(), "device": device_name(),
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
-               "command": "python benchmarks/key_positions.py --sizes " + args.sizes, "rows": []}
+               "command": "python benchmarks/hopper_layouts.py --sizes " + args.sizes, "rows": []}
     t0 = time.time()
     monitor = GpuMonitor()
     try:
         for n in (int(s) for s in args.sizes.split(",")):
             payload["rows"].append(run_size(n, monitor))
             torch.cuda.empty_cache()
-            save("key_positions", payload)  # partial results survive a time limit
+            save("hopper_layouts", payload)  # partial results survive a time limit
     finally:
         monitor.close()
     payload["seconds"] = time.time() - t0
-    print(f"wrote {save('key_positions', payload)}")
+    print(f"wrote {save('hopper_layouts', payload)}")
     write_markdown(payload)
 
 
@@ -118,13 +119,14 @@ def cell(x: dict, tf: bool = True) -> str:
 def write_markdown(p: dict) -> None:
     lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {H} heads / {HK} K/V heads, d = {D}, "
              "batch 1, causal, 128×128 blocks.", "",
-             "Keys that carry their original positions: `pbs`'s permuted keys (the whole `sparse_attention` call, "
-             "the gather of K/V by the permutation included) and a model's kept-key subsets "
-             "(`models.hf.subset_attention`, the path of ZipVL-style key pruning). The Gluon kernel runs them since "
-             "it takes key positions; the Triton kernel ran them before. Both, and dense cuDNN on the same inputs, are "
-             "timed in 3 alternating rounds in one process; cells read ms (TF/s on computed blocks, SM MHz). "
-             "A subset's density is its kept fraction: each query sees about that share of the keys before it. The "
-             "`pbs` rows of the section \"Sparse attention (NVIDIA H200) — kernels\" ran the Triton kernel.", "",
+             "The layouts the Gluon kernel took over from the Triton kernel: `pyramid`'s pooled levels, `pbs`'s "
+             "permuted keys (each the whole `sparse_attention` call, the K/V pooling or the gather of K/V by the "
+             "permutation included) and a model's kept-key subsets (`models.hf.subset_attention`, the path of "
+             "ZipVL-style key pruning, its own-key fold-in included). Both kernels, and dense cuDNN on the same "
+             "inputs, are timed in 3 alternating rounds in one process; cells read ms (TF/s on computed blocks, SM "
+             "MHz). A pyramid's density weighs a block pooled p to one as 1/p; a subset's is its kept fraction (each "
+             "query sees about that share of the keys before it). The `pyramid` and `pbs` rows of the section "
+             "\"Sparse attention (NVIDIA H200) — kernels\" ran the Triton kernel.", "",
              "| N | case | density | Triton kernel | Gluon kernel | Gluon vs Triton | dense cuDNN ms | Gluon vs cuDNN "
              "| max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
@@ -132,7 +134,8 @@ def write_markdown(p: dict) -> None:
             lines.append(f"| {r['n']} | {c['case']} | {c['density']:.3f} | {cell(c['triton'])} | {cell(c['gluon'])} | "
                          f"{c['speedup']:.2f}x | {cell(c['cudnn'], False)} | {c['vs_cudnn']:.2f}x | "
                          f"{c['max_abs_diff']:.1e} |")
-    update_markdown(f"Keys with their original positions on the Hopper kernel ({p['device']})", "\n".join(lines))
+    update_markdown(f"Pyramid levels, permuted keys and key subsets on the Hopper kernel ({p['device']})",
+                    "\n".join(lines))
 
 
 if __name__ == "__main__":
