@@ -604,6 +604,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
 
     if pooled is not None and key_pos is not None:
         raise ValueError("pooled levels and key positions do not combine")
+    if pooled is not None and k.shape[2] < BLOCK:  # no whole key block: nothing can be listed pooled
+        pooled = None
 
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
