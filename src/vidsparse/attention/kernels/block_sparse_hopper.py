@@ -145,18 +145,15 @@ def _step(j, cnt, idx_base, s_ik, c2, c4, c8, row0, lk, off, nfull, BLOCK_N: gl.
     """Consumer: the row's ``j``-th step -> (block index for the mask, whether it needs the element mask, the
     column limit of that mask, the logit bias). Exact blocks first; with ``PYRAMID`` then the pooled tiles, whose
     only mask is the tile's unfilled end (their blocks lie wholly before the row's first query)."""
+    pooled = False
     if PYRAMID:
-        if j < cnt:
-            n = gl.load(idx_base + j * s_ik)
-            masked = _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS)
-            limit = lk
-            bias = 0.0
-        else:
-            lvl, _first, used, p = _pooled_step(j - cnt, c2, c4, c8)
-            n = 0  # columns 0..BLOCK_N-1 then pass the causal test: the pooled blocks are visible to every row
-            masked = used < p
-            limit = used * (BLOCK_N // p)
-            bias = (lvl + 1).to(gl.float32)  # log2 p
+        pooled = j >= cnt
+    if pooled:
+        lvl, _first, used, p = _pooled_step(j - cnt, c2, c4, c8)
+        n = 0  # columns 0..BLOCK_N-1 then pass the causal test: the pooled blocks are visible to every row
+        masked = used < p
+        limit = used * (BLOCK_N // p)
+        bias = (lvl + 1).to(gl.float32)  # log2 p
     else:
         n = gl.load(idx_base + j * s_ik)
         masked = _needs_mask(j, n, nfull, row0, lk, off, BLOCK_N, CAUSAL, HAS_KPOS)
