@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tolerances import FP32_SAME_ATOL, FP32_SAME_RTOL, LSE_ATOL, causal_lse, kernel_ok
+from tolerances import FP32_SAME_ATOL, FP32_SAME_RTOL, LSE_ATOL, causal_lse, kernel_ok, within_one_rounding
 from vidsparse import PATTERNS
 from vidsparse.attention import BlockLayout, sparse_attention
 from vidsparse.attention.layout import causal_block_mask
@@ -663,6 +663,39 @@ def test_kernel_pattern_layouts(interpreter):
     for spec in ["sink_window:window=2", "block_topk:topk=2", "xattention:stride=4"]:
         lay = PATTERNS.from_spec(spec).estimate(q, k, SeqMeta(16, 16))
         _check(q, k, v, lay)
+
+
+@pytest.mark.parametrize("dtype,d,hk,transposed", [(torch.float32, 16, 2, False), (torch.float16, 24, 4, True),
+                                                    (torch.bfloat16, 64, 1, False)])
+def test_own_key_fold_kernel_matches_oracle(interpreter, dtype, d, hk, transposed):
+    """``fold_own_key`` against its fp32 oracle (``reference.fold_own_key``, the torch expression it replaced): GQA
+    and MHA, a head dim that is not a power of two, q and out as [B, N, H, D] transposed views (as transformers hands
+    them over), rows that saw nothing (ℓ = −∞: the output becomes v_i). Rows whose key was kept are left bit-for-bit
+    as they were; the others agree to one rounding of the output's dtype (fp32: FP32_SAME)."""
+    from vidsparse.attention.kernels.own_key import fold_own_key
+    from vidsparse.attention.reference import fold_own_key as oracle
+
+    b, h, n = 2, 4, 45
+    g = torch.Generator().manual_seed(d)
+    q, out = (torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    if not transposed:
+        q, out = q.contiguous(), out.contiguous()
+    k, v = (torch.randn(b, hk, n, d, generator=g).to(dtype) for _ in range(2))
+    lse = torch.randn(b, h, n, generator=g) * 3
+    lse[1, 2, :7] = float("-inf")
+    kept = torch.rand(n, generator=g) < 0.4
+    kept[:3] = False
+    scale = d ** -0.5
+    want = oracle(q, k, v, out, lse, kept, scale)
+    before = out.clone()
+    got = fold_own_key(q, k, v, out, lse, kept, scale)
+    assert got is out and got.dtype == dtype
+    assert torch.equal(got[:, :, kept], before[:, :, kept])
+    assert torch.equal(got[1, 2, :3], v[1, 2 // (h // hk), :3])  # saw nothing: exactly v_i
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    else:
+        assert within_one_rounding(got, want, dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])

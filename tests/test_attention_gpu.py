@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from tolerances import LSE_ATOL, causal_lse, kernel_ok
+from tolerances import LSE_ATOL, causal_lse, kernel_ok, within_one_rounding
 
 from vidsparse import PATTERNS
 from vidsparse.attention import BlockLayout, sparse_attention
@@ -413,6 +413,29 @@ def test_key_subset_kernel_matches_masked_sdpa():
     same = subset_attention(q, k, v, keys, backend="reference")
     ref = subset_attention(q.float(), k.float(), v.float(), keys, backend="reference")
     assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,d,h,hk", [(torch.bfloat16, 128, 28, 4), (torch.float16, 64, 8, 8)])
+def test_own_key_fold_matches_oracle_on_cuda(dtype, d, h, hk):
+    """The own-key fold-in kernel on the GPU against its fp32 oracle, at a model's shapes (q and out as transposed
+    views): folded rows to one rounding of the dtype, kept rows untouched, rows that saw nothing exactly v_i."""
+    from vidsparse.attention.kernels.own_key import fold_own_key
+    from vidsparse.attention.reference import fold_own_key as oracle
+
+    n = 5000
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, out = (torch.randn(1, n, h, d, device="cuda", generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(1, hk, n, d, device="cuda", generator=g).to(dtype) for _ in range(2))
+    lse = torch.randn(1, h, n, device="cuda", generator=g) * 3 + 2
+    lse[0, 1, :100] = float("-inf")
+    kept = torch.rand(n, device="cuda", generator=g) < 0.5
+    kept[:100] = False
+    want = oracle(q, k, v, out, lse, kept, d ** -0.5)
+    before = out.clone()
+    fold_own_key(q, k, v, out, lse, kept, d ** -0.5)
+    assert torch.equal(out[:, :, kept], before[:, :, kept])
+    assert torch.equal(out[0, 1, :100], v[0, 1 // (h // hk), :100])
+    assert within_one_rounding(out, want, dtype)
 
 
 @pytest.mark.parametrize("stride,nq,nk,causal,d", [(8, 3000, 3000, True, 128), (16, 2500, 4100, True, 128),

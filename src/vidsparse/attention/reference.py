@@ -80,3 +80,14 @@ def pyramid_attention(q: Tensor, k: Tensor, v: Tensor, layout, scale: float | No
         bias.append(torch.full((full * bk // p,), _math.log(p), dtype=dtype, device=q.device))
     return masked_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(masks, -1), scale, dtype,
                             bias=torch.cat(bias))
+
+
+def fold_own_key(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kept: Tensor, scale: float) -> Tensor:
+    """fp32 oracle of ``kernels.own_key.fold_own_key``: where key i was not kept, query i's own key joins the row
+    through its log-sum-exp ``lse`` (natural log, −∞ for a row that saw nothing): w = σ(scale · q_i·k_i − ℓ),
+    out + w · (v_i − out). q/out [B, H, N, D], k/v [B, Hkv, N, D], lse [B, H, N], kept [N] bool; a new fp32 tensor."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = (q.float() * kk).sum(-1) * scale
+    w = (torch.sigmoid(s - lse.float()) * ~kept)[..., None]
+    return out.float() + w * (vv - out.float())

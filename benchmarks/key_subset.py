@@ -1,0 +1,184 @@
+"""A model's kept-key subsets (``models.hf.subset_attention``, the execution path of ZipVL-style key pruning): the
+own-key fold-in step, its torch version against the one-pass kernel (``attention.kernels.own_key``), alone and
+inside the whole ``key_subset_attention`` call, with dense cuDNN on the same inputs as the reference point.
+
+    python benchmarks/key_subset.py [--sizes 16384,32768,65536,131072] [--fractions 0.5,0.94]
+        [--markdown-from FILE [--note TEXT]]
+
+The torch fold is the expression the kernel replaced (fp32 einsum for each query's own-key logit, a sigmoid against
+the row's log-sum-exp, a lerp in the output's dtype); for the whole call it is swapped in for the kernel in the same
+process, and the callables run in alternating rounds. Random q/k/v (28 heads / 4 K/V heads, d = 128, bf16), a random
+sorted fraction of the keys kept. Saves ``key_subset.json`` under the device's results and writes a BENCHMARKS.md
+section."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
+from common import GpuMonitor, device_name, interleaved, save, today, update_markdown, versions  # noqa: E402
+
+from vidsparse.attention.kernels import own_key  # noqa: E402
+from vidsparse.attention.ops import key_subset_attention  # noqa: E402
+
+ROUND_MS = 200
+H, HK, D = 28, 4, 128
+
+
+def torch_fold(q, k, v, out, lse, kept, scale):
+    """The fold-in ``key_subset_attention`` ran before ``kernels.own_key`` (its code, unchanged)."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    s_self = torch.einsum("bkgnd,bknd->bkgn", q.float().view(b, hk, g, n, d), k.float()) * scale
+    w = (torch.sigmoid(s_self - lse.view(b, hk, g, n)) * ~kept)[..., None]
+    return torch.lerp(out.view(b, hk, g, n, d), v[:, :, None], w.to(out.dtype)).view(b, h, n, d)
+
+
+def with_fold(fold, fn):
+    """``fn`` with ``key_subset_attention`` folding through ``fold`` (it imports ``own_key.fold_own_key`` per call)."""
+    kernel_fold = own_key.fold_own_key
+
+    def run():
+        own_key.fold_own_key = fold
+        try:
+            return fn()
+        finally:
+            own_key.fold_own_key = kernel_fold
+    return run
+
+
+def kernels(fn, calls: int = 3, top: int = 8) -> list[dict]:
+    """The CUDA kernels of ``fn`` by GPU time per call (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": ev.key[:120], "ms_per_call": ev.device_time_total / 1000 / calls,
+             "count_per_call": ev.count / calls} for ev in prof.key_averages() if ev.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms_per_call"])[:top]
+
+
+def run_case(n: int, frac: float, monitor) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(1, H, n, D, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(1, HK, n, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    keys = torch.sort(torch.randperm(n, device="cuda", generator=g)[: int(n * frac)]).values
+    kept = torch.zeros(n, dtype=torch.bool, device="cuda")
+    kept[keys] = True
+    scale = 1.0 / math.sqrt(D)
+    out = torch.randn(1, H, n, D, device="cuda", generator=g).bfloat16()
+    lse = torch.randn(1, H, n, device="cuda", generator=g) * 2 + 8
+    # the step alone: the torch fold writes a new tensor; the kernel folds in place (the same rows every time)
+    want = torch_fold(q, k, v, out, lse, kept, scale)
+    got = own_key.fold_own_key(q, k, v, out.clone(), lse, kept, scale)
+    step_diff = float((got.float() - want.float()).abs().max())
+    buf = out.clone()
+    step = interleaved({"torch": lambda: torch_fold(q, k, v, out, lse, kept, scale),
+                        "kernel": lambda: own_key.fold_own_key(q, k, v, buf, lse, kept, scale)},
+                       lambda fn: bench_ms(fn, rep_ms=ROUND_MS), 3, monitor)
+    # bytes the kernel must move: q, o (read and written) for the folded rows of every head, k and v for those rows
+    # of every K/V head, the rows' log-sum-exp, and the kept flags
+    folded = n - keys.numel()
+    need = folded * (3 * H * D * 2 + 2 * HK * D * 2 + H * 4) + n
+    step["kernel"]["gb_s"] = need / step["kernel"]["ms"] / 1e6
+    whole_t = with_fold(torch_fold, lambda: key_subset_attention(q, k, v, keys, scale))
+    whole_k = lambda: key_subset_attention(q, k, v, keys, scale)  # noqa: E731
+    whole_diff = float((whole_k().float() - whole_t().float()).abs().max())
+    cudnn = causal_sdpa("cudnn", q, k.repeat_interleave(H // HK, 1), v.repeat_interleave(H // HK, 1))
+    whole = interleaved({"torch_fold": whole_t, "kernel_fold": whole_k, "cudnn": cudnn},
+                        lambda fn: bench_ms(fn, rep_ms=ROUND_MS), 3, monitor)
+    for name, fn in (("torch_fold", whole_t), ("kernel_fold", whole_k)):
+        whole[name]["graph_ms"] = graph_ms(fn)  # GPU time alone (None if the call cannot be captured)
+    breakdown = kernels(whole_k)
+    res = {"n": n, "fraction": frac, "kept": keys.numel(), "step": step, "step_max_abs_diff": step_diff,
+           "kernels": breakdown,
+           "whole": whole, "whole_max_abs_diff": whole_diff,
+           "step_speedup": step["torch"]["ms"] / step["kernel"]["ms"],
+           "whole_speedup": whole["torch_fold"]["ms"] / whole["kernel_fold"]["ms"],
+           "vs_cudnn": whole["cudnn"]["ms"] / whole["kernel_fold"]["ms"]}
+    print(n, frac, {x: round(step[x]["ms"], 3) for x in step}, {x: round(whole[x]["ms"], 3) for x in whole},
+          f"step {res['step_speedup']:.1f}x whole {res['whole_speedup']:.2f}x",
+          "graph", [whole[x]["graph_ms"] for x in ("torch_fold", "kernel_fold")], flush=True)
+    for r in breakdown:
+        print(f"  {r['ms_per_call']:8.3f} ms x{r['count_per_call']:<4g} {r['kernel'][:100]}", flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16384,32768,65536,131072")
+    ap.add_argument("--fractions", default="0.5,0.94")
+    ap.add_argument("--markdown-from", default="", help="a saved key_subset.json: rewrite its table only")
+    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
+    args = ap.parse_args()
+    if args.markdown_from:
+        p = json.loads(Path(args.markdown_from).read_text())
+        p["note"] = args.note or p.get("note", "")
+        write_markdown(p)
+        return
+    payload = {"benchmark": "key_subset", "date": today(), "device": device_name(),
+               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
+               "kv_heads": HK, "d": D, "command": f"python benchmarks/key_subset.py --sizes {args.sizes} "
+                                                  f"--fractions {args.fractions}", "rows": []}
+    t0 = time.time()
+    monitor = GpuMonitor()
+    try:
+        for n in (int(s) for s in args.sizes.split(",")):
+            for frac in (float(f) for f in args.fractions.split(",")):
+                payload["rows"].append(run_case(n, frac, monitor))
+                torch.cuda.empty_cache()
+                save("key_subset", payload)  # partial results survive a time limit
+    finally:
+        monitor.close()
+    payload["seconds"] = time.time() - t0
+    print(f"wrote {save('key_subset', payload)}")
+    write_markdown(payload)
+
+
+def ms(x: dict) -> str:
+    return f"{x['ms']:.3f}" + (f" ({x['sm_mhz']:.0f} MHz)" if "sm_mhz" in x else "")
+
+
+def gpu(x: dict) -> str:
+    return "-" if x.get("graph_ms") is None else f"{x['graph_ms']:.3f}"
+
+
+def write_markdown(p: dict) -> None:
+    lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads / {p['kv_heads']} "
+             f"K/V heads, d = {p['d']}, batch 1, random q/k/v, a random sorted fraction of the keys kept.", "",
+             "`key_subset_attention` runs the block kernel over the kept keys, then folds each query's own key in "
+             "where it was not kept, through the row's log-sum-exp. The fold step alone: the torch expression it "
+             "used (fp32 einsum, sigmoid, lerp) against the one-pass kernel `attention.kernels.own_key` (GB/s: the "
+             "bytes it must move, q and o read and o written for the folded rows of every head, k and v for those "
+             "rows, over its time). The whole call with each fold swapped in, and dense cuDNN on the same inputs. "
+             "Callables of a row run in 3 alternating rounds in one process; cells read ms (SM MHz). Max abs diff: "
+             "between the two folds' outputs (bf16). GPU ms: the whole call (kernel fold) captured in a CUDA graph and "
+             "replayed, the GPU's time alone; - where the call cannot be captured (it waits for the GPU).", "",
+             *([p["note"], ""] if p.get("note") else []),
+             "| N | kept | fold: torch ms | fold: kernel ms (GB/s) | fold speed-up | whole call, torch fold ms | "
+             "whole call, kernel fold ms | whole speed-up | whole call GPU ms | dense cuDNN ms | vs cuDNN | "
+             "max abs diff (step / whole) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        s, w = r["step"], r["whole"]
+        lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms(s['torch'])} | {s['kernel']['ms']:.3f} "
+                     f"({s['kernel']['gb_s']:.0f}) | {r['step_speedup']:.1f}x | {ms(w['torch_fold'])} | "
+                     f"{ms(w['kernel_fold'])} | {r['whole_speedup']:.2f}x | {gpu(w['kernel_fold'])} | "
+                     f"{ms(w['cudnn'])} | {r['vs_cudnn']:.2f}x | "
+                     f"{r['step_max_abs_diff']:.1e} / {r['whole_max_abs_diff']:.1e} |")
+    update_markdown(f"Key subsets: the own-key fold-in ({p['device']})", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
