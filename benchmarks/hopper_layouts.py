@@ -3,7 +3,7 @@ levels, ``pbs``'s permuted keys and a model's kept-key subsets (``models.hf.subs
 kernels in the same process (``VIDSPARSE_ATTENTION_HOPPER`` 1 / 0, alternating rounds), with dense cuDNN on the same
 inputs as the baseline.
 
-    python benchmarks/hopper_layouts.py [--sizes 16384,32768,65536,131072] [--markdown-from FILE]
+    python benchmarks/hopper_layouts.py [--sizes 16384,32768,65536,131072] [--markdown-from FILE [--note TEXT]]
 
 ``pyramid`` and ``pbs`` run on video-structured q/k (``attention.video_qk``: M-RoPE over 16×16-token frames), where
 they pick their layouts; each timed call is the whole ``sparse_attention`` (the K/V pooling, or the keys' gather by
@@ -90,9 +90,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
     ap.add_argument("--markdown-from", default="", help="a saved hopper_layouts.json: rewrite its table only")
+    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
     args = ap.parse_args()
     if args.markdown_from:
-        write_markdown(json.loads(Path(args.markdown_from).read_text()))
+        p = json.loads(Path(args.markdown_from).read_text())
+        p["note"] = args.note or p.get("note", "")
+        write_markdown(p)
         return
     payload = {"benchmark": "hopper_layouts", "date": today(), "device": device_name(),
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
@@ -127,6 +130,7 @@ def write_markdown(p: dict) -> None:
              "MHz). A pyramid's density weighs a block pooled p to one as 1/p; a subset's is its kept fraction (each "
              "query sees about that share of the keys before it). The `pyramid` and `pbs` rows of the section "
              "\"Sparse attention (NVIDIA H200) — kernels\" ran the Triton kernel.", "",
+             *([p["note"], ""] if p.get("note") else []),
              "| N | case | density | Triton kernel | Gluon kernel | Gluon vs Triton | dense cuDNN ms | Gluon vs cuDNN "
              "| max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
