@@ -386,14 +386,16 @@ def main():
 
         p = json.loads(Path(args.markdown_from).read_text())
         if args.parts_from:
-            notes, full = [], p["command"]
+            notes, full, own = [], p["command"], False
             for item in args.parts_from.split(","):
                 part, path = item.split("=", 1)
                 sub = json.loads(Path(path).read_text())
+                own = own or bool(p.get(part))
                 p[part] = sub[part]
                 notes.append(f"{part}: `{sub['command']}` ({sub['date']})")
-            p["note"] = (f"Merged runs — {'; '.join(notes)}; the rest: `{full}` ({p['date']}), whose own rows for those "
-                         f"parts (in its JSON) measured earlier code. {args.note}").strip()
+            replaced = ", whose own rows for those parts (in its JSON) measured earlier code" if own else ""
+            p["note"] = (f"Merged runs — {'; '.join(notes)}; the rest: `{full}` ({p['date']}){replaced}. "
+                         f"{args.note}").strip()
         write_markdown(p)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
