@@ -66,6 +66,23 @@ def update_markdown(section: str, body: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
+def markdown_args(ap, name: str) -> None:
+    """``--markdown-from`` (a saved ``name``.json) and ``--note`` for a script whose section can be rewritten."""
+    ap.add_argument("--markdown-from", default="", help=f"a saved {name}.json: rewrite its table only")
+    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
+
+
+def rewrite_markdown(args, write) -> bool:
+    """With ``--markdown-from``: ``write`` the section from the saved results (``--note`` replaces their note);
+    returns whether it did."""
+    if not args.markdown_from:
+        return False
+    p = json.loads(Path(args.markdown_from).read_text())
+    p["note"] = args.note or p.get("note", "")
+    write(p)
+    return True
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

@@ -14,7 +14,6 @@ results and writes a BENCHMARKS.md section."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, video_qk  # noqa: E402
-from common import GpuMonitor, device_name, interleaved, save, today, update_markdown, versions  # noqa: E402
+from common import (  # noqa: E402
+    GpuMonitor, device_name, interleaved, markdown_args, rewrite_markdown, save, today, update_markdown, versions,
+)
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import sparse_attention  # noqa: E402
@@ -89,13 +90,9 @@ def run_size(n: int, monitor) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
-    ap.add_argument("--markdown-from", default="", help="a saved hopper_layouts.json: rewrite its table only")
-    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
+    markdown_args(ap, "hopper_layouts")
     args = ap.parse_args()
-    if args.markdown_from:
-        p = json.loads(Path(args.markdown_from).read_text())
-        p["note"] = args.note or p.get("note", "")
-        write_markdown(p)
+    if rewrite_markdown(args, write_markdown):
         return
     payload = {"benchmark": "hopper_layouts", "date": today(), "device": device_name(),
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,

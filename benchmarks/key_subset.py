@@ -14,7 +14,6 @@ section."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -24,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
-from common import GpuMonitor, device_name, interleaved, save, today, update_markdown, versions  # noqa: E402
+from common import (  # noqa: E402
+    GpuMonitor, device_name, interleaved, markdown_args, rewrite_markdown, save, today, update_markdown, versions,
+)
 
 from vidsparse.attention.kernels import own_key  # noqa: E402
 from vidsparse.attention.ops import key_subset_attention  # noqa: E402
@@ -120,13 +121,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
     ap.add_argument("--fractions", default="0.5,0.94")
-    ap.add_argument("--markdown-from", default="", help="a saved key_subset.json: rewrite its table only")
-    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
+    markdown_args(ap, "key_subset")
     args = ap.parse_args()
-    if args.markdown_from:
-        p = json.loads(Path(args.markdown_from).read_text())
-        p["note"] = args.note or p.get("note", "")
-        write_markdown(p)
+    if rewrite_markdown(args, write_markdown):
         return
     payload = {"benchmark": "key_subset", "date": today(), "device": device_name(),
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
