@@ -83,6 +83,28 @@ def rewrite_markdown(args, write) -> bool:
     return True
 
 
+def run_rows(name: str, payload: dict, cases, run, write) -> None:
+    """``payload["rows"]`` gets ``run(case, monitor)`` for each case (clocks sampled by a ``GpuMonitor``), saved as
+    ``name`` after each so that partial results survive a time limit; then the seconds taken, the final save and
+    ``write(payload)``."""
+    import time
+
+    import torch
+
+    t0 = time.time()
+    monitor = GpuMonitor()
+    try:
+        for case in cases:
+            payload["rows"].append(run(case, monitor))
+            torch.cuda.empty_cache()
+            save(name, payload)
+    finally:
+        monitor.close()
+    payload["seconds"] = time.time() - t0
+    print(f"wrote {save(name, payload)}")
+    write(payload)
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

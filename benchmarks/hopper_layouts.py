@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    GpuMonitor, device_name, interleaved, markdown_args, rewrite_markdown, save, today, update_markdown, versions,
+    device_name, interleaved, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -97,18 +96,7 @@ def main():
     payload = {"benchmark": "hopper_layouts", "date": today(), "device": device_name(),
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
                "command": "python benchmarks/hopper_layouts.py --sizes " + args.sizes, "rows": []}
-    t0 = time.time()
-    monitor = GpuMonitor()
-    try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            payload["rows"].append(run_size(n, monitor))
-            torch.cuda.empty_cache()
-            save("hopper_layouts", payload)  # partial results survive a time limit
-    finally:
-        monitor.close()
-    payload["seconds"] = time.time() - t0
-    print(f"wrote {save('hopper_layouts', payload)}")
-    write_markdown(payload)
+    run_rows("hopper_layouts", payload, [int(n) for n in args.sizes.split(",")], run_size, write_markdown)
 
 
 def cell(x: dict, tf: bool = True) -> str:

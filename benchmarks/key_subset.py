@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
 from common import (  # noqa: E402
-    GpuMonitor, device_name, interleaved, markdown_args, rewrite_markdown, save, today, update_markdown, versions,
+    device_name, interleaved, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
 )
 
 from vidsparse.attention.kernels import own_key  # noqa: E402
@@ -129,19 +128,8 @@ def main():
                "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
                "kv_heads": HK, "d": D, "command": f"python benchmarks/key_subset.py --sizes {args.sizes} "
                                                   f"--fractions {args.fractions}", "rows": []}
-    t0 = time.time()
-    monitor = GpuMonitor()
-    try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            for frac in (float(f) for f in args.fractions.split(",")):
-                payload["rows"].append(run_case(n, frac, monitor))
-                torch.cuda.empty_cache()
-                save("key_subset", payload)  # partial results survive a time limit
-    finally:
-        monitor.close()
-    payload["seconds"] = time.time() - t0
-    print(f"wrote {save('key_subset', payload)}")
-    write_markdown(payload)
+    cases = [(int(n), float(f)) for n in args.sizes.split(",") for f in args.fractions.split(",")]
+    run_rows("key_subset", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
 
 
 def ms(x: dict) -> str:
