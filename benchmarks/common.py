@@ -63,7 +63,7 @@ def update_markdown(section: str, body: str) -> None:
     block = f"{header}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^{re.escape(header)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    BENCHMARKS_MD.write_text(text)
+    BENCHMARKS_MD.write_text(text.rstrip("\n") + "\n")  # the last section rewritten: no blank line at the end
 
 
 def markdown_args(ap, name: str) -> None:
