@@ -5,11 +5,16 @@ see its own key i when that key was not kept. With the row's output o and natura
 keys it saw, and s = scale · q_i·k_i, the own key's share of the row's softmax mass is w = σ(s − ℓ) (1 when the row saw
 nothing, ℓ = −∞), and the row's output becomes (1 − w) · o + w · v_i.
 
-The torch version of this step (the einsum, sigmoid and lerp it replaced, kept in the tests as the reference) made
-fp32 copies of q and k, a [B, H, N] score tensor, a weight tensor and the lerp's output: about eight passes over
-tensors of q's size. Here each program reads the rows it folds (q, its K/V head's k and v, o and ℓ) once and writes o
-in place; rows whose own key was kept are neither read nor written (their loads are masked off), so the traffic falls
-with the kept fraction. The dot product and the blend run in fp32; o is rounded once, to its dtype, on the store."""
+The torch version of this step (an einsum, a sigmoid and a lerp; the baseline of ``benchmarks/key_subset.py``, and
+in fp32 the tests' oracle ``reference.fold_own_key``) made fp32 copies of q and k, a [B, H, N] score tensor, a weight
+tensor and the lerp's output: about eight passes over tensors of q's size. Here each program reads the rows it folds
+(q, its K/V head's k and v, o and ℓ) once and writes o in place; rows whose own key was kept are neither read nor
+written (their loads are masked off), so the traffic falls with the kept fraction. The dot product and the blend run
+in fp32; o is rounded once, to its dtype, on the store.
+
+Measured on an H200 (``benchmarks/key_subset.py``, 28 heads / 4 K/V heads, d = 128, bf16): with half the keys kept,
+0.70 → 0.070 ms at 16K tokens and 5.33 → 0.59 ms at 128K (about 2.6–3.0 TB/s of the bytes the folded rows need);
+9–14× over 16K–128K and 50% or 94% of the keys."""
 
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ def fold_own_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     if lse.stride(2) != 1:
         lse = lse.contiguous()
     grid = (triton.cdiv(n, BN), b * h)
-    _fold_own_key[grid](q, k, v, out, lse, kept.to(torch.uint8), h, h // hk, n, *q.stride(), *k.stride(),
+    _fold_own_key[grid](q, k, v, out, lse, kept.view(torch.uint8), h, h // hk, n, *q.stride(), *k.stride(),
                         *v.stride(), *out.stride(), lse.stride(0), lse.stride(1), float(scale), D=d,
                         BD=triton.next_power_of_2(d), BN=BN, num_warps=4)
     return out
