@@ -668,7 +668,7 @@ def test_kernel_pattern_layouts(interpreter):
 @pytest.mark.parametrize("dtype,d,hk,transposed", [(torch.float32, 16, 2, False), (torch.float16, 24, 4, True),
                                                     (torch.bfloat16, 64, 1, False)])
 def test_own_key_fold_kernel_matches_oracle(interpreter, dtype, d, hk, transposed):
-    """``fold_own_key`` against its fp32 oracle (``reference.fold_own_key``, the torch expression it replaced): GQA
+    """``fold_own_key`` against its fp32 oracle (``reference.fold_own_key``, the torch step it replaced in fp32): GQA
     and MHA, a head dim that is not a power of two, q and out as [B, N, H, D] transposed views (as transformers hands
     them over), rows that saw nothing (ℓ = −∞: the output becomes v_i). Rows whose key was kept are left bit-for-bit
     as they were; the others agree to one rounding of the output's dtype (fp32: FP32_SAME)."""
