@@ -415,6 +415,24 @@ def test_key_subset_kernel_matches_masked_sdpa():
     assert kernel_ok((out.float() - ref).abs().max().item(), (same.float() - ref).abs().max().item(), torch.bfloat16)
 
 
+def test_key_subset_attention_never_waits_for_the_gpu():
+    """A model layer's key-subset attention (ZipVL) queues its work without a host sync, so the host runs ahead of
+    the kernels and a CUDA graph can capture the call: ``kept[keys] = True`` used to copy its scalar and wait there.
+    The first call compiles; the second runs under torch's sync debug mode, which raises on a sync."""
+    from vidsparse.attention.ops import key_subset_attention
+
+    q, k, v = qkv(1, 8, 2, 3000, 128, torch.bfloat16, seed=13)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    keys = torch.sort(torch.randperm(3000, device="cuda", generator=g)[:1400]).values
+    key_subset_attention(q, k, v, keys)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        key_subset_attention(q, k, v, keys)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("dtype,d,h,hk", [(torch.bfloat16, 128, 28, 4), (torch.float16, 64, 8, 8)])
 def test_own_key_fold_matches_oracle_on_cuda(dtype, d, h, hk):
     """The own-key fold-in kernel on the GPU against its fp32 oracle, at a model's shapes (q and out as transposed
