@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import POOL_LEVELS, pool_levels  # noqa: F401  (POOL_LEVELS: this module's name for it, kept)
+from ..layout import pool_levels
 from . import fit
 
 LOG2E = 1.4426950408889634
@@ -250,7 +250,7 @@ def pool_kv(x, full_blocks: int, block_k: int):
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3]), [0, 0, 0]
     parts = pool_levels(x, full_blocks, block_k)
     offs = [sum(t.shape[2] for t in parts[:i]) for i in range(len(parts))]
-    return torch.cat(parts, 2).contiguous(), offs
+    return torch.cat(parts, 2), offs
 
 
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,
