@@ -222,8 +222,8 @@ def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: f
                                          key_pos=keys.to(torch.int32).expand(b, hk, m), query_offset=0,
                                          return_lse=True, tma=use_tma(q, lay) and q.is_contiguous())
     # index_fill_, not kept[keys] = True: that assignment copies its host scalar to the GPU and waits for it, so the
-    # host work ran after the kernels instead of beside them (an H200 at 16K tokens, half the keys: 2.45 ms a call with
-    # the wait, 1.85 without)
+    # host work ran after the kernels instead of beside them (an H200 at 16K tokens, half the keys: 2.45 and 3.13 ms a
+    # call in two runs with the wait, 1.85 without; benchmarks/results/nvidia-h200/key_subset*.json)
     kept = torch.zeros(n, dtype=torch.bool, device=q.device).index_fill_(0, keys, True)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # each query whose own key was not kept folds it in through the row's log-sum-exp (one pass, in place)
