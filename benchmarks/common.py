@@ -105,6 +105,25 @@ def run_rows(name: str, payload: dict, cases, run, write) -> None:
     write(payload)
 
 
+def kernel_times(fn, calls: int = 3) -> list[dict]:
+    """The GPU kernels ``fn`` launches, by torch.profiler over ``calls`` calls: [{kernel, ms_per_call,
+    count_per_call}], largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": ev.key[:140], "ms_per_call": us / 1000 / calls, "count_per_call": ev.count / calls})
+    return sorted(rows, key=lambda r: -r["ms_per_call"])
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
 from common import (  # noqa: E402
-    device_name, interleaved, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
+    device_name, interleaved, kernel_times, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
 )
 
 from vidsparse.attention.kernels import own_key  # noqa: E402
@@ -54,20 +54,6 @@ def with_fold(fold, fn):
         finally:
             own_key.fold_own_key = kernel_fold
     return run
-
-
-def kernels(fn, calls: int = 3, top: int = 8) -> list[dict]:
-    """The CUDA kernels of ``fn`` by GPU time per call (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = [{"kernel": ev.key[:120], "ms_per_call": ev.device_time_total / 1000 / calls,
-             "count_per_call": ev.count / calls} for ev in prof.key_averages() if ev.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r["ms_per_call"])[:top]
 
 
 def run_case(n: int, frac: float, monitor) -> dict:
@@ -101,7 +87,7 @@ def run_case(n: int, frac: float, monitor) -> dict:
                         lambda fn: bench_ms(fn, rep_ms=ROUND_MS), 3, monitor)
     for name, fn in (("torch_fold", whole_t), ("kernel_fold", whole_k)):
         whole[name]["graph_ms"] = graph_ms(fn)  # GPU time alone (None if the call cannot be captured)
-    breakdown = kernels(whole_k)
+    breakdown = kernel_times(whole_k)[:8]
     res = {"n": n, "fraction": frac, "kept": keys.numel(), "step": step, "step_max_abs_diff": step_diff,
            "kernels": breakdown,
            "whole": whole, "whole_max_abs_diff": whole_diff,

@@ -30,30 +30,17 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, graph_ms  # noqa: E402
-from common import device_name, save, today, update_markdown  # noqa: E402
+from common import device_name, kernel_times, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 
 
 def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     pat = PATTERNS.from_spec(spec)
     ms = bench_ms(lambda: pat.estimate(q, k, meta), rep_ms=200)
     gpu_ms = graph_ms(lambda: pat.estimate(q, k, meta))
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            pat.estimate(q, k, meta)
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": ev.key[:140], "ms_per_call": us / 1000 / calls, "count_per_call": ev.count / calls})
-    rows.sort(key=lambda r: -r["ms_per_call"])
+    rows = kernel_times(lambda: pat.estimate(q, k, meta), calls)
     total = sum(r["ms_per_call"] for r in rows)
     print(f"{spec}: {ms:.2f} ms per call (do_bench), GPU {gpu_ms or float('nan'):.2f} ms (graph); kernels "
           f"{total:.2f} ms", flush=True)
