@@ -69,7 +69,7 @@ def fold_own_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     if lse.stride(2) != 1:
         lse = lse.contiguous()
     grid = (triton.cdiv(n, BN), b * h)
-    _fold_own_key[grid](q, k, v, out, lse, kept.view(torch.uint8), h, h // hk, n, *q.stride(), *k.stride(),
+    _fold_own_key[grid](q, k, v, out, lse, kept.contiguous().view(torch.uint8), h, h // hk, n, *q.stride(), *k.stride(),
                         *v.stride(), *out.stride(), lse.stride(0), lse.stride(1), float(scale), D=d,
                         BD=triton.next_power_of_2(d), BN=BN, num_warps=4)
     return out
