@@ -1,14 +1,18 @@
 """A model's kept-key subsets (``models.hf.subset_attention``, the execution path of ZipVL-style key pruning): the
 own-key fold-in step, its torch version against the one-pass kernel (``attention.kernels.own_key``), alone and
-inside the whole ``key_subset_attention`` call, with dense cuDNN on the same inputs as the reference point.
+inside the whole ``key_subset_attention`` call; the call's block layout computed straight from the kept positions
+(``ops.subset_blocks``) against the general route it replaced; with dense cuDNN on the same inputs as the reference
+point.
 
     python benchmarks/key_subset.py [--sizes 16384,32768,65536,131072] [--fractions 0.5,0.94]
         [--markdown-from FILE [--note TEXT]]
 
 The torch fold is the expression the kernel replaced (fp32 einsum for each query's own-key logit, a sigmoid against
 the row's log-sum-exp, a lerp in the output's dtype); for the whole call it is swapped in for the kernel in the same
-process, and the callables run in alternating rounds. Random q/k/v (28 heads / 4 K/V heads, d = 128, bf16), a random
-sorted fraction of the keys kept. Saves ``key_subset.json`` under the device's results and writes a BENCHMARKS.md
+process, and the callables run in alternating rounds. The general layout route is ``BlockLayout.from_index`` plus
+``full_prefix`` over every head, as the call ran it before ``subset_blocks``; host ms is the call's wall time when it
+starts on an idle GPU and returns before its kernels finish (median of 20), the time a model spends launching it.
+Random q/k/v (28 heads / 4 K/V heads, d = 128, bf16), a random sorted fraction of the keys kept. Saves ``key_subset.json`` under the device's results and writes a BENCHMARKS.md
 section."""
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from common import (  # noqa: E402
     device_name, interleaved, kernel_times, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
 )
 
+from vidsparse.attention import ops  # noqa: E402
 from vidsparse.attention.kernels import own_key  # noqa: E402
+from vidsparse.attention.kernels.block_sparse import full_prefix  # noqa: E402
+from vidsparse.attention.layout import BlockLayout  # noqa: E402
 from vidsparse.attention.ops import key_subset_attention  # noqa: E402
 
 ROUND_MS = 200
@@ -43,17 +50,49 @@ def torch_fold(q, k, v, out, lse, kept, scale):
     return torch.lerp(out.view(b, hk, g, n, d), v[:, :, None], w.to(out.dtype)).view(b, h, n, d)
 
 
-def with_fold(fold, fn):
-    """``fn`` with ``key_subset_attention`` folding through ``fold`` (it imports ``own_key.fold_own_key`` per call)."""
-    kernel_fold = own_key.fold_own_key
+def general_blocks(keys, n, block):
+    """The layout route ``key_subset_attention`` took before ``ops.subset_blocks`` (its code, unchanged): the rows'
+    block counts, ``BlockLayout.from_index`` (which also builds the mask-free flags the kernel never reads), and
+    ``full_prefix`` on the kept positions of every K/V head, repeated over the query heads."""
+    m = keys.numel()
+    nqb, nkb = -(-n // block), -(-m // block)
+    last_q = torch.clamp((torch.arange(nqb, device=keys.device) + 1) * block, max=n) - 1
+    count = (keys[::block][None, :] <= last_q[:, None]).sum(-1)
+    index = torch.arange(nkb, device=keys.device).expand(1, 1, nqb, nkb)
+    lay = BlockLayout.from_index(index, count.view(1, 1, nqb), block, block, n, m, causal=False)
+    full = lambda x: torch.full((1,), x, dtype=torch.int32, device=keys.device)  # noqa: E731
+    nfull = full_prefix(lay.kv_index, lay.kv_count, block, block, True, full(n), full(m),
+                        keys.to(torch.int32).expand(1, HK, m), H // HK, 0)
+    return lay.kv_index, lay.kv_count, nfull
+
+
+def swapped(module, name, replacement, fn):
+    """``fn`` with ``module.name`` replaced by ``replacement`` while it runs (``key_subset_attention`` looks up
+    ``own_key.fold_own_key`` and ``ops.subset_blocks`` per call)."""
+    original = getattr(module, name)
 
     def run():
-        own_key.fold_own_key = fold
+        setattr(module, name, replacement)
         try:
             return fn()
         finally:
-            own_key.fold_own_key = kernel_fold
+            setattr(module, name, original)
     return run
+
+
+def host_ms(fn, calls: int = 20) -> float:
+    """Median wall time of ``fn`` started on an idle GPU (its kernels may still run when it returns)."""
+    import statistics
+    import time
+
+    t = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(t)
 
 
 def run_case(n: int, frac: float, monitor) -> dict:
@@ -79,24 +118,35 @@ def run_case(n: int, frac: float, monitor) -> dict:
     folded = n - keys.numel()
     need = folded * (3 * H * D * 2 + 2 * HK * D * 2 + H * 4) + n
     step["kernel"]["gb_s"] = need / step["kernel"]["ms"] / 1e6
-    whole_t = with_fold(torch_fold, lambda: key_subset_attention(q, k, v, keys, scale))
     whole_k = lambda: key_subset_attention(q, k, v, keys, scale)  # noqa: E731
-    whole_diff = float((whole_k().float() - whole_t().float()).abs().max())
+    whole_t = swapped(own_key, "fold_own_key", torch_fold, whole_k)
+    whole_g = swapped(ops, "subset_blocks", general_blocks, whole_k)
+    got = whole_k()
+    whole_diff = float((got.float() - whole_t().float()).abs().max())
+    layout_same = bool(torch.equal(got, whole_g()))  # the same layout: the same output, bit for bit
     cudnn = causal_sdpa("cudnn", q, k.repeat_interleave(H // HK, 1), v.repeat_interleave(H // HK, 1))
-    whole = interleaved({"torch_fold": whole_t, "kernel_fold": whole_k, "cudnn": cudnn},
+    whole = interleaved({"torch_fold": whole_t, "general_layout": whole_g, "kernel_fold": whole_k, "cudnn": cudnn},
                         lambda fn: bench_ms(fn, rep_ms=ROUND_MS), 3, monitor)
-    for name, fn in (("torch_fold", whole_t), ("kernel_fold", whole_k)):
+    for name, fn in (("torch_fold", whole_t), ("general_layout", whole_g), ("kernel_fold", whole_k)):
         whole[name]["graph_ms"] = graph_ms(fn)  # GPU time alone (None if the call cannot be captured)
+    for _ in range(3):  # alternating, as the rounds above
+        for name, fn in (("general_layout", whole_g), ("kernel_fold", whole_k)):
+            whole[name].setdefault("host_rounds", []).append(host_ms(fn))
+    for name in ("general_layout", "kernel_fold"):
+        whole[name]["host_ms"] = sorted(whole[name]["host_rounds"])[1]
     breakdown = kernel_times(whole_k)[:8]
     res = {"n": n, "fraction": frac, "kept": keys.numel(), "step": step, "step_max_abs_diff": step_diff,
            "kernels": breakdown,
-           "whole": whole, "whole_max_abs_diff": whole_diff,
+           "whole": whole, "whole_max_abs_diff": whole_diff, "layout_same_output": layout_same,
            "step_speedup": step["torch"]["ms"] / step["kernel"]["ms"],
            "whole_speedup": whole["torch_fold"]["ms"] / whole["kernel_fold"]["ms"],
+           "layout_speedup": whole["general_layout"]["ms"] / whole["kernel_fold"]["ms"],
            "vs_cudnn": whole["cudnn"]["ms"] / whole["kernel_fold"]["ms"]}
     print(n, frac, {x: round(step[x]["ms"], 3) for x in step}, {x: round(whole[x]["ms"], 3) for x in whole},
           f"step {res['step_speedup']:.1f}x whole {res['whole_speedup']:.2f}x",
-          "graph", [whole[x]["graph_ms"] for x in ("torch_fold", "kernel_fold")], flush=True)
+          f"layout {res['layout_speedup']:.2f}x (same output: {layout_same})",
+          "graph", [whole[x]["graph_ms"] for x in ("torch_fold", "general_layout", "kernel_fold")],
+          "host", [round(whole[x]["host_ms"], 3) for x in ("general_layout", "kernel_fold")], flush=True)
     for r in breakdown:
         print(f"  {r['ms_per_call']:8.3f} ms x{r['count_per_call']:<4g} {r['kernel'][:100]}", flush=True)
     return res
@@ -148,6 +198,21 @@ def write_markdown(p: dict) -> None:
                      f"{ms(w['kernel_fold'])} | {r['whole_speedup']:.2f}x | {gpu(w['kernel_fold'])} | "
                      f"{ms(w['cudnn'])} | {r['vs_cudnn']:.2f}x | "
                      f"{r['step_max_abs_diff']:.1e} / {r['whole_max_abs_diff']:.1e} |")
+    layout = [r for r in p["rows"] if "general_layout" in r["whole"]]
+    if layout:
+        lines += ["", "The call's block layout: computed straight from the kept positions (`ops.subset_blocks`, a few "
+                  "ops) against the general route it replaced (`BlockLayout.from_index`, then `full_prefix` over "
+                  "every head); both with the kernel fold, alternating rounds in the same process. Host ms: the "
+                  "call's wall time started on an idle GPU, returning before its kernels finish (median of 20 calls; "
+                  "the middle of 3 alternating rounds). Same output: the two calls' outputs equal bit for bit.", "",
+                  "| N | kept | general route ms | subset_blocks ms | speed-up | GPU ms (general / subset_blocks) | "
+                  "host ms (general / subset_blocks) | same output |", "|---|---|---|---|---|---|---|---|"]
+        for r in layout:
+            w = r["whole"]
+            g, d = w["general_layout"], w["kernel_fold"]
+            lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms(g)} | {ms(d)} | {r['layout_speedup']:.2f}x | "
+                         f"{gpu(g)} / {gpu(d)} | {g['host_ms']:.3f} / {d['host_ms']:.3f} | "
+                         f"{'yes' if r['layout_same_output'] else 'no'} |")
     update_markdown(f"Key subsets: the own-key fold-in ({p['device']})", "\n".join(lines))
 
 

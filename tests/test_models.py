@@ -572,7 +572,7 @@ def test_subset_attention_against_masked_reference():
 
 
 @pytest.mark.parametrize("n,keys", [(300, [0, 1, 5, 9, 140, 141, 200, 299]), (300, list(range(0, 300, 3))),
-                                    (77, [76])])
+                                    (77, [76]), (70, [])])
 def test_key_subset_kernel_against_masked_reference(n, keys):
     """The block kernel on gathered keys (original positions as the causal mask) plus the own-key merge through its
     log-sum-exp equals masked attention (Triton interpreter on the CPU)."""
@@ -583,13 +583,44 @@ def test_key_subset_kernel_against_masked_reference(n, keys):
         pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (4, 2, 2))
-    keys = torch.tensor(keys)
+    keys = torch.tensor(keys, dtype=torch.long)
     kept = torch.zeros(n, dtype=torch.bool)
     kept[keys] = True
     i = torch.arange(n)
     mask = (i[None, :] <= i[:, None]) & (kept[None, :] | torch.eye(n, dtype=torch.bool))
     torch.testing.assert_close(key_subset_attention(q, k, v, keys, block=32), masked_attention(q, k, v, mask),
                                atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+
+
+@pytest.mark.parametrize("n,block,pick", [(300, 32, "every3"), (300, 32, "random"), (77, 32, [76]), (20, 32, [0, 19]),
+                                           (1000, 128, "random"), (1000, 128, "all"), (256, 128, "first"),
+                                           (300, 32, []), (300, 32, list(range(31)) + [32, 40, 64])])
+def test_subset_blocks_equal_the_general_layout(n, block, pick):
+    """key_subset_attention's layout, computed straight from the sorted positions, equals the general route
+    (BlockLayout.from_index over the key blocks that start at or before each row's last query, then full_prefix on
+    the positions), exactly."""
+    from vidsparse.attention.kernels.block_sparse import full_prefix
+    from vidsparse.attention.layout import BlockLayout
+    from vidsparse.attention.ops import subset_blocks
+
+    g = torch.Generator().manual_seed(n + block)
+    keys = {"every3": torch.arange(0, n, 3), "all": torch.arange(n), "first": torch.arange(block + 5),
+            "random": torch.sort(torch.randperm(n, generator=g)[: n // 2]).values}.get(pick) if isinstance(pick, str) \
+        else torch.tensor(pick, dtype=torch.long)
+    m = keys.numel()
+    index, count, nfull = subset_blocks(keys, n, block)
+    nqb, nkb = -(-n // block), -(-m // block)
+    last_q = torch.clamp((torch.arange(nqb) + 1) * block, max=n) - 1
+    want_count = (keys[::block][None, :] <= last_q[:, None]).sum(-1)
+    lay = BlockLayout.from_index(torch.arange(nkb).expand(1, 1, nqb, nkb), want_count.view(1, 1, nqb), block, block,
+                                 n, m, causal=False)
+    full = torch.full((1,), m, dtype=torch.int32)
+    want_full = full_prefix(lay.kv_index, lay.kv_count, block, block, True, torch.full((1,), n, dtype=torch.int32),
+                            full, keys.to(torch.int32).view(1, 1, m), 1, 0)
+    assert index.dtype == count.dtype == nfull.dtype == torch.int32
+    assert torch.equal(index.expand_as(lay.kv_index), lay.kv_index)
+    assert torch.equal(count, lay.kv_count) and torch.equal(nfull, want_full)
+    assert (nfull <= count).all()
 
 
 def test_zipvl_top_mass_and_full_tau_identity(adapter, encoded):

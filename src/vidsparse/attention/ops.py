@@ -30,14 +30,14 @@ def kernel_available(q: Tensor) -> bool:
     return kernel_device(q)
 
 
-def use_tma(q: Tensor, layout: BlockLayout) -> bool:
+def use_tma(q: Tensor, block_q: int, block_k: int) -> bool:
     """Hopper or newer, 128x128 blocks, head dim 64 or 128: the TMA variant (benchmarks/tune_attention.py measured
     it 5-7% faster than pointer loads on an H100). ``VIDSPARSE_ATTENTION_TMA=0`` turns it off."""
     if not q.is_cuda or os.environ.get("VIDSPARSE_ATTENTION_TMA", "1") == "0":
         return False
     return (torch.cuda.get_device_capability(q.device) >= (9, 0) and q.shape[-1] in (64, 128)
             and q.dtype in (torch.bfloat16, torch.float16)
-            and layout.block_q == 128 and layout.block_k == 128)
+            and block_q == 128 and block_k == 128)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | None = None,
@@ -106,7 +106,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         idx = layout.perm[..., None].expand(-1, -1, -1, d)
         kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
         lay = layout.blocks
-        extra = {"tma": use_tma(q, lay)} if use_kernel else {}
+        extra = {"tma": use_tma(q, lay.block_q, lay.block_k)} if use_kernel else {}
         return run(q, kg, vg, lay.kv_index, lay.kv_count, lay.block_q, lay.block_k, causal, scale,
                    key_pos=layout.perm, **extra)
     if backend == "reference":
@@ -114,7 +114,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
 
         return layout_attention(q, k, v, layout, scale, seqlens_q, seqlens_k)
     lay = layout.expand(b, h) if layout.kv_index.shape[:2] not in ((1, 1), (b, h), (1, h), (b, 1)) else layout
-    extra = {"tma": use_tma(q, layout)} if use_kernel else {}
+    extra = {"tma": use_tma(q, layout.block_q, layout.block_k)} if use_kernel else {}
     return run(q, k, v, lay.kv_index, lay.kv_count, layout.block_q, layout.block_k, causal, scale, seqlens_q,
                seqlens_k, **extra)
 
@@ -195,6 +195,25 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
     return out
 
 
+def subset_blocks(keys: Tensor, n: int, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """The block layout ``key_subset_attention`` runs for queries 0…n−1 over the gathered keys at sorted positions
+    ``keys`` (int64 [K']), computed straight from the positions: (index int32 [1, 1, NQ, NKB], each row's key blocks
+    in order; count int32 [1, 1, NQ], the key blocks starting at or before the row's last query; nfull int32 [1, 1,
+    NQ], the leading whole blocks whose keys all lie at or before the row's first query, which need no element
+    mask). Equal to ``BlockLayout.from_index`` + ``kernels.block_sparse.full_prefix`` on the same keys, in a few
+    ops and without a head dimension."""
+    m = keys.numel()
+    nqb, nkb = -(-n // block), -(-m // block)
+    dev = keys.device
+    rows = torch.arange(0, nqb * block, block, device=dev)
+    count = torch.searchsorted(keys[::block].contiguous(), rows.clamp(max=n - block) + block - 1, right=True,
+                               out_int32=True)  # the row's last query: min(row start + block, n) − 1
+    whole = keys[block - 1:(m // block) * block:block].contiguous()  # the last key of each whole block
+    nfull = torch.searchsorted(whole, rows, right=True, out_int32=True)
+    index = torch.arange(nkb, dtype=torch.int32, device=dev).expand(1, 1, nqb, nkb)
+    return index, count.view(1, 1, nqb), nfull.view(1, 1, nqb)
+
+
 def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float | None = None,
                          block: int = 128) -> Tensor:
     """Causal attention of every query over a key subset plus its own key: query i sees the kept keys j ≤ i (``keys``:
@@ -203,24 +222,18 @@ def key_subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: f
     that start at or before its last query); a query whose own key was not kept then folds it in through the
     kernel's log-sum-exp, in one more pass (``kernels.own_key``). q [B, H, N, D], k/v [B, Hkv, N, D] -> [B, H, N, D]
     (the kernels: CUDA, or CPU under TRITON_INTERPRET=1)."""
-    import triton
-
     from .kernels import block_sparse as bs
     from .kernels.own_key import fold_own_key
 
     b, h, n, d = q.shape
     hk = k.shape[1]
     keys = keys.to(torch.long)
-    m = keys.numel()
     kg, vg = k.index_select(2, keys), v.index_select(2, keys)  # contiguous copies, no host sync
-    nqb, nkb = triton.cdiv(n, block), triton.cdiv(m, block)
-    last_q = torch.clamp((torch.arange(nqb, device=q.device) + 1) * block, max=n) - 1
-    count = (keys[::block][None, :] <= last_q[:, None]).sum(-1)  # keys sorted: a prefix of the key blocks
-    index = torch.arange(nkb, device=q.device).expand(1, 1, nqb, nkb)
-    lay = BlockLayout.from_index(index, count.view(1, 1, nqb), block, block, n, m, causal=False)
-    out, lse = bs.block_sparse_attention(q, kg, vg, lay.kv_index, lay.kv_count, block, block, True, scale,
-                                         key_pos=keys.to(torch.int32).expand(b, hk, m), query_offset=0,
-                                         return_lse=True, tma=use_tma(q, lay) and q.is_contiguous())
+    index, count, nfull = subset_blocks(keys, n, block)
+    out, lse = bs.block_sparse_attention(q, kg, vg, index, count, block, block, True, scale,
+                                         key_pos=keys.to(torch.int32).expand(b, hk, keys.numel()), query_offset=0,
+                                         nfull=nfull, return_lse=True,
+                                         tma=q.is_contiguous() and use_tma(q, block, block))
     # index_fill_, not kept[keys] = True: that assignment copies its host scalar to the GPU and waits for it, so the
     # host work ran after the kernels instead of beside them (an H200 at 16K tokens, half the keys: 2.45 and 3.13 ms a
     # call in two runs with the wait, 1.85 without; benchmarks/results/nvidia-h200/key_subset*.json)

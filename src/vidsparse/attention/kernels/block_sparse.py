@@ -255,12 +255,14 @@ def pool_kv(x, full_blocks: int, block_k: int):
 
 def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: int, causal: bool,
                            scale: float | None, seqlens_q=None, seqlens_k=None, *, key_pos=None, query_offset=None,
-                           pooled=None, return_lse: bool = False, tma: bool = False, num_warps: int | None = None,
-                           num_stages: int | None = None, hopper: bool | None = None):
+                           pooled=None, nfull=None, return_lse: bool = False, tma: bool = False,
+                           num_warps: int | None = None, num_stages: int | None = None, hopper: bool | None = None):
     """q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; kv_index int32 [B|1, H|1, NQ, K]; kv_count int32 [B|1, H|1, NQ].
 
     ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted or gathered keys); query i
-    then sits at position i + ``query_offset`` (default Nk − Nq). ``return_lse``: also return the rows' natural-log
+    then sits at position i + ``query_offset`` (default Nk − Nq); ``nfull`` (int32 [B|1, H|1, NQ], with ``key_pos``):
+    each row's count of leading mask-free blocks where the caller already knows it (else ``full_prefix`` counts
+    them). ``return_lse``: also return the rows' natural-log
     sum of exp(scale·q·k), float32 [B, H, Nq] (-inf where a row saw no key). ``pooled``: the
     pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ]) for levels 2, 4, 8; pooled blocks
     must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
@@ -280,13 +282,15 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
         from .block_sparse_hopper import block_sparse_attention_hopper
 
         return block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal, scale, seqlens_q, seqlens_k,
-                                             return_lse, key_pos=key_pos, query_offset=query_offset, pooled=pooled)
+                                             return_lse, key_pos=key_pos, query_offset=query_offset, pooled=pooled,
+                                             nfull=nfull)
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
     dev = q.device
     lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)
     lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
-    nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)
+    if nfull is None or key_pos is None:
+        nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=dev) if return_lse else lk
     kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
     s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]

@@ -587,13 +587,15 @@ def _smem_layouts(d: int, bf16: bool):
 
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, scale: float, seqlens_q=None,
                                   seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
-                                  persistent: bool = True, *, key_pos=None, query_offset=None, pooled=None):
+                                  persistent: bool = True, *, key_pos=None, query_offset=None, pooled=None,
+                                  nfull=None):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
     ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``key_pos`` int [B, Hkv, Nk]: the keys'
     original positions for the causal mask (permuted or gathered keys, as ``block_sparse.block_sparse_attention``
     takes them), query i at position i + ``query_offset`` (default Nk − Nq); the mask-free blocks are then the
-    row's leading run counted by ``full_prefix``. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1,
+    row's leading run counted by ``full_prefix``, or ``nfull`` (int32 [B|1, H|1, NQ]) where the caller already
+    knows it. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1,
     H|1, NQ, W], count int32 [3, B|1, H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias
     ln p, no element mask: each must lie wholly before its query block's first query). ``persistent=False`` launches
     one program per tile instead of one per SM (for comparison: the hardware then schedules the tiles)."""
@@ -624,7 +626,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         lq = lk = kv_count  # unused
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     if key_pos is not None:  # the rows' mask-free leading blocks, and the positions the masked ones compare
-        nfull = full_prefix(kv_index, kv_count, BLOCK, BLOCK, causal, lq, lk, key_pos, h // hk, kpos_off)
+        if nfull is None:
+            nfull = full_prefix(kv_index, kv_count, BLOCK, BLOCK, causal, lq, lk, key_pos, h // hk, kpos_off)
         kpos = key_pos.to(torch.int32)
         kpos = kpos if kpos.stride(-1) == 1 else kpos.contiguous()
         s_kpos, s_full = _bcast_strides(kpos, 2), _bcast_strides(nfull, 3)
