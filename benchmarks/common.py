@@ -124,6 +124,20 @@ def kernel_times(fn, calls: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_call"])
 
 
+def swapped(module, name, replacement, fn):
+    """``fn`` with ``module.name`` replaced by ``replacement`` while it runs: an A/B of one step inside a call in the
+    same process (the call must look the name up in ``module`` at each call)."""
+    original = getattr(module, name)
+
+    def run():
+        setattr(module, name, replacement)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, original)
+    return run
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

@@ -10,10 +10,10 @@ point.
 The torch fold is the expression the kernel replaced (fp32 einsum for each query's own-key logit, a sigmoid against
 the row's log-sum-exp, a lerp in the output's dtype); for the whole call it is swapped in for the kernel in the same
 process, and the callables run in alternating rounds. The general layout route is ``BlockLayout.from_index`` plus
-``full_prefix`` over every head, as the call ran it before ``subset_blocks``; host ms is the call's wall time when it
-starts on an idle GPU and returns before its kernels finish (median of 20), the time a model spends launching it.
-Random q/k/v (28 heads / 4 K/V heads, d = 128, bf16), a random sorted fraction of the keys kept. Saves ``key_subset.json`` under the device's results and writes a BENCHMARKS.md
-section."""
+``full_prefix`` over every head, as the call ran it before ``subset_blocks``; host ms is the call's wall time when
+it starts on an idle GPU and returns before its kernels finish (median of 20), the time a model spends launching it.
+Random q/k/v (28 heads / 4 K/V heads, d = 128, bf16), a random sorted fraction of the keys kept. Saves
+``key_subset.json`` under the device's results and writes a BENCHMARKS.md section."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
 from common import (  # noqa: E402
-    device_name, interleaved, kernel_times, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
+    device_name, interleaved, kernel_times, markdown_args, rewrite_markdown, run_rows, swapped, today, update_markdown,
+    versions,
 )
 
 from vidsparse.attention import ops  # noqa: E402
@@ -64,20 +65,6 @@ def general_blocks(keys, n, block):
     nfull = full_prefix(lay.kv_index, lay.kv_count, block, block, True, full(n), full(m),
                         keys.to(torch.int32).expand(1, HK, m), H // HK, 0)
     return lay.kv_index, lay.kv_count, nfull
-
-
-def swapped(module, name, replacement, fn):
-    """``fn`` with ``module.name`` replaced by ``replacement`` while it runs (``key_subset_attention`` looks up
-    ``own_key.fold_own_key`` and ``ops.subset_blocks`` per call)."""
-    original = getattr(module, name)
-
-    def run():
-        setattr(module, name, replacement)
-        try:
-            return fn()
-        finally:
-            setattr(module, name, original)
-    return run
 
 
 def host_ms(fn, calls: int = 20) -> float:

@@ -698,6 +698,39 @@ def test_own_key_fold_kernel_matches_oracle(interpreter, dtype, d, hk, transpose
         assert within_one_rounding(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype,d,hk,transposed", [(torch.bfloat16, 24, 3, True), (torch.float16, 64, 2, False),
+                                                    (torch.float32, 16, 1, False)])
+def test_pool_kernel_matches_pool_levels(interpreter, dtype, d, hk, transposed):
+    """The pyramid's one-pass pooling kernel against ``layout.pool_levels`` stacked (the torch step it replaced): keys
+    as a [B, N, Hkv, D] transposed view, a head dim that is not a power of two, rows past the pooled ones ignored.
+    Dyadic keys (k/64, |k| ≤ 16: every fp32 sum exact, every mean representable) give the same bits; random normal
+    keys agree to one rounding of the dtype (the interpreter truncates fp32 to bf16 where the GPU rounds to nearest;
+    fp32: FP32_SAME, torch sums in another order)."""
+    from vidsparse.attention.kernels.block_sparse import pool_kv
+    from vidsparse.attention.kernels.pool import pool_levels_stacked
+    from vidsparse.attention.layout import pool_levels
+
+    b, n, rows = 2, 200, 128
+    g = torch.Generator().manual_seed(d)
+    dyadic = torch.randint(-16, 17, (b, n, hk, d), generator=g).float() / 64
+    normal = torch.randn(b, n, hk, d, generator=g)
+    for x, exact in ((dyadic, True), (normal, False)):
+        x = x.to(dtype).transpose(1, 2)
+        x = x if transposed else x.contiguous()
+        want = torch.cat(pool_levels(x, 2, 64), 2)
+        got, offs = pool_levels_stacked(x, rows)
+        assert offs == [0, 64, 96] and got.shape == want.shape == (b, hk, 112, d) and got.dtype == dtype
+        if exact:
+            assert torch.equal(got, want)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+        else:
+            assert within_one_rounding(got, want, dtype)
+        assert torch.equal(pool_kv(x, 2, 64)[0], got)  # the kernels' pooled K/V come from it
+    with pytest.raises(ValueError, match="multiple of"):
+        pool_levels_stacked(x, 100)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
 @pytest.mark.parametrize("stride", [1, 4, 12])
 def test_grid_group_execution_matches_mask(stride, backend):

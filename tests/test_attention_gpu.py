@@ -456,6 +456,32 @@ def test_own_key_fold_matches_oracle_on_cuda(dtype, d, h, hk):
     assert within_one_rounding(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype,hk", [(torch.bfloat16, 28), (torch.float16, 4)])
+def test_pool_kernel_equals_pool_levels_on_cuda(dtype, hk, variant):
+    """The pyramid's one-pass pooling on the GPU, at a model's shapes (keys as a transposed view): bit-equal to the
+    torch step wherever its fp32 sums are exact (dyadic keys), to one rounding of the dtype on random normal keys;
+    the share of bit-equal values on those is reported, not asserted."""
+    if variant != "hopper":
+        pytest.skip("the pooling does not depend on the kernel variant")
+    from vidsparse.attention.kernels.block_sparse import pool_kv_torch
+    from vidsparse.attention.kernels.pool import pool_levels_stacked
+
+    n, d = 4200, 128
+    g = torch.Generator(device="cuda").manual_seed(hk)
+    dyadic = torch.randint(-16, 17, (1, n, hk, d), device="cuda", generator=g).float() / 64
+    normal = torch.randn(1, n, hk, d, device="cuda", generator=g)
+    for x, exact in ((dyadic, True), (normal, False)):
+        x = x.to(dtype).transpose(1, 2)
+        want, offs = pool_kv_torch(x, n // 128, 128)
+        got, offs2 = pool_levels_stacked(x, n // 128 * 128)
+        assert offs == offs2 and got.shape == want.shape
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            assert within_one_rounding(got, want, dtype)
+            print(f"bit-equal on random keys: {(got == want).float().mean().item():.6f}")
+
+
 @pytest.mark.parametrize("stride,nq,nk,causal,d", [(8, 3000, 3000, True, 128), (16, 2500, 4100, True, 128),
                                                    (8, 2000, 1800, False, 128), (16, 4096, 4096, True, 128),
                                                    (8, 1000, 2000, True, 64)])

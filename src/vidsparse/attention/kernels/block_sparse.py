@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..layout import pool_levels
-from . import fit
+from . import fit, pool
 
 LOG2E = 1.4426950408889634
 
@@ -248,6 +248,14 @@ def pool_kv(x, full_blocks: int, block_k: int):
     of each level)."""
     if not full_blocks:  # no complete block: nothing can be pooled (a pyramid layout then lists no pooled block)
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3]), [0, 0, 0]
+    if (full_blocks * block_k) % (8 * pool.R) == 0:  # one pass over the keys (kernels/pool.py)
+        return pool.pool_levels_stacked(x, full_blocks * block_k)
+    return pool_kv_torch(x, full_blocks, block_k)
+
+
+def pool_kv_torch(x, full_blocks: int, block_k: int):
+    """``pool_kv`` in torch ops (``layout.pool_levels``, then a ``torch.cat``), for blocks of fewer keys than one
+    program of ``kernels.pool`` reads; the step that kernel replaced (``benchmarks/pyramid_pool.py``)."""
     parts = pool_levels(x, full_blocks, block_k)
     offs = [sum(t.shape[2] for t in parts[:i]) for i in range(len(parts))]
     return torch.cat(parts, 2), offs
