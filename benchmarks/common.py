@@ -138,6 +138,16 @@ def swapped(module, name, replacement, fn):
     return run
 
 
+def ms_cell(x: dict) -> str:
+    """A timing's table cell: ms, and the SM clock while it ran where sampled."""
+    return f"{x['ms']:.3f}" + (f" ({x['sm_mhz']:.0f} MHz)" if "sm_mhz" in x else "")
+
+
+def gpu_cell(x: dict) -> str:
+    """A timing's CUDA-graph replay in ms ("-" where the call could not be captured)."""
+    return "-" if x.get("graph_ms") is None else f"{x['graph_ms']:.3f}"
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

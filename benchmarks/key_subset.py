@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
 from common import (  # noqa: E402
-    device_name, interleaved, kernel_times, markdown_args, rewrite_markdown, run_rows, swapped, today, update_markdown,
-    versions,
+    device_name, gpu_cell, interleaved, kernel_times, markdown_args, ms_cell, rewrite_markdown, run_rows, swapped,
+    today, update_markdown, versions,
 )
 
 from vidsparse.attention import ops  # noqa: E402
@@ -155,14 +155,6 @@ def main():
     run_rows("key_subset", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
 
 
-def ms(x: dict) -> str:
-    return f"{x['ms']:.3f}" + (f" ({x['sm_mhz']:.0f} MHz)" if "sm_mhz" in x else "")
-
-
-def gpu(x: dict) -> str:
-    return "-" if x.get("graph_ms") is None else f"{x['graph_ms']:.3f}"
-
-
 def write_markdown(p: dict) -> None:
     lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads / {p['kv_heads']} "
              f"K/V heads, d = {p['d']}, batch 1, random q/k/v, a random sorted fraction of the keys kept.", "",
@@ -180,10 +172,10 @@ def write_markdown(p: dict) -> None:
              "max abs diff (step / whole) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         s, w = r["step"], r["whole"]
-        lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms(s['torch'])} | {s['kernel']['ms']:.3f} "
-                     f"({s['kernel']['gb_s']:.0f}) | {r['step_speedup']:.1f}x | {ms(w['torch_fold'])} | "
-                     f"{ms(w['kernel_fold'])} | {r['whole_speedup']:.2f}x | {gpu(w['kernel_fold'])} | "
-                     f"{ms(w['cudnn'])} | {r['vs_cudnn']:.2f}x | "
+        lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms_cell(s['torch'])} | {s['kernel']['ms']:.3f} "
+                     f"({s['kernel']['gb_s']:.0f}) | {r['step_speedup']:.1f}x | {ms_cell(w['torch_fold'])} | "
+                     f"{ms_cell(w['kernel_fold'])} | {r['whole_speedup']:.2f}x | {gpu_cell(w['kernel_fold'])} | "
+                     f"{ms_cell(w['cudnn'])} | {r['vs_cudnn']:.2f}x | "
                      f"{r['step_max_abs_diff']:.1e} / {r['whole_max_abs_diff']:.1e} |")
     layout = [r for r in p["rows"] if "general_layout" in r["whole"]]
     if layout:
@@ -197,8 +189,9 @@ def write_markdown(p: dict) -> None:
         for r in layout:
             w = r["whole"]
             g, d = w["general_layout"], w["kernel_fold"]
-            lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms(g)} | {ms(d)} | {r['layout_speedup']:.2f}x | "
-                         f"{gpu(g)} / {gpu(d)} | {g['host_ms']:.3f} / {d['host_ms']:.3f} | "
+            lines.append(f"| {r['n']} | {r['fraction']:.0%} | {ms_cell(g)} | {ms_cell(d)} | "
+                         f"{r['layout_speedup']:.2f}x | "
+                         f"{gpu_cell(g)} / {gpu_cell(d)} | {g['host_ms']:.3f} / {d['host_ms']:.3f} | "
                          f"{'yes' if r['layout_same_output'] else 'no'} |")
     update_markdown(f"Key subsets: the own-key fold-in ({p['device']})", "\n".join(lines))
 

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    device_name, interleaved, markdown_args, rewrite_markdown, run_rows, swapped, today, update_markdown, versions,
+    device_name, gpu_cell, interleaved, markdown_args, ms_cell, rewrite_markdown, run_rows, swapped, today,
+    update_markdown, versions,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -83,14 +84,6 @@ def main():
     run_rows("pyramid_pool", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
 
 
-def ms(x: dict) -> str:
-    return f"{x['ms']:.3f}" + (f" ({x['sm_mhz']:.0f} MHz)" if "sm_mhz" in x else "")
-
-
-def gpu(x: dict) -> str:
-    return "-" if x.get("graph_ms") is None else f"{x['graph_ms']:.3f}"
-
-
 def write_markdown(p: dict) -> None:
     lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads, d = {p['d']}, "
              "batch 1, video-structured q/k (M-RoPE, 16×16 tokens per frame), random v, `pyramid` at its defaults.", "",
@@ -107,10 +100,11 @@ def write_markdown(p: dict) -> None:
              "vs cuDNN | pooled equal, max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         s, w = r["step"], r["whole"]
-        lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | {r['density']:.3f} | {ms(s['torch'])} | "
+        lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | {r['density']:.3f} | {ms_cell(s['torch'])} | "
                      f"{s['kernel']['ms']:.3f} ({s['kernel']['gb_s']:.0f}) | {r['step_speedup']:.1f}x | "
-                     f"{ms(w['torch_pool'])} | {ms(w['kernel_pool'])} | {r['whole_speedup']:.2f}x | "
-                     f"{gpu(w['torch_pool'])} / {gpu(w['kernel_pool'])} | {ms(w['cudnn'])} | {r['vs_cudnn']:.2f}x | "
+                     f"{ms_cell(w['torch_pool'])} | {ms_cell(w['kernel_pool'])} | {r['whole_speedup']:.2f}x | "
+                     f"{gpu_cell(w['torch_pool'])} / {gpu_cell(w['kernel_pool'])} | {ms_cell(w['cudnn'])} | "
+                     f"{r['vs_cudnn']:.2f}x | "
                      f"{'yes' if r['pooled_equal'] else 'no'}, {r['whole_max_abs_diff']:.1e} |")
     update_markdown(f"Pyramid: pooled K/V in one pass ({p['device']})", "\n".join(lines))
 
