@@ -482,6 +482,35 @@ def test_pool_kernel_equals_pool_levels_on_cuda(dtype, hk, variant):
             print(f"bit-equal on random keys: {(got == want).float().mean().item():.6f}")
 
 
+def test_pool_and_own_key_kernels_past_2_31_elements(variant):
+    """28 heads of 640K tokens at d = 128: the last head starts past 2^31 elements, so 32-bit offsets would wrap
+    (Triton passes strides below 2^31 as int32). The pooling and the own-key fold on the whole tensors, checked on
+    the last head's last rows against the same kernels on those rows alone (exact: the same arithmetic)."""
+    if variant != "hopper":
+        pytest.skip("these kernels do not depend on the attention kernel variant")
+    from vidsparse.attention.kernels.own_key import fold_own_key
+    from vidsparse.attention.kernels.pool import pool_levels_stacked
+
+    n, h, d, tail = 640 * 1024, 28, 128, 256
+    g = torch.Generator(device="cuda").manual_seed(31)
+    x = torch.randn(1, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert (h - 1) * n * d > 2 ** 31
+    got, offs = pool_levels_stacked(x, n)
+    want, woffs = pool_levels_stacked(x[:, -1:, -tail:].contiguous(), tail)
+    for lvl, p in enumerate((2, 4, 8)):
+        end = offs[lvl] + n // p
+        assert torch.equal(got[:, -1:, end - tail // p:end], want[:, :, woffs[lvl]:woffs[lvl] + tail // p])
+    del got
+    out = torch.randn(1, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.randn(1, h, n, device="cuda", generator=g) + 5
+    kept = torch.rand(n, device="cuda", generator=g) < 0.5
+    want = fold_own_key(x[:, -1:, -tail:], k[:, :, -tail:], v[:, :, -tail:], out[:, -1:, -tail:].clone(),
+                        lse[:, -1:, -tail:], kept[-tail:], d ** -0.5)
+    fold_own_key(x, k, v, out, lse, kept, d ** -0.5)
+    assert torch.equal(out[:, -1:, -tail:], want)
+
+
 @pytest.mark.parametrize("stride,nq,nk,causal,d", [(8, 3000, 3000, True, 128), (16, 2500, 4100, True, 128),
                                                    (8, 2000, 1800, False, 128), (16, 4096, 4096, True, 128),
                                                    (8, 1000, 2000, True, 64)])

@@ -270,12 +270,11 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     ``key_pos`` int32 [B, Hkv, Nk]: original key positions for the causal mask (permuted or gathered keys); query i
     then sits at position i + ``query_offset`` (default Nk − Nq); ``nfull`` (int32 [B|1, H|1, NQ], with ``key_pos``):
     each row's count of leading mask-free blocks where the caller already knows it (else ``full_prefix`` counts
-    them). ``return_lse``: also return the rows' natural-log
-    sum of exp(scale·q·k), float32 [B, H, Nq] (-inf where a row saw no key). ``pooled``: the
-    pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ]) for levels 2, 4, 8; pooled blocks
-    must be entirely visible to their query block (no element mask is applied to them). ``tma``: Hopper tensor
-    descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages`` fix the launch instead of
-    autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
+    them). ``return_lse``: also return the rows' natural-log sum of exp(scale·q·k), float32 [B, H, Nq] (-inf where a
+    row saw no key). ``pooled``: the pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ])
+    for levels 2, 4, 8; pooled blocks must be entirely visible to their query block (no element mask is applied to
+    them). ``tma``: Hopper tensor descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages``
+    fix the launch instead of autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
     runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]

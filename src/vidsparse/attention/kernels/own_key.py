@@ -29,8 +29,8 @@ BN = 32  # query rows per program
 def _fold_own_key(Q, K, V, O, LSE, KEPT, H, G, N, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn,
                   s_vd, s_ob, s_oh, s_on, s_od, s_lb, s_lh, scale, D: tl.constexpr, BD: tl.constexpr,
                   BN: tl.constexpr):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+    t = tl.program_id(0).to(tl.int64)  # int64 offsets: q of 28 heads at 600K tokens passes 2^31 elements
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // G

@@ -31,8 +31,8 @@ def _pair(xp, r, s_xn, dm):
 @triton.jit
 def _pool_levels(X, OUT, HK, s_xb, s_xh, s_xn, s_xd, s_ob, s_oh, s_on, off4, off8, D: tl.constexpr,
                  BD: tl.constexpr, R: tl.constexpr):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+    t = tl.program_id(0).to(tl.int64)  # int64 offsets: 28 K/V heads of 600K keys pass 2^31 elements
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // HK
     h = bh % HK
     i = t * R + tl.arange(0, R)  # this program's level-8 rows; key rows 8i … 8i+7
