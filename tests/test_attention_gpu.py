@@ -482,6 +482,28 @@ def test_pool_kernel_equals_pool_levels_on_cuda(dtype, hk, variant):
             print(f"bit-equal on random keys: {(got == want).float().mean().item():.6f}")
 
 
+def test_attention_kernel_past_2_31_elements(variant):
+    """28 heads of 640K queries at d = 128: the last head's output starts past 2^31 elements, so 32-bit addresses
+    would wrap (Triton passes strides below 2^31 as int32). Every query block attends one key block (not causal);
+    the last head's last rows must equal the same kernel run on those rows alone (the same arithmetic, bit for
+    bit), in each kernel variant."""
+    n, h, hk, d, tail = 640 * 1024, 28, 4, 128, 256
+    g = torch.Generator(device="cuda").manual_seed(37)
+    q = torch.randn(1, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hk, 128, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    assert (h - 1) * n * d > 2 ** 31
+
+    def one_block(rows):
+        nqb = rows // 128
+        return BlockLayout.from_index(torch.zeros(1, 1, nqb, 1, dtype=torch.int32, device="cuda"),
+                                      torch.ones(1, 1, nqb, dtype=torch.int32, device="cuda"), 128, 128, rows, 128,
+                                      causal=False)
+
+    out = sparse_attention(q, k, v, one_block(n), backend="kernel")
+    want = sparse_attention(q[:, -1:, -tail:].contiguous(), k[:, -1:], v[:, -1:], one_block(tail), backend="kernel")
+    assert torch.equal(out[:, -1:, -tail:], want)
+
+
 def test_pool_and_own_key_kernels_past_2_31_elements(variant):
     """28 heads of 640K tokens at d = 128: the last head starts past 2^31 elements, so 32-bit offsets would wrap
     (Triton passes strides below 2^31 as int32). The pooling and the own-key fold on the whole tensors, checked on

@@ -63,11 +63,13 @@ def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 
             k = K.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = V.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
         elif MASK:
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
+            rn = offs_n.to(tl.int64)[:, None]  # int64 addresses (see _block_sparse_fwd)
+            k = tl.load(k_base + rn * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
+            v = tl.load(v_base + rn * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
         else:
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd)
+            rn = offs_n.to(tl.int64)[:, None]
+            k = tl.load(k_base + rn * s_kn + offs_d[None, :] * s_kd)
+            v = tl.load(v_base + rn * s_vn + offs_d[None, :] * s_vd)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
             valid = offs_n[None, :] < lk
@@ -137,15 +139,18 @@ def _block_sparse_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_bh = b * HK + hk
+    # addresses in int64: Triton passes strides below 2^31 as int32, and 28 heads of 600K tokens (or a [B, N, H, D]
+    # view's rows past 600K) pass 2^31 elements; the TMA coordinates and the masks stay int32
+    b64, h64, hk64, rm = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), offs_m.to(tl.int64)[:, None]
     if TMA:
         q = Q.load([b * H + h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
         k_base = K
         v_base = V
     else:
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+        q = tl.load(Q + b64 * s_qb + h64 * s_qh + rm * s_qm + offs_d[None, :] * s_qd,
                     mask=offs_m[:, None] < lq, other=0.0)
-        k_base = K + b * s_kb + hk * s_kh
-        v_base = V + b * s_vb + hk * s_vh
+        k_base = K + b64 * s_kb + hk64 * s_kh
+        v_base = V + b64 * s_vb + hk64 * s_vh
     cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * s_cm)
     nfull = tl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
     idx_base = IDX + b * s_ib + h * s_ih + pid_m * s_im
@@ -165,8 +170,8 @@ def _block_sparse_fwd(
                             s_kn, s_kd, s_vn, s_vd, offs_m, offs_d, lk, off, qk_scale, True, CAUSAL, HAS_KPOS, TMA,
                             BLOCK_N, HEAD_DIM)
     if PYRAMID:
-        kp_base = KP + b * s_kpb + hk * s_kph
-        vp_base = VP + b * s_vpb + hk * s_vph
+        kp_base = KP + b64 * s_kpb + hk64 * s_kph
+        vp_base = VP + b64 * s_vpb + hk64 * s_vph
         pidx = PIDX + b * s_pib + h * s_pih + pid_m * s_pim
         pcnt = PCNT + b * s_pcb + h * s_pch + pid_m * s_pcm
         acc, l_i, m_i = _attend_pooled(acc, l_i, m_i, q, kp_base + off2 * s_kpn, vp_base + off2 * s_vpn, pidx,
@@ -180,7 +185,7 @@ def _block_sparse_fwd(
                                        s_vpd, offs_d, qk_scale, 8, 3.0, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
+    o_ptrs = O + b64 * s_ob + h64 * s_oh + rm * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
     if RETURN_LSE:  # natural-log sum of exp(scale * q.k) over the row's keys; -inf for a row with none
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -274,8 +279,9 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     row saw no key). ``pooled``: the pyramid levels as (index int32 [3, B, H, NQ, W], count int32 [3, B, H, NQ])
     for levels 2, 4, 8; pooled blocks must be entirely visible to their query block (no element mask is applied to
     them). ``tma``: Hopper tensor descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages``
-    fix the launch instead of autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel (``block_sparse_hopper``); by default it
-    runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head dim 64/128, no fixed launch)."""
+    fix the launch instead of autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel
+    (``block_sparse_hopper``); by default it runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head
+    dim 64/128, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128):

@@ -265,6 +265,14 @@ def _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM: gl.constexpr, 
 
 
 @gluon.jit
+def _out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om):
+    """A tile's output addresses, in int64: Triton passes strides below 2^31 as int32, and 28 heads of 600K tokens
+    (or a [B, N, H, D] view's rows past 600K) pass 2^31 elements."""
+    base = O + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
+    return base + rows[:, None].to(gl.int64) * s_om + offs_d[None, :]
+
+
+@gluon.jit
 def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
               BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
               RETURN_LSE: gl.constexpr):
@@ -282,7 +290,7 @@ def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, 
     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
     vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
-    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], vals, mask=rows[:, None] < NQ)
+    gl.store(_out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om), vals, mask=rows[:, None] < NQ)
     if RETURN_LSE:
         _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
@@ -296,7 +304,7 @@ def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s
     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
     zeros = gl.zeros([BM, HEAD_DIM], O.dtype.element_ty, ST_L)
-    gl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :], zeros, mask=rows[:, None] < NQ)
+    gl.store(_out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om), zeros, mask=rows[:, None] < NQ)
     if RETURN_LSE:
         _store_lse(m_none, l_none, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
