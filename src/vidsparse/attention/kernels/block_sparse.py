@@ -62,14 +62,16 @@ def _attend(acc, l_i, m_i, q, K, V, kv_bh, k_base, v_base, kpos_base, idx_base, 
         if TMA:
             k = K.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = V.load([kv_bh, n * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        elif MASK:
-            rn = offs_n.to(tl.int64)[:, None]  # int64 addresses (see _block_sparse_fwd)
-            k = tl.load(k_base + rn * s_kn + offs_d[None, :] * s_kd, mask=offs_n[:, None] < lk, other=0.0)
-            v = tl.load(v_base + rn * s_vn + offs_d[None, :] * s_vd, mask=offs_n[:, None] < lk, other=0.0)
-        else:
-            rn = offs_n.to(tl.int64)[:, None]
-            k = tl.load(k_base + rn * s_kn + offs_d[None, :] * s_kd)
-            v = tl.load(v_base + rn * s_vn + offs_d[None, :] * s_vd)
+        else:  # the block's first key addressed in int64 (see _block_sparse_fwd), the offsets within it int32
+            r = tl.arange(0, BLOCK_N)[:, None]
+            kb = k_base + (n * BLOCK_N).to(tl.int64) * s_kn + r * s_kn + offs_d[None, :] * s_kd
+            vb = v_base + (n * BLOCK_N).to(tl.int64) * s_vn + r * s_vn + offs_d[None, :] * s_vd
+            if MASK:
+                k = tl.load(kb, mask=offs_n[:, None] < lk, other=0.0)
+                v = tl.load(vb, mask=offs_n[:, None] < lk, other=0.0)
+            else:
+                k = tl.load(kb)
+                v = tl.load(vb)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
             valid = offs_n[None, :] < lk
@@ -139,15 +141,17 @@ def _block_sparse_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_bh = b * HK + hk
-    # addresses in int64: Triton passes strides below 2^31 as int32, and 28 heads of 600K tokens (or a [B, N, H, D]
-    # view's rows past 600K) pass 2^31 elements; the TMA coordinates and the masks stay int32
-    b64, h64, hk64, rm = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), offs_m.to(tl.int64)[:, None]
+    # a tile's first row and a block's first key addressed in int64: Triton passes strides below 2^31 as int32, and
+    # 28 heads of 600K tokens (or a [B, N, H, D] view's rows past 600K) pass 2^31 elements; the offsets within a
+    # tile, the TMA coordinates and the masks stay int32
+    b64, h64, hk64, m64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), (pid_m * BLOCK_M).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)[:, None]
     if TMA:
         q = Q.load([b * H + h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
         k_base = K
         v_base = V
     else:
-        q = tl.load(Q + b64 * s_qb + h64 * s_qh + rm * s_qm + offs_d[None, :] * s_qd,
+        q = tl.load(Q + (b64 * s_qb + h64 * s_qh + m64 * s_qm) + rm * s_qm + offs_d[None, :] * s_qd,
                     mask=offs_m[:, None] < lq, other=0.0)
         k_base = K + b64 * s_kb + hk64 * s_kh
         v_base = V + b64 * s_vb + hk64 * s_vh
@@ -185,7 +189,7 @@ def _block_sparse_fwd(
                                        s_vpd, offs_d, qk_scale, 8, 3.0, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b64 * s_ob + h64 * s_oh + rm * s_om + offs_d[None, :] * s_od
+    o_ptrs = O + (b64 * s_ob + h64 * s_oh + m64 * s_om) + rm * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
     if RETURN_LSE:  # natural-log sum of exp(scale * q.k) over the row's keys; -inf for a row with none
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)

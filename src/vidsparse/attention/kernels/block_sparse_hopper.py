@@ -265,11 +265,12 @@ def _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM: gl.constexpr, 
 
 
 @gluon.jit
-def _out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om):
-    """A tile's output addresses, in int64: Triton passes strides below 2^31 as int32, and 28 heads of 600K tokens
-    (or a [B, N, H, D] view's rows past 600K) pass 2^31 elements."""
-    base = O + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
-    return base + rows[:, None].to(gl.int64) * s_om + offs_d[None, :]
+def _out_ptrs(O, b, h, row0, r, offs_d, s_ob, s_oh, s_om):
+    """A tile's output addresses (rows row0 + r): the tile's first row in int64, since Triton passes strides below
+    2^31 as int32 and 28 heads of 600K tokens (or a [B, N, H, D] view's rows past 600K) pass 2^31 elements; the
+    offsets within the tile stay int32."""
+    base = O + (b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh + row0.to(gl.int64) * s_om)
+    return base + r[:, None] * s_om + offs_d[None, :]
 
 
 @gluon.jit
@@ -287,10 +288,11 @@ def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, 
     ST_L: gl.constexpr = _store_layout(HEAD_DIM)
     vals = o_s.load(ST_L)
     gl.thread_barrier()  # ... and all read back before the buffer is handed back for a later tile's Q
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    r = gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    rows = row0 + r
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
     vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
-    gl.store(_out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om), vals, mask=rows[:, None] < NQ)
+    gl.store(_out_ptrs(O, b, h, row0, r, offs_d, s_ob, s_oh, s_om), vals, mask=rows[:, None] < NQ)
     if RETURN_LSE:
         _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
@@ -301,10 +303,11 @@ def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s
     """A consumer's 64 rows of a tile with nothing to compute (an empty row, or a tile past the sequence): zeros
     (log-sum-exp -inf)."""
     ST_L: gl.constexpr = _store_layout(HEAD_DIM)
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    r = gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
+    rows = row0 + r
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
     zeros = gl.zeros([BM, HEAD_DIM], O.dtype.element_ty, ST_L)
-    gl.store(_out_ptrs(O, b, h, rows, offs_d, s_ob, s_oh, s_om), zeros, mask=rows[:, None] < NQ)
+    gl.store(_out_ptrs(O, b, h, row0, r, offs_d, s_ob, s_oh, s_om), zeros, mask=rows[:, None] < NQ)
     if RETURN_LSE:
         _store_lse(m_none, l_none, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
