@@ -607,9 +607,9 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     takes them), query i at position i + ``query_offset`` (default Nk − Nq); the mask-free blocks are then the
     row's leading run counted by ``full_prefix``, or ``nfull`` (int32 [B|1, H|1, NQ]) where the caller already
     knows it. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1, H|1, NQ, W], count int32 [3, B|1,
-    H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias
-    ln p, no element mask: each must lie wholly before its query block's first query). ``persistent=False`` launches
-    one program per tile instead of one per SM (for comparison: the hardware then schedules the tiles)."""
+    H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias ln p, no element mask: each must
+    lie wholly before its query block's first query). ``persistent=False`` launches one program per tile instead of
+    one per SM (for comparison: the hardware then schedules the tiles)."""
     from .block_sparse import LOG2E, _bcast_strides, full_prefix, pool_kv
 
     if pooled is not None and key_pos is not None:

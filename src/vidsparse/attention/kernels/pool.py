@@ -20,6 +20,7 @@ import triton.language as tl
 from ..layout import POOL_LEVELS
 
 R = 8  # level-8 rows per program: 8·R key rows read
+assert POOL_LEVELS == (2, 4, 8), "the kernel writes exactly the levels 2, 4 and 8, in that order"
 
 
 @triton.jit
@@ -63,7 +64,6 @@ def pool_levels_stacked(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[
     """x [B, Hkv, N, D] mean-pooled over its first ``rows`` keys (a multiple of 8·R, at most N) at levels 2, 4 and 8,
     stacked along the sequence: -> (pooled [B, Hkv, rows/2 + rows/4 + rows/8, D] in x's dtype, each level's first
     row). The levels equal ``layout.pool_levels`` (fp32 means, rounded once) wherever the fp32 sums are exact."""
-    assert POOL_LEVELS == (2, 4, 8)
     b, hk, n, d = x.shape
     if rows % (8 * R) or rows > n:
         raise ValueError(f"pool_levels_stacked: {rows} rows of {n} (a multiple of {8 * R} needed)")
