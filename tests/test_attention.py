@@ -521,6 +521,45 @@ def test_diagonal_sums_equal_scatter(r, nk):
     torch.testing.assert_close(diagonal_sums(a, first), ref)
 
 
+def test_needs_int64_counts_the_last_elements_offset():
+    """A kernel's 64-bit variant is picked exactly when some element's offset reaches 2^31: the last element's offset
+    is Σ (size − 1) · |stride| (views, transposes and negative-free slices alike), and empty tensors need none."""
+    from vidsparse.attention.kernels.fit import needs_int64
+
+    def t(size, stride):  # no storage: only the sizes and strides matter
+        return torch.empty_strided(size, stride, device="meta")
+
+    assert not needs_int64(t((2, 3), (2 ** 30, 1)))  # offsets up to 2^30 + 2
+    assert needs_int64(t((3, 1), (2 ** 30, 1)))  # the third row starts at 2^31
+    assert not needs_int64(t((2, 1), (2 ** 31 - 1, 1)))  # the last offset: 2^31 − 1
+    assert needs_int64(t((2, 2), (2 ** 31 - 1, 1)))
+    # a model's transposed [B, N, H, D] view: the row stride is H·D, so one head's late rows pass 2^31 on their own
+    view = t((1, 28, 600_000, 128), (600_000 * 28 * 128, 128, 28 * 128, 1))
+    assert needs_int64(view) and needs_int64(view[:, :1]) and not needs_int64(view[:, :1, :500_000])
+    assert not needs_int64(t((0, 5), (2 ** 40, 1)), t((3,), (1,)))
+
+
+def test_estimation_kernels_64_bit_variants_are_exact(interpreter, monkeypatch):
+    """The 64-bit offset variants of the probe-row sums and of XAttention's block mass (built when inputs reach 2^31
+    elements; forced here by lowering the limit) give the 32-bit variants' results bit for bit: transposed inputs,
+    GQA, both load paths of the antidiagonal kernel."""
+    from vidsparse.attention.kernels import antidiagonal, fit, row_mass
+
+    g = torch.Generator().manual_seed(3)
+    q = (2 * torch.randn(2, 160, 4, 16, generator=g)).half().transpose(1, 2)
+    k = (2 * torch.randn(2, 160, 2, 16, generator=g)).half().transpose(1, 2)
+    pos = torch.arange(96, 160)
+    runs = {}
+    for limit in (2 ** 31, 0):
+        monkeypatch.setattr(fit, "INT32_LIMIT", limit)
+        assert fit.needs_int64(q) == (limit == 0)
+        runs[limit] = ([*row_mass.column_mass(q[:, :, 96:], k, pos, diagonal_first=96)] +
+                       [antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, True, block_m=16, block_n=16, tma=tma)
+                        for tma in (False, True)])
+    for a, b in zip(runs[2 ** 31], runs[0]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("b,h,hk,r,nk,d,dtype,chunks,consecutive", [
     (1, 2, 1, 64, 300, 16, torch.float32, 64, True),  # one row chunk: every column one store
     (2, 4, 2, 100, 257, 32, torch.float32, 2, True),  # two row chunks (atomic columns), key chunks merged

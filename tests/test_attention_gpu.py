@@ -533,6 +533,49 @@ def test_pool_and_own_key_kernels_past_2_31_elements(variant):
     assert torch.equal(out[:, -1:, -tail:], want)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_estimation_kernels_past_2_31_elements(transposed, variant):
+    """28 heads of 640K tokens at d = 128: the last head starts past 2^31 elements and, in a model's transposed
+    [B, N, H, D] view, so does a late row's offset (row · H·D), so 32-bit offsets would wrap (Triton passes strides
+    below 2^31 as int32). The probe rows' column/diagonal sums over 640K keys of 28 K/V heads, and XAttention's block
+    mass of 640K queries against few keys and of few queries against 640K keys (pointer loads and TMA), each checked
+    on the last head against the same kernel on that head's rows alone (exact: the same arithmetic in the same
+    order)."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    from vidsparse.attention.kernels.antidiagonal import antidiagonal_block_mass
+    from vidsparse.attention.kernels.row_mass import column_mass
+
+    n, h, d, r, small = 640 * 1024, 28, 128, 64, 2048
+    g = torch.Generator(device="cuda").manual_seed(41)
+
+    def big(heads):
+        x = torch.randn(1, n, heads, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        return x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous()
+
+    k = big(h)
+    assert (h - 1) * n * d > 2 ** 31
+    q_rows = torch.randn(1, h, r, d, device="cuda", generator=g, dtype=torch.bfloat16) * 4
+    pos = torch.arange(n - r, n, device="cuda")
+    cols, diag = column_mass(q_rows, k, pos, diagonal_first=n - r)
+    cols1, diag1 = column_mass(q_rows[:, -1:], k[:, -1:].contiguous(), pos, diagonal_first=n - r)
+    assert torch.equal(cols[:, -1:], cols1) and torch.equal(diag[:, -1:], diag1)
+    assert cols1.sum().item() == pytest.approx(r, rel=1e-4)  # the rows saw the whole 640K keys
+    q_small = torch.randn(1, h, small, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    for tma in (False, True):
+        got = antidiagonal_block_mass(q_small, k, 8, 128, 128, False, tma=tma)
+        want = antidiagonal_block_mass(q_small[:, -1:], k[:, -1:].contiguous(), 8, 128, 128, False, tma=tma)
+        assert torch.equal(got[:, -1:], want)
+    del k
+    q = big(h)
+    k_small = torch.randn(1, 4, small, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    for tma in (False, True):
+        got = antidiagonal_block_mass(q, k_small, 8, 128, 128, False, tma=tma)
+        want = antidiagonal_block_mass(q[:, -1:].contiguous(), k_small[:, -1:], 8, 128, 128, False, tma=tma)
+        assert torch.equal(got[:, -1:], want)
+        torch.testing.assert_close(want.sum(-1), torch.full_like(want[..., 0], 128 / 8), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("stride,nq,nk,causal,d", [(8, 3000, 3000, True, 128), (16, 2500, 4100, True, 128),
                                                    (8, 2000, 1800, False, 128), (16, 4096, 4096, True, 128),
                                                    (8, 1000, 2000, True, 64)])

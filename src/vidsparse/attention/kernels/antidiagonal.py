@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import fit
+from .fit import needs_int64
 
 LOG2E = 1.4426950408889634
 SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing heads in groups
@@ -62,7 +63,8 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
                        s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale,
                        S: tl.constexpr, D: tl.constexpr, QR: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, KBT: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr, DK: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr, DK: tl.constexpr,
+                       I64: tl.constexpr):
     i = tl.program_id(0)  # head within this group (fastest: the longest row tiles of every head go first)
     split = tl.program_id(1) % SPLITS  # this program's share of the row tile's column tiles
     nrt = tl.num_programs(1) // SPLITS
@@ -71,12 +73,15 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    ob, oh, ohk = b, h, hk  # for pointer offsets (TMA coordinates stay int32)
+    if I64:  # offsets past 2^31 (``fit.needs_int64``): 28 heads of 600K tokens, or a late row of a transposed view
+        ob, oh, ohk = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     rows = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DK)
     P: tl.constexpr = S * (D // DK)  # product steps per column tile: S phases of D // DK head-dim slices each
     if not TMA:
-        q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
-        k_base = K + b * s_kb + hk * s_kh + offs_d[:, None] * s_kd
+        q_base = Q + ob * s_qb + oh * s_qh + offs_d[None, :] * s_qd
+        k_base = K + ob * s_kb + ohk * s_kh + offs_d[:, None] * s_kd
     hi = tl.minimum(NKB * KC, col_lim)
     if CAUSAL:
         hi = tl.minimum(hi, pid_m * BM + BM + off_s)  # no column past the tile's last diagonal
@@ -98,6 +103,8 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
         else:
             q_tok = rows * S + (S - 1 - j)
             k_tok = cols * S + j
+            if I64:
+                q_tok, k_tok = q_tok.to(tl.int64), k_tok.to(tl.int64)
             qj = tl.load(q_base + dk * s_qd + q_tok[:, None] * s_qm, mask=q_tok[:, None] < NQ, other=0.0)
             kj = tl.load(k_base + dk * s_kd + k_tok[None, :] * s_km, mask=k_tok[None, :] < NK, other=0.0)
         acc = tl.dot(qj, kj, acc, input_precision=PRECISION)
@@ -146,7 +153,7 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
                          other=float("-inf"), cache_modifier=".cg")
             pr = tl.math.exp2(lp - lse[:, None])
             mass = tl.sum(tl.reshape(pr, [BM // QR, QR, KBT]), 1)
-            tl.store(OUT + b * s_ob + h * s_oh + qb[:, None] * s_om + kb[None, :] * s_on, mass,
+            tl.store(OUT + ob * s_ob + oh * s_oh + qb[:, None] * s_om + kb[None, :] * s_on, mass,
                      mask=(qb[:, None] * QR < R) & (kb[None, :] < NKB))
 
 
@@ -263,6 +270,7 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     kbt = max(16, min(64, triton.next_power_of_2(nkb)))
     if tma is None:
         tma = tma_fits(q, k, s)
+    i64 = needs_int64(out) if tma else needs_int64(q, k, out)  # TMA boxes take int32 coordinates into any size
 
     def launch(config):
         tile_n, warps, stages = config
@@ -277,7 +285,7 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
                 bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
                 S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=stages, TMA=tma,
-                SPLITS=splits, DK=dk, num_warps=warps,
+                SPLITS=splits, DK=dk, I64=i64, num_warps=warps,
             )
 
     shape = (s, d, dk, bm, q.dtype, tma, splits, block_n, num_warps, num_stages)

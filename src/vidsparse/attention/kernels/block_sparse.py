@@ -262,6 +262,17 @@ def pool_kv(x, full_blocks: int, block_k: int):
     return pool_kv_torch(x, full_blocks, block_k)
 
 
+def pooled_args(k, v, pooled, block_k: int):
+    """What both kernels' launches take for the pyramid levels ``pooled`` = (index, count): -> (index, count, pooled
+    k, pooled v, each level's first row in them, the index's strides (level first), the count's strides)."""
+    pidx, pcnt = pooled
+    full_blocks = k.shape[2] // block_k
+    kp, offs = pool_kv(k, full_blocks, block_k)
+    vp, _ = pool_kv(v, full_blocks, block_k)
+    return (pidx, pcnt, kp, vp, offs, [pidx.stride(0)] + _bcast_strides(pidx[0], 4),
+            [pcnt.stride(0)] + _bcast_strides(pcnt[0], 3))
+
+
 def pool_kv_torch(x, full_blocks: int, block_k: int):
     """``pool_kv`` in torch ops (``layout.pool_levels``, then a ``torch.cat``), for blocks of fewer keys than one
     program of ``kernels.pool`` reads; the step that kernel replaced (``benchmarks/pyramid_pool.py``)."""
@@ -312,11 +323,7 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     kpos = key_pos.to(torch.int32) if key_pos is not None else lk  # a dummy pointer when unused
     s_kpos = [kpos.stride(0), kpos.stride(1)] if key_pos is not None else [0, 0]
     if pooled is not None:
-        pidx, pcnt = pooled
-        kp, offs = pool_kv(k, nk // block_k, block_k)
-        vp, _ = pool_kv(v, nk // block_k, block_k)
-        s_pidx = [pidx.stride(0)] + _bcast_strides(pidx[0], 4)
-        s_pcnt = [pcnt.stride(0)] + _bcast_strides(pcnt[0], 3)
+        pidx, pcnt, kp, vp, offs, s_pidx, s_pcnt = pooled_args(k, v, pooled, block_k)
     else:
         pidx, pcnt, kp, vp, offs = kv_index, kv_count, k, v, [0, 0, 0]
         s_pidx, s_pcnt = [0] * 5, [0] * 4

@@ -610,7 +610,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias ln p, no element mask: each must
     lie wholly before its query block's first query). ``persistent=False`` launches one program per tile instead of
     one per SM (for comparison: the hardware then schedules the tiles)."""
-    from .block_sparse import LOG2E, _bcast_strides, full_prefix, pool_kv
+    from .block_sparse import LOG2E, _bcast_strides, full_prefix, pooled_args
 
     if pooled is not None and key_pos is not None:
         raise ValueError("pooled levels and key positions do not combine")
@@ -646,15 +646,11 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         nfull = kpos = kv_count  # unused
         s_kpos, s_full = [0, 0], [0, 0, 0]
     if pooled is not None:  # the levels' pooled K/V, stacked per K/V head; read in 16-row boxes
-        pidx, pcnt = pooled
-        kp, offs = pool_kv(k, nk // BLOCK, BLOCK)
-        vp, _ = pool_kv(v, nk // BLOCK, BLOCK)
+        pidx, pcnt, kp, vp, offs, s_pidx, s_pcnt = pooled_args(k, v, pooled, BLOCK)
         pr = kp.shape[2]
         kp2, vp2 = kp.reshape(-1, d), vp.reshape(-1, d)
         kpd = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [POOL_BOX, d], kv_layout)
         vpd = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [POOL_BOX, d], kv_layout)
-        s_pidx = [pidx.stride(0)] + _bcast_strides(pidx[0], 4)
-        s_pcnt = [pcnt.stride(0)] + _bcast_strides(pcnt[0], 3)
     else:
         pidx = pcnt = kv_count  # unused
         kpd, vpd, pr, offs = kd, vd, 0, [0, 0, 0]

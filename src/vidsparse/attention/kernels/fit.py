@@ -108,3 +108,14 @@ def launch_fitting(kernel: str, device: torch.device, key: tuple, configs: Seque
 def picked(kernel: str, device: torch.device, key: tuple) -> int | None:
     """Index of the launch ``launch_fitting`` settled on for this kernel, device and key (None before any)."""
     return _PICKED.get((kernel, device.type, device.index, key))
+
+
+INT32_LIMIT = 2 ** 31  # element offsets from this on need 64-bit arithmetic (a test lowers it to run that path small)
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into any of ``tensors`` (its last element's, from its strides) can reach 2^31.
+    Triton passes strides below 2^31 as int32, so offsets such as row · stride wrap there (28 heads of 600K tokens
+    at d = 128, or one late row of a transposed [B, N, H, D] view); kernels that take this as a constexpr build a
+    64-bit variant for such inputs and keep 32-bit offset arithmetic for all others."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0) >= INT32_LIMIT for t in tensors)

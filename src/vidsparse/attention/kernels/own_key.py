@@ -29,25 +29,27 @@ BN = 32  # query rows per program
 def _fold_own_key(Q, K, V, O, LSE, KEPT, H, G, N, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn,
                   s_vd, s_ob, s_oh, s_on, s_od, s_lb, s_lh, scale, D: tl.constexpr, BD: tl.constexpr,
                   BN: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)  # int64 offsets: q of 28 heads at 600K tokens passes 2^31 elements
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # int64 bases (q of 28 heads at 600K tokens passes 2^31 elements), int32 offsets
+    h = (bh % H).to(tl.int64)
     hk = h // G
-    rows = t * BN + tl.arange(0, BN)
+    r0 = (t * BN).to(tl.int64)
+    loc = tl.arange(0, BN)
+    rows = t * BN + loc
     dd = tl.arange(0, BD)
     kept = tl.load(KEPT + rows, mask=rows < N, other=1)
     fold = (rows < N) & (kept == 0)
     m2 = fold[:, None] & (dd[None, :] < D)
-    r2, d2 = rows[:, None], dd[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + r2 * s_qn + d2 * s_qd, mask=m2, other=0.0).to(tl.float32)
-    k = tl.load(K + b * s_kb + hk * s_kh + r2 * s_kn + d2 * s_kd, mask=m2, other=0.0).to(tl.float32)
+    r2, d2 = loc[:, None], dd[None, :]
+    q = tl.load(Q + (b * s_qb + h * s_qh + r0 * s_qn) + r2 * s_qn + d2 * s_qd, mask=m2, other=0.0).to(tl.float32)
+    k = tl.load(K + (b * s_kb + hk * s_kh + r0 * s_kn) + r2 * s_kn + d2 * s_kd, mask=m2, other=0.0).to(tl.float32)
     s = tl.sum(q * k, 1) * scale
-    lse = tl.load(LSE + b * s_lb + h * s_lh + rows, mask=fold, other=0.0)
+    lse = tl.load(LSE + (b * s_lb + h * s_lh) + rows, mask=fold, other=0.0)
     w = 1.0 / (1.0 + tl.exp(lse - s))  # σ(s − ℓ): 1 where the row saw nothing (ℓ = −∞)
     wc = 1.0 / (1.0 + tl.exp(s - lse))  # 1 − w = σ(ℓ − s), without the cancellation: 0 there, so o becomes v exactly
-    v = tl.load(V + b * s_vb + hk * s_vh + r2 * s_vn + d2 * s_vd, mask=m2, other=0.0).to(tl.float32)
-    optr = O + b * s_ob + h * s_oh + r2 * s_on + d2 * s_od
+    v = tl.load(V + (b * s_vb + hk * s_vh + r0 * s_vn) + r2 * s_vn + d2 * s_vd, mask=m2, other=0.0).to(tl.float32)
+    optr = O + (b * s_ob + h * s_oh + r0 * s_on) + r2 * s_on + d2 * s_od
     o = tl.load(optr, mask=m2, other=0.0).to(tl.float32)
     o = o * wc[:, None] + v * w[:, None]
     tl.store(optr, o.to(O.dtype.element_ty), mask=m2)

@@ -32,15 +32,18 @@ def _pair(xp, r, s_xn, dm):
 @triton.jit
 def _pool_levels(X, OUT, HK, s_xb, s_xh, s_xn, s_xd, s_ob, s_oh, s_on, off4, off8, D: tl.constexpr,
                  BD: tl.constexpr, R: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)  # int64 offsets: 28 K/V heads of 600K keys pass 2^31 elements
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // HK
-    h = bh % HK
-    i = t * R + tl.arange(0, R)  # this program's level-8 rows; key rows 8i … 8i+7
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HK).to(tl.int64)  # int64 bases (28 K/V heads of 600K keys pass 2^31 elements), int32 offsets
+    h = (bh % HK).to(tl.int64)
+    i = tl.arange(0, R)  # this program's level-8 rows, from its first: key rows 8i … 8i+7 past its first key
     dd = tl.arange(0, BD)[None, :]
     dm = dd < D
-    xp = X + b * s_xb + h * s_xh + dd * s_xd
-    op = OUT + b * s_ob + h * s_oh + dd
+    xp = X + (b * s_xb + h * s_xh + (t * 8 * R).to(tl.int64) * s_xn) + dd * s_xd
+    ob = b * s_ob + h * s_oh  # output rows are addressed from each level's first row of this program
+    op2 = OUT + (ob + (t * 4 * R).to(tl.int64) * s_on) + dd
+    op4 = OUT + (ob + (off4 + t * 2 * R).to(tl.int64) * s_on) + dd
+    op8 = OUT + (ob + (off8 + t * R).to(tl.int64) * s_on) + dd
     r8 = (8 * i)[:, None]
     s2a = _pair(xp, r8, s_xn, dm)
     s2b = _pair(xp, r8 + 2, s_xn, dm)
@@ -48,16 +51,16 @@ def _pool_levels(X, OUT, HK, s_xb, s_xh, s_xn, s_xd, s_ob, s_oh, s_on, off4, off
     s2d = _pair(xp, r8 + 6, s_xn, dm)
     ty = OUT.dtype.element_ty
     r2 = (4 * i)[:, None]  # level 2 starts at row 0 of the stacked output
-    tl.store(op + r2 * s_on, (s2a * 0.5).to(ty), mask=dm)
-    tl.store(op + (r2 + 1) * s_on, (s2b * 0.5).to(ty), mask=dm)
-    tl.store(op + (r2 + 2) * s_on, (s2c * 0.5).to(ty), mask=dm)
-    tl.store(op + (r2 + 3) * s_on, (s2d * 0.5).to(ty), mask=dm)
+    tl.store(op2 + r2 * s_on, (s2a * 0.5).to(ty), mask=dm)
+    tl.store(op2 + (r2 + 1) * s_on, (s2b * 0.5).to(ty), mask=dm)
+    tl.store(op2 + (r2 + 2) * s_on, (s2c * 0.5).to(ty), mask=dm)
+    tl.store(op2 + (r2 + 3) * s_on, (s2d * 0.5).to(ty), mask=dm)
     s4a = s2a + s2b
     s4b = s2c + s2d
-    r4 = off4 + (2 * i)[:, None]
-    tl.store(op + r4 * s_on, (s4a * 0.25).to(ty), mask=dm)
-    tl.store(op + (r4 + 1) * s_on, (s4b * 0.25).to(ty), mask=dm)
-    tl.store(op + (off8 + i[:, None]) * s_on, ((s4a + s4b) * 0.125).to(ty), mask=dm)
+    r4 = (2 * i)[:, None]
+    tl.store(op4 + r4 * s_on, (s4a * 0.25).to(ty), mask=dm)
+    tl.store(op4 + (r4 + 1) * s_on, (s4b * 0.25).to(ty), mask=dm)
+    tl.store(op8 + i[:, None] * s_on, ((s4a + s4b) * 0.125).to(ty), mask=dm)
 
 
 def pool_levels_stacked(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[int]]:

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fit import needs_int64
+
 BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
 BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
@@ -45,12 +47,14 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D: tl.constexpr, BD: tl.constexpr,
-               BR: tl.constexpr):
+               BR: tl.constexpr, I64: tl.constexpr):
     """This program's query rows [BR, BD] (zeros past R and past D) and their positions (-1 past R)."""
     rows = rc * BR + tl.arange(0, BR)
     dd = tl.arange(0, BD)
     b = bh // H
     h = bh % H
+    if I64:  # offsets past 2^31 (``fit.needs_int64``)
+        b, h = b.to(tl.int64), h.to(tl.int64)
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qr + dd[None, :] * s_qd,
                 mask=(rows[:, None] < R) & (dd[None, :] < D), other=0.0)
     pos = tl.load(QPOS + rows, mask=rows < R, other=-1)
@@ -59,13 +63,15 @@ def _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D: tl.constexpr, B
 
 @triton.jit
 def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D: tl.constexpr, BD: tl.constexpr,
-            BN: tl.constexpr, PRECISION: tl.constexpr):
+            BN: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr):
     """Scores of the rows against keys n0..n0+BN in the log2 domain, -inf where a key is past the row's position or
     past the keys; and the keys' indices."""
     n = n0 + tl.arange(0, BN)
     dd = tl.arange(0, BD)
     b = bh // H
     hk = (bh % H) // G
+    if I64:  # offsets past 2^31 (``fit.needs_int64``): 28 K/V heads of 600K keys, or a late key of a transposed k
+        b, hk, n = b.to(tl.int64), hk.to(tl.int64), n.to(tl.int64)
     kt = tl.load(K + b * s_kb + hk * s_kh + n[None, :] * s_kn + dd[:, None] * s_kd,
                  mask=(n[None, :] < NK) & (dd[:, None] < D), other=0.0)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -75,16 +81,17 @@ def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D: tl
 
 @triton.jit
 def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn, s_kd, qk_scale,
-               D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+               D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+               I64: tl.constexpr):
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
-    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
+    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
     m = tl.full([BR], float("-inf"), tl.float32)
     l = tl.zeros([BR], tl.float32)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
     for t in range(c * TPC, t_end):
-        s, _n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION)
+        s, _n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
@@ -97,11 +104,11 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, s_qb, s_qh, s_qr, s_qd, s_
 @triton.jit
 def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
               s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
-              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr):
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr):
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
-    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR)
+    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
     # each row's max and sum of exp over all keys, from the statistics pass's chunks (once per program)
     ch = tl.arange(0, BCH)
     off = (bh * R + rows[:, None]) * NCH + ch[None, :]
@@ -114,7 +121,7 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
     inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # tiles past every row's position add nothing
     for t in range(c * TPC, t_end):
-        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION)
+        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
         p = tl.exp2(s - m_sub[:, None]) * inv[:, None]  # 0 where masked (exp2(-inf)) and on rows past R (inv 0)
         col = tl.sum(p, 0)
         if ATOMIC_COLS:
@@ -164,11 +171,12 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
     bd = max(16, triton.next_power_of_2(d))
     precision = "ieee" if q_rows.dtype == torch.float32 else "tf32"
     common = (*q_rows.stride(), *k.stride(), scale * LOG2E)
+    i64 = needs_int64(q_rows, k)
     _row_stats[(b * h, rcs, nch)](q_rows, k, pos, ml, h, h // hk, r, nk, tpc, nch, *common, D=d, BD=bd, BR=BR,
-                                  BN=BN_STATS, PRECISION=precision, num_warps=4)
+                                  BN=BN_STATS, PRECISION=precision, I64=i64, num_warps=4)
     _row_mass[(b * h, rcs, nch2)](
         q_rows, k, pos, ml, cols, diag if diag is not None else cols, h, h // hk, r, nk, nch, tpc2,
         diagonal_first if diagonal_first is not None else 0, *common, D=d, BD=bd, BR=BR, BN=BN,
         BCH=max(2, triton.next_power_of_2(nch)), PRECISION=precision, ATOMIC_COLS=rcs > 1,
-        DIAGONALS=diag is not None, num_warps=4)
+        DIAGONALS=diag is not None, I64=i64, num_warps=4)
     return cols, diag
