@@ -105,6 +105,18 @@ def time_kernels(n, h, hk, d, densities, quick, monitor=None, rounds=3):
             except Exception as exc:  # report, keep measuring the rest
                 entry["flex"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         entry.update(timed(fns, entry["density"]))
+        # the same callables' GPU time alone (CUDA-graph replays, alternating rounds): where launching a call takes
+        # longer than its kernels (short sequences), the times above are the host's
+        graphs = {}
+        for name, fn in fns.items():
+            try:
+                if (g := captured(fn)) is not None:
+                    graphs[name] = g
+            except Exception as exc:  # report, keep measuring the rest
+                entry[name]["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        for name, res in interleaved({x: g.replay for x, g in graphs.items()}, timer, rounds).items():
+            entry[name]["graph_ms"] = res["ms"]
+        del graphs
 
     for rho in densities:
         lay = random_layout(h, n, rho)
@@ -159,10 +171,10 @@ def print_row(row):
           f"vidsparse dense {f(row['vidsparse_dense'])}", flush=True)
     for e in row["sparse"]:
         print(f"   density {e['density']:.3f}: vidsparse {f(e['vidsparse'])}; flex {f(e.get('flex', {}))}; cuDNN on "
-              f"rows as short {f(e.get('cudnn_same_rows', {}))}", flush=True)
+              f"rows as short {f(e.get('cudnn_same_rows', {}))}; GPU ms vidsparse / flex {graph_cell(e)}", flush=True)
     for e in row.get("pattern", []):
         print(f"   {e['spec']} (density {e['density']:.3f}, estimate {e['estimate_ms']:.2f} ms): vidsparse "
-              f"{f(e['vidsparse'])}; flex {f(e.get('flex', {}))}", flush=True)
+              f"{f(e['vidsparse'])}; flex {f(e.get('flex', {}))}; GPU ms {graph_cell(e)}", flush=True)
 
 
 SPECS = {
@@ -193,10 +205,9 @@ def time_estimation(n, h, hk, d):
     return out
 
 
-def graph_ms(fn, rep_ms=200) -> float | None:
-    """GPU time of ``fn`` alone: captured once in a CUDA graph and replayed, so that the host's launch overhead (which
-    ``bench_ms`` includes whenever launching is slower than the kernels) drops out. None when ``fn`` cannot be
-    captured (it synchronises with the host)."""
+def captured(fn):
+    """``fn`` captured once in a CUDA graph (its replay is the GPU work alone: no launch overhead), or None when it
+    cannot be captured (it synchronises with the host)."""
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -215,6 +226,15 @@ def graph_ms(fn, rep_ms=200) -> float | None:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g
+
+
+def graph_ms(fn, rep_ms=200) -> float | None:
+    """GPU time of ``fn`` alone: ``captured`` and replayed, so that the host's launch overhead (which ``bench_ms``
+    includes whenever launching is slower than the kernels) drops out. None when ``fn`` cannot be captured."""
+    g = captured(fn)
+    if g is None:
+        return None
     ms = bench_ms(g.replay, rep_ms=rep_ms)
     del g
     return ms
@@ -441,6 +461,14 @@ def fmt(x: dict) -> str:
     return f"{x['ms']:.2f} ({x['tflops']:.0f}" + (f", {x['sm_mhz']:.0f} MHz)" if "sm_mhz" in x else ")")
 
 
+def graph_cell(e: dict) -> str:
+    """vidsparse's and Flex's GPU time alone (CUDA-graph replays) and their ratio; "-" where not measured."""
+    v, f = e["vidsparse"].get("graph_ms"), e.get("flex", {}).get("graph_ms")
+    if v is None:
+        return "-"
+    return f"{v:.3f} / {f:.3f} ({f / v:.2f}x)" if f is not None else f"{v:.3f} / -"
+
+
 def same_rows_cell(x: dict) -> str:
     return f"{x['seq']}, {fmt(x)}" if "ms" in x else (f"{x['seq']}, error" if "seq" in x else "-")
 
@@ -464,32 +492,42 @@ def write_markdown(p):
                   "sequences of L ≈ density × N tokens, whose rows attend 1…L keys as the layout's rows attend about "
                   "density × 1…N. Short rows cost every kernel its per-tile setup and store; this is what the best "
                   "dense kernel reaches on them.", ""]
+    graphs = any("graph_ms" in e["vidsparse"] for r in p["kernels"] for e in r["sparse"] + r.get("pattern", []))
+    if graphs:
+        lines += ["GPU ms: the same calls captured in CUDA graphs and replayed (alternating rounds again), the GPU's "
+                  "work alone. The ms columns time each call as launched (`triton.testing.do_bench`): where launching "
+                  "takes longer than the kernels run (short sequences) they measure the host. In a model's prefill the "
+                  "launches queue behind the projections' and MLP's GPU work, so there the GPU time is what counts.",
+                  ""]
+    gcol, gsep = (" GPU ms: vidsparse / Flex (vs Flex) |", "---|") if graphs else ("", "")
     if p["kernels"]:
         lines += ["| N | heads/KV | SDPA flash ms (TF/s) | SDPA cuDNN ms (TF/s) | vidsparse all blocks ms (TF/s) | density | "
-                  "vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex | vs cuDNN dense |" +
-                  (" cuDNN on rows as short: L, ms (TF/s) |" if short else ""), "|---|---|---|---|---|---|---|---|---|---|" +
-                  ("---|" if short else "")]
+                  "vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex |" + gcol + " vs cuDNN dense |" +
+                  (" cuDNN on rows as short: L, ms (TF/s) |" if short else ""), "|---|---|---|---|---|---|---|---|---|" +
+                  gsep + "---|" + ("---|" if short else "")]
         for r in p["kernels"]:
             for e in r["sparse"]:
                 vf = (f"{e['flex']['ms'] / e['vidsparse']['ms']:.2f}x" if "ms" in e.get("flex", {}) else "-")
                 vc = (f"{r['sdpa_cudnn']['ms'] / e['vidsparse']['ms']:.1f}x" if "ms" in r["sdpa_cudnn"] else "-")
                 lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | {fmt(r['sdpa_flash'])} | {fmt(r['sdpa_cudnn'])} | "
                              f"{fmt(r['vidsparse_dense'])} | {e['density']:.3f} | {fmt(e['vidsparse'])} | "
-                             f"{fmt(e['flex']) if 'flex' in e else '-'} | {vf} | {vc} |" +
+                             f"{fmt(e['flex']) if 'flex' in e else '-'} | {vf} |" +
+                             (f" {graph_cell(e)} |" if graphs else "") + f" {vc} |" +
                              (f" {same_rows_cell(e.get('cudnn_same_rows', {}))} |" if short else ""))
     pat = [(r, e) for r in p["kernels"] for e in r.get("pattern", [])]
     if pat:
         lines += ["", "Layouts a pattern picks (`block_topk` on video-structured q/k of the same N, M-RoPE, 16×16 tokens "
                   "per frame): estimation + kernel against cuDNN dense and FlexAttention on the identical layout:", "",
-                  "| N | heads/KV | spec | density | estimate ms | vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex | "
-                  "estimate + kernel ms | vs cuDNN dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N | heads/KV | spec | density | estimate ms | vidsparse ms (TF/s) | Flex ms (TF/s) | vs Flex |" +
+                  gcol + " estimate + kernel ms | vs cuDNN dense |", "|---|---|---|---|---|---|---|---|" + gsep +
+                  "---|---|"]
         for r, e in pat:
             tot = e["estimate_ms"] + e["vidsparse"]["ms"]
             vf = f"{e['flex']['ms'] / e['vidsparse']['ms']:.2f}x" if "ms" in e.get("flex", {}) else "-"
             vc = f"{r['sdpa_cudnn']['ms'] / tot:.1f}x" if "ms" in r["sdpa_cudnn"] else "-"
             lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | `{e['spec']}` | {e['density']:.3f} | "
                          f"{e['estimate_ms']:.2f} | {fmt(e['vidsparse'])} | {fmt(e['flex']) if 'flex' in e else '-'} | "
-                         f"{vf} | {tot:.2f} | {vc} |")
+                         f"{vf} |" + (f" {graph_cell(e)} |" if graphs else "") + f" {tot:.2f} | {vc} |")
     if p["estimation"]:
         names = list(next(iter(p["estimation"].values())))
         gpu = any(e.get("gpu_ms") for est in p["estimation"].values() for e in est.values())
