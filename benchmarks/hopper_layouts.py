@@ -113,8 +113,8 @@ def write_markdown(p: dict) -> None:
              "ZipVL-style key pruning, its own-key fold-in included). Both kernels, and dense cuDNN on the same "
              "inputs, are timed in 3 alternating rounds in one process; cells read ms (TF/s on computed blocks, SM "
              "MHz). A pyramid's density weighs a block pooled p to one as 1/p; a subset's is its kept fraction (each "
-             "query sees about that share of the keys before it). The `pyramid` and `pbs` rows of the section "
-             "\"Sparse attention (NVIDIA H200) — kernels\" ran the Triton kernel.", "",
+             "query sees about that share of the keys before it). The `pyramid` and `pbs` rows of the "
+             "H200 sparse-attention table before the Gluon kernel took them over (0492e21) ran the Triton kernel.", "",
              *([p["note"], ""] if p.get("note") else []),
              "| N | case | density | Triton kernel | Gluon kernel | Gluon vs Triton | dense cuDNN ms | Gluon vs cuDNN "
              "| max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
