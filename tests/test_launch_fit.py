@@ -115,6 +115,28 @@ def test_kernels_need_ampere(cap, ok):
     assert fit.capability_supported(cap) is ok
 
 
+def test_capability_is_asked_once_per_device_and_function(monkeypatch):
+    """The launch paths ask the device's compute capability through ``fit.capability``: once per device, and again
+    whenever ``torch.cuda.get_device_capability`` is another function (a test's stand-in is always asked)."""
+    asked = []
+
+    def t4(device=None):
+        asked.append(("t4", device))
+        return (7, 5)
+
+    def a10(device=None):
+        asked.append(("a10", device))
+        return (8, 6)
+
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", t4)
+    assert fit.capability(cuda0) == (7, 5) and fit.capability(cuda0) == (7, 5) and fit.capability(cuda1) == (7, 5)
+    assert asked == [("t4", cuda0), ("t4", cuda1)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", a10)
+    assert fit.capability(cuda0) == (8, 6) and fit.capability(cuda0) == (8, 6)
+    assert asked[2:] == [("a10", cuda0)]
+
+
 def test_auto_backends_pass_over_an_old_gpu(monkeypatch):
     """On a CUDA GPU older than Ampere the "auto" backends take the torch paths, and a forced "kernel" backend is a
     clear error (the tensor's device is faked: this machine has no GPU)."""

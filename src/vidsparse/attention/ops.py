@@ -35,7 +35,9 @@ def use_tma(q: Tensor, block_q: int, block_k: int) -> bool:
     it 5-7% faster than pointer loads on an H100). ``VIDSPARSE_ATTENTION_TMA=0`` turns it off."""
     if not q.is_cuda or os.environ.get("VIDSPARSE_ATTENTION_TMA", "1") == "0":
         return False
-    return (torch.cuda.get_device_capability(q.device) >= (9, 0) and q.shape[-1] in (64, 128)
+    from .kernels.fit import capability
+
+    return (capability(q.device) >= (9, 0) and q.shape[-1] in (64, 128)
             and q.dtype in (torch.bfloat16, torch.float16)
             and block_q == 128 and block_k == 128)
 
@@ -72,17 +74,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
     if isinstance(layout, GroupLayout):
         return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
+    checked = backend == "auto"  # kernel_available: the device and Triton qualify
     if backend == "auto":
         backend = "kernel" if kernel_available(q) else "torch"
     use_kernel = backend == "kernel"
     if use_kernel:
-        from .kernels.fit import require_kernel_device
+        if not checked:
+            from .kernels.fit import require_kernel_device
 
-        require_kernel_device(q)
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            from ..errors import UnsupportedError
+            require_kernel_device(q)
+            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                from ..errors import UnsupportedError
 
-            raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+                raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
         from .kernels.block_sparse import block_sparse_attention as run
     elif backend == "torch":
         from .blockwise import blockwise_attention as run

@@ -170,8 +170,8 @@ def supported(q, k, stride: int, block_q: int, block_k: int) -> bool:
 def tma_fits(q, k, stride: int) -> bool:
     """Whether the strided rows can come through the tensor-memory accelerator: a Hopper (or later) GPU, 16-bit
     inputs and lengths that are stride multiples (a [N/S, S·D] row then holds whole tokens of one head)."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and q.dtype in (torch.bfloat16,
-            torch.float16) and q.shape[2] % stride == 0 and k.shape[2] % stride == 0)
+    return (q.is_cuda and fit.capability(q.device)[0] >= 9 and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[2] % stride == 0 and k.shape[2] % stride == 0)
 
 
 def _strided_rows(x, stride: int, rows: int, width: int):

@@ -239,7 +239,7 @@ def _hopper_fits(q, k, v, block_q, block_k, scale) -> bool:
     off). With an older Triton, Hopper runs this file's kernel."""
     if os.environ.get("VIDSPARSE_ATTENTION_HOPPER", "1") == "0":
         return False
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if not q.is_cuda or fit.capability(q.device)[0] != 9:
         return False
     try:
         from .block_sparse_hopper import supported, triton_supported

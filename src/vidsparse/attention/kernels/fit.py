@@ -56,10 +56,25 @@ def _major_minor(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
+_CAPABILITIES: dict = {}
+
+
+def capability(device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, asked once per device: about 5 µs a call on an H200's host, and
+    a sparse-attention call asked it four times on its way to the launch (``kernel_device``, ``ops.use_tma``,
+    ``block_sparse._hopper_fits``). The function itself is part of the key, so a stand-in (the tests fake old GPUs
+    with monkeypatch) is asked in its turn."""
+    ask = torch.cuda.get_device_capability
+    key = (ask, device)
+    cap = _CAPABILITIES.get(key)
+    if cap is None:
+        cap = _CAPABILITIES[key] = tuple(ask(device))
+    return cap
+
+
 def kernel_device(x: torch.Tensor) -> bool:
     """Whether ``x`` lives on a GPU that runs the Triton kernels: CUDA, compute capability ≥ 8.0, Triton ≥ 3.4."""
-    return (x.is_cuda and capability_supported(torch.cuda.get_device_capability(x.device))
-            and triton_at_least(MIN_TRITON))
+    return x.is_cuda and capability_supported(capability(x.device)) and triton_at_least(MIN_TRITON)
 
 
 def require_kernel_device(x: torch.Tensor) -> None:
@@ -69,7 +84,7 @@ def require_kernel_device(x: torch.Tensor) -> None:
         return
     from ...errors import UnsupportedError
 
-    major, minor = torch.cuda.get_device_capability(x.device)
+    major, minor = capability(x.device)
     if not capability_supported((major, minor)):
         raise UnsupportedError(f"the Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
                                f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}: use backend 'auto', "
