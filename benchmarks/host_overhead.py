@@ -1,0 +1,136 @@
+"""Host time against GPU time of a layer's sparse attention at short sequences: ``sparse_attention`` on the Gluon
+path and four patterns' estimates, each timed as launched (the host's µs per call, back to back from an idle GPU)
+and as a CUDA-graph replay (the GPU's µs alone); and an A/B of ``fit.capability`` (the device's compute capability
+asked once per device) against asking torch at every call, in alternating rounds in one process.
+
+    python benchmarks/host_overhead.py [--sizes 16384,32768] [--density 0.05] [--markdown-from FILE [--note TEXT]]
+
+Where the host's µs exceed the GPU's, a call launched on its own waits for the host: ``do_bench`` then times the
+launch path (the 16K rows of "Sparse attention"). In a model's prefill the launches queue behind the projections'
+and the MLP's GPU work, which at these lengths takes milliseconds per layer, so there the host time stays hidden as
+long as it is shorter. q/k are video-structured (``attention.video_qk``), v random, 28 heads over 4 K/V heads,
+d = 128, bf16; ``sparse_attention`` runs a random causal layout of ``--density``. Saves ``host_overhead.json`` under
+the device's results and writes a BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import graph_ms, random_layout, video_qk  # noqa: E402
+from common import (  # noqa: E402
+    device_name, markdown_args, rewrite_markdown, run_rows, swapped, today, update_markdown, versions,
+)
+
+from vidsparse import PATTERNS  # noqa: E402
+from vidsparse.attention import sparse_attention  # noqa: E402
+from vidsparse.attention.kernels import fit  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+
+H, HK, D = 28, 4, 128
+SPECS = ("block_topk:density=0.05", "vertical_slash", "xattention:stride=16,tau=0.9", "pyramid")
+CALLS, BATCHES, ROUNDS = 50, 7, 5
+
+
+def host_us(fn, calls: int = CALLS, batches: int = BATCHES) -> float:
+    """The host's µs per call: ``calls`` calls back to back from an idle GPU, median over ``batches``."""
+    times = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def uncached_capability(device) -> tuple[int, int]:
+    """What the launch paths did before ``fit.capability``: ask torch at every call."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def run_case(n: int, density: float, monitor) -> dict:
+    q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
+    v = torch.randn_like(k)
+    lay = random_layout(H, n, density)
+    meta = SeqMeta(128, 128, True)
+    calls = {"sparse_attention": lambda: sparse_attention(q, k, v, lay)}
+    for spec in SPECS:
+        pat = PATTERNS.from_spec(spec)
+        calls[f"estimate {spec}"] = lambda pat=pat: pat.estimate(q, k, meta)
+    rows = []
+    for name, fn in calls.items():
+        fn()  # compiled and cached before timing
+        host = host_us(fn)
+        gpu = graph_ms(fn)
+        rows.append({"call": name, "host_us": host, "gpu_us": None if gpu is None else gpu * 1e3})
+    ab = []
+    for name in ("sparse_attention", f"estimate {SPECS[0]}"):
+        pair = {"cached": calls[name], "asked": swapped(fit, "capability", uncached_capability, calls[name])}
+        rounds = {x: [] for x in pair}
+        for _ in range(ROUNDS):
+            for x, fn in pair.items():
+                rounds[x].append(host_us(fn, batches=3))
+        med = {x: statistics.median(r) for x, r in rounds.items()}
+        ab.append({"call": name, "cached_us": med["cached"], "asked_us": med["asked"], "rounds": rounds})
+    res = {"n": n, "heads": H, "kv_heads": HK, "density": lay.density(), "rows": rows, "capability_ab": ab}
+    for r in rows:
+        gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
+        print(f"N={n} {r['call']}: host {r['host_us']:.0f} us per call, GPU {gpu} us", flush=True)
+    for r in ab:
+        print(f"N={n} {r['call']}: capability cached {r['cached_us']:.0f} us, asked each call {r['asked_us']:.0f} us",
+              flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16384,32768")
+    ap.add_argument("--density", type=float, default=0.05)
+    markdown_args(ap, "host_overhead")
+    args = ap.parse_args()
+    if rewrite_markdown(args, write_markdown):
+        return
+    payload = {"benchmark": "host_overhead", "date": today(), "device": device_name(),
+               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
+               "kv_heads": HK, "d": D, "calls": CALLS, "batches": BATCHES, "rounds": ROUNDS,
+               "command": f"python benchmarks/host_overhead.py --sizes {args.sizes} --density {args.density}",
+               "rows": []}
+    cases = [int(n) for n in args.sizes.split(",")]
+    run_rows("host_overhead", payload, cases, lambda n, monitor: run_case(n, args.density, monitor), write_markdown)
+
+
+def write_markdown(p: dict) -> None:
+    lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads / {p['kv_heads']} "
+             f"K/V heads, d = {p['d']}, batch 1, video-structured q/k, random v.", "",
+             f"Host µs: {p['calls']} calls back to back from an idle GPU, the median of {p['batches']} such batches "
+             "per call (the Python and Triton launch path, which the GPU waits for when it is the longer). GPU µs: "
+             "the call captured in a CUDA graph and replayed (- where it cannot be captured: it reads a value back). "
+             "Host / GPU above 1: a call launched on its own is host-bound. In a model's prefill the launches queue "
+             "behind the projections' and the MLP's GPU work (milliseconds per layer at these lengths), which hides "
+             "a host time shorter than that.", "", *([p["note"], ""] if p.get("note") else []),
+             "| N | call | host µs per call | GPU µs | host / GPU |", "|---|---|---|---|---|"]
+    for case in p["rows"]:
+        for r in case["rows"]:
+            gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
+            ratio = "-" if r["gpu_us"] is None else f"{r['host_us'] / r['gpu_us']:.2f}"
+            lines.append(f"| {case['n']} | `{r['call']}` | {r['host_us']:.0f} | {gpu} | {ratio} |")
+    lines += ["", f"`fit.capability` (asked once per device) against asking `torch.cuda.get_device_capability` at "
+              f"every call (swapped in, {p['rounds']} alternating rounds of 3 batches; host µs per call, median):", "",
+              "| N | call | cached | asked each call | cached / asked |", "|---|---|---|---|---|"]
+    for case in p["rows"]:
+        for r in case["capability_ab"]:
+            lines.append(f"| {case['n']} | `{r['call']}` | {r['cached_us']:.0f} | {r['asked_us']:.0f} | "
+                         f"{r['cached_us'] / r['asked_us']:.2f} |")
+    update_markdown(f"Host time of the launch path ({p['device']})", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
