@@ -1,7 +1,8 @@
 """Host time against GPU time of a layer's sparse attention at short sequences: ``sparse_attention`` on the Gluon
 path and four patterns' estimates, each timed as launched (the host's µs per call, back to back from an idle GPU)
-and as a CUDA-graph replay (the GPU's µs alone); and an A/B of ``fit.capability`` (the device's compute capability
-asked once per device) against asking torch at every call, in alternating rounds in one process.
+and as a CUDA-graph replay (the GPU's µs alone); and A/Bs of host-side changes against the steps they replaced, in
+alternating rounds in one process (``ABS``: ``fit.capability``, the device's compute capability asked once per
+device; vertical_slash's shape-only block geometry cached per shape).
 
     python benchmarks/host_overhead.py [--sizes 16384,32768] [--density 0.05] [--markdown-from FILE [--note TEXT]]
 
@@ -31,7 +32,7 @@ from common import (  # noqa: E402
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import sparse_attention  # noqa: E402
 from vidsparse.attention.kernels import fit  # noqa: E402
-from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+from vidsparse.attention.patterns import SeqMeta, vertical_slash  # noqa: E402
 
 H, HK, D = 28, 4, 128
 SPECS = ("block_topk:density=0.05", "vertical_slash", "xattention:stride=16,tau=0.9", "pyramid")
@@ -56,6 +57,15 @@ def uncached_capability(device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+# host-side changes measured in alternating rounds: (call, change, module, name, what replaces it to undo the change)
+ABS = (
+    ("sparse_attention", "fit.capability cached", fit, "capability", lambda: uncached_capability),
+    (f"estimate {SPECS[0]}", "fit.capability cached", fit, "capability", lambda: uncached_capability),
+    ("estimate vertical_slash", "block geometry cached per shape", vertical_slash, "_block_geometry",
+     lambda: vertical_slash._block_geometry.__wrapped__.__wrapped__),
+)
+
+
 def run_case(n: int, density: float, monitor) -> dict:
     q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
     v = torch.randn_like(k)
@@ -72,20 +82,21 @@ def run_case(n: int, density: float, monitor) -> dict:
         gpu = graph_ms(fn)
         rows.append({"call": name, "host_us": host, "gpu_us": None if gpu is None else gpu * 1e3})
     ab = []
-    for name in ("sparse_attention", f"estimate {SPECS[0]}"):
-        pair = {"cached": calls[name], "asked": swapped(fit, "capability", uncached_capability, calls[name])}
+    for name, change, module, attr, without in ABS:
+        pair = {"with": calls[name], "without": swapped(module, attr, without(), calls[name])}
         rounds = {x: [] for x in pair}
         for _ in range(ROUNDS):
             for x, fn in pair.items():
                 rounds[x].append(host_us(fn, batches=3))
         med = {x: statistics.median(r) for x, r in rounds.items()}
-        ab.append({"call": name, "cached_us": med["cached"], "asked_us": med["asked"], "rounds": rounds})
-    res = {"n": n, "heads": H, "kv_heads": HK, "density": lay.density(), "rows": rows, "capability_ab": ab}
+        ab.append({"call": name, "change": change, "with_us": med["with"], "without_us": med["without"],
+                   "rounds": rounds})
+    res = {"n": n, "heads": H, "kv_heads": HK, "density": lay.density(), "rows": rows, "ab": ab}
     for r in rows:
         gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
         print(f"N={n} {r['call']}: host {r['host_us']:.0f} us per call, GPU {gpu} us", flush=True)
     for r in ab:
-        print(f"N={n} {r['call']}: capability cached {r['cached_us']:.0f} us, asked each call {r['asked_us']:.0f} us",
+        print(f"N={n} {r['call']}, {r['change']}: with {r['with_us']:.0f} us, without {r['without_us']:.0f} us",
               flush=True)
     return res
 
@@ -122,13 +133,15 @@ def write_markdown(p: dict) -> None:
             gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
             ratio = "-" if r["gpu_us"] is None else f"{r['host_us'] / r['gpu_us']:.2f}"
             lines.append(f"| {case['n']} | `{r['call']}` | {r['host_us']:.0f} | {gpu} | {ratio} |")
-    lines += ["", f"`fit.capability` (asked once per device) against asking `torch.cuda.get_device_capability` at "
-              f"every call (swapped in, {p['rounds']} alternating rounds of 3 batches; host µs per call, median):", "",
-              "| N | call | cached | asked each call | cached / asked |", "|---|---|---|---|---|"]
+    lines += ["", "Host-side changes, each undone by swapping the earlier step back in (`fit.capability`: the device's "
+              "compute capability asked once per device, against asking torch at every call; vertical_slash's block "
+              f"geometry cached per shape, against computing it at every call), {p['rounds']} alternating rounds of 3 "
+              "batches in one process; host µs per call, median:", "",
+              "| N | call | change | with it | without it | with / without |", "|---|---|---|---|---|---|"]
     for case in p["rows"]:
-        for r in case["capability_ab"]:
-            lines.append(f"| {case['n']} | `{r['call']}` | {r['cached_us']:.0f} | {r['asked_us']:.0f} | "
-                         f"{r['cached_us'] / r['asked_us']:.2f} |")
+        for r in case["ab"]:
+            lines.append(f"| {case['n']} | `{r['call']}` | {r['change']} | {r['with_us']:.0f} | "
+                         f"{r['without_us']:.0f} | {r['with_us'] / r['without_us']:.2f} |")
     update_markdown(f"Host time of the launch path ({p['device']})", "\n".join(lines))
 
 

@@ -509,6 +509,46 @@ def test_vertical_slash_covers_selected_lines():
     assert bm[0, :, :, 0].all()  # forced first columns
 
 
+@pytest.mark.parametrize("nq,nk,bq,bk,causal", [(256, 256, 16, 32, True), (256, 384, 32, 16, True),
+                                                (192, 192, 16, 16, False)])
+def test_vertical_slash_blocks_are_those_its_lines_cross(nq, nk, bq, bk, causal):
+    """vertical_slash computes block (m, n) exactly when a kept vertical (a key column) lies in key block n or a kept
+    slash (offset o: query i meets key i + (Nk − Nq) − o) passes through a (query, key) pair of the block, within the
+    causal triangle: checked against that definition pair by pair, on the columns and offsets the estimate keeps
+    (the probe rows' sums, the forced lines set to +inf, the top ``vertical`` / ``slash`` of each); and the block
+    geometry behind it (each block's smallest and largest offset), for every block."""
+    from vidsparse.attention.layout import causal_block_mask
+    from vidsparse.attention.patterns.base import column_probs, keep_topk
+
+    q, k, _ = qkv(h=2, hk=1, n=nq, d=16, seed=nq + nk)
+    k = torch.randn(1, 1, nk, 16, generator=torch.Generator().manual_seed(nk))
+    # few lines, so that many blocks are crossed by one kept slash only, some just at a corner
+    spec = dict(vertical=3, slash=6, force_vertical=1, force_slash=1, last_q=16, backend="reference")
+    lay = PATTERNS.from_spec("vertical_slash:" + ",".join(f"{a}={b}" for a, b in spec.items())).estimate(
+        q, k, SeqMeta(bq, bk, causal))
+    off = nk - nq
+    vert, slash = column_probs(q[:, :, nq - 16:], k, torch.arange(nq - 16, nq) + off, diagonal_first=nq - 16 + off,
+                               backend="reference")
+    vert[..., :1], slash[..., :1] = float("inf"), float("inf")
+    v_keep, s_keep = keep_topk(vert, 3), keep_topk(slash, 6)
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(nk)[None, :]
+    o = i + off - j  # each (query, key) pair's slash offset
+    # the block geometry itself: each block's running-count bounds are its pairs' smallest and largest offsets
+    from vidsparse.attention.patterns.vertical_slash import _block_geometry
+
+    cols, lo, hi = _block_geometry(nq, nk, bq, bk, None)
+    blocks = o.reshape(nq // bq, bq, nk // bk, bk)
+    assert torch.equal(cols, torch.arange(nk) // bk)
+    assert torch.equal(lo, blocks.amin((1, 3)).clamp(0, nk)) and torch.equal(hi, (blocks.amax((1, 3)) + 1).clamp(0, nk))
+    for hh in range(2):
+        on_line = v_keep[0, hh][j].expand(nq, nk) | ((o >= 0) & s_keep[0, hh][o.clamp(0, nk - 1)])
+        want = on_line.reshape(nq // bq, bq, nk // bk, bk).any(3).any(1)
+        if causal:
+            want &= causal_block_mask(nq // bq, nk // bk, bq, bk, nq, nk)
+        assert torch.equal(lay.block_mask()[0, hh], want)
+
+
 @pytest.mark.parametrize("r,nk", [(4, 10), (5, 5), (1, 7), (6, 40)])
 def test_diagonal_sums_equal_scatter(r, nk):
     from vidsparse.attention.patterns.base import diagonal_sums

@@ -75,7 +75,7 @@ def test_monitor_samples_with_a_driver_and_reports_nothing_without():
 
 def test_host_overhead_table_divides_host_by_gpu_time(tmp_path, monkeypatch):
     """benchmarks/host_overhead.py's section: host µs over GPU µs per call ("-" where the call could not be captured)
-    and the capability A/B as cached over asked."""
+    and each A/B as the time with the change over the time without it."""
     import host_overhead
 
     monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
@@ -84,9 +84,9 @@ def test_host_overhead_table_divides_host_by_gpu_time(tmp_path, monkeypatch):
         "kv_heads": 4, "d": 128, "calls": 50, "batches": 7, "rounds": 5, "note": "A note.",
         "rows": [{"n": 16384, "rows": [{"call": "sparse_attention", "host_us": 300.0, "gpu_us": 250.0},
                                        {"call": "estimate x", "host_us": 120.0, "gpu_us": None}],
-                  "capability_ab": [{"call": "sparse_attention", "cached_us": 240.0, "asked_us": 300.0}]}]})
+                  "ab": [{"call": "sparse_attention", "change": "c", "with_us": 240.0, "without_us": 300.0}]}]})
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Host time of the launch path (Test GPU)" in text and "A note." in text
     assert "| 16384 | `sparse_attention` | 300 | 250 | 1.20 |" in text
     assert "| 16384 | `estimate x` | 120 | - | - |" in text
-    assert "| 16384 | `sparse_attention` | 240 | 300 | 0.80 |" in text
+    assert "| 16384 | `sparse_attention` | c | 240 | 300 | 0.80 |" in text

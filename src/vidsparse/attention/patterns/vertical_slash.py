@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import PATTERNS
-from ..layout import BlockLayout
+from ..layout import BlockLayout, shape_cache
 from .base import Pattern, SeqMeta, column_probs, keep_topk
 
 
@@ -41,19 +41,29 @@ class VerticalSlash(Pattern):
                   else torch.zeros_like(vert, dtype=torch.bool))
         s_keep = keep_topk(slash, min(self.slash, nk))
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
+        cols, lo_c, hi_c = _block_geometry(nq, nk, meta.block_q, meta.block_k, q.device)
         # Vertical column c -> every query block, key block c // bk.
-        cols = torch.arange(nk, device=q.device) // meta.block_k
         vb = torch.zeros(b, h, nkb, device=q.device).scatter_add_(-1, cols.expand(b, h, nk), v_keep.float()) > 0
-        # Slash offset o through query block m covers key positions [m*bq - o, (m+1)*bq - 1 - o] (+ off).
-        m = torch.arange(nqb, device=q.device)[:, None]
-        n = torch.arange(nkb, device=q.device)[None, :]
-        lo_o = m * meta.block_q + off - (n + 1) * meta.block_k + 1  # smallest offset reaching block n from block m
-        hi_o = (m + 1) * meta.block_q - 1 + off - n * meta.block_k  # largest offset
+        # Slash offsets kept in [lo, hi] through a block: a difference of the kept offsets' running count.
         csum = torch.cat([torch.zeros(b, h, 1, device=q.device), s_keep.float().cumsum(-1)], -1)
-        lo_c = lo_o.clamp(0, nk).expand(b, h, nqb, nkb)
-        hi_c = (hi_o + 1).clamp(0, nk).expand(b, h, nqb, nkb)
-        hits = torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, hi_c.reshape(b, h, nqb, nkb)) - \
-            torch.gather(csum[:, :, None].expand(b, h, nqb, nk + 1), -1, lo_c.reshape(b, h, nqb, nkb))
+        run = csum[:, :, None].expand(b, h, nqb, nk + 1)
+        hits = torch.gather(run, -1, hi_c.expand(b, h, nqb, nkb)) - torch.gather(run, -1, lo_c.expand(b, h, nqb, nkb))
         keep = (hits > 0) | vb[:, :, None, :]
         return BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, meta.causal, width=nkb)
 
+
+@shape_cache()
+def _block_geometry(nq: int, nk: int, block_q: int, block_k: int, device):
+    """The estimate's shape-only tensors (cached per shape and device: every layer asks for the same): each key's
+    block int64 [Nk]; and per (query block m, key block n), the bounds of the slash offsets o that pass through the
+    block — a slash at offset o covers key positions [m·bq − o, (m+1)·bq − 1 − o] (+ Nk − Nq) of query block m — as
+    positions into the kept offsets' running count: lo int64 [NQ, NK] (the smallest such o, clamped to [0, Nk]) and hi
+    (the largest plus one, clamped)."""
+    off = nk - nq
+    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    cols = torch.arange(nk, device=device) // block_k
+    m = torch.arange(nqb, device=device)[:, None]
+    n = torch.arange(nkb, device=device)[None, :]
+    lo_o = m * block_q + off - (n + 1) * block_k + 1  # smallest offset reaching block n from block m
+    hi_o = (m + 1) * block_q - 1 + off - n * block_k  # largest offset
+    return cols, lo_o.clamp(0, nk), (hi_o + 1).clamp(0, nk)
