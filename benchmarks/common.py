@@ -56,6 +56,14 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+def new_payload(name: str, command: str, **facts) -> dict:
+    """A results payload: the benchmark's name, today's date, the device, torch/triton/vidsparse versions, bf16,
+    ``facts``, the command that reproduces it and an empty list of rows."""
+    return {"benchmark": name, "date": today(), "device": device_name(),
+            "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", **facts, "command": command,
+            "rows": []}
+
+
 def update_markdown(section: str, body: str) -> None:
     """Replace (or append) the ``## section`` of BENCHMARKS.md with ``body``."""
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nTables are written by the scripts in `benchmarks/`; each names its device and date.\n"
@@ -69,16 +77,20 @@ def update_markdown(section: str, body: str) -> None:
 def markdown_args(ap, name: str) -> None:
     """``--markdown-from`` (a saved ``name``.json) and ``--note`` for a script whose section can be rewritten."""
     ap.add_argument("--markdown-from", default="", help=f"a saved {name}.json: rewrite its table only")
-    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section")
+    ap.add_argument("--note", default="", help="with --markdown-from: a paragraph added to the section (saved into the "
+                    "results file)")
 
 
 def rewrite_markdown(args, write) -> bool:
-    """With ``--markdown-from``: ``write`` the section from the saved results (``--note`` replaces their note);
-    returns whether it did."""
+    """With ``--markdown-from``: ``write`` the section from the saved results; returns whether it did. ``--note``
+    replaces their note and is saved into the results file, so that a later rewrite without it keeps it."""
     if not args.markdown_from:
         return False
-    p = json.loads(Path(args.markdown_from).read_text())
-    p["note"] = args.note or p.get("note", "")
+    path = Path(args.markdown_from)
+    p = json.loads(path.read_text())
+    if args.note:
+        p["note"] = args.note
+        path.write_text(json.dumps(p, indent=1) + "\n")
     write(p)
     return True
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    device_name, interleaved, markdown_args, rewrite_markdown, run_rows, today, update_markdown, versions,
+    interleaved, markdown_args, new_payload, rewrite_markdown, run_rows, update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -93,9 +93,7 @@ def main():
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = {"benchmark": "hopper_layouts", "date": today(), "device": device_name(),
-               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "block": 128,
-               "command": "python benchmarks/hopper_layouts.py --sizes " + args.sizes, "rows": []}
+    payload = new_payload("hopper_layouts", "python benchmarks/hopper_layouts.py --sizes " + args.sizes, block=128)
     run_rows("hopper_layouts", payload, [int(n) for n in args.sizes.split(",")], run_size, write_markdown)
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import graph_ms, random_layout, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    device_name, markdown_args, rewrite_markdown, run_rows, swapped, today, update_markdown, versions,
+    markdown_args, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -109,11 +109,9 @@ def main():
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = {"benchmark": "host_overhead", "date": today(), "device": device_name(),
-               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
-               "kv_heads": HK, "d": D, "calls": CALLS, "batches": BATCHES, "rounds": ROUNDS,
-               "command": f"python benchmarks/host_overhead.py --sizes {args.sizes} --density {args.density}",
-               "rows": []}
+    payload = new_payload("host_overhead", f"python benchmarks/host_overhead.py --sizes {args.sizes} "
+                          f"--density {args.density}", heads=H, kv_heads=HK, d=D, calls=CALLS, batches=BATCHES,
+                          rounds=ROUNDS)
     cases = [int(n) for n in args.sizes.split(",")]
     run_rows("host_overhead", payload, cases, lambda n, monitor: run_case(n, args.density, monitor), write_markdown)
 

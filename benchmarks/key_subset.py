@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms  # noqa: E402
 from common import (  # noqa: E402
-    device_name, gpu_cell, interleaved, kernel_times, markdown_args, ms_cell, rewrite_markdown, run_rows, swapped,
-    today, update_markdown, versions,
+    gpu_cell, interleaved, kernel_times, markdown_args, ms_cell, new_payload, rewrite_markdown, run_rows, swapped,
+    update_markdown,
 )
 
 from vidsparse.attention import ops  # noqa: E402
@@ -147,10 +147,8 @@ def main():
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = {"benchmark": "key_subset", "date": today(), "device": device_name(),
-               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H,
-               "kv_heads": HK, "d": D, "command": f"python benchmarks/key_subset.py --sizes {args.sizes} "
-                                                  f"--fractions {args.fractions}", "rows": []}
+    payload = new_payload("key_subset", f"python benchmarks/key_subset.py --sizes {args.sizes} "
+                          f"--fractions {args.fractions}", heads=H, kv_heads=HK, d=D)
     cases = [(int(n), float(f)) for n in args.sizes.split(",") for f in args.fractions.split(",")]
     run_rows("key_subset", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
 

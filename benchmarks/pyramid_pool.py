@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, graph_ms, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    device_name, gpu_cell, interleaved, markdown_args, ms_cell, rewrite_markdown, run_rows, swapped, today,
-    update_markdown, versions,
+    gpu_cell, interleaved, markdown_args, ms_cell, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -76,10 +75,8 @@ def main():
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = {"benchmark": "pyramid_pool", "date": today(), "device": device_name(),
-               "versions": versions("torch", "triton", "vidsparse"), "dtype": "bfloat16", "heads": H, "d": D,
-               "command": f"python benchmarks/pyramid_pool.py --sizes {args.sizes} --kv-heads {args.kv_heads}",
-               "rows": []}
+    payload = new_payload("pyramid_pool", f"python benchmarks/pyramid_pool.py --sizes {args.sizes} "
+                          f"--kv-heads {args.kv_heads}", heads=H, d=D)
     cases = [(int(n), int(hk)) for hk in args.kv_heads.split(",") for n in args.sizes.split(",")]
     run_rows("pyramid_pool", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
 

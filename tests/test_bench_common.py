@@ -90,3 +90,21 @@ def test_host_overhead_table_divides_host_by_gpu_time(tmp_path, monkeypatch):
     assert "| 16384 | `sparse_attention` | 300 | 250 | 1.20 |" in text
     assert "| 16384 | `estimate x` | 120 | - | - |" in text
     assert "| 16384 | `sparse_attention` | c | 240 | 300 | 0.80 |" in text
+
+
+def test_markdown_rewrite_keeps_the_note_it_was_given(tmp_path, monkeypatch):
+    """``--markdown-from`` with ``--note`` saves the note into the results file: a later rewrite without ``--note``
+    writes the same section."""
+    import argparse
+    import json
+
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"value": 3}))
+    written = []
+    ap = argparse.ArgumentParser()
+    common.markdown_args(ap, "r")
+    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved), "--note", "Run on abc."]),
+                                   written.append)
+    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved)]), written.append)
+    assert written == [{"value": 3, "note": "Run on abc."}] * 2
+    assert not common.rewrite_markdown(ap.parse_args([]), written.append) and len(written) == 2
