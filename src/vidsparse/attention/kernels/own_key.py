@@ -13,8 +13,9 @@ written (their loads are masked off), so the traffic falls with the kept fractio
 in fp32; o is rounded once, to its dtype, on the store.
 
 Measured on an H200 (``benchmarks/key_subset.py``, 28 heads / 4 K/V heads, d = 128, bf16): with half the keys kept,
-0.70 → 0.070 ms at 16K tokens and 5.33 → 0.59 ms at 128K (about 2.6–3.0 TB/s of the bytes the folded rows need);
-9–14× over 16K–128K and 50% or 94% of the keys."""
+0.70 → 0.067 ms at 16K tokens and 5.32 → 0.60 ms at 128K (about 2.6–3.1 TB/s of the bytes the folded rows need);
+8.9–13.3× over 16K–128K and 50% or 94% of the keys. Offsets: an int64 base per program, int32 within it (0.94× /
+0.96× the time of int64 offsets everywhere at 16K / 128K; int32 offsets alone wrap past 2^31 elements)."""
 
 from __future__ import annotations
 
