@@ -74,19 +74,18 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
     if isinstance(layout, GroupLayout):
         return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
-    checked = backend == "auto"  # kernel_available: the device and Triton qualify
     if backend == "auto":
         backend = "kernel" if kernel_available(q) else "torch"
+    elif backend == "kernel":  # asked for: a clear error where it cannot run ("auto" checked that just above)
+        from .kernels.fit import require_kernel_device
+
+        require_kernel_device(q)
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
     use_kernel = backend == "kernel"
     if use_kernel:
-        if not checked:
-            from .kernels.fit import require_kernel_device
-
-            require_kernel_device(q)
-            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                from ..errors import UnsupportedError
-
-                raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
         from .kernels.block_sparse import block_sparse_attention as run
     elif backend == "torch":
         from .blockwise import blockwise_attention as run
