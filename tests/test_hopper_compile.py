@@ -21,25 +21,22 @@ def _gluon_builds() -> bool:
 
 
 BUILD = r"""
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
 d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
 kpos, pyramid = sys.argv[6] == "1", sys.argv[7] == "1"
+hop._sm_count = lambda device: 132  # the launch's only question to a GPU
+# through the launch wrapper, so the build gets the arguments a real call passes (None for what it does not use)
 n, h, hk = 512, 4, 2
-q = torch.empty(h * n, d, dtype=torch.bfloat16)
-kv = torch.empty(hk * n, d, dtype=torch.bfloat16)
-qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16))
-kd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16))
-pd = TensorDescriptor(kv, list(kv.shape), list(kv.stride()), [hop.POOL_BOX, d], kd.layout)  # pooled K/V boxes
-i32 = torch.zeros(4, dtype=torch.int32)
-k = hop._fwd.warmup(qd, kd, kd, pd, pd, torch.empty(1, dtype=torch.bfloat16), torch.empty(1), *([i32] * 9),
-                    *([1] * 26), n, n, h, hk, h // hk, n // 128, h * n // 128, 0.1, 0, n, 0, n // 2, n // 2 + n // 4,
-                    HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, CAUSAL=causal, RETURN_LSE=lse, STAGES=hop.NUM_STAGES,
-                    VARLEN=varlen, HAS_KPOS=kpos, PYRAMID=pyramid,
-                    CONSUMER_REGS=hop.CONSUMER_REGS, LOADER_REGS=hop.LOADER_REGS, num_warps=4, maxnreg=hop.MAXNREG,
-                    grid=(1,))
+q = torch.zeros(1, h, n, d, dtype=torch.bfloat16)
+kv = torch.zeros(1, hk, n, d, dtype=torch.bfloat16)
+idx, cnt = torch.zeros(1, h, n // 128, 2, dtype=torch.int32), torch.ones(1, h, n // 128, dtype=torch.int32)
+lens = torch.full((1,), n, dtype=torch.int32) if varlen else None
+pooled = (torch.zeros(3, 1, h, n // 128, 2, dtype=torch.int32), torch.zeros(3, 1, h, n // 128, dtype=torch.int32))
+hop.block_sparse_attention_hopper(q, kv, kv, idx, cnt, causal, 0.1, lens, lens, return_lse=lse,
+                                  key_pos=torch.arange(n).expand(1, hk, n) if kpos else None,
+                                  pooled=pooled if pyramid else None)
+(k,) = hop._fwd.device_caches[0][0].values()  # the one build that launch made
 open(sys.argv[4], "wb").write(k.asm["cubin"])
 print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
 """
@@ -60,11 +57,14 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass
     assert info["ptx_setmaxnreg"]
-    # no tile spills: ptxas may keep a couple of scalars (the program id, a base address) on the stack across the
-    # partitions' register reallocation — reloaded once per tile, not per block — but never a tensor's registers
+    # no spills, except that the pyramid's partitions, which also track a tile's pooled steps, keep a few scalars
+    # (up to 8 words: 32 bytes of stack) on the stack — never a tensor's registers (a 64×128 fp32 tile takes 64
+    # words a thread). (Built with every stride 1, as this test did before it launched through the wrapper, Triton
+    # folds the strides in as constants and the pyramid spilled less: those builds were not the ones real calls run.)
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
-    assert "LOCAL:0" in usage and stack <= 16 and spills <= 8, (usage, spills)
+    limit = (32, 32) if pyramid else (0, 0)
+    assert "LOCAL:0" in usage and stack <= limit[0] and spills <= limit[1], (usage, spills)
     assert info["shared"] <= 227 * 1024
 
 

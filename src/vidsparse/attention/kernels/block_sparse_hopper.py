@@ -230,6 +230,17 @@ def _load_pooled(r, c2, c4, c8, b, h, hk, pid_m, HK, pyr, bufs, bar, V: gl.const
 
 
 @gluon.jit
+def _load_block(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, slot, phase, row):
+    """Loader: the key block at K/V row ``row`` into ring ``slot``, once the consumers have released it."""
+    mbarrier.wait(k_empty.index(slot), phase ^ 1)
+    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
+    mbarrier.wait(v_empty.index(slot), phase ^ 1)
+    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
+
+
+@gluon.jit
 def _publish_tile(tile_ids, t_ready, t_empty, k, t):
     """Loader: hand tile ``t`` (the ``k``-th of this program) to the consumers through a two-deep shared ring."""
     slot = k % 2
@@ -349,11 +360,12 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     t = _take_tile(tile_ids, t_ready, t_empty, k)
     while t < ntiles:
         b, h, hk, pid_m, lq, lk, cnt, idx_base = _tile(t, tiles, BLOCK_M, VARLEN)
-        kp_base = KPOS + b * s_kpb + hk * s_kph  # a dummy pointer without key positions
         if HAS_KPOS:
+            kp_base = KPOS + b * s_kpb + hk * s_kph
             off = kpos_off  # query i sits at key position i + kpos_off
             nfull = gl.load(NFULL + b * s_fb + h * s_fh + pid_m * s_fm)
         else:
+            kp_base = KPOS  # None: the launch passes no key positions
             off = lk - lq  # bottom-right causal alignment
             nfull = 0
         c2, c4, c8, pooled_steps = _pooled_counts(b, h, pid_m, lq, pyr, BLOCK_M, PYRAMID)
@@ -484,26 +496,23 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
                 c = it + j
                 slot = c % STAGES
                 phase = (c // STAGES) & 1
-                pooled = False
+                # the pooled path is built only with PYRAMID (without it the pooled descriptors are None)
                 if PYRAMID:
-                    pooled = j >= cnt
-                if pooled:  # a tile of pooled keys: the same bytes as a block, in 16-row boxes
-                    mbarrier.wait(k_empty.index(slot), phase ^ 1)
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                    _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, k_bufs.index(slot),
-                                 k_ready.index(slot), False, BLOCK_N)
-                    mbarrier.wait(v_empty.index(slot), phase ^ 1)
-                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                    _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, v_bufs.index(slot),
-                                 v_ready.index(slot), True, BLOCK_N)
+                    if j >= cnt:  # a tile of pooled keys: the same bytes as a block, in 16-row boxes
+                        mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                        _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, k_bufs.index(slot),
+                                     k_ready.index(slot), False, BLOCK_N)
+                        mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                        _load_pooled(j - cnt, c2, c4, c8, b, h, hk, pid_m, HK, pyr, v_bufs.index(slot),
+                                     v_ready.index(slot), True, BLOCK_N)
+                    else:
+                        _load_block(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, slot, phase,
+                                    kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N)
                 else:
-                    row = kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N
-                    mbarrier.wait(k_empty.index(slot), phase ^ 1)
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
-                    mbarrier.wait(v_empty.index(slot), phase ^ 1)
-                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
+                    _load_block(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, slot, phase,
+                                kv_row0 + gl.load(idx_base + j * s_ik) * BLOCK_N)
             it += steps
         t = nxt
         if t < ntiles:
@@ -584,8 +593,13 @@ def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
             and k.dtype == v.dtype == q.dtype and q.shape[-1] in (64, 128) and scale > 0)
 
 
+def _sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors: the persistent launch's program count."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -627,14 +641,16 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     out = torch.empty_like(q)  # every row is written (zeros past a sequence's length)
     if out.stride(-1) != 1:  # the epilogue stores 16-byte runs of a row
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device) if return_lse else out
+    # what a call does not use goes in as None: Triton makes it a constant of the build (the flags below already
+    # pick the build), so the launch neither passes nor checks it; about half the arguments at a plain call
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device) if return_lse else None
+    s_lse = (lse.stride(0), lse.stride(1)) if return_lse else (None, None)
     varlen = seqlens_q is not None or seqlens_k is not None
+    lq = lk = None
     if varlen or key_pos is not None:
         full = lambda n: torch.full((b,), n, dtype=torch.int32, device=q.device)  # noqa: E731
         lq = seqlens_q.to(torch.int32) if seqlens_q is not None else full(nq)
         lk = seqlens_k.to(torch.int32) if seqlens_k is not None else full(nk)
-    else:
-        lq = lk = kv_count  # unused
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     if key_pos is not None:  # the rows' mask-free leading blocks, and the positions the masked ones compare
         if nfull is None:
@@ -643,8 +659,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         kpos = kpos if kpos.stride(-1) == 1 else kpos.contiguous()
         s_kpos, s_full = _bcast_strides(kpos, 2), _bcast_strides(nfull, 3)
     else:
-        nfull = kpos = kv_count  # unused
-        s_kpos, s_full = [0, 0], [0, 0, 0]
+        nfull = kpos = kpos_off = None
+        s_kpos, s_full = [None] * 2, [None] * 3
     if pooled is not None:  # the levels' pooled K/V, stacked per K/V head; read in 16-row boxes
         pidx, pcnt, kp, vp, offs, s_pidx, s_pcnt = pooled_args(k, v, pooled, BLOCK)
         pr = kp.shape[2]
@@ -652,17 +668,15 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         kpd = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [POOL_BOX, d], kv_layout)
         vpd = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [POOL_BOX, d], kv_layout)
     else:
-        pidx = pcnt = kv_count  # unused
-        kpd, vpd, pr, offs = kd, vd, 0, [0, 0, 0]
-        s_pidx, s_pcnt = [0] * 5, [0] * 4
+        pidx = pcnt = kpd = vpd = pr = None
+        offs, s_pidx, s_pcnt = [None] * 3, [None] * 5, [None] * 4
     nqb = triton.cdiv(nq, BLOCK)
     ntiles = b * h * nqb
-    grid = (min(ntiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
-            if persistent else ntiles,)
+    grid = (min(ntiles, _sm_count(q.device)) if persistent else ntiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
-        qd, kd, vd, kpd, vpd, out, lse, kv_index, kv_count, lq, lk, counter, kpos, nfull, pidx, pcnt,
-        *out.stride()[:3], *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)),
+        qd, kd, vd, kpd, vpd, out, lse, kv_index, kv_count, lq if varlen else None, lk if varlen else None,
+        counter, kpos, nfull, pidx, pcnt, *out.stride()[:3], *s_lse,
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full, *s_pidx, *s_pcnt,
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off, pr, *offs,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES,
