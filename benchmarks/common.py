@@ -136,6 +136,17 @@ def kernel_times(fn, calls: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_call"])
 
 
+def load_copy(path: str, name: str):
+    """Another copy of one of vidsparse's modules (an earlier commit's, from ``git show REV:src/... > FILE``) loaded
+    as ``name`` inside the package the name gives, so that its relative imports resolve: for in-process A/Bs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def swapped(module, name, replacement, fn):
     """``fn`` with ``module.name`` replaced by ``replacement`` while it runs: an A/B of one step inside a call in the
     same process (the call must look the name up in ``module`` at each call)."""

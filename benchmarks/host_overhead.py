@@ -2,9 +2,14 @@
 path and four patterns' estimates, each timed as launched (the host's µs per call, back to back from an idle GPU)
 and as a CUDA-graph replay (the GPU's µs alone); and A/Bs of host-side changes against the steps they replaced, in
 alternating rounds in one process (``ABS``: ``fit.capability``, the device's compute capability asked once per
-device; vertical_slash's shape-only block geometry cached per shape).
+device; vertical_slash's shape-only block geometry cached per shape; with ``--against-hopper FILE``, this tree's
+Gluon launch wrapper against another copy of ``block_sparse_hopper.py``, e.g. an earlier commit's).
 
-    python benchmarks/host_overhead.py [--sizes 16384,32768] [--density 0.05] [--markdown-from FILE [--note TEXT]]
+    python benchmarks/host_overhead.py [--sizes 16384,32768] [--density 0.05] [--against-hopper FILE] [--profile]
+        [--markdown-from FILE [--note TEXT]]
+
+``--profile`` also runs each call under cProfile and keeps its costliest Python functions and builtins (µs of own
+time per call; the profiler's own overhead inflates them all alike) in the JSON and the printout.
 
 Where the host's µs exceed the GPU's, a call launched on its own waits for the host: ``do_bench`` then times the
 launch path (the 16K rows of "Sparse attention"). In a model's prefill the launches queue behind the projections'
@@ -26,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import graph_ms, random_layout, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    markdown_args, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
+    load_copy, markdown_args, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import sparse_attention  # noqa: E402
-from vidsparse.attention.kernels import fit  # noqa: E402
+from vidsparse.attention.kernels import block_sparse_hopper, fit  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta, vertical_slash  # noqa: E402
 
 H, HK, D = 28, 4, 128
@@ -64,9 +69,36 @@ ABS = (
     ("estimate vertical_slash", "block geometry cached per shape", vertical_slash, "_block_geometry",
      lambda: vertical_slash._block_geometry.__wrapped__.__wrapped__),
 )
+ABS_TEXT = ("`fit.capability`: the device's compute capability asked once per device, against asking torch at every "
+            "call; vertical_slash's block geometry cached per shape, against computing it at every call")
 
 
-def run_case(n: int, density: float, monitor) -> dict:
+def against_hopper(path: str) -> tuple:
+    """The A/B of this tree's Gluon launch wrapper against ``path``'s (another copy of ``block_sparse_hopper.py``)."""
+    other = load_copy(path, "vidsparse.attention.kernels._against")
+    return ("sparse_attention", f"Gluon launch wrapper, against `{path}`", block_sparse_hopper,
+            "block_sparse_attention_hopper", lambda: other.block_sparse_attention_hopper)
+
+
+def host_profile(fn, calls: int = 100, top: int = 12) -> list[dict]:
+    """``fn`` under cProfile: its ``top`` functions by own time, µs and calls per call of ``fn``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own time, cumulative, callers)
+    rows = [{"function": f"{Path(f).name}:{line}({name})" if line else name, "own_us": tt / calls * 1e6,
+             "calls": nc / calls} for (f, line, name), (_cc, nc, tt, _ct, _callers) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+
+
+def run_case(n: int, density: float, monitor, abs_=ABS, profile: bool = False) -> dict:
     q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
     v = torch.randn_like(k)
     lay = random_layout(H, n, density)
@@ -81,8 +113,10 @@ def run_case(n: int, density: float, monitor) -> dict:
         host = host_us(fn)
         gpu = graph_ms(fn)
         rows.append({"call": name, "host_us": host, "gpu_us": None if gpu is None else gpu * 1e3})
+        if profile:
+            rows[-1]["profile"] = host_profile(fn)
     ab = []
-    for name, change, module, attr, without in ABS:
+    for name, change, module, attr, without in abs_:
         pair = {"with": calls[name], "without": swapped(module, attr, without(), calls[name])}
         rounds = {x: [] for x in pair}
         for _ in range(ROUNDS):
@@ -95,6 +129,8 @@ def run_case(n: int, density: float, monitor) -> dict:
     for r in rows:
         gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
         print(f"N={n} {r['call']}: host {r['host_us']:.0f} us per call, GPU {gpu} us", flush=True)
+        for x in r.get("profile", []):
+            print(f"    {x['own_us']:8.1f} us  x{x['calls']:<5g} {x['function']}", flush=True)
     for r in ab:
         print(f"N={n} {r['call']}, {r['change']}: with {r['with_us']:.0f} us, without {r['without_us']:.0f} us",
               flush=True)
@@ -105,15 +141,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,32768")
     ap.add_argument("--density", type=float, default=0.05)
+    ap.add_argument("--against-hopper", default="", help="another copy of block_sparse_hopper.py: its launch wrapper "
+                    "against this tree's, in alternating rounds")
+    ap.add_argument("--profile", action="store_true", help="each call's costliest functions under cProfile")
     markdown_args(ap, "host_overhead")
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = new_payload("host_overhead", f"python benchmarks/host_overhead.py --sizes {args.sizes} "
-                          f"--density {args.density}", heads=H, kv_heads=HK, d=D, calls=CALLS, batches=BATCHES,
-                          rounds=ROUNDS)
+    abs_, text = ABS, ABS_TEXT
+    if args.against_hopper:
+        abs_ = (*ABS, against_hopper(args.against_hopper))
+        text += f"; the Gluon launch wrapper of this tree against that of `{args.against_hopper}`"
+    command = f"python benchmarks/host_overhead.py --sizes {args.sizes} --density {args.density}" + \
+        (f" --against-hopper {args.against_hopper}" if args.against_hopper else "") + \
+        (" --profile" if args.profile else "")
+    payload = new_payload("host_overhead", command, heads=H, kv_heads=HK, d=D, calls=CALLS, batches=BATCHES,
+                          rounds=ROUNDS, ab_text=text)
     cases = [int(n) for n in args.sizes.split(",")]
-    run_rows("host_overhead", payload, cases, lambda n, monitor: run_case(n, args.density, monitor), write_markdown)
+    run_rows("host_overhead", payload, cases,
+             lambda n, monitor: run_case(n, args.density, monitor, abs_, args.profile), write_markdown)
 
 
 def write_markdown(p: dict) -> None:
@@ -131,10 +177,9 @@ def write_markdown(p: dict) -> None:
             gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"
             ratio = "-" if r["gpu_us"] is None else f"{r['host_us'] / r['gpu_us']:.2f}"
             lines.append(f"| {case['n']} | `{r['call']}` | {r['host_us']:.0f} | {gpu} | {ratio} |")
-    lines += ["", "Host-side changes, each undone by swapping the earlier step back in (`fit.capability`: the device's "
-              "compute capability asked once per device, against asking torch at every call; vertical_slash's block "
-              f"geometry cached per shape, against computing it at every call), {p['rounds']} alternating rounds of 3 "
-              "batches in one process; host µs per call, median:", "",
+    lines += ["", "Host-side changes, each undone by swapping the earlier step back in "
+              f"({p.get('ab_text', ABS_TEXT)}), {p['rounds']} alternating rounds of 3 batches in one process; host µs "
+              "per call, median:", "",
               "| N | call | change | with it | without it | with / without |", "|---|---|---|---|---|---|"]
     for case in p["rows"]:
         for r in case["ab"]:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
-from common import GpuMonitor, device_name, interleaved, save, today, update_markdown  # noqa: E402
+from common import GpuMonitor, device_name, interleaved, load_copy, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
@@ -42,6 +42,7 @@ def main():
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
     ap.add_argument("--rounds", type=int, default=4, help="with --against: alternating timing rounds per variant")
     ap.add_argument("--tag", default="", help="with --against: suffix of the results file")
+    ap.add_argument("--kv-heads", type=int, default=4, help="K/V heads (28 query heads): 4 (GQA) or 28")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     ap.add_argument("--note", default="", help="with --markdown-from: a sentence added to the section (what the "
                     "compared copies were)")
@@ -57,7 +58,8 @@ def main():
         return
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
-    h, hk, d = 28, 4, 128
+    h, hk, d = 28, opts.kv_heads, 128
+    res["heads"], res["kv_heads"] = h, hk
     cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (131072, "random_shared", 0.1),
              (16384, "pattern", 0.05), (16384, "random", 0.05), (16384, "random_shared", 0.05), (32768, "pattern", 0.1),
              (32768, "dense", 1.0), (131072, "dense", 1.0)]
@@ -153,8 +155,10 @@ def write_markdown(res):
     ab = "--hopper-only" in res.get("command", "")
     clocked = any("rounds" in r for r in res["rows"])
     against = f": A/B against `{res['against']}`" if res.get("against") else ""
+    heads = f"{res.get('heads', 28)}/{res.get('kv_heads', 4)}"
+    against += f", {heads} heads" if against and heads != "28/4" else ""  # its own section
     title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
-    lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, 28/4 heads, "
+    lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, {heads} heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
              "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call." +
              (" `ms` is the median of alternating rounds (`rounds ms`); `SM MHz` the median clock NVML sampled during "
@@ -186,12 +190,7 @@ def _hopper(args, kernel=None, **kw):
 
 def _load_kernel(path: str):
     """Another copy of ``block_sparse_hopper.py`` as a module of the vidsparse package (its relative imports resolve)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vidsparse.attention.kernels._against", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_copy(path, "vidsparse.attention.kernels._against")
 
 
 if __name__ == "__main__":

@@ -90,21 +90,37 @@ def test_host_overhead_table_divides_host_by_gpu_time(tmp_path, monkeypatch):
     assert "| 16384 | `sparse_attention` | 300 | 250 | 1.20 |" in text
     assert "| 16384 | `estimate x` | 120 | - | - |" in text
     assert "| 16384 | `sparse_attention` | c | 240 | 300 | 0.80 |" in text
+    assert "(`fit.capability`: the device's compute capability asked once per device" in text  # runs before ab_text
 
 
-def test_markdown_rewrite_keeps_the_note_it_was_given(tmp_path, monkeypatch):
-    """``--markdown-from`` with ``--note`` saves the note into the results file: a later rewrite without ``--note``
-    writes the same section."""
-    import argparse
-    import json
+def test_host_overhead_names_its_changes_and_profiles_a_call(tmp_path, monkeypatch):
+    """The A/B sentence is the run's own (``ab_text``, with ``--against-hopper`` its copy's path); ``host_profile``
+    ranks a call's functions by own time, per call."""
+    import host_overhead
 
-    saved = tmp_path / "r.json"
-    saved.write_text(json.dumps({"value": 3}))
-    written = []
-    ap = argparse.ArgumentParser()
-    common.markdown_args(ap, "r")
-    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved), "--note", "Run on abc."]),
-                                   written.append)
-    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved)]), written.append)
-    assert written == [{"value": 3, "note": "Run on abc."}] * 2
-    assert not common.rewrite_markdown(ap.parse_args([]), written.append) and len(written) == 2
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    host_overhead.write_markdown({
+        "device": "Test GPU", "date": "2026-11-29", "command": "c", "heads": 28, "kv_heads": 4, "d": 128,
+        "calls": 50, "batches": 7, "rounds": 5, "ab_text": "the wrapper against `old.py`", "rows": []})
+    assert "swapping the earlier step back in (the wrapper against `old.py`), 5 alternating" in \
+        (tmp_path / "BENCHMARKS.md").read_text()
+
+    def slow():
+        return sorted(range(20000), key=lambda x: -x)
+    rows = host_overhead.host_profile(slow, calls=5)
+    assert rows == sorted(rows, key=lambda r: -r["own_us"])
+    by_name = {r["function"]: r for r in rows}
+    assert by_name["<built-in method builtins.sorted>"]["calls"] == 1
+    assert any(f.startswith("test_bench_common.py:") and r["calls"] == 20000 for f, r in by_name.items())  # the key
+
+
+def test_load_copy_loads_another_copy_inside_the_package(tmp_path):
+    """``common.load_copy``: a copy of a vidsparse module file, loaded under a name in the package, resolves its
+    relative imports and stays a module apart from the original."""
+    from vidsparse.attention.kernels import pool
+
+    copy = tmp_path / "pool_copy.py"  # pool.py imports ..layout at module level
+    copy.write_text(Path(pool.__file__).read_text() + "\nMARK = 1\n")
+    mod = common.load_copy(str(copy), "vidsparse.attention.kernels._pool_copy")
+    assert mod.MARK == 1 and mod is not pool and not hasattr(pool, "MARK")
+    assert mod.POOL_LEVELS == (2, 4, 8) and mod.pool_levels_stacked is not pool.pool_levels_stacked
