@@ -55,15 +55,15 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos), int(pyramid))
     info = json.loads(out.strip().splitlines()[-1])
     sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
-    assert "HGMMA" in sass
+    assert "HGMMA" in sass and "UTMASTG" in sass  # the output's whole tiles leave through a TMA store
     assert info["ptx_setmaxnreg"]
     # no spills, except that the pyramid's partitions, which also track a tile's pooled steps, keep a few scalars
-    # (up to 8 words: 32 bytes of stack) on the stack — never a tensor's registers (a 64×128 fp32 tile takes 64
+    # (up to 10 words: 40 bytes of stack) on the stack — never a tensor's registers (a 64×128 fp32 tile takes 64
     # words a thread). (Built with every stride 1, as this test did before it launched through the wrapper, Triton
     # folds the strides in as constants and the pyramid spilled less: those builds were not the ones real calls run.)
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
-    limit = (32, 32) if pyramid else (0, 0)
+    limit = (40, 40) if pyramid else (0, 0)
     assert "LOCAL:0" in usage and stack <= limit[0] and spills <= limit[1], (usage, spills)
     assert info["shared"] <= 227 * 1024
 

@@ -34,9 +34,13 @@ cannot express in Triton 3.6:
 - The softmax scale (times log2 e) is applied in the exponent's fused multiply-add, not to Q, and P goes to the
   P·V product straight from registers.
 - The epilogue stages a tile's output in that tile's own Q buffer (free once its last Q·Kᵀ is done; handed back to
-  the loader afterwards) and stores it from there in 16-byte runs. Stored straight from the MMA layout it was 2-byte
-  stores whose backlog in the store unit stalled the next tile's softmax (Nsight Compute,
-  ``benchmarks/ncu_target.py``); staging made 16K tokens at 5% density 1.30× faster (BENCHMARKS.md, "A/B against").
+  the loader afterwards). Stored straight from the MMA layout it was 2-byte stores whose backlog in the store unit
+  stalled the next tile's softmax (Nsight Compute, ``benchmarks/ncu_target.py``); staging, then 16-byte stores from
+  the buffer, made 16K tokens at 5% density 1.30× faster (BENCHMARKS.md, "A/B against"). Where the output is
+  [B, H, Nq, D] in order, a tile whose rows all lie inside the sequence now leaves the buffer through one TMA store
+  instead (the others, and other output layouts, keep the 16-byte stores): 3–5% less GPU time at 16K tokens and
+  5% density, 1–2% at 32K and 10%, level at 64K–128K and on dense layouts (H200,
+  ``tune_attention.py --against``, the section "A/B against .ab/hopper_args_none.py").
 
 FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was tried and removed: it measured
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
@@ -285,16 +289,36 @@ def _out_ptrs(O, b, h, row0, r, offs_d, s_ob, s_oh, s_om):
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
+def _epilogue(acc, m_i, l_i, o_s, OUT, LSE, b, h, row0, lq, NQ, H, s_ob, s_oh, s_om, s_lb, s_lh,
               BM: gl.constexpr, HEAD_DIM: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
               RETURN_LSE: gl.constexpr):
     """Normalise and store one consumer's 64 rows of a tile (zeros past the sequence's length). The rows go through
-    shared memory ``o_s`` (the tile's own Q buffer, free once its last Q·Kᵀ is done) into a layout whose stores are
-    16 bytes per thread and whole rows per warp: stored straight from the MMA layout they were 2-byte stores, and the
-    store unit's backlog stalled the next tile's softmax."""
+    shared memory ``o_s`` (the tile's own Q buffer, free once its last Q·Kᵀ is done). With an output descriptor
+    (``OUT`` = (pointer, descriptor or None)) a tile whose rows all lie inside the sequence leaves through one TMA
+    store; the others, in a layout whose stores are 16 bytes per thread and whole rows per warp (stored straight from
+    the MMA layout they were 2-byte stores, and the store unit's backlog stalled the next tile's softmax)."""
+    (O, o_desc) = OUT
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
     o_s.store(out.to(o_s.dtype))
+    if o_desc is not None:
+        if row0 + BM <= lq:
+            fence_async_shared()  # the rows the threads wrote, visible to the tensor-memory accelerator
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(o_desc, [(b * H + h) * NQ + row0, 0], o_s)
+            tma.store_wait(0)  # ... read out of the buffer before it is handed back for a later tile's Q
+            gl.thread_barrier()
+        else:
+            _store_rows(o_s, O, b, h, row0, lq, NQ, s_ob, s_oh, s_om, BM, HEAD_DIM)
+    else:
+        _store_rows(o_s, O, b, h, row0, lq, NQ, s_ob, s_oh, s_om, BM, HEAD_DIM)
+    if RETURN_LSE:
+        _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
+
+
+@gluon.jit
+def _store_rows(o_s, O, b, h, row0, lq, NQ, s_ob, s_oh, s_om, BM: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A consumer's 64 output rows from shared memory, 16 bytes per thread (zeros past the sequence's length)."""
     gl.thread_barrier()  # this warpgroup's rows are all in shared memory
     ST_L: gl.constexpr = _store_layout(HEAD_DIM)
     vals = o_s.load(ST_L)
@@ -304,15 +328,14 @@ def _epilogue(acc, m_i, l_i, o_s, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, 
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
     vals = gl.where(rows[:, None] < lq, vals, gl.zeros_like(vals))
     gl.store(_out_ptrs(O, b, h, row0, r, offs_d, s_ob, s_oh, s_om), vals, mask=rows[:, None] < NQ)
-    if RETURN_LSE:
-        _store_lse(m_i, l_i, LSE, b, h, row0, lq, NQ, s_lb, s_lh, BM, S_L)
 
 
 @gluon.jit
-def _store_zeros(m_none, l_none, O, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh, BM: gl.constexpr,
+def _store_zeros(m_none, l_none, OUT, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om, s_lb, s_lh, BM: gl.constexpr,
                  HEAD_DIM: gl.constexpr, S_L: gl.constexpr, RETURN_LSE: gl.constexpr):
     """A consumer's 64 rows of a tile with nothing to compute (an empty row, or a tile past the sequence): zeros
     (log-sum-exp -inf)."""
+    (O, _o_desc) = OUT
     ST_L: gl.constexpr = _store_layout(HEAD_DIM)
     r = gl.arange(0, BM, layout=gl.SliceLayout(1, ST_L))
     rows = row0 + r
@@ -330,7 +353,7 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
-     tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, _H, NQ, _NK, _HK, ntiles,
+     tile_ids, t_ready, t_empty, _COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, _NK, _HK, ntiles,
      qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off, pyr) = args
     BM: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -392,8 +415,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                                                     kp_base, qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(last), count=1)
-                _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb,
-                          s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+                _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, H, s_ob, s_oh, s_om,
+                          s_lb, s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
                 mbarrier.arrive(q_empty.index(pqb), count=1)
             else:
                 s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -444,8 +467,8 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
         acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(last), count=1)
-        _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, s_ob, s_oh, s_om, s_lb, s_lh,
-                  BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
+        _epilogue(acc, m_i, l_i, q_bufs.index(pqb), O, LSE, pb, ph, prow0, plq, NQ, H, s_ob, s_oh, s_om, s_lb,
+                  s_lh, BM, HEAD_DIM, O_L, S_L, RETURN_LSE)
 
 
 @gluon.jit
@@ -521,7 +544,7 @@ def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL, PIDX, PCNT,
+def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, o_desc, LSE, IDX, CNT, LQ, LK, COUNTER, KPOS, NFULL, PIDX, PCNT,
          s_ob, s_oh, s_om, s_lb, s_lh, s_ib, s_ih, s_im, s_ik, s_cb, s_ch, s_cm, s_kpb, s_kph, s_fb, s_fh, s_fm,
          s_pil, s_pib, s_pih, s_pim, s_pik, s_pcl, s_pcb, s_pch, s_pcm,
          NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale, kpos_off, PR, off2, off4, off8,
@@ -555,8 +578,8 @@ def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, LSE, IDX, CNT, LQ, LK, COU
     fence_async_shared()
     tiles = (CNT, IDX, LQ, LK, s_ib, s_ih, s_im, s_cb, s_ch, s_cm, NQ, NK, HK, GROUP, NQB)
     args = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            tiles, tile_ids, t_ready, t_empty, COUNTER, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ, NK, HK,
-            ntiles, qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off,
+            tiles, tile_ids, t_ready, t_empty, COUNTER, (O, o_desc), LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_ik, H, NQ,
+            NK, HK, ntiles, qk_scale, KPOS, NFULL, s_kpb, s_kph, s_fb, s_fh, s_fm, kpos_off,
             (kp_desc, vp_desc, PIDX, PCNT, s_pil, s_pib, s_pih, s_pim, s_pik, s_pcl, s_pcb, s_pch, s_pcm, PR, off2,
              off4, off8))
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
@@ -641,6 +664,9 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     out = torch.empty_like(q)  # every row is written (zeros past a sequence's length)
     if out.stride(-1) != 1:  # the epilogue stores 16-byte runs of a row
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # [B, H, Nq, D] rows one after another (as q is, mostly): whole tiles leave through a TMA store of [B·H·Nq, D]
+    od = TensorDescriptor(out.view(-1, d), [b * h * nq, d], [d, 1], [BLOCK // 2, d], q_layout) \
+        if out.is_contiguous() else None
     # what a call does not use goes in as None: Triton makes it a constant of the build (the flags below already
     # pick the build), so the launch neither passes nor checks it; about half the arguments at a plain call
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device) if return_lse else None
@@ -675,7 +701,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     grid = (min(ntiles, _sm_count(q.device)) if persistent else ntiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
     _fwd[grid](
-        qd, kd, vd, kpd, vpd, out, lse, kv_index, kv_count, lq if varlen else None, lk if varlen else None,
+        qd, kd, vd, kpd, vpd, out, od, lse, kv_index, kv_count, lq if varlen else None, lk if varlen else None,
         counter, kpos, nfull, pidx, pcnt, *out.stride()[:3], *s_lse,
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full, *s_pidx, *s_pcnt,
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off, pr, *offs,
