@@ -124,3 +124,21 @@ def test_load_copy_loads_another_copy_inside_the_package(tmp_path):
     mod = common.load_copy(str(copy), "vidsparse.attention.kernels._pool_copy")
     assert mod.MARK == 1 and mod is not pool and not hasattr(pool, "MARK")
     assert mod.POOL_LEVELS == (2, 4, 8) and mod.pool_levels_stacked is not pool.pool_levels_stacked
+
+
+def test_markdown_rewrite_keeps_the_note_it_was_given(tmp_path, monkeypatch):
+    """``--markdown-from`` with ``--note`` saves the note into the results file: a later rewrite without ``--note``
+    writes the same section."""
+    import argparse
+    import json
+
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"value": 3}))
+    written = []
+    ap = argparse.ArgumentParser()
+    common.markdown_args(ap, "r")
+    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved), "--note", "Run on abc."]),
+                                   written.append)
+    assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved)]), written.append)
+    assert written == [{"value": 3, "note": "Run on abc."}] * 2
+    assert not common.rewrite_markdown(ap.parse_args([]), written.append) and len(written) == 2
