@@ -677,8 +677,8 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
         full = lambda n: torch.full((b,), n, dtype=torch.int32, device=q.device)  # noqa: E731
         lq = seqlens_q.to(torch.int32) if seqlens_q is not None else full(nq)
         lk = seqlens_k.to(torch.int32) if seqlens_k is not None else full(nk)
-    kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     if key_pos is not None:  # the rows' mask-free leading blocks, and the positions the masked ones compare
+        kpos_off = (nk - nq) if query_offset is None else int(query_offset)
         if nfull is None:
             nfull = full_prefix(kv_index, kv_count, BLOCK, BLOCK, causal, lq, lk, key_pos, h // hk, kpos_off)
         kpos = key_pos.to(torch.int32)
