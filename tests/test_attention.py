@@ -463,7 +463,8 @@ def test_mass_selection_kernel_equals_torch_sort(interpreter, nq, nk, causal, si
 def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, spec):
     """The four nested radix searches give every block the level torch's sort of the row gives it, and write each
     level's layout exactly as the mask conversion does; with tied scores (rounded to a few values) ties go to the
-    lower block index on both paths."""
+    lower block index on both paths. The kernel reads scores without the causal mask (what ``estimate`` gives it) or
+    with it (the rounded case) alike, against the torch path's masked scores."""
     from vidsparse.attention.patterns.base import block_scores
 
     pat = PATTERNS.from_spec(spec)
@@ -471,9 +472,12 @@ def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sin
     q = torch.randn(1, 2, nq, 16, generator=torch.Generator().manual_seed(nq))  # small: the interpreter is slow
     k = torch.randn(1, 1, nk, 16, generator=torch.Generator().manual_seed(nk))
     meta = SeqMeta(32, 32, causal)
-    for s in (block_scores(q, k, meta), (block_scores(q, k, meta) * 2).round() / 2):
+    raw = block_scores(q, k, meta, masked=False)
+    rounded = (block_scores(q, k, meta) * 2).round() / 2
+    assert not causal or bool(torch.isfinite(raw).all()) and bool(torch.isinf(rounded).any())
+    for s, given in ((block_scores(q, k, meta), raw), (rounded, rounded)):
         want = pat.layout_from_scores(s, meta, nq, nk, backend="reference")
-        got = pat.layout_from_scores(s, meta, nq, nk, backend="kernel")
+        got = pat.layout_from_scores(given, meta, nq, nk, backend="kernel")
         assert torch.equal(got.level_map(), want.level_map())
         for a, b in zip((got.exact, *got.pooled), (want.exact, *want.pooled)):
             assert torch.equal(a.block_mask(), b.block_mask())
@@ -487,6 +491,19 @@ def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sin
         present = set(torch.unique(got.level_map()).tolist())
         b = pat.bounds
         assert present & {2, 4, 8} == {lv for lv, lo, hi in zip((2, 4, 8), b, b[1:]) if hi > lo}  # bands covered
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_pyramid_estimate_kernel_equals_reference(interpreter, causal):
+    """``estimate`` end to end: the kernel path (unmasked pooled scores into the level kernel) and the torch path
+    (masked scores, a sort) give every block the same level."""
+    pat = PATTERNS.from_spec("pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8")
+    q = torch.randn(1, 2, 600, 16, generator=torch.Generator().manual_seed(5))
+    k = torch.randn(1, 1, 600, 16, generator=torch.Generator().manual_seed(6))
+    meta = SeqMeta(32, 32, causal)
+    got, want = pat.estimate(q, k, meta, backend="kernel"), pat.estimate(q, k, meta, backend="reference")
+    assert torch.equal(got.level_map(), want.level_map())
+    assert set(torch.unique(want.level_map()).tolist()) == {0, 1, 2, 4, 8}
 
 
 def test_xattention_finds_planted_blocks():

@@ -82,12 +82,17 @@ class Pyramid(Pattern):
     def estimate(self, q, k, meta: SeqMeta, backend: str = "auto") -> PyramidLayout:
         """``backend``: "kernel" (rank mode: ``kernels.block_select.select_levels`` ranks and compacts every row in
         one Triton program; the default on CUDA) or "reference" (torch: a sort of every row); both give the same
-        layout."""
-        return self.layout_from_scores(block_scores(q, k, meta, backend=backend), meta, q.shape[2], k.shape[2],
-                                       backend)
+        layout. The kernel skips blocks past the causal diagonal itself, so its scores skip ``block_scores``'s
+        causal ``masked_fill`` (a pass over the scores and the causal mask's host work)."""
+        kernel = self.mode == "rank" and use_kernel(backend, q)
+        s = block_scores(q, k, meta, masked=not kernel, backend=backend)
+        return self.layout_from_scores(s, meta, q.shape[2], k.shape[2], backend)
 
     def layout_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int,
                            backend: str = "auto") -> PyramidLayout:
+        """The layout from pooled block scores ``s`` [B, H, NQ, NK]: causally masked (``block_scores``' default)
+        for the torch path and energy mode; the rank-mode kernel ignores what lies past the diagonal, masked or
+        not."""
         if self.mode == "rank" and use_kernel(backend, s):
             from ..kernels.block_select import select_levels
 
