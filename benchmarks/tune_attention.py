@@ -14,7 +14,10 @@ kernel's other warps/stages combinations; ``--hopper-only`` is the Gluon kernel'
 against another copy of ``block_sparse_hopper.py`` (an earlier commit's: ``git show REV:src/vidsparse/attention/
 kernels/block_sparse_hopper.py > FILE``) in one process, in ``--rounds`` alternating timing rounds (median shown)
 with the SM clock sampled through NVML during each variant's rounds, so that a drift of clock or temperature falls
-on both alike; ``--tag`` names the results file (``tune_attention_against_TAG.json``)."""
+on both alike; ``--tag`` names the results file (``tune_attention_against_TAG.json``). ``--lazy`` is the same
+alternating A/B of this tree's Gluon kernel with its lazy rescale forced on and forced off (``lazy_rescale``), on
+layouts whose width (blocks in the longest row, what the launch's default decides by) runs from 7 to 103
+(``tune_attention_lazy[_TAG].json``)."""
 
 from __future__ import annotations
 
@@ -26,7 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
-from common import GpuMonitor, device_name, interleaved, load_copy, save, today, update_markdown  # noqa: E402
+from common import (  # noqa: E402
+    GpuMonitor,
+    device_name,
+    interleaved,
+    load_copy,
+    markdown_args,
+    rewrite_markdown,
+    save,
+    today,
+    update_markdown,
+)
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
@@ -40,22 +53,15 @@ def main():
     ap.add_argument("--hopper-only", action="store_true", help="the Gluon kernel's schedule A/B")
     ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
+    ap.add_argument("--lazy", action="store_true", help="the Gluon kernel's lazy rescale forced on against off")
     ap.add_argument("--rounds", type=int, default=4, help="with --against: alternating timing rounds per variant")
     ap.add_argument("--tag", default="", help="with --against: suffix of the results file")
     ap.add_argument("--kv-heads", type=int, default=4, help="K/V heads (28 query heads): 4 (GQA) or 28")
-    ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
-    ap.add_argument("--note", default="", help="with --markdown-from: a sentence added to the section (what the "
-                    "compared copies were)")
+    markdown_args(ap, "tune_attention_*")  # --note: what the compared copies were
     opts = ap.parse_args()
-    other = _load_kernel(opts.against) if opts.against else None
-    if opts.markdown_from:
-        import json
-
-        res = json.loads(Path(opts.markdown_from).read_text())
-        if opts.note:
-            res["note"] = opts.note
-        write_markdown(res)
+    if rewrite_markdown(opts, write_markdown):
         return
+    other = _load_kernel(opts.against) if opts.against else None
     res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
            "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
     h, hk, d = 28, opts.kv_heads, 128
@@ -65,7 +71,12 @@ def main():
              (32768, "dense", 1.0), (131072, "dense", 1.0)]
     if other is not None:  # the rows furthest from the targets: 64K at 5%
         cases[6:6] = [(65536, "random", 0.05), (65536, "pattern", 0.05)]
-    monitor = GpuMonitor() if other is not None else None
+    if opts.lazy:  # widths 7, 26, 52, 103 (random rows); two block_topk layouts
+        cases = [(16384, "random", 0.05), (32768, "random", 0.1), (32768, "random", 0.2), (65536, "random", 0.05),
+                 (65536, "random", 0.1), (65536, "pattern", 0.1), (131072, "random", 0.05), (131072, "random", 0.1),
+                 (131072, "pattern", 0.05)]
+    paired = other is not None or opts.lazy
+    monitor = GpuMonitor() if paired else None
     for n, kind, rho in cases:
         if kind == "pattern":
             q, k, _, _ = video_qk(n // 256 - 1, 16, 16, h, hk, d)
@@ -89,20 +100,27 @@ def main():
             per, tile = (lambda: _hopper(args, persistent=True)), (lambda: _hopper(args, persistent=False))
             variants = {"hopper_persistent": per, "hopper_per_tile": tile, "hopper_persistent_again": per,
                         "hopper_per_tile_again": tile}
-        if other is not None:  # this tree's kernel against the other copy, in alternating rounds
-            mine = lambda: _hopper(args)  # noqa: E731
-            theirs = lambda: _hopper(args, kernel=other)  # noqa: E731
-            ref, out = mine(), theirs()
-            timed = interleaved({"hopper": mine, "hopper_against": theirs}, lambda fn: bench_ms(fn, rep_ms=200),
-                                opts.rounds, monitor)
-            for name, fn, o in (("hopper", mine, ref), ("hopper_against", theirs, out)):
-                row = {"n": n, "layout": kind, "density": dens, "variant": name, **timed[name],
-                       "tflops": flops(h, n, d, dens) / timed[name]["ms"] / 1e9,
-                       "max_diff": float((o.float() - ref.float()).abs().max()), "graph_ms": graph_ms(fn),
+        if paired:  # this tree's kernel against the other copy (or lazy against eager), in alternating rounds
+            if opts.lazy:
+                pair = {"hopper_lazy": lambda: _hopper(args, lazy_rescale=True),
+                        "hopper_eager": lambda: _hopper(args, lazy_rescale=False)}
+            else:
+                pair = {"hopper": lambda: _hopper(args), "hopper_against": lambda: _hopper(args, kernel=other)}
+            outs = {name: fn() for name, fn in pair.items()}
+            ref = next(iter(outs.values()))
+            timed = interleaved(pair, lambda fn: bench_ms(fn, rep_ms=200), opts.rounds, monitor)
+            for name, fn in pair.items():
+                row = {"n": n, "layout": kind, "density": dens, "width": lay.kv_index.shape[-1], "variant": name,
+                       **timed[name], "tflops": flops(h, n, d, dens) / timed[name]["ms"] / 1e9,
+                       "max_diff": float((outs[name].float() - ref.float()).abs().max()), "graph_ms": graph_ms(fn),
                        "host_us": host_us(fn)}
                 res["rows"].append(row)
                 print(row, flush=True)
             variants = {}
+            if opts.lazy:
+                del q, k, v, lay
+                torch.cuda.empty_cache()
+                continue
         if kind == "dense":
             variants["sdpa_cudnn"] = causal_sdpa("cudnn", q, k.repeat_interleave(h // hk, 1),
                                                  v.repeat_interleave(h // hk, 1))
@@ -111,7 +129,7 @@ def main():
                                                                                         num_stages=st)
             variants[f"pointer_w{w}_s{st}"] = lambda w=w, st=st: bs.block_sparse_attention(*args, num_warps=w,
                                                                                             num_stages=st)
-        ref = None if other is None else ref  # against mode: the extra rows (cuDNN) are compared with this tree's
+        ref = ref if paired else None  # against mode: the extra rows (cuDNN) are compared with this tree's
         for name, fn in variants.items():
             try:
                 out = fn()
@@ -131,8 +149,10 @@ def main():
         torch.cuda.empty_cache()
     if other is not None:
         res["against"] = opts.against
+    if paired:
         monitor.close()
-    save("tune_attention" + (f"_against{'_' + opts.tag if opts.tag else ''}" if other is not None else
+    tag = f"_{opts.tag}" if opts.tag else ""
+    save("tune_attention" + (f"_against{tag}" if other is not None else f"_lazy{tag}" if opts.lazy else
                              "_hopper" if opts.hopper_only else ""), res)
     write_markdown(res)
 
@@ -153,10 +173,13 @@ def host_us(fn, calls: int = 20) -> float:
 def write_markdown(res):
     """One BENCHMARKS.md section per mode (all variants; the Gluon kernel's schedule A/B)."""
     ab = "--hopper-only" in res.get("command", "")
+    lazy = "--lazy" in res.get("command", "")
     clocked = any("rounds" in r for r in res["rows"])
     against = f": A/B against `{res['against']}`" if res.get("against") else ""
     heads = f"{res.get('heads', 28)}/{res.get('kv_heads', 4)}"
     against += f", {heads} heads" if against and heads != "28/4" else ""  # its own section
+    if lazy:
+        against = f": lazy rescale A/B{f', {heads} heads' if heads != '28/4' else ''}"
     title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, {heads} heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
@@ -172,7 +195,8 @@ def write_markdown(res):
         rounds = " / ".join(f"{x:.2f}" for x in r.get("rounds", []))
         more = f" {rounds} | {r.get('sm_mhz', '-')} |" if clocked else ""
         if "ms" in r:
-            lines.append(f"| {r['n']} | {r['layout']} | {r['density']:.3f} | {r['variant']} | {r['ms']:.2f} | "
+            layout = r["layout"] + (f", width {r['width']}" if "width" in r else "")
+            lines.append(f"| {r['n']} | {layout} | {r['density']:.3f} | {r['variant']} | {r['ms']:.2f} | "
                          f"{r['tflops']:.0f} | {extra} | {r['max_diff']:.3g} |" + more)
         else:
             lines.append(f"| {r['n']} | {r['layout']} | - | {r['variant']} | {r['error']} | | | | |" +

@@ -124,6 +124,48 @@ def test_running_max_that_grows_along_the_row(ramp):
     torch.testing.assert_close(lse[0], causal_lse(q[0], k[0]), atol=LSE_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("ramp", ["up", "down", "steps"])
+@pytest.mark.parametrize("lse,varlen", [(True, False), (False, True)])
+def test_lazy_rescale_matches_reference(variant, ramp, lse, varlen):
+    """The Gluon kernel's lazy rescale (the running max moves only past 2^8) against the fp32 reference, forced on
+    and off, on keys whose scale grows along the sequence ("up": the max moves by a few units of log2 a block, so
+    mostly it stays and P reaches 2^8; "steps": flat, then jumps of ×4; "down": it never moves after the first
+    block), causal, a random layout as wide as the dense one on half its rows, the log-sum-exp, and a batch of
+    different lengths. The launch picks it for rows of ``LAZY_MIN_BLOCKS`` blocks or more."""
+    if variant != "hopper":
+        pytest.skip("the Gluon kernel's option")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    from vidsparse.attention.kernels.block_sparse_hopper import LAZY_MIN_BLOCKS, block_sparse_attention_hopper
+
+    n, b = 4500, 2
+    q, k, v = qkv(b, 4, 2, n, 128, torch.bfloat16, seed=31)
+    pos = torch.arange(n, device="cuda", dtype=torch.float32)
+    scale = {"up": 0.2 + 7.8 * pos / n, "down": 8.0 - 7.8 * pos / n, "steps": 4.0 ** (pos // 1500)}[ramp]
+    k = (k.float() * scale[:, None]).to(torch.bfloat16)
+    nb = -(-n // 128)
+    mask = torch.rand(b, 4, nb, nb, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) > 0.5
+    mask[:, :, nb // 2:] = True  # rows as wide as the dense layout's: the width reaches LAZY_MIN_BLOCKS
+    lay = BlockLayout.from_block_mask(mask, 128, 128, n, n)
+    assert lay.kv_index.shape[-1] >= LAZY_MIN_BLOCKS
+    lens = torch.tensor([n, 3001], dtype=torch.int32, device="cuda") if varlen else None
+    ref = layout_attention(q.float(), k.float(), v.float(), lay, seqlens_q=lens, seqlens_k=lens)
+    same = layout_attention(q, k, v, lay, seqlens_q=lens, seqlens_k=lens, dtype=q.dtype)
+    err_t = (same.float() - ref).abs().max().item()
+    for lazy in (True, False):
+        got = block_sparse_attention_hopper(q, k, v, lay.kv_index, lay.kv_count, True, 128 ** -0.5, lens, lens,
+                                            return_lse=lse, lazy_rescale=lazy)
+        out, lse_out = got if lse else (got, None)
+        err_k = (out.float() - ref).abs().max().item()
+        assert not torch.isnan(out).any() and kernel_ok(err_k, err_t, q.dtype), (lazy, err_k, err_t)
+        if varlen:
+            assert torch.all(out[1, :, 3001:] == 0)
+        if lse:  # against torch's fp32 log-sum-exp of the layout's visible keys
+            s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float().repeat_interleave(2, 1)) * 128 ** -0.5
+            s = s.masked_fill(~lay.dense_mask(), float("-inf"))
+            torch.testing.assert_close(lse_out, torch.logsumexp(s, -1), atol=LSE_ATOL, rtol=0)
+
+
 def test_persistent_programs_equal_one_program_per_tile(variant):
     """The Gluon kernel's persistent schedule (one program per SM walking the tiles) against one program per tile:
     the same arithmetic per tile, so bit-identical — on a batch with different lengths, empty rows, more tiles than

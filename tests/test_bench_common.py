@@ -142,3 +142,24 @@ def test_markdown_rewrite_keeps_the_note_it_was_given(tmp_path, monkeypatch):
     assert common.rewrite_markdown(ap.parse_args(["--markdown-from", str(saved)]), written.append)
     assert written == [{"value": 3, "note": "Run on abc."}] * 2
     assert not common.rewrite_markdown(ap.parse_args([]), written.append) and len(written) == 2
+
+
+def test_tune_attention_lazy_section_names_the_widths(tmp_path, monkeypatch):
+    """``tune_attention.py --lazy``: its own section per head configuration, each row's layout with its width (the
+    launch's default decides by it), the alternating rounds and clocks."""
+    import tune_attention
+
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    row = {"n": 65536, "layout": "random", "density": 0.0518, "width": 26, "ms": 2.5, "rounds": [2.5, 2.6],
+           "sm_mhz": 1620, "tflops": 500.0, "graph_ms": 2.49, "host_us": 150.0, "max_diff": 0.0}
+    for hk in (4, 28):
+        tune_attention.write_markdown({
+            "device": "Test GPU", "date": "2026-11-29", "command": "python benchmarks/tune_attention.py --lazy",
+            "heads": 28, "kv_heads": hk, "note": "A note.",
+            "rows": [{**row, "variant": "hopper_lazy"}, {**row, "variant": "hopper_eager", "ms": 2.6}]})
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Attention kernel variants: lazy rescale A/B (Test GPU)" in text
+    assert "## Attention kernel variants: lazy rescale A/B, 28/28 heads (Test GPU)" in text
+    assert "| 65536 | random, width 26 | 0.052 | hopper_lazy | 2.50 | 500 | 2.49 | 150 | 0 | 2.50 / 2.60 | 1620 |" \
+        in text
+    assert "| 65536 | random, width 26 | 0.052 | hopper_eager | 2.60 |" in text and "A note." in text

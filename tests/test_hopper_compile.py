@@ -24,7 +24,7 @@ BUILD = r"""
 from vidsparse.attention.kernels import block_sparse_hopper as hop
 
 d, causal, lse, varlen = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[5] == "1"
-kpos, pyramid = sys.argv[6] == "1", sys.argv[7] == "1"
+kpos, pyramid, lazy = sys.argv[6] == "1", sys.argv[7] == "1", sys.argv[8] == "1"
 hop._sm_count = lambda device: 132  # the launch's only question to a GPU
 # through the launch wrapper, so the build gets the arguments a real call passes (None for what it does not use)
 n, h, hk = 512, 4, 2
@@ -35,7 +35,7 @@ lens = torch.full((1,), n, dtype=torch.int32) if varlen else None
 pooled = (torch.zeros(3, 1, h, n // 128, 2, dtype=torch.int32), torch.zeros(3, 1, h, n // 128, dtype=torch.int32))
 hop.block_sparse_attention_hopper(q, kv, kv, idx, cnt, causal, 0.1, lens, lens, return_lse=lse,
                                   key_pos=torch.arange(n).expand(1, hk, n) if kpos else None,
-                                  pooled=pooled if pyramid else None)
+                                  pooled=pooled if pyramid else None, lazy_rescale=lazy)
 (k,) = hop._fwd.device_caches[0][0].values()  # the one build that launch made
 open(sys.argv[4], "wb").write(k.asm["cubin"])
 print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
@@ -43,16 +43,19 @@ print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.me
 
 
 @pytest.mark.skipif(not _gluon_builds(), reason="the Gluon kernel builds with Triton 3.6 or newer")
-@pytest.mark.parametrize("d,causal,lse,varlen,kpos,pyramid", [
-    (128, True, False, False, False, False), (64, False, True, True, False, False),
-    (128, True, True, True, False, False), (128, True, True, False, True, False),
-    (128, True, False, False, False, True), (64, False, False, False, False, True)])
-def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen, kpos, pyramid):
+@pytest.mark.parametrize("d,causal,lse,varlen,kpos,pyramid,lazy", [
+    (128, True, False, False, False, False, False), (64, False, True, True, False, False, False),
+    (128, True, True, True, False, False, False), (128, True, True, False, True, False, False),
+    (128, True, False, False, False, True, False), (64, False, False, False, False, True, False),
+    (128, True, False, False, False, False, True), (128, True, True, True, False, False, True),
+    (64, False, False, False, False, False, True)])
+def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen, kpos, pyramid, lazy):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
     which Gluon cannot compile. ``kpos``: keys with their original positions (permuted keys, key subsets);
-    ``pyramid``: pooled levels after the exact blocks."""
+    ``pyramid``: pooled levels after the exact blocks; ``lazy``: the lazy rescale of long rows."""
     cubin = tmp_path / "k.cubin"
-    out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos), int(pyramid))
+    out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos), int(pyramid),
+                int(lazy))
     info = json.loads(out.strip().splitlines()[-1])
     sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass and "UTMASTG" in sass  # the output's whole tiles leave through a TMA store

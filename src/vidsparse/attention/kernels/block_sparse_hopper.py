@@ -41,6 +41,12 @@ cannot express in Triton 3.6:
   instead (the others, and other output layouts, keep the 16-byte stores): 3–5% less GPU time at 16K tokens and
   5% density, 1–2% at 32K and 10%, level at 64K–128K and on dense layouts (H200,
   ``tune_attention.py --against``, the section "A/B against .ab/hopper_args_none.py").
+- Lazy rescale (FlashAttention-4's rule) on layouts whose rows reach ``LAZY_MIN_BLOCKS`` blocks: a row's running
+  max moves only once a block passes it by 2^8 and the accumulator is rescaled only on blocks where some row of the
+  warpgroup moved (``_softmax_lazy``; one cross-warp reduction a block for the flag). Forced on against off on an
+  H200 (``tune_attention.py --lazy``): 0.977–1.001× as launched on rows of 52 and 103 blocks, 0.986–1.037× at 26,
+  level at 7; against the kernel before it (``--against``): 0.967–0.990× at 128K and 10%, 0.94–0.97× at 128K
+  dense. Rows of a few blocks keep the eager rescale, where the H100 measured the lazy one 1–3% slower.
 
 FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was tried and removed: it measured
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
@@ -71,6 +77,8 @@ NUM_STAGES = 2  # K/V ring depth: with Q double-buffered per consumer, a third s
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 MAXNREG = 168  # 12 warps (two consumer warpgroups + the loader's warpgroup) × 32 threads × 168 ≤ 65,536 registers
+RESCALE_LOG2 = gl.constexpr(8.0)  # lazy rescale: a row's running max moves once a block passes it by 2^8
+LAZY_MIN_BLOCKS = 24  # rows of at least this many blocks (the layout's width) rescale lazily (``lazy_rescale``)
 
 
 @gluon.jit
@@ -83,15 +91,7 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale
     ``PYRAMID`` the scaled logits get + ``bias`` (log2 p for a tile of keys pooled p to one, 0 for exact keys),
     carried in the row max rather than added to each score."""
     if masked:
-        cols = n * s.shape[1] + offs_nb
-        valid = cols[None, :] < lk
-        if CAUSAL:
-            if HAS_KPOS:
-                kp = gl.load(kp_base + cols, mask=cols < lk, other=0)
-                valid = valid & (kp[None, :] <= offs_m[:, None] + off)
-            else:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + off)
-        s = gl.where(valid, s, float("-inf"))
+        s = _mask(s, n, offs_m, offs_nb, lk, off, kp_base, CAUSAL, HAS_KPOS)
     if PYRAMID:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale + bias)
     else:
@@ -104,6 +104,40 @@ def _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale
     alpha = gl.exp2(m_i - m_sub)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _mask(s, n, offs_m, offs_nb, lk, off, kp_base, CAUSAL: gl.constexpr, HAS_KPOS: gl.constexpr):
+    """Scores of key block ``n`` at -inf where the key lies past ``lk`` or (causal) after the row's position."""
+    cols = n * s.shape[1] + offs_nb
+    valid = cols[None, :] < lk
+    if CAUSAL:
+        if HAS_KPOS:
+            kp = gl.load(kp_base + cols, mask=cols < lk, other=0)
+            valid = valid & (kp[None, :] <= offs_m[:, None] + off)
+        else:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + off)
+    return gl.where(valid, s, float("-inf"))
+
+
+@gluon.jit
+def _softmax_lazy(s, m_i, l_i, n, masked, offs_m, offs_nb, lk, off, kp_base, qk_scale, CAUSAL: gl.constexpr,
+                  HAS_KPOS: gl.constexpr):
+    """``_softmax`` for a row's later blocks with FlashAttention-4's lazy rescale: the running max moves only where
+    a block passes it by more than 2^``RESCALE_LOG2`` (P then stays below 2^8, well inside the 16-bit types and the
+    fp32 sums), so the accumulator needs rescaling only when some row moved, which the returned flag says (any row
+    of the warpgroup: one cross-warp reduction). Max and sum stay a consistent pair, so the result is the same
+    softmax up to rounding."""
+    if masked:
+        s = _mask(s, n, offs_m, offs_nb, lk, off, kp_base, CAUSAL, HAS_KPOS)
+    m_cand = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    grow = (m_cand - m_i) > RESCALE_LOG2  # from -inf: +inf, grows; -inf to -inf: NaN, stays (nothing seen yet)
+    m_new = gl.where(grow, m_cand, m_i)
+    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - m_sub[:, None])
+    alpha = gl.exp2(m_i - m_sub)  # exactly 1 where the max stayed; 0 on a row with nothing seen yet (sums 0)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i, gl.max(grow.to(gl.int32), 0)
 
 
 @gluon.jit
@@ -349,7 +383,7 @@ def _store_zeros(m_none, l_none, OUT, LSE, b, h, row0, lq, NQ, s_ob, s_oh, s_om,
 @gluon.jit
 def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
-              HAS_KPOS: gl.constexpr, PYRAMID: gl.constexpr):
+              HAS_KPOS: gl.constexpr, PYRAMID: gl.constexpr, LAZY: gl.constexpr):
     """One consumer warpgroup's 64 rows of each tile. A tile's last P·V product is left in flight and issued beside
     the next tile's first Q·Kᵀ, whose softmax then overlaps it; that tile's epilogue follows."""
     (q_desc, _k_desc, _v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tiles,
@@ -441,11 +475,19 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
                 acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
-                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, limit, off, kp_base,
-                                                qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
+                if LAZY:
+                    p32, alpha, m_i, l_i, moved = _softmax_lazy(s, m_i, l_i, n, masked, offs_m, offs_nb, limit, off,
+                                                                kp_base, qk_scale, CAUSAL, HAS_KPOS)
+                else:
+                    p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, n, masked, offs_m, offs_nb, limit, off, kp_base,
+                                                    qk_scale, bias, CAUSAL, HAS_KPOS, PYRAMID)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+                if LAZY:
+                    if moved > 0:  # most blocks: once a row's max settles it rarely grows by 2^8
+                        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+                else:
+                    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 p = gl.convert_layout(p32.to(dtype), P_L)
             qi += 1
             pqb = qb
@@ -474,15 +516,15 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.conste
 @gluon.jit
 def _consumer0(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
-               PYRAMID: gl.constexpr):
-    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID)
+               PYRAMID: gl.constexpr, LAZY: gl.constexpr):
+    _consumer(args, 0, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID, LAZY)
 
 
 @gluon.jit
 def _consumer1(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
-               PYRAMID: gl.constexpr):
-    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID)
+               PYRAMID: gl.constexpr, LAZY: gl.constexpr):
+    _consumer(args, 1, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS, PYRAMID, LAZY)
 
 
 @gluon.jit
@@ -550,7 +592,7 @@ def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, o_desc, LSE, IDX, CNT, LQ,
          NQ, NK, H, HK, GROUP, NQB, ntiles, qk_scale, kpos_off, PR, off2, off4, off8,
          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
          RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_KPOS: gl.constexpr,
-         PYRAMID: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+         PYRAMID: gl.constexpr, LAZY: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     BM: gl.constexpr = BLOCK_M // 2
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [4, BM, HEAD_DIM], q_desc.layout)  # [consumer × 2 tiles]
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -583,9 +625,9 @@ def _fwd(q_desc, k_desc, v_desc, kp_desc, vp_desc, O, o_desc, LSE, IDX, CNT, LQ,
             (kp_desc, vp_desc, PIDX, PCNT, s_pil, s_pib, s_pih, s_pim, s_pik, s_pcl, s_pcb, s_pch, s_pcm, PR, off2,
              off4, off8))
     gl.warp_specialize([(_consumer0, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
-                                      PYRAMID)),
+                                      PYRAMID, LAZY)),
                         (_consumer1, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
-                                      PYRAMID)),
+                                      PYRAMID, LAZY)),
                         (_loader, (args, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, STAGES, VARLEN, HAS_KPOS,
                                    PYRAMID))],
                        [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -636,7 +678,7 @@ def _smem_layouts(d: int, bf16: bool):
 def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, scale: float, seqlens_q=None,
                                   seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
                                   persistent: bool = True, *, key_pos=None, query_offset=None, pooled=None,
-                                  nfull=None):
+                                  nfull=None, lazy_rescale: bool | None = None):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
     kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
     ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``key_pos`` int [B, Hkv, Nk]: the keys'
@@ -646,7 +688,9 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     knows it. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1, H|1, NQ, W], count int32 [3, B|1,
     H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias ln p, no element mask: each must
     lie wholly before its query block's first query). ``persistent=False`` launches one program per tile instead of
-    one per SM (for comparison: the hardware then schedules the tiles)."""
+    one per SM (for comparison: the hardware then schedules the tiles). ``lazy_rescale``: FlashAttention-4's lazy
+    rescale of the accumulator (``_softmax_lazy``); by default where the layout's rows reach ``LAZY_MIN_BLOCKS``
+    blocks (its width); never with pooled levels or key positions."""
     from .block_sparse import LOG2E, _bcast_strides, full_prefix, pooled_args
 
     if pooled is not None and key_pos is not None:
@@ -700,13 +744,16 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     ntiles = b * h * nqb
     grid = (min(ntiles, _sm_count(q.device)) if persistent else ntiles,)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the dynamic schedule's next unclaimed tile
+    if lazy_rescale is None:
+        lazy_rescale = kv_index.shape[-1] >= LAZY_MIN_BLOCKS
+    lazy = bool(lazy_rescale) and pooled is None and key_pos is None  # with either, its build spills registers
     _fwd[grid](
         qd, kd, vd, kpd, vpd, out, od, lse, kv_index, kv_count, lq if varlen else None, lk if varlen else None,
         counter, kpos, nfull, pidx, pcnt, *out.stride()[:3], *s_lse,
         *_bcast_strides(kv_index, 4), *_bcast_strides(kv_count, 3), *s_kpos, *s_full, *s_pidx, *s_pcnt,
         nq, nk, h, hk, h // hk, nqb, ntiles, scale * LOG2E, kpos_off, pr, *offs,
         HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CAUSAL=causal, RETURN_LSE=return_lse, STAGES=NUM_STAGES,
-        VARLEN=varlen, HAS_KPOS=key_pos is not None, PYRAMID=pooled is not None,
+        VARLEN=varlen, HAS_KPOS=key_pos is not None, PYRAMID=pooled is not None, LAZY=lazy,
         CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return (out, lse) if return_lse else out
