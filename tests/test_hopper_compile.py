@@ -38,7 +38,8 @@ hop.block_sparse_attention_hopper(q, kv, kv, idx, cnt, causal, 0.1, lens, lens, 
                                   pooled=pooled if pyramid else None, lazy_rescale=lazy)
 (k,) = hop._fwd.device_caches[0][0].values()  # the one build that launch made
 open(sys.argv[4], "wb").write(k.asm["cubin"])
-print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared}))
+print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.metadata.shared,
+                  "ptx_2_8": "0f41000000" in k.asm["ptx"]}))  # fp32 8.0: the lazy rescale's threshold, log2 2^8
 """
 
 
@@ -48,11 +49,13 @@ print(json.dumps({"ptx_setmaxnreg": "setmaxnreg" in k.asm["ptx"], "shared": k.me
     (128, True, True, True, False, False, False), (128, True, True, False, True, False, False),
     (128, True, False, False, False, True, False), (64, False, False, False, False, True, False),
     (128, True, False, False, False, False, True), (128, True, True, True, False, False, True),
-    (64, False, False, False, False, False, True)])
+    (64, False, False, False, False, False, True), (128, True, True, False, True, False, True),
+    (128, True, False, False, False, True, True)])
 def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse, varlen, kpos, pyramid, lazy):
     """Built in a fresh interpreter: the test session runs Triton in interpreter mode (TRITON_INTERPRET=1), under
     which Gluon cannot compile. ``kpos``: keys with their original positions (permuted keys, key subsets);
-    ``pyramid``: pooled levels after the exact blocks; ``lazy``: the lazy rescale of long rows."""
+    ``pyramid``: pooled levels after the exact blocks; ``lazy``: the lazy rescale of long rows asked for (the launch
+    builds it only without key positions and pooled levels)."""
     cubin = tmp_path / "k.cubin"
     out = build(tmp_path / "cache", BUILD, d, int(causal), int(lse), cubin, int(varlen), int(kpos), int(pyramid),
                 int(lazy))
@@ -60,6 +63,7 @@ def test_hopper_kernel_builds_with_wgmma_and_no_spills(tmp_path, d, causal, lse,
     sass, usage = dump(cubin, "-sass"), dump(cubin, "--dump-resource-usage")
     assert "HGMMA" in sass and "UTMASTG" in sass  # the output's whole tiles leave through a TMA store
     assert info["ptx_setmaxnreg"]
+    assert info["ptx_2_8"] == (lazy and not kpos and not pyramid)  # the build the launch made is the lazy one
     # no spills, except that the pyramid's partitions, which also track a tile's pooled steps, keep a few scalars
     # (up to 10 words: 40 bytes of stack) on the stack — never a tensor's registers (a 64×128 fp32 tile takes 64
     # words a thread). (Built with every stride 1, as this test did before it launched through the wrapper, Triton
