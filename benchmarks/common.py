@@ -136,6 +136,25 @@ def kernel_times(fn, calls: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_call"])
 
 
+def host_us(fn, calls: int = 20, batches: int = 1) -> float:
+    """The host's µs per call of ``fn`` (Python and launch time): ``calls`` calls issued back to back from an idle
+    GPU (nothing waits for it while they are issued), the median over ``batches`` such runs."""
+    import statistics
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def load_copy(path: str, name: str):
     """Another copy of one of vidsparse's modules (an earlier commit's, from ``git show REV:src/... > FILE``) loaded
     as ``name`` inside the package the name gives, so that its relative imports resolve: for in-process A/Bs."""

@@ -21,9 +21,7 @@ the device's results and writes a BENCHMARKS.md section."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import graph_ms, random_layout, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    load_copy, markdown_args, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
+    host_us, interleaved, load_copy, markdown_args, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -42,19 +40,6 @@ from vidsparse.attention.patterns import SeqMeta, vertical_slash  # noqa: E402
 H, HK, D = 28, 4, 128
 SPECS = ("block_topk:density=0.05", "vertical_slash", "xattention:stride=16,tau=0.9", "pyramid")
 CALLS, BATCHES, ROUNDS = 50, 7, 5
-
-
-def host_us(fn, calls: int = CALLS, batches: int = BATCHES) -> float:
-    """The host's µs per call: ``calls`` calls back to back from an idle GPU, median over ``batches``."""
-    times = []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def uncached_capability(device) -> tuple[int, int]:
@@ -110,7 +95,7 @@ def run_case(n: int, density: float, monitor, abs_=ABS, profile: bool = False) -
     rows = []
     for name, fn in calls.items():
         fn()  # compiled and cached before timing
-        host = host_us(fn)
+        host = host_us(fn, CALLS, BATCHES)
         gpu = graph_ms(fn)
         rows.append({"call": name, "host_us": host, "gpu_us": None if gpu is None else gpu * 1e3})
         if profile:
@@ -118,13 +103,9 @@ def run_case(n: int, density: float, monitor, abs_=ABS, profile: bool = False) -
     ab = []
     for name, change, module, attr, without in abs_:
         pair = {"with": calls[name], "without": swapped(module, attr, without(), calls[name])}
-        rounds = {x: [] for x in pair}
-        for _ in range(ROUNDS):
-            for x, fn in pair.items():
-                rounds[x].append(host_us(fn, batches=3))
-        med = {x: statistics.median(r) for x, r in rounds.items()}
-        ab.append({"call": name, "change": change, "with_us": med["with"], "without_us": med["without"],
-                   "rounds": rounds})
+        timed = interleaved(pair, lambda fn: host_us(fn, CALLS, 3), ROUNDS)  # µs, though interleaved says "ms"
+        ab.append({"call": name, "change": change, "with_us": timed["with"]["ms"],
+                   "without_us": timed["without"]["ms"], "rounds": {x: t["rounds"] for x, t in timed.items()}})
     res = {"n": n, "heads": H, "kv_heads": HK, "density": lay.density(), "rows": rows, "ab": ab}
     for r in rows:
         gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.0f}"

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
 from common import (  # noqa: E402
     GpuMonitor,
-    device_name,
+    host_us,
     interleaved,
     load_copy,
     markdown_args,
+    new_payload,
     rewrite_markdown,
     save,
-    today,
     update_markdown,
 )
 
@@ -62,8 +62,7 @@ def main():
     if rewrite_markdown(opts, write_markdown):
         return
     other = _load_kernel(opts.against) if opts.against else None
-    res = {"benchmark": "tune_attention", "date": today(), "device": device_name(),
-           "command": "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]), "rows": []}
+    res = new_payload("tune_attention", "python benchmarks/tune_attention.py" + "".join(" " + a for a in sys.argv[1:]))
     h, hk, d = 28, opts.kv_heads, 128
     res["heads"], res["kv_heads"] = h, hk
     cases = [(131072, "pattern", 0.1), (131072, "random", 0.1), (131072, "random_shared", 0.1),
@@ -155,19 +154,6 @@ def main():
     save("tune_attention" + (f"_against{tag}" if other is not None else f"_lazy{tag}" if opts.lazy else
                              "_hopper" if opts.hopper_only else ""), res)
     write_markdown(res)
-
-
-def host_us(fn, calls: int = 20) -> float:
-    """Host time of one call: ``calls`` calls issued back to back (the GPU runs behind; nothing waits for it)."""
-    import time
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
 
 
 def write_markdown(res):

@@ -163,3 +163,16 @@ def test_tune_attention_lazy_section_names_the_widths(tmp_path, monkeypatch):
     assert "| 65536 | random, width 26 | 0.052 | hopper_lazy | 2.50 | 500 | 2.49 | 150 | 0 | 2.50 / 2.60 | 1620 |" \
         in text
     assert "| 65536 | random, width 26 | 0.052 | hopper_eager | 2.60 |" in text and "A note." in text
+
+
+def test_host_us_is_the_median_batch_per_call(monkeypatch):
+    """``common.host_us`` (tune_attention's and host_overhead's host column): each batch's wall time over its calls,
+    in µs, the median over batches, with the GPU synchronised before each batch and after the last."""
+    import torch
+
+    syncs, calls, clock = [], [], iter([0.0, 0.001, 1.0, 1.004, 2.0, 2.002])  # batches of 1, 4 and 2 ms
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(len(calls)))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    us = common.host_us(lambda: calls.append(1), calls=10, batches=3)
+    assert abs(us - 200.0) < 1e-9  # median of 100, 400, 200 µs per call (up to the float subtraction)
+    assert len(calls) == 30 and syncs == [0, 10, 20, 30]
