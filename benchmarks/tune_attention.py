@@ -17,7 +17,9 @@ with the SM clock sampled through NVML during each variant's rounds, so that a d
 on both alike; ``--tag`` names the results file (``tune_attention_against_TAG.json``). ``--lazy`` is the same
 alternating A/B of this tree's Gluon kernel with its lazy rescale forced on and forced off (``lazy_rescale``), on
 layouts whose width (blocks in the longest row, what the launch's default decides by) runs from 7 to 103
-(``tune_attention_lazy[_TAG].json``)."""
+(``tune_attention_lazy[_TAG].json``); with ``--widths W,...`` instead on random layouts of exactly those widths at
+each of ``--sizes`` (around the default's threshold, ``LAZY_MIN_BLOCKS``). In both paired modes the GPU times
+(CUDA-graph replays) alternate as well, ``--rounds`` of each (median shown)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
+from attention import bench_ms, captured, causal_sdpa, flops, graph_ms, random_layout, video_qk  # noqa: E402
 from common import (  # noqa: E402
     GpuMonitor,
     host_us,
@@ -54,6 +56,9 @@ def main():
     ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
     ap.add_argument("--lazy", action="store_true", help="the Gluon kernel's lazy rescale forced on against off")
+    ap.add_argument("--widths", default="", help="with --lazy: random layouts of these widths (blocks in the longest "
+                    "row), comma-separated, at each of --sizes")
+    ap.add_argument("--sizes", default="32768,65536", help="with --widths: sequence lengths")
     ap.add_argument("--rounds", type=int, default=4, help="with --against: alternating timing rounds per variant")
     ap.add_argument("--tag", default="", help="with --against: suffix of the results file")
     ap.add_argument("--kv-heads", type=int, default=4, help="K/V heads (28 query heads): 4 (GQA) or 28")
@@ -74,6 +79,9 @@ def main():
         cases = [(16384, "random", 0.05), (32768, "random", 0.1), (32768, "random", 0.2), (65536, "random", 0.05),
                  (65536, "random", 0.1), (65536, "pattern", 0.1), (131072, "random", 0.05), (131072, "random", 0.1),
                  (131072, "pattern", 0.05)]
+        if opts.widths:  # per-row counts ceil(rho × causal blocks): the last row's, the width, is exactly w
+            cases = [(n, "random", (w - 0.5) / -(-n // 128)) for n in map(int, opts.sizes.split(","))
+                     for w in map(int, opts.widths.split(","))]
     paired = other is not None or opts.lazy
     monitor = GpuMonitor() if paired else None
     for n, kind, rho in cases:
@@ -108,10 +116,15 @@ def main():
             outs = {name: fn() for name, fn in pair.items()}
             ref = next(iter(outs.values()))
             timed = interleaved(pair, lambda fn: bench_ms(fn, rep_ms=200), opts.rounds, monitor)
+            graphs = {name: captured(fn) for name, fn in pair.items()}  # GPU time alone, alternating as well
+            replayed = interleaved({name: g.replay for name, g in graphs.items()},
+                                   lambda fn: bench_ms(fn, rep_ms=200), opts.rounds)
+            del graphs
             for name, fn in pair.items():
                 row = {"n": n, "layout": kind, "density": dens, "width": lay.kv_index.shape[-1], "variant": name,
                        **timed[name], "tflops": flops(h, n, d, dens) / timed[name]["ms"] / 1e9,
-                       "max_diff": float((outs[name].float() - ref.float()).abs().max()), "graph_ms": graph_ms(fn),
+                       "max_diff": float((outs[name].float() - ref.float()).abs().max()),
+                       "graph_ms": replayed[name]["ms"], "graph_rounds": replayed[name]["rounds"],
                        "host_us": host_us(fn)}
                 res["rows"].append(row)
                 print(row, flush=True)
@@ -161,17 +174,21 @@ def write_markdown(res):
     ab = "--hopper-only" in res.get("command", "")
     lazy = "--lazy" in res.get("command", "")
     clocked = any("rounds" in r for r in res["rows"])
+    graph_rounds = any("graph_rounds" in r for r in res["rows"])
     against = f": A/B against `{res['against']}`" if res.get("against") else ""
     heads = f"{res.get('heads', 28)}/{res.get('kv_heads', 4)}"
     against += f", {heads} heads" if against and heads != "28/4" else ""  # its own section
     if lazy:
-        against = f": lazy rescale A/B{f', {heads} heads' if heads != '28/4' else ''}"
-    title = f"Attention kernel variants{': persistent schedule A/B' if ab and not against else against} ({res['device']})"
+        widths = ", widths" if "--widths" in res.get("command", "") else ""
+        against = f": lazy rescale A/B{widths}{f', {heads} heads' if heads != '28/4' else ''}"
+    mode = ": persistent schedule A/B" if ab and not against else against
+    title = f"Attention kernel variants{mode} ({res['device']})"
     lines = [f"{res['date']}, `{res['command']}`: the same layouts through each variant in one process, {heads} heads, "
              "d = 128, bf16, causal; `max diff` is against the first variant of the row group. `graph ms`: the same "
              "call replayed from a CUDA graph (GPU time alone); `host µs`: Python and launch time of one call." +
              (" `ms` is the median of alternating rounds (`rounds ms`); `SM MHz` the median clock NVML sampled during "
               "that variant's rounds." if clocked else "") +
+             (" `graph ms` is the median of alternating replay rounds as well." if graph_rounds else "") +
              (f" {res['note']}" if res.get("note") else ""), "",
              "| N | layout | density | variant | ms | TF/s | graph ms | host µs | max diff |" +
              (" rounds ms | SM MHz |" if clocked else ""),
@@ -199,7 +216,8 @@ def _hopper(args, kernel=None, **kw):
 
 
 def _load_kernel(path: str):
-    """Another copy of ``block_sparse_hopper.py`` as a module of the vidsparse package (its relative imports resolve)."""
+    """Another copy of ``block_sparse_hopper.py`` as a module of the vidsparse package (its relative imports
+    resolve)."""
     return load_copy(path, "vidsparse.attention.kernels._against")
 
 

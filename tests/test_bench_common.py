@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
 
@@ -163,6 +165,37 @@ def test_tune_attention_lazy_section_names_the_widths(tmp_path, monkeypatch):
     assert "| 65536 | random, width 26 | 0.052 | hopper_lazy | 2.50 | 500 | 2.49 | 150 | 0 | 2.50 / 2.60 | 1620 |" \
         in text
     assert "| 65536 | random, width 26 | 0.052 | hopper_eager | 2.60 |" in text and "A note." in text
+
+
+def test_tune_attention_width_sweep_has_its_own_section(tmp_path, monkeypatch):
+    """``--lazy --widths``: a section of its own (the plain ``--lazy`` one stays), saying that the graph times
+    alternate too."""
+    import tune_attention
+
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    row = {"n": 32768, "layout": "random", "density": 0.04, "width": 12, "ms": 0.5, "rounds": [0.5, 0.51],
+           "sm_mhz": 1700, "tflops": 400.0, "graph_ms": 0.45, "graph_rounds": [0.45, 0.46], "host_us": 90.0,
+           "max_diff": 0.0}
+    for cmd in ("--lazy", "--lazy --widths 12"):
+        tune_attention.write_markdown({
+            "device": "Test GPU", "date": "2026-11-29", "command": f"python benchmarks/tune_attention.py {cmd}",
+            "heads": 28, "kv_heads": 4, "rows": [{**row, "variant": "hopper_lazy"}]})
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Attention kernel variants: lazy rescale A/B (Test GPU)" in text
+    assert "## Attention kernel variants: lazy rescale A/B, widths (Test GPU)" in text
+    assert text.count("`graph ms` is the median of alternating replay rounds as well.") == 2
+    assert "| 32768 | random, width 12 | 0.040 | hopper_lazy | 0.50 | 400 | 0.45 | 90 | 0 | 0.50 / 0.51 | 1700 |" \
+        in text
+
+
+@pytest.mark.parametrize("n", [32768, 65536, 131072 - 100])
+def test_width_sweep_densities_give_those_widths(n):
+    """The width sweep's density (w − ½) / blocks gives ``random_layout`` layouts exactly w blocks wide."""
+    from attention import random_layout
+
+    nb = -(-n // 128)
+    for w in (8, 13, 24, 25):
+        assert random_layout(2, n, (w - 0.5) / nb, device="cpu").kv_index.shape[-1] == w
 
 
 def test_host_us_is_the_median_batch_per_call(monkeypatch):
