@@ -17,8 +17,9 @@ with the SM clock sampled through NVML during each variant's rounds, so that a d
 on both alike; ``--tag`` names the results file (``tune_attention_against_TAG.json``). ``--lazy`` is the same
 alternating A/B of this tree's Gluon kernel with its lazy rescale forced on and forced off (``lazy_rescale``), on
 layouts whose width (blocks in the longest row, what the launch's default decides by) runs from 7 to 103
-(``tune_attention_lazy[_TAG].json``); with ``--widths W,...`` instead on random layouts of exactly those widths at
-each of ``--sizes`` (around the default's threshold, ``LAZY_MIN_BLOCKS``). In both paired modes the GPU times
+(``tune_attention_lazy[_TAG].json``); with ``--widths W,...`` instead on layouts of exactly those widths at each
+of ``--sizes`` (around the default's threshold, ``LAZY_MIN_BLOCKS``): random ones, and/or ``block_topk``'s with
+``--kinds pattern`` (a section per set of sizes). In both paired modes the GPU times
 (CUDA-graph replays) alternate as well, ``--rounds`` of each (median shown)."""
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ def main():
     ap.add_argument("--against", default="", help="A/B of the Gluon kernel against another copy of "
                     "block_sparse_hopper.py (e.g. an earlier commit's, from git show): each twice, interleaved")
     ap.add_argument("--lazy", action="store_true", help="the Gluon kernel's lazy rescale forced on against off")
-    ap.add_argument("--widths", default="", help="with --lazy: random layouts of these widths (blocks in the longest "
-                    "row), comma-separated, at each of --sizes")
+    ap.add_argument("--widths", default="", help="with --lazy: layouts of these widths (blocks in the longest row), "
+                    "comma-separated, at each of --sizes")
     ap.add_argument("--sizes", default="32768,65536", help="with --widths: sequence lengths")
-    ap.add_argument("--rounds", type=int, default=4, help="with --against: alternating timing rounds per variant")
-    ap.add_argument("--tag", default="", help="with --against: suffix of the results file")
+    ap.add_argument("--kinds", default="random", help="with --widths: layouts, random and/or pattern (block_topk's "
+                    "on video-structured q/k)")
+    ap.add_argument("--rounds", type=int, default=4, help="with --against or --lazy: alternating timing rounds per "
+                    "variant")
+    ap.add_argument("--tag", default="", help="with --against or --lazy: suffix of the results file")
     ap.add_argument("--kv-heads", type=int, default=4, help="K/V heads (28 query heads): 4 (GQA) or 28")
     markdown_args(ap, "tune_attention_*")  # --note: what the compared copies were
     opts = ap.parse_args()
@@ -79,9 +83,9 @@ def main():
         cases = [(16384, "random", 0.05), (32768, "random", 0.1), (32768, "random", 0.2), (65536, "random", 0.05),
                  (65536, "random", 0.1), (65536, "pattern", 0.1), (131072, "random", 0.05), (131072, "random", 0.1),
                  (131072, "pattern", 0.05)]
-        if opts.widths:  # per-row counts ceil(rho × causal blocks): the last row's, the width, is exactly w
-            cases = [(n, "random", (w - 0.5) / -(-n // 128)) for n in map(int, opts.sizes.split(","))
-                     for w in map(int, opts.widths.split(","))]
+        if opts.widths:  # per-row counts ceil(rho × causal blocks) (block_topk's too): the last row's is exactly w
+            cases = [(n, kind, (w - 0.5) / -(-n // 128)) for kind in opts.kinds.split(",")
+                     for n in map(int, opts.sizes.split(",")) for w in map(int, opts.widths.split(","))]
     paired = other is not None or opts.lazy
     monitor = GpuMonitor() if paired else None
     for n, kind, rho in cases:
@@ -179,7 +183,12 @@ def write_markdown(res):
     heads = f"{res.get('heads', 28)}/{res.get('kv_heads', 4)}"
     against += f", {heads} heads" if against and heads != "28/4" else ""  # its own section
     if lazy:
-        widths = ", widths" if "--widths" in res.get("command", "") else ""
+        widths = ""
+        if "--widths" in res.get("command", ""):  # one section per sweep: its layouts, widths and sizes
+            sizes = ", ".join(f"{n // 1024}K" for n in sorted({r["n"] for r in res["rows"]}))
+            kinds = "/".join(sorted({r["layout"] for r in res["rows"]}))
+            ws = sorted({r["width"] for r in res["rows"]})
+            widths = f", {kinds} widths {ws[0]}–{ws[-1]} at {sizes}"
         against = f": lazy rescale A/B{widths}{f', {heads} heads' if heads != '28/4' else ''}"
     mode = ": persistent schedule A/B" if ab and not against else against
     title = f"Attention kernel variants{mode} ({res['device']})"

@@ -168,8 +168,8 @@ def test_tune_attention_lazy_section_names_the_widths(tmp_path, monkeypatch):
 
 
 def test_tune_attention_width_sweep_has_its_own_section(tmp_path, monkeypatch):
-    """``--lazy --widths``: a section of its own (the plain ``--lazy`` one stays), saying that the graph times
-    alternate too."""
+    """``--lazy --widths``: a section of its own per sweep, named by its layouts, widths and sizes (the plain
+    ``--lazy`` one stays), saying that the graph times alternate too."""
     import tune_attention
 
     monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
@@ -182,7 +182,7 @@ def test_tune_attention_width_sweep_has_its_own_section(tmp_path, monkeypatch):
             "heads": 28, "kv_heads": 4, "rows": [{**row, "variant": "hopper_lazy"}]})
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Attention kernel variants: lazy rescale A/B (Test GPU)" in text
-    assert "## Attention kernel variants: lazy rescale A/B, widths (Test GPU)" in text
+    assert "## Attention kernel variants: lazy rescale A/B, random widths 12–12 at 32K (Test GPU)" in text
     assert text.count("`graph ms` is the median of alternating replay rounds as well.") == 2
     assert "| 32768 | random, width 12 | 0.040 | hopper_lazy | 0.50 | 400 | 0.45 | 90 | 0 | 0.50 / 0.51 | 1700 |" \
         in text

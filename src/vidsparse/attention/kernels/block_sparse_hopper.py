@@ -46,7 +46,9 @@ cannot express in Triton 3.6:
   warpgroup moved (``_softmax_lazy``; one cross-warp reduction a block for the flag). Forced on against off on an
   H200 (``tune_attention.py --lazy``): 0.977–1.001× as launched on rows of 52 and 103 blocks, 0.986–1.037× at 26,
   level at 7; against the kernel before it (``--against``): 0.967–0.990× at 128K and 10%, 0.94–0.97× at 128K
-  dense. Rows of a few blocks keep the eager rescale, where the H100 measured the lazy one 1–3% slower.
+  dense. Rows of a few blocks keep the eager rescale, where the H100 measured the lazy one 1–3% slower; the width
+  sweep (``--lazy --widths``) found ``block_topk``'s layouts up to 3% slower lazily at widths 10–13, level at 20 and
+  0–1.4% faster on GPU time from 24 (random layouts are level or faster from 12 on).
 
 FlashAttention-3's explicit ping-pong between the consumers (turn mbarriers) was tried and removed: it measured
 10–15% slower on sparse layouts at 128K tokens and equal on dense ones (BENCHMARKS.md, "ping-pong A/B").
