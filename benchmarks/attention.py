@@ -396,6 +396,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="no FlexAttention, one head config")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,estimation,subset,recall")
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per callable in the kernels part "
+                    "(launched and graph-replayed alike); on an H200 at 128K the rounds fell into a fast and a slow "
+                    "state about 3%% apart, so rows near a ratio's threshold want more")
     ap.add_argument("--markdown-from", default="", help="only rewrite BENCHMARKS.md from a saved results JSON")
     ap.add_argument("--parts-from", default="", help="with --markdown-from: later partial runs that replace parts "
                     "of it, as PART=JSON[,PART=JSON] (parts: kernels, estimation, subset, recall)")
@@ -431,7 +434,7 @@ def main():
         try:
             for hk in ([4] if args.quick else [4, 28]):
                 for n in sizes:
-                    payload["kernels"].append(time_kernels(n, 28, hk, 128, dens, args.quick, monitor))
+                    payload["kernels"].append(time_kernels(n, 28, hk, 128, dens, args.quick, monitor, args.rounds))
                     torch.cuda.empty_cache()
                     save(name, payload)  # partial results survive a time limit
         finally:
