@@ -19,7 +19,7 @@ alternating A/B of this tree's Gluon kernel with its lazy rescale forced on and 
 layouts whose width (blocks in the longest row, what the launch's default decides by) runs from 7 to 103
 (``tune_attention_lazy[_TAG].json``); with ``--widths W,...`` instead on layouts of exactly those widths at each
 of ``--sizes`` (around the default's threshold, ``LAZY_MIN_BLOCKS``): random ones, and/or ``block_topk``'s with
-``--kinds pattern`` (a section per set of sizes). In both paired modes the GPU times
+``--kinds pattern`` (a section per sweep, named by its layouts, widths and sizes). In both paired modes the GPU times
 (CUDA-graph replays) alternate as well, ``--rounds`` of each (median shown)."""
 
 from __future__ import annotations

@@ -190,12 +190,20 @@ def test_tune_attention_width_sweep_has_its_own_section(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("n", [32768, 65536, 131072 - 100])
 def test_width_sweep_densities_give_those_widths(n):
-    """The width sweep's density (w − ½) / blocks gives ``random_layout`` layouts exactly w blocks wide."""
+    """The width sweep's density (w − ½) / blocks gives ``random_layout``'s layouts and ``block_topk``'s exactly w
+    blocks wide."""
+    import torch
     from attention import random_layout
 
+    from vidsparse import PATTERNS
+    from vidsparse.attention.patterns import SeqMeta
+
     nb = -(-n // 128)
+    q, k = torch.randn(2, 1, 2, n, 64).unbind(0)
     for w in (8, 13, 24, 25):
         assert random_layout(2, n, (w - 0.5) / nb, device="cpu").kv_index.shape[-1] == w
+        lay = PATTERNS.from_spec(f"block_topk:density={(w - 0.5) / nb}").estimate(q, k, SeqMeta())
+        assert lay.kv_index.shape[-1] == w
 
 
 def test_host_us_is_the_median_batch_per_call(monkeypatch):
