@@ -281,23 +281,23 @@ def mrope(x, t, hh, ww, sections=(16, 24, 24), base=1e6):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def video_qk(frames, gh, gw, h, hk, d, text=256, seed=0, sharp=1.1):
+def video_qk(frames, gh, gw, h, hk, d, text=256, seed=0, sharp=1.1, device="cuda"):
     """q, k for ``frames`` × gh × gw visual tokens after a text prefix, shaped like a video LLM's: content repeats
     within scenes of 8 frames (a patch looks like itself in neighbouring frames, plus noise), q and k share each KV
     head's projection (so a token attends to tokens with similar content), and positions are M-RoPE (t, h, w) as
     Qwen2.5-VL builds them. ``sharp`` scales q and k: 1.1 puts most attention mass on same-patch tokens of the scene."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     nv = frames * gh * gw
-    scene = torch.randn(max(1, -(-frames // 8)), gh * gw, d, device="cuda", generator=g)
-    content = scene.repeat_interleave(8, 0)[:frames] + 0.5 * torch.randn(frames, gh * gw, d, device="cuda", generator=g)
-    xs = torch.cat([torch.randn(text, d, device="cuda", generator=g), content.reshape(nv, d)])
+    scene = torch.randn(max(1, -(-frames // 8)), gh * gw, d, device=device, generator=g)
+    content = scene.repeat_interleave(8, 0)[:frames] + 0.5 * torch.randn(frames, gh * gw, d, device=device, generator=g)
+    xs = torch.cat([torch.randn(text, d, device=device, generator=g), content.reshape(nv, d)])
     xs = xs / xs.norm(dim=-1, keepdim=True) * math.sqrt(d)
-    tt = torch.arange(frames, device="cuda").repeat_interleave(gh * gw)
-    hh = torch.arange(gh, device="cuda").repeat_interleave(gw).repeat(frames)
-    ww = torch.arange(gw, device="cuda").repeat(gh * frames)
-    tpos = torch.arange(text, device="cuda")
-    wk = torch.randn(hk, d, d, device="cuda", generator=g) / math.sqrt(d)
-    wq = wk.repeat_interleave(h // hk, 0) + 0.3 * torch.randn(h, d, d, device="cuda", generator=g) / math.sqrt(d)
+    tt = torch.arange(frames, device=device).repeat_interleave(gh * gw)
+    hh = torch.arange(gh, device=device).repeat_interleave(gw).repeat(frames)
+    ww = torch.arange(gw, device=device).repeat(gh * frames)
+    tpos = torch.arange(text, device=device)
+    wk = torch.randn(hk, d, d, device=device, generator=g) / math.sqrt(d)
+    wq = wk.repeat_interleave(h // hk, 0) + 0.3 * torch.randn(h, d, d, device=device, generator=g) / math.sqrt(d)
     q = torch.einsum("nd,hde->hne", xs, wq) * sharp
     k = torch.einsum("nd,hde->hne", xs, wk) * sharp
     t_all = torch.cat([tpos, tt + text])
