@@ -27,9 +27,10 @@ from common import markdown_args, new_payload, rewrite_markdown, save, update_ma
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import BlockLayout  # noqa: E402
+from vidsparse.attention.kernels import block_sparse_hopper  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 
-RESCALE_LOG2 = 8.0  # the kernel's threshold (block_sparse_hopper.RESCALE_LOG2, a Gluon constexpr there)
+RESCALE_LOG2 = float(block_sparse_hopper.RESCALE_LOG2.value)  # the kernel's threshold (a Gluon constexpr): 8
 BLOCK, GROUP = 128, 64  # key/query block; rows per consumer warpgroup
 
 
