@@ -6,8 +6,9 @@ needed), explaining the ``tune_attention.py --lazy --widths`` sweeps.
 
 The kernel walks a row's key blocks in ascending order; each of its two consumer warpgroups owns 64 of a tile's 128
 query rows. After a row's first block, a step (one warpgroup, one key block) must rescale the accumulator under the
-lazy rule when some row's block max passes its running max by more than 8 in log2 units (``RESCALE_LOG2``: logits
-× scale × log2 e), and the eager rule rescales on every step. So the lazy rule saves the share of steps it skips and
+lazy rule when some row's block max passes that row's lazy max by more than 8 in log2 units (``RESCALE_LOG2``:
+logits × scale × log2 e; the lazy max is the first block's and moves only on such a pass, so small rises add up),
+and the eager rule rescales on every step. So the lazy rule saves the share of steps it skips and
 pays one cross-warp reduction on all of them. Counted here on ``block_topk``'s layouts of video-structured q/k
 (``attention.video_qk``) and on random q/k with random layouts, at each width (blocks in the longest row). Saves
 ``lazy_steps.json`` under the device's results and writes a BENCHMARKS.md section."""
@@ -36,8 +37,10 @@ BLOCK, GROUP = 128, 64  # key/query block; rows per consumer warpgroup
 
 def rescale_steps(q, k, lay: BlockLayout) -> dict:
     """For a causal layout over q [1, H, N, D], k [1, Hkv, N, D]: the steps after each row's first block (one
-    64-row warpgroup, one key block), those in which some row's max moves by more than ``RESCALE_LOG2`` (the lazy
-    rule rescales) and those in which some row's max moves at all. -> {"steps", "lazy", "moved"} (counts)."""
+    64-row warpgroup, one key block); those in which the lazy rule rescales, as ``_softmax_lazy`` decides it (some
+    row's block max passes that row's lazy max — set by its first block, moved only by such a pass — by more than
+    ``RESCALE_LOG2``); and those in which some row's true running max rises at all. -> {"steps", "lazy", "moved"}
+    (counts)."""
     _, h, n, d = q.shape
     g = h // k.shape[1]
     nb = -(-n // BLOCK)
@@ -58,14 +61,21 @@ def rescale_steps(q, k, lay: BlockLayout) -> dict:
         bmax = s.masked_fill(~visible, float("-inf")).amax(-1)  # [NQ, 128, W]
         bmax = bmax.masked_fill(~listed[:, None], float("-inf"))
         run = bmax.cummax(-1).values
-        delta = bmax[..., 1:] - run[..., :-1]  # each block's max over the running max before it
+        delta = bmax[..., 1:] - run[..., :-1]  # each block's max over the true running max before it
         delta = torch.nan_to_num(delta, nan=float("-inf"))  # -inf - -inf: a row with nothing visible yet
-        dg = delta.view(nb, BLOCK // GROUP, GROUP, -1)
+        # the lazy rule's own max: set by the first block, moved only by a block passing it by more than 2^8
+        m, grows = bmax[..., 0], []
+        for j in range(1, bmax.shape[-1]):
+            cand = torch.maximum(m, bmax[..., j])
+            grow = (cand - m) > RESCALE_LOG2  # -inf to finite: +inf, grows; -inf to -inf: NaN, stays
+            m = torch.where(grow, cand, m)
+            grows.append(grow)
+        grow = torch.stack(grows, -1) if grows else delta > 0  # [NQ, 128, W-1]
         # [NQ, 2, W-1]: both warpgroups take every step of their tile (rows past the sequence see nothing, never move)
         step = listed[:, None, 1:].expand(nb, BLOCK // GROUP, -1)
         steps += int(step.sum())
-        lazy += int(((dg > RESCALE_LOG2).any(2) & step).sum())
-        moved += int(((dg > 0).any(2) & step).sum())
+        lazy += int((grow.view(nb, BLOCK // GROUP, GROUP, -1).any(2) & step).sum())
+        moved += int(((delta.view(nb, BLOCK // GROUP, GROUP, -1) > 0).any(2) & step).sum())
     return {"steps": steps, "lazy": lazy, "moved": moved}
 
 

@@ -30,6 +30,20 @@ def test_two_blocks_by_hand(c, lazy, moved):
     assert lazy_steps.rescale_steps(q, k, lay) == {"steps": 2, "lazy": lazy, "moved": moved}
 
 
+def test_small_rises_add_up():
+    """The lazy max moves only on a pass of more than 2^8, so two rises of 5 (log2 units) make the second block
+    rescale: three blocks of logits 2.885, 7.885, 12.885. Query block 1 takes one step per warpgroup (+5: no
+    rescale); query block 2 two (+5, then +10 over the lazy max, though only +5 over the true one): 6 steps, 2 lazy
+    rescales, a rise in each."""
+    base = 4 * 0.5 * math.log2(math.e)  # all-ones q and k of width 4: q·k × 4^-½ × log2 e
+    q = torch.ones(1, 1, 384, 4)
+    k = torch.ones(1, 1, 384, 4)
+    for b, rise in ((1, 5.0), (2, 10.0)):
+        k[:, :, b * 128:(b + 1) * 128] *= (base + rise) / base
+    lay = BlockLayout.dense(384, 384, device="cpu")
+    assert lazy_steps.rescale_steps(q, k, lay) == {"steps": 6, "lazy": 2, "moved": 6}
+
+
 def _loop(q, k, lay):
     """The count one row block, one key block and one warpgroup at a time."""
     _, h, n, d = q.shape
@@ -41,7 +55,7 @@ def _loop(q, k, lay):
         for m in range(idx.shape[0]):
             rows = q[0, hh, m * 128:(m + 1) * 128].float()
             pos = torch.arange(m * 128, m * 128 + rows.shape[0])
-            run = None
+            run = lazy_max = None
             for j in range(int(cnt[m])):
                 b = int(idx[m, j])
                 keys = k[0, hh * k.shape[1] // h, b * 128:(b + 1) * 128].float()
@@ -49,12 +63,14 @@ def _loop(q, k, lay):
                                                         pos[:, None], float("-inf"))
                 bm = s.amax(1)
                 if run is not None:
+                    grow = [bool(x - y > 8) for x, y in zip(bm.tolist(), lazy_max.tolist())]  # per row, in turn
                     for g in (0, 64):  # both warpgroups, also one whose rows all lie past the sequence
-                        delta = bm[g:g + 64] - run[g:g + 64]
                         steps += 1
-                        lazy += bool((delta > 8).any())
-                        moved += bool((delta > 0).any())
+                        lazy += any(grow[g:g + 64])
+                        moved += bool((bm[g:g + 64] - run[g:g + 64] > 0).any())
+                    lazy_max = torch.tensor([x if gr else y for x, y, gr in zip(bm.tolist(), lazy_max.tolist(), grow)])
                 run = bm if run is None else torch.maximum(run, bm)
+                lazy_max = bm if lazy_max is None else lazy_max
     return {"steps": steps, "lazy": lazy, "moved": moved}
 
 
