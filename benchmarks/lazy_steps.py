@@ -8,8 +8,8 @@ The kernel walks a row's key blocks in ascending order; each of its two consumer
 query rows. After a row's first block, a step (one warpgroup, one key block) must rescale the accumulator under the
 lazy rule when some row's block max passes that row's lazy max by more than 8 in log2 units (``RESCALE_LOG2``:
 logits × scale × log2 e; the lazy max is the first block's and moves only on such a pass, so small rises add up),
-and the eager rule rescales on every step. So the lazy rule saves the share of steps it skips and
-pays one cross-warp reduction on all of them. Counted here on ``block_topk``'s layouts of video-structured q/k
+and the eager rule rescales on every step. So the lazy rule saves the share of steps it skips and pays one
+cross-warp reduction on all of them. Counted here on ``block_topk``'s layouts of video-structured q/k
 (``attention.video_qk``) and on random q/k with random layouts, at each width (blocks in the longest row). Saves
 ``lazy_steps.json`` under the device's results and writes a BENCHMARKS.md section."""
 
@@ -36,11 +36,11 @@ BLOCK, GROUP = 128, 64  # key/query block; rows per consumer warpgroup
 
 
 def rescale_steps(q, k, lay: BlockLayout) -> dict:
-    """For a causal layout over q [1, H, N, D], k [1, Hkv, N, D]: the steps after each row's first block (one
-    64-row warpgroup, one key block); those in which the lazy rule rescales, as ``_softmax_lazy`` decides it (some
-    row's block max passes that row's lazy max — set by its first block, moved only by such a pass — by more than
-    ``RESCALE_LOG2``); and those in which some row's true running max rises at all. -> {"steps", "lazy", "moved"}
-    (counts)."""
+    """For a causal layout over q [1, H, N, D], k [1, Hkv, N, D] (as many keys as queries): the steps after each
+    row's first block (one 64-row warpgroup, one key block); those in which the lazy rule rescales, as
+    ``_softmax_lazy`` decides it (some row's block max passes that row's lazy max — set by its first block, moved
+    only by such a pass — by more than ``RESCALE_LOG2``); and those in which some row's true running max rises at
+    all. -> {"steps", "lazy", "moved"} (counts)."""
     _, h, n, d = q.shape
     g = h // k.shape[1]
     nb = -(-n // BLOCK)
@@ -70,7 +70,7 @@ def rescale_steps(q, k, lay: BlockLayout) -> dict:
             grow = (cand - m) > RESCALE_LOG2  # -inf to finite: +inf, grows; -inf to -inf: NaN, stays
             m = torch.where(grow, cand, m)
             grows.append(grow)
-        grow = torch.stack(grows, -1) if grows else delta > 0  # [NQ, 128, W-1]
+        grow = torch.stack(grows, -1) if grows else torch.zeros_like(delta, dtype=torch.bool)  # [NQ, 128, W-1]
         # [NQ, 2, W-1]: both warpgroups take every step of their tile (rows past the sequence see nothing, never move)
         step = listed[:, None, 1:].expand(nb, BLOCK // GROUP, -1)
         steps += int(step.sum())
