@@ -113,11 +113,12 @@ def main():
 def write_markdown(res):
     lines = [f"{res['date']}, `{res['command']}`: {res['n']} tokens, {res['heads']} heads, d = 128, causal, counted "
              "in torch. A step is one consumer warpgroup (64 query rows) on one key block after its row's first; the "
-             "eager rule rescales on every step, the lazy one only where some row's max passes its running max by "
-             "more than 2^8, and pays a cross-warp reduction on every step. `pattern`: `block_topk`'s layouts of "
+             "eager rule rescales on every step, the lazy one only where some row's block max passes that row's lazy "
+             "max (its first block's, moved only by such a pass) by more than 2^8, and pays a cross-warp reduction on "
+             "every step. `pattern`: `block_topk`'s layouts of "
              "video-structured q/k (`attention.video_qk`); `random`: random q/k and random layouts." +
              (f" {res['note']}" if res.get("note") else ""), "",
-             "| layout | width | density | steps | lazy rescales | share | any row's max moved |",
+             "| layout | width | density | steps | lazy rescales | share | some row's true max rose |",
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['layout']} | {r['width']} | {r['density']:.3f} | {r['steps']} | {r['lazy']} | "
