@@ -1,6 +1,7 @@
 """Attention layer on the CPU: layouts, the reference, every pattern, and the Triton kernel in interpreter mode."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -974,16 +975,46 @@ def test_kernel_key_positions_random_permutation(interpreter):
 
 
 def test_pattern_parameter_errors_are_spec_errors():
+    """Out-of-range parameters fail when the spec is read, each naming its field: budgets ≤ 0 or above 1, masses
+    outside (0, 1], negative counts. Values at the edges of the ranges are accepted."""
     from vidsparse.errors import SpecError, VidsparseError
 
     for spec in ["pbs:tau=0", "pbs:segment=0", "pyramid:mode=fast", "pyramid:exact=0.5,pool2=0.2"]:
         with pytest.raises(SpecError):
             PATTERNS.from_spec(spec)
+    bad = {"block_topk:density=0": "density must be in (0, 1]", "block_topk:density=-1": "density",
+           "block_topk:density=1.5": "density", "block_topk:topk=-3": "topk must be >= 0",
+           "block_topk:sink=-1": "sink must be >= 0", "block_topk:local=-1": "local must be >= 0",
+           "block_cdf:tau=0": "tau must be in (0, 1]", "block_cdf:tau=1.5": "tau", "block_cdf:min_cos=2": "min_cos",
+           "power:local=-1": "local", "power:sink=-1": "sink", "radial:dense_frames=-1": "dense_frames",
+           "sink_window:window=0": "window must be >= 1", "sink_window:sink=-1": "sink",
+           "vertical_slash:vertical=-5": "vertical must be >= 0", "vertical_slash:last_q=0": "last_q must be >= 1",
+           "vertical_slash:force_slash=-1": "force_slash", "xattention:stride=0": "stride must be >= 1",
+           "xattention:tau=2": "tau", "xattention:chunk_tokens=0": "chunk_tokens", "pyramid:local=-1": "local",
+           "grid:probe=0": "probe must be >= 1", "token_sparse:coverage=0": "coverage", "pbs:last_q=0": "last_q"}
+    for spec, words in bad.items():
+        with pytest.raises(SpecError, match=re.escape(words)):
+            PATTERNS.from_spec(spec)
+    for spec in ["block_topk:density=1", "block_topk:topk=3,local=0,sink=0", "block_cdf:tau=1,min_cos=-1",
+                 "sink_window:window=1,sink=0", "vertical_slash:vertical=0,slash=0,last_q=1", "xattention:tau=1",
+                 "radial:dense_frames=0", "power:local=0"]:
+        PATTERNS.from_spec(spec)
     q, k, _ = qkv(n=64)
     with pytest.raises(VidsparseError, match="segment=96"):
         PATTERNS.from_spec("pbs:segment=100").estimate(q, k, SeqMeta(32, 32))
     with pytest.raises(VidsparseError, match="stride"):
         PATTERNS.from_spec("xattention:stride=24").estimate(q, k, SeqMeta(32, 32))
+
+
+def test_mixed_or_unsupported_dtypes_are_input_errors():
+    from vidsparse.errors import InputError
+
+    q, k, v = qkv(n=64)
+    lay = BlockLayout.dense(64, 64)
+    with pytest.raises(InputError, match="one dtype"):
+        sparse_attention(q.half(), k, v, lay)
+    with pytest.raises(InputError, match="float64"):
+        sparse_attention(q.double(), k.double(), v.double(), lay)
 
 
 def test_new_layouts_reject_per_sequence_lengths():

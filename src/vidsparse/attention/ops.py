@@ -63,6 +63,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or h % k.shape[1]:
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise InputError(f"q, k, v must share one dtype of bf16, fp16 or fp32, not {q.dtype}, {k.dtype}, {v.dtype}")
     if (layout.q_len, layout.k_len) != (nq, k.shape[2]):
         raise InputError(f"layout is for {layout.q_len}x{layout.k_len}, inputs are {nq}x{k.shape[2]}")
     causal = layout.causal if causal is None else causal

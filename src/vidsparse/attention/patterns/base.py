@@ -39,12 +39,21 @@ class Pattern(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[dict]
     from_layer = 0  # first decoder layer the pattern applies to; earlier layers stay dense (a field where tunable)
+    at_least: ClassVar[dict] = {}  # a subclass's fields with their smallest allowed values (sink, local: 0 always)
+    fractions: ClassVar[tuple] = ()  # a subclass's fields that must lie in (0, 1]
 
     def __post_init__(self):
         """Checks every pattern shares (a subclass with its own checks calls this first): a ``backend`` field must
-        name one of ``BACKENDS``."""
+        name one of ``BACKENDS``; ``sink`` and ``local`` fields and those ``at_least`` names must not fall below
+        their floor; ``fractions`` must lie in (0, 1]. A ValueError here is the registry's ``SpecError``."""
         if hasattr(self, "backend"):
             check_backend(self.backend)
+        for field, low in {"sink": 0, "local": 0, **self.at_least}.items():
+            if hasattr(self, field) and getattr(self, field) < low:
+                raise ValueError(f"{field} must be >= {low}, not {getattr(self, field)!r}")
+        for field in self.fractions:
+            if not 0.0 < getattr(self, field) <= 1.0:
+                raise ValueError(f"{field} must be in (0, 1], not {getattr(self, field)!r}")
 
     @abstractmethod
     def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:

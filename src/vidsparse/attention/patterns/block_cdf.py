@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,12 @@ class BlockCDF(Pattern):
     local: int = 1
     min_cos: float = 0.0
     backend: str = "auto"
+    fractions: ClassVar[tuple] = ("tau",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not -1.0 <= self.min_cos <= 1.0:
+            raise ValueError(f"min_cos must be in [-1, 1] (a cosine; 0 disables), not {self.min_cos!r}")
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         p = pooled_block_probs(q, k, meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,8 @@ class BlockTopK(Pattern):
     sink: int = 1
     local: int = 1
     backend: str = "auto"
+    at_least: ClassVar[dict] = {"topk": 0}
+    fractions: ClassVar[tuple] = ("density",)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = block_scores(q, k, meta, masked=False, backend=self.backend)

@@ -12,6 +12,7 @@ permutation; text rows after the span attend densely."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,10 +28,8 @@ class Grid(Pattern):
     probe: int = 64
     stride: int = 0  # > 0: use this stride for every head (no search)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.tau <= 1.0 or self.probe < 1 or self.stride < 0:
-            raise ValueError("tau must be in (0, 1], probe >= 1, stride >= 0")
+    at_least: ClassVar[dict] = {"probe": 1, "stride": 0}
+    fractions: ClassVar[tuple] = ("tau",)
 
     def captured(self, q, k, span, strides) -> torch.Tensor:
         """float32 [B, H, len(strides)]: share of the probe queries' visual attention mass on same-phase keys."""

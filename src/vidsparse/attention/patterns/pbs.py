@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,10 +27,8 @@ class PBS(Pattern):
     first_block: bool = True
     backend: str = "auto"  # the probe rows' column sums and the pooled scores: Triton kernels on CUDA, or "reference"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.segment <= 0 or not 0.0 < self.tau <= 1.0 or self.last_q < 1:
-            raise ValueError("segment must be > 0, tau in (0, 1], last_q >= 1")
+    at_least: ClassVar[dict] = {"segment": 1, "last_q": 1}
+    fractions: ClassVar[tuple] = ("tau",)
 
     def permutation(self, q, k) -> torch.Tensor:
         """int64 [B, Hkv, Nk]: original key positions in permuted order."""

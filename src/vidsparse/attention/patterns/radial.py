@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ class Radial(Pattern):
 
     dense_frames: int = 1
     sink: int = 1
+    at_least: ClassVar[dict] = {"dense_frames": 0}
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         if not meta.tokens_per_frame:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
+from typing import ClassVar
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout
@@ -17,6 +17,7 @@ class SinkWindow(Pattern):
 
     sink: int = 1
     window: int = 4
+    at_least: ClassVar[dict] = {"window": 1}
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         nq, nk, nqb, nkb = self.grid(q, k, meta)

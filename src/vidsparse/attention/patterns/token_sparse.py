@@ -9,6 +9,7 @@ first ``sink`` tokens, and â€” when the sequence metadata marks a visual span â€
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,12 +27,8 @@ class TokenSparse(Pattern):
     from_layer: int = 2
     backend: str = "auto"  # the window's column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.coverage <= 1.0:
-            raise ValueError("coverage must be in (0, 1]")
-        if self.window < 1 or self.sink < 0 or self.from_layer < 0:
-            raise ValueError("window must be >= 1, sink and from_layer >= 0")
+    at_least: ClassVar[dict] = {"window": 1, "from_layer": 0}
+    fractions: ClassVar[tuple] = ("coverage",)
 
     def scores(self, q, k) -> torch.Tensor:
         """float32 [B, H, N]: mean softmax weight each key gets from the last ``window`` queries."""

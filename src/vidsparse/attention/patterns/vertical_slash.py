@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,7 @@ class VerticalSlash(Pattern):
     force_vertical: int = 30
     force_slash: int = 100
     backend: str = "auto"
+    at_least: ClassVar[dict] = {"vertical": 0, "slash": 0, "last_q": 1, "force_vertical": 0, "force_slash": 0}
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         b, h, nq, _ = q.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,8 @@ class XAttention(Pattern):
     local: int = 1
     chunk_tokens: int = 8192
     backend: str = "auto"
+    at_least: ClassVar[dict] = {"stride": 1, "chunk_tokens": 1}
+    fractions: ClassVar[tuple] = ("tau",)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         s = self.stride
