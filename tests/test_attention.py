@@ -1017,6 +1017,32 @@ def test_mixed_or_unsupported_dtypes_are_input_errors():
         sparse_attention(q.double(), k.double(), v.double(), lay)
 
 
+def test_degenerate_inputs_are_clear_errors():
+    """No tokens, wrong ranks, mismatched heads and bad block sizes: ``InputError`` before any indexing (every
+    pattern's estimate checks q and k first); no queries is an empty output; a layout needs a key."""
+    from vidsparse.errors import InputError
+
+    q, k, v = qkv(n=64)
+    for spec in ["block_topk", "pyramid", "sink_window", "vertical_slash", "xattention:stride=8"]:
+        pat = PATTERNS.from_spec(spec)
+        with pytest.raises(InputError, match="no tokens"):
+            pat.estimate(q[:, :, :0], k[:, :, :0], SeqMeta(32, 32))
+        with pytest.raises(InputError, match=re.escape("[B, H, N, D]")):
+            pat.estimate(q[0], k[0], SeqMeta(32, 32))
+        with pytest.raises(InputError, match="K/V heads dividing"):
+            pat.estimate(q, torch.randn(1, 3, 64, 32), SeqMeta(32, 32))
+    with pytest.raises(InputError, match="block sizes"):
+        SeqMeta(0, 32)
+    with pytest.raises(InputError, match="tokens_per_frame"):
+        SeqMeta(tokens_per_frame=0)
+    out = sparse_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], BlockLayout.dense(0, 0))
+    assert out.shape == (1, 4, 0, 32)
+    with pytest.raises(InputError, match="layout must be a BlockLayout"):
+        sparse_attention(q, k, v, "block_topk")
+    with pytest.raises(ValueError, match="at least one key"):
+        BlockLayout.dense(10, 0)
+
+
 def test_new_layouts_reject_per_sequence_lengths():
     q, k, v = qkv(n=64)
     lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))

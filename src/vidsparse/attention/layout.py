@@ -100,6 +100,8 @@ class BlockLayout:
         if nq != -(-q_len // block_q) or nk != -(-k_len // block_k):
             raise ValueError(f"block mask {tuple(mask.shape)} does not match lengths {q_len}/{k_len} "
                              f"with blocks {block_q}x{block_k}")
+        if k_len == 0 and q_len > 0:
+            raise ValueError(f"a layout of {q_len} queries needs at least one key")
         mask = mask.bool()
         if causal:
             mask = mask & causal_block_mask(nq, nk, block_q, block_k, q_len, k_len, mask.device)

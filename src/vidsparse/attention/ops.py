@@ -65,11 +65,17 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         raise InputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise InputError(f"q, k, v must share one dtype of bf16, fp16 or fp32, not {q.dtype}, {k.dtype}, {v.dtype}")
+    if not all(hasattr(layout, a) for a in ("q_len", "k_len", "causal")):
+        raise InputError(f"layout must be a BlockLayout (or a pattern's other layouts), not {type(layout).__name__}")
     if (layout.q_len, layout.k_len) != (nq, k.shape[2]):
         raise InputError(f"layout is for {layout.q_len}x{layout.k_len}, inputs are {nq}x{k.shape[2]}")
     causal = layout.causal if causal is None else causal
     if causal != layout.causal:
         raise InputError("causal flag differs from the layout's")
+    if nq == 0:  # no queries: nothing to compute
+        return q.new_zeros(b, h, 0, d)
+    if k.shape[2] == 0:
+        raise InputError("k and v hold no tokens: every query would attend nothing")
     if not isinstance(layout, BlockLayout) and (seqlens_q is not None or seqlens_k is not None):
         raise InputError(f"per-sequence lengths need a BlockLayout, not a {type(layout).__name__}")
     if isinstance(layout, TokenLayout):

@@ -6,6 +6,7 @@ layout's width (its largest row) must be known to allocate the index tensor."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...errors import InputError
 from ..layout import BlockLayout, causal_block_mask, shape_cache
 
 
@@ -30,6 +32,12 @@ class SeqMeta:
     visual: tuple[int, int] | None = None
     tokens_per_frame: int | None = None
     frame_hw: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_k < 1:
+            raise InputError(f"block sizes must be at least 1, not {self.block_q}x{self.block_k}")
+        if self.tokens_per_frame is not None and self.tokens_per_frame < 1:
+            raise InputError(f"tokens_per_frame must be at least 1, not {self.tokens_per_frame}")
 
 
 _STATIC: dict = {}  # static patterns' layouts (``Pattern.layout``)
@@ -55,6 +63,20 @@ class Pattern(ABC):
             if not 0.0 < getattr(self, field) <= 1.0:
                 raise ValueError(f"{field} must be in (0, 1], not {getattr(self, field)!r}")
 
+    def __init_subclass__(cls, **kw):
+        """Every pattern's own ``estimate`` first checks its q and k (``check_qk``): a clear ``InputError`` instead of
+        an indexing error deep inside an estimate."""
+        super().__init_subclass__(**kw)
+        own = cls.__dict__.get("estimate")
+        if own is not None and not getattr(own, "checks_qk", False):
+            @functools.wraps(own)
+            def estimate(self, q, k, meta, *args, **kwargs):
+                check_qk(q, k)
+                return own(self, q, k, meta, *args, **kwargs)
+
+            estimate.checks_qk = True
+            cls.estimate = estimate
+
     @abstractmethod
     def estimate(self, q: Tensor, k: Tensor, meta: SeqMeta) -> BlockLayout:
         """q [B, H, N, D], k [B, Hkv, N, D] -> BlockLayout with H heads (or 1 for static patterns)."""
@@ -77,6 +99,18 @@ class Pattern(ABC):
     def grid(q: Tensor, k: Tensor, meta: SeqMeta) -> tuple[int, int, int, int]:
         nq, nk = q.shape[2], k.shape[2]
         return nq, nk, -(-nq // meta.block_q), -(-nk // meta.block_k)
+
+
+def check_qk(q: Tensor, k: Tensor) -> None:
+    """What every estimate needs of q [B, H, Nq, D] and k [B, Hkv, Nk, D]: four dimensions, the same batch and head
+    size, Hkv dividing H, at least one query and one key; an ``InputError`` otherwise."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise InputError(f"q and k must be [B, H, N, D], not {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise InputError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}: the same batch and head size, "
+                         "and K/V heads dividing the query heads")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise InputError(f"no tokens to estimate on: q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def row_probs(q_rows: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor | None = None,
