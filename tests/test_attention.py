@@ -1043,6 +1043,23 @@ def test_degenerate_inputs_are_clear_errors():
         BlockLayout.dense(10, 0)
 
 
+@pytest.mark.parametrize("backend", ["kernel", "torch", "reference"])
+def test_per_sequence_lengths_are_checked_and_clamped(backend):
+    """``seqlens_*``: an integer tensor of one length per sequence (else an ``InputError``); a length past N
+    computes what N does and one below 0 what 0 does (clamped on the device: never read on the host)."""
+    from vidsparse.errors import InputError
+
+    q, k, v = qkv(b=2, n=200)
+    lay = BlockLayout.dense(200, 200, 64, 64)
+    run = lambda lens: sparse_attention(q, k, v, lay, seqlens_q=torch.tensor(lens),  # noqa: E731
+                                        seqlens_k=torch.tensor(lens), backend=backend)
+    assert torch.equal(run([500, 150]), run([200, 150]))
+    assert torch.equal(run([-5, 150]), run([0, 150]))
+    for bad in (torch.tensor([200]), torch.tensor([[200, 150]]), torch.tensor([200.0, 150.0]), [200, 150]):
+        with pytest.raises(InputError, match="seqlens_q must be an integer tensor"):
+            sparse_attention(q, k, v, lay, seqlens_q=bad, seqlens_k=torch.tensor([200, 150]), backend=backend)
+
+
 def test_new_layouts_reject_per_sequence_lengths():
     q, k, v = qkv(n=64)
     lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))

@@ -84,6 +84,19 @@ def test_batch_with_different_lengths():
     assert torch.all(out[1, :, 700:] == 0) and torch.all(out[2, :, 129:] == 0)
 
 
+def test_lengths_past_the_sequence_count_as_its_length():
+    """``sparse_attention`` clamps per-sequence lengths into [0, N]: a length past N must not unmask the keys past
+    the tensor (the Gluon kernel's K/V are one flattened tensor, where the next head's keys follow) nor store rows
+    past it (the next head's output rows). N not a multiple of the block, so the last block is partial."""
+    q, k, v = qkv(2, 4, 2, 1500, 128, torch.bfloat16, seed=6)
+    lay = BlockLayout.dense(1500, 1500, device="cuda")
+    run = lambda lens: sparse_attention(q, k, v, lay, backend="kernel",  # noqa: E731
+                                        seqlens_q=torch.tensor(lens, device="cuda"),
+                                        seqlens_k=torch.tensor(lens, device="cuda"))
+    assert torch.equal(run([4000, 700]), run([1500, 700]))
+    assert torch.equal(run([-3, 700]), run([0, 700]))
+
+
 def test_rows_past_the_length_are_written_as_zeros():
     """No kernel path pre-zeroes its output by contract: the Gluon kernel allocates it empty and writes every row.
     Memory the allocator hands back is first filled with NaN, so an unwritten row would show."""

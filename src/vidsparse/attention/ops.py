@@ -51,10 +51,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     ``layout``: a ``BlockLayout``, or a ``PyramidLayout`` (pooled blocks), ``PermutedLayout`` (permuted keys),
     ``TokenLayout`` (kept tokens) or ``GroupLayout`` (permuted groups).
     ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths of a padded batch (rows past them are 0; block layouts
-    only). ``backend``: "auto" (the kernel where ``kernel_available``, else "torch"), "kernel" (the Triton kernel),
-    "torch" (``blockwise.blockwise_attention``: only the listed blocks, through torch's SDPA in the inputs' dtype,
-    in chunks of at most ``VIDSPARSE_TORCH_ATTENTION_MB`` MiB of temporaries) or "reference" (the dense fp32 oracle:
-    memory grows as H·Nq·Nk, for tests)."""
+    only; lengths are clamped into [0, N] on the device, never read on the host).
+    ``backend``: "auto" (the kernel where ``kernel_available``, else "torch"), "kernel" (the Triton kernel), "torch"
+    (``blockwise.blockwise_attention``: only the listed blocks, through torch's SDPA in the inputs' dtype, in chunks of
+    at most ``VIDSPARSE_TORCH_ATTENTION_MB`` MiB of temporaries) or "reference" (the dense fp32 oracle: memory grows as
+    H·Nq·Nk, for tests)."""
     from .layout import GroupLayout, PermutedLayout, PyramidLayout, TokenLayout
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -76,6 +77,16 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         return q.new_zeros(b, h, 0, d)
     if k.shape[2] == 0:
         raise InputError("k and v hold no tokens: every query would attend nothing")
+    for name, lens in (("seqlens_q", seqlens_q), ("seqlens_k", seqlens_k)):
+        if lens is not None and (not isinstance(lens, Tensor) or lens.shape != (b,) or lens.is_floating_point()
+                                 or lens.dtype == torch.bool or lens.is_complex()):
+            shape = tuple(lens.shape) if isinstance(lens, Tensor) else type(lens).__name__
+            raise InputError(f"{name} must be an integer tensor [B] = [{b}] (one length per sequence), not {shape}"
+                             + (f" {lens.dtype}" if isinstance(lens, Tensor) else ""))
+    # lengths into [0, N] on the device (reading them would sync): a longer one must not reach past the tensor,
+    # where the kernels' flattened K/V hold the next head's keys
+    seqlens_q = seqlens_q.clamp(0, nq) if seqlens_q is not None else None
+    seqlens_k = seqlens_k.clamp(0, k.shape[2]) if seqlens_k is not None else None
     if not isinstance(layout, BlockLayout) and (seqlens_q is not None or seqlens_k is not None):
         raise InputError(f"per-sequence lengths need a BlockLayout, not a {type(layout).__name__}")
     if isinstance(layout, TokenLayout):
