@@ -1060,6 +1060,29 @@ def test_per_sequence_lengths_are_checked_and_clamped(backend):
             sparse_attention(q, k, v, lay, seqlens_q=bad, seqlens_k=torch.tensor([200, 150]), backend=backend)
 
 
+@pytest.mark.parametrize("d,kernel", [(80, False), (96, False), (64, True)])
+def test_auto_takes_the_torch_path_for_head_dims_the_kernel_lacks(monkeypatch, d, kernel):
+    """Where the kernel runs ("auto" on a GPU, stood in for here by ``kernel_available``), a head dim it was not
+    built for (Phi-3.5-vision's 96, 80) takes the torch path instead of failing inside the kernel; asked for by
+    name it is an ``UnsupportedError``."""
+    from vidsparse.attention import ops
+    from vidsparse.attention.kernels import block_sparse
+    from vidsparse.errors import UnsupportedError
+
+    calls = []
+    real = block_sparse.block_sparse_attention
+    monkeypatch.setattr(ops, "kernel_available", lambda q: True)
+    monkeypatch.setattr(block_sparse, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = qkv(n=150, d=d)
+    lay = BlockLayout.dense(150, 150, 64, 64)
+    out = sparse_attention(q, k, v, lay)
+    torch.testing.assert_close(out, layout_attention(q, k, v, lay), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    assert bool(calls) == kernel
+    if not kernel:
+        with pytest.raises(UnsupportedError, match=f"not {d}"):
+            sparse_attention(q, k, v, lay, backend="kernel")
+
+
 def test_new_layouts_reject_per_sequence_lengths():
     q, k, v = qkv(n=64)
     lay = PATTERNS.from_spec("pbs:segment=32").estimate(q, k, SeqMeta(16, 16))

@@ -93,15 +93,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
         return token_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
     if isinstance(layout, GroupLayout):
         return grouped_attention(q, k, v, layout, scale=scale, backend=backend)
-    if backend == "auto":
-        backend = "kernel" if kernel_available(q) else "torch"
+    from .kernels.fit import ATTENTION_HEAD_DIMS
+
+    if backend == "auto":  # the kernel where it runs, for head dims it was built for (e.g. not 80 or 96)
+        backend = "kernel" if kernel_available(q) and d in ATTENTION_HEAD_DIMS else "torch"
     elif backend == "kernel":  # asked for: a clear error where it cannot run ("auto" checked that just above)
+        from ..errors import UnsupportedError
         from .kernels.fit import require_kernel_device
 
         require_kernel_device(q)
+        if d not in ATTENTION_HEAD_DIMS:
+            raise UnsupportedError(f"the attention kernel takes head dims {', '.join(map(str, ATTENTION_HEAD_DIMS))}, "
+                                   f"not {d}: use backend 'torch' (or 'auto', which does)")
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            from ..errors import UnsupportedError
-
             raise UnsupportedError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
     use_kernel = backend == "kernel"
     if use_kernel:

@@ -182,12 +182,12 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, scale: float
     an Ampere or newer GPU) the block kernel runs on the gathered keys (``key_subset_attention``); otherwise
     ("torch", "reference", or "auto" without the kernel) masked SDPA, queries in chunks so the mask stays
     [chunk, K']."""
-    from ..attention.kernels.fit import require_kernel_device
+    from ..attention.kernels.fit import ATTENTION_HEAD_DIMS, require_kernel_device
     from ..attention.ops import kernel_available, key_subset_attention
 
     if backend == "kernel":
         require_kernel_device(q)
-    if backend == "kernel" or (backend == "auto" and kernel_available(q) and q.shape[-1] in (16, 32, 64, 128)):
+    if backend == "kernel" or (backend == "auto" and kernel_available(q) and q.shape[-1] in ATTENTION_HEAD_DIMS):
         return key_subset_attention(q, k, v, keys, scale)
     n = q.shape[2]
     k, v = expand_kv(q, k, v)

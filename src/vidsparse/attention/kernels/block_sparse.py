@@ -299,8 +299,8 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     dim 64/128, no fixed launch)."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
-    if d not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {d} is not supported by the kernel (16, 32, 64, 128)")
+    if d not in fit.ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the kernel {fit.ATTENTION_HEAD_DIMS}")
     if tma and pooled is not None:
         raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale

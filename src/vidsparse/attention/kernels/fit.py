@@ -29,6 +29,7 @@ import torch
 
 MIN_CAPABILITY = (8, 0)
 MIN_TRITON = (3, 4)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # the attention kernels' head dims; others take the torch path on "auto"
 
 _PICKED: dict = {}  # (kernel, device, key) -> index of the first launch that fit
 
