@@ -10,7 +10,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from .layout import BlockLayout
 
 BACKENDS = ("auto", "kernel", "torch", "reference")
@@ -98,7 +98,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     if backend == "auto":  # the kernel where it runs, for head dims it was built for (e.g. not 80 or 96)
         backend = "kernel" if kernel_available(q) and d in ATTENTION_HEAD_DIMS else "torch"
     elif backend == "kernel":  # asked for: a clear error where it cannot run ("auto" checked that just above)
-        from ..errors import UnsupportedError
         from .kernels.fit import require_kernel_device
 
         require_kernel_device(q)
