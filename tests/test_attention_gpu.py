@@ -85,9 +85,10 @@ def test_batch_with_different_lengths():
 
 
 def test_lengths_past_the_sequence_count_as_its_length():
-    """``sparse_attention`` clamps per-sequence lengths into [0, N]: a length past N must not unmask the keys past
-    the tensor (the Gluon kernel's K/V are one flattened tensor, where the next head's keys follow) nor store rows
-    past it (the next head's output rows). N not a multiple of the block, so the last block is partial."""
+    """A length past N computes what N does (``block_sparse_attention`` clamps the lengths into [0, N]): it must not
+    unmask the keys past the tensor (the Gluon kernel's K/V are one flattened tensor, where the next head's keys follow)
+    nor store rows past it (the next head's output rows). N not a multiple of the block, so the last block is
+    partial."""
     q, k, v = qkv(2, 4, 2, 1500, 128, torch.bfloat16, seed=6)
     lay = BlockLayout.dense(1500, 1500, device="cuda")
     run = lambda lens: sparse_attention(q, k, v, lay, backend="kernel",  # noqa: E731

@@ -51,7 +51,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
     ``layout``: a ``BlockLayout``, or a ``PyramidLayout`` (pooled blocks), ``PermutedLayout`` (permuted keys),
     ``TokenLayout`` (kept tokens) or ``GroupLayout`` (permuted groups).
     ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths of a padded batch (rows past them are 0; block layouts
-    only; lengths are clamped into [0, N] on the device, never read on the host).
+    only; a length past N computes what N does, one below 0 what 0 does: never read on the host).
     ``backend``: "auto" (the kernel where ``kernel_available``, else "torch"), "kernel" (the Triton kernel), "torch"
     (``blockwise.blockwise_attention``: only the listed blocks, through torch's SDPA in the inputs' dtype, in chunks of
     at most ``VIDSPARSE_TORCH_ATTENTION_MB`` MiB of temporaries) or "reference" (the dense fp32 oracle: memory grows as
@@ -83,10 +83,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
             shape = tuple(lens.shape) if isinstance(lens, Tensor) else type(lens).__name__
             raise InputError(f"{name} must be an integer tensor [B] = [{b}] (one length per sequence), not {shape}"
                              + (f" {lens.dtype}" if isinstance(lens, Tensor) else ""))
-    # lengths into [0, N] on the device (reading them would sync): a longer one must not reach past the tensor,
-    # where the kernels' flattened K/V hold the next head's keys
-    seqlens_q = seqlens_q.clamp(0, nq) if seqlens_q is not None else None
-    seqlens_k = seqlens_k.clamp(0, k.shape[2]) if seqlens_k is not None else None
     if not isinstance(layout, BlockLayout) and (seqlens_q is not None or seqlens_k is not None):
         raise InputError(f"per-sequence lengths need a BlockLayout, not a {type(layout).__name__}")
     if isinstance(layout, TokenLayout):

@@ -296,7 +296,7 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     them). ``tma``: Hopper tensor descriptors (q, k, v contiguous; not with ``pooled``). ``num_warps``/``num_stages``
     fix the launch instead of autotuning (CUDA). ``hopper``: run the warp-specialised Gluon kernel
     (``block_sparse_hopper``); by default it runs wherever it applies (a Hopper GPU, 128×128 blocks, bf16/fp16, head
-    dim 64/128, no fixed launch)."""
+    dim 64/128, no fixed launch). ``seqlens_q``/``seqlens_k`` int [B]: per-sequence lengths, clamped into [0, N]."""
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if d not in fit.ATTENTION_HEAD_DIMS:
@@ -304,6 +304,10 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     if tma and pooled is not None:
         raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # lengths into [0, N], on the device: the kernels mask keys (and the Gluon one picks its TMA store) by them
+    # alone, and past N lie other heads' rows of the Gluon kernel's flattened K/V and output, or TMA's zero padding
+    seqlens_q = seqlens_q.clamp(0, nq) if seqlens_q is not None else None
+    seqlens_k = seqlens_k.clamp(0, nk) if seqlens_k is not None else None
     if hopper is None:
         hopper = num_warps is None and _hopper_fits(q, k, v, block_q, block_k, scale)
     if hopper:  # decides the element masks itself and writes every row: none of the set-up below

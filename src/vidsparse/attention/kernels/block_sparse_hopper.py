@@ -681,17 +681,17 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
                                   seqlens_k=None, return_lse: bool = False, consumer_regs: int = CONSUMER_REGS,
                                   persistent: bool = True, *, key_pos=None, query_offset=None, pooled=None,
                                   nfull=None, lazy_rescale: bool | None = None):
-    """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs);
-    kv_index int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
-    ``seqlens_q``/``seqlens_k`` int32 [B] (rows past them are zeros). ``key_pos`` int [B, Hkv, Nk]: the keys'
-    original positions for the causal mask (permuted or gathered keys, as ``block_sparse.block_sparse_attention``
-    takes them), query i at position i + ``query_offset`` (default Nk − Nq); the mask-free blocks are then the
-    row's leading run counted by ``full_prefix``, or ``nfull`` (int32 [B|1, H|1, NQ]) where the caller already
-    knows it. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1, H|1, NQ, W], count int32 [3, B|1,
-    H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias ln p, no element mask: each must
-    lie wholly before its query block's first query). ``persistent=False`` launches one program per tile instead of
-    one per SM (for comparison: the hardware then schedules the tiles). ``lazy_rescale``: FlashAttention-4's lazy
-    rescale of the accumulator (``_softmax_lazy``); by default where the layout's rows reach ``LAZY_MIN_BLOCKS``
+    """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs); kv_index
+    int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
+    ``seqlens_q``/``seqlens_k`` int [B] in [0, N] (rows past them are zeros; ``block_sparse_attention`` clamps them).
+    ``key_pos`` int [B, Hkv, Nk]: the keys' original positions for the causal mask (permuted or gathered keys, as
+    ``block_sparse.block_sparse_attention`` takes them), query i at position i + ``query_offset`` (default Nk − Nq); the
+    mask-free blocks are then the row's leading run counted by ``full_prefix``, or ``nfull`` (int32 [B|1, H|1, NQ])
+    where the caller already knows it. ``pooled``: the pyramid levels 2, 4, 8 as (index int32 [3, B|1, H|1, NQ, W],
+    count int32 [3, B|1, H|1, NQ]), attended after the exact blocks through mean-pooled K/V (logit bias ln p, no element
+    mask: each must lie wholly before its query block's first query). ``persistent=False`` launches one program per tile
+    instead of one per SM (for comparison: the hardware then schedules the tiles). ``lazy_rescale``: FlashAttention-4's
+    lazy rescale of the accumulator (``_softmax_lazy``); by default where the layout's rows reach ``LAZY_MIN_BLOCKS``
     blocks (its width); never with pooled levels or key positions."""
     from .block_sparse import LOG2E, _bcast_strides, full_prefix, pooled_args
 
