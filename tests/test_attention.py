@@ -1046,8 +1046,8 @@ def test_degenerate_inputs_are_clear_errors():
 @pytest.mark.parametrize("backend", ["kernel", "torch", "reference"])
 def test_per_sequence_lengths_are_checked_and_clamped(backend):
     """``seqlens_*``: an integer tensor of one length per sequence (else an ``InputError``); a length past N
-    computes what N does and one below 0 what 0 does (the kernels' entry, ``block_sparse_attention``, clamps them;
-    the GPU file checks the Gluon kernel, which relies on it)."""
+    computes what N does and one below 0 what 0 does (each kernel's wrapper clamps them, ``clamped_lengths``; the
+    GPU file checks the Gluon kernel's)."""
     from vidsparse.errors import InputError
 
     q, k, v = qkv(b=2, n=200)

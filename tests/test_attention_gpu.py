@@ -85,17 +85,22 @@ def test_batch_with_different_lengths():
 
 
 def test_lengths_past_the_sequence_count_as_its_length():
-    """A length past N computes what N does (``block_sparse_attention`` clamps the lengths into [0, N]): it must not
+    """A length past N computes what N does (each kernel's wrapper clamps the lengths into [0, N]): it must not
     unmask the keys past the tensor (the Gluon kernel's K/V are one flattened tensor, where the next head's keys follow)
     nor store rows past it (the next head's output rows). N not a multiple of the block, so the last block is
-    partial."""
+    partial; through ``sparse_attention`` and the Gluon wrapper called directly."""
+    from vidsparse.attention.kernels.block_sparse_hopper import block_sparse_attention_hopper
+
     q, k, v = qkv(2, 4, 2, 1500, 128, torch.bfloat16, seed=6)
     lay = BlockLayout.dense(1500, 1500, device="cuda")
-    run = lambda lens: sparse_attention(q, k, v, lay, backend="kernel",  # noqa: E731
-                                        seqlens_q=torch.tensor(lens, device="cuda"),
-                                        seqlens_k=torch.tensor(lens, device="cuda"))
+    lengths = lambda lens: torch.tensor(lens, device="cuda")  # noqa: E731
+    run = lambda lens: sparse_attention(q, k, v, lay, backend="kernel", seqlens_q=lengths(lens),  # noqa: E731
+                                        seqlens_k=lengths(lens))
     assert torch.equal(run([4000, 700]), run([1500, 700]))
     assert torch.equal(run([-3, 700]), run([0, 700]))
+    gluon = lambda lens: block_sparse_attention_hopper(q, k, v, lay.kv_index, lay.kv_count, True,  # noqa: E731
+                                                       q.shape[-1] ** -0.5, lengths(lens), lengths(lens))
+    assert torch.equal(gluon([4000, 700]), gluon([1500, 700]))
 
 
 def test_rows_past_the_length_are_written_as_zeros():

@@ -196,6 +196,15 @@ def _block_sparse_fwd(
         tl.store(LSE + b * s_lb + h * s_lh + offs_m, lse, mask=offs_m < lq)
 
 
+def clamped_lengths(seqlens, b: int, n: int, device):
+    """Per-sequence lengths as int32 [B] clamped into [0, N] on the device (N each where ``seqlens`` is None). Both
+    kernels mask keys, and the Gluon one picks its TMA store, by the lengths alone: past N lie the next head's rows of
+    the Gluon kernel's flattened K/V and output, or the zero padding of the Triton kernel's TMA loads."""
+    if seqlens is None:
+        return torch.full((b,), n, dtype=torch.int32, device=device)
+    return seqlens.clamp(0, n).to(torch.int32)
+
+
 def full_prefix(kv_index, kv_count, block_q: int, block_k: int, causal: bool, lq, lk, key_pos=None, group: int = 1,
                 kpos_off: int = 0):
     """int32 [B, H, NQ]: how many leading (sorted) blocks of each row need no element mask for each sequence's
@@ -304,10 +313,6 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
     if tma and pooled is not None:
         raise ValueError("the pyramid levels run on pointer loads: tma=False")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # lengths into [0, N], on the device: the kernels mask keys (and the Gluon one picks its TMA store) by them
-    # alone, and past N lie other heads' rows of the Gluon kernel's flattened K/V and output, or TMA's zero padding
-    seqlens_q = seqlens_q.clamp(0, nq) if seqlens_q is not None else None
-    seqlens_k = seqlens_k.clamp(0, nk) if seqlens_k is not None else None
     if hopper is None:
         hopper = num_warps is None and _hopper_fits(q, k, v, block_q, block_k, scale)
     if hopper:  # decides the element masks itself and writes every row: none of the set-up below
@@ -318,8 +323,7 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int, block_k: i
                                              nfull=nfull)
     out = torch.zeros_like(q)  # rows past a sequence's length stay 0
     dev = q.device
-    lq = seqlens_q.to(torch.int32) if seqlens_q is not None else torch.full((b,), nq, dtype=torch.int32, device=dev)
-    lk = seqlens_k.to(torch.int32) if seqlens_k is not None else torch.full((b,), nk, dtype=torch.int32, device=dev)
+    lq, lk = clamped_lengths(seqlens_q, b, nq, dev), clamped_lengths(seqlens_k, b, nk, dev)
     kpos_off = (nk - nq) if query_offset is None else int(query_offset)
     if nfull is None or key_pos is None:
         nfull = full_prefix(kv_index, kv_count, block_q, block_k, causal, lq, lk, key_pos, h // hk, kpos_off)

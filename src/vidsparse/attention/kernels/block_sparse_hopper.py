@@ -683,7 +683,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
                                   nfull=None, lazy_rescale: bool | None = None):
     """q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (copied when not contiguous or not 16-byte aligned, as TMA needs); kv_index
     int32 [B|1, H|1, NQ, K] (each row's key blocks, ascending) and kv_count int32 [B|1, H|1, NQ];
-    ``seqlens_q``/``seqlens_k`` int [B] in [0, N] (rows past them are zeros; ``block_sparse_attention`` clamps them).
+    ``seqlens_q``/``seqlens_k`` int [B], clamped into [0, N] (rows past them are zeros).
     ``key_pos`` int [B, Hkv, Nk]: the keys' original positions for the causal mask (permuted or gathered keys, as
     ``block_sparse.block_sparse_attention`` takes them), query i at position i + ``query_offset`` (default Nk − Nq); the
     mask-free blocks are then the row's leading run counted by ``full_prefix``, or ``nfull`` (int32 [B|1, H|1, NQ])
@@ -693,7 +693,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     instead of one per SM (for comparison: the hardware then schedules the tiles). ``lazy_rescale``: FlashAttention-4's
     lazy rescale of the accumulator (``_softmax_lazy``); by default where the layout's rows reach ``LAZY_MIN_BLOCKS``
     blocks (its width); never with pooled levels or key positions."""
-    from .block_sparse import LOG2E, _bcast_strides, full_prefix, pooled_args
+    from .block_sparse import LOG2E, _bcast_strides, clamped_lengths, full_prefix, pooled_args
 
     if pooled is not None and key_pos is not None:
         raise ValueError("pooled levels and key positions do not combine")
@@ -720,9 +720,7 @@ def block_sparse_attention_hopper(q, k, v, kv_index, kv_count, causal: bool, sca
     varlen = seqlens_q is not None or seqlens_k is not None
     lq = lk = None
     if varlen or key_pos is not None:
-        full = lambda n: torch.full((b,), n, dtype=torch.int32, device=q.device)  # noqa: E731
-        lq = seqlens_q.to(torch.int32) if seqlens_q is not None else full(nq)
-        lk = seqlens_k.to(torch.int32) if seqlens_k is not None else full(nk)
+        lq, lk = clamped_lengths(seqlens_q, b, nq, q.device), clamped_lengths(seqlens_k, b, nk, q.device)
     if key_pos is not None:  # the rows' mask-free leading blocks, and the positions the masked ones compare
         kpos_off = (nk - nq) if query_offset is None else int(query_offset)
         if nfull is None:
