@@ -280,10 +280,16 @@ def interleaved(fns: dict, timer, rounds: int = 3, monitor: GpuMonitor | None = 
     """Time each of ``fns`` (name -> callable) ``rounds`` times, alternating between them (A B C A B C ...), so that
     each sees the same drift in clock and temperature; ``timer(fn)`` returns one measurement in ms. Returns
     name -> {"ms": median of the rounds, "rounds": [...]} plus, with a working ``monitor``, the clock and power
-    during that callable's own measurements."""
+    during that callable's own measurements. Each callable is called once before the first round, so that its
+    first-call work (a kernel variant's JIT compile, autotuning, caches) lies outside the spans its samples come from:
+    the timer warms up alike, but the GPU idles through a compile, and its samples read as the callable's (the
+    attention table's pyramid and pbs rows, the first calls of their kernels in the process, read 120 W at 1,980 MHz
+    while they ran at the power cap)."""
     import statistics
     import time
 
+    for fn in fns.values():
+        fn()
     times = {name: [] for name in fns}
     spans = {name: [] for name in fns}
     for _ in range(rounds):

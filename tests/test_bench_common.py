@@ -31,7 +31,7 @@ def test_interleaved_alternates_and_takes_the_median():
         return next(ms[calls[-1]])
 
     out = common.interleaved(fns, timer, rounds=3)
-    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert calls == ["a", "b"] + ["a", "b", "a", "b", "a", "b"]  # one warm-up call each, then the rounds
     assert out["a"] == {"ms": 3.0, "rounds": [5.0, 1.0, 3.0]}
     assert out["b"] == {"ms": 4.0, "rounds": [2.0, 9.0, 4.0]}
 
@@ -54,6 +54,31 @@ def test_interleaved_gives_each_callable_the_clock_sampled_while_it_ran():
     assert out["fast"]["throttle"] == []
     assert out["slow"]["sm_mhz"] == 1400 and out["slow"]["power_w"] == 700.0 and out["slow"]["samples"] == 4
     assert out["slow"]["throttle"] == ["sw_power_cap"]
+
+
+def test_first_call_work_falls_outside_the_sampled_spans():
+    """A callable whose first call compiles (the GPU idles at full clock and low power meanwhile): those samples must
+    not be attributed to its timed rounds, which ran at the power cap."""
+    mon = _Samples()
+    compiled = []
+
+    def kernel():
+        if not compiled:  # the JIT compile: what the sampling thread records while the GPU idles
+            for _ in range(20):
+                time.sleep(0.001)
+                mon.samples.append((time.monotonic(), 1980, 120.0, 40, 0))
+            compiled.append(True)
+
+    def timer(fn):
+        fn()
+        for _ in range(2):  # the timed repetitions, at the power cap
+            time.sleep(0.002)
+            mon.samples.append((time.monotonic(), 1500, 690.0, 60, 0x4))
+        time.sleep(0.002)
+        return 1.0
+
+    out = common.interleaved({"kernel": kernel}, timer, rounds=3, monitor=mon)
+    assert out["kernel"]["sm_mhz"] == 1500 and out["kernel"]["power_w"] == 690.0 and out["kernel"]["samples"] == 6
 
 
 def test_summary_of_samples():
