@@ -53,6 +53,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--specs", default="block_topk:density=0.1", help="method specs separated by ';'")
+    ap.add_argument("--kv-heads", type=int, default=4, help="K/V heads (28 query heads): 4 (GQA) or 28")
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     ap.add_argument("--env-ab", default="", help="VAR=v1,v2[,...]: each spec's estimation per value of an environment "
                     "variable the kernels read (e.g. VIDSPARSE_SELECT_SPLIT=0,1), interleaved")
@@ -79,7 +80,9 @@ def main():
 
         write_share_markdown([json.loads(Path(f).read_text()) for f in args.markdown_from.split(",")], args.note)
         return
-    h, hk, d = 28, 4, 128
+    h, hk, d = 28, args.kv_heads, 128
+    if h % hk:
+        raise SystemExit(f"--kv-heads {hk} does not divide the {h} query heads")
     q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
     meta = SeqMeta(128, 128, True)
@@ -149,8 +152,12 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
     layout that estimation picked."""
     runs = sorted(runs, key=lambda r: r["n"])
     specs = [r["spec"] for r in runs[0]["rows"]]
+    kv = runs[0].get("kv_heads", 4)
+    if any(r.get("kv_heads", 4) != kv for r in runs):
+        raise ValueError("one table takes runs of one head configuration")
     lines = [f"{runs[0]['date']}, {runs[0]['device']}: `{'`; `'.join(r['command'] for r in runs)}`. Random q/k "
-             "(28 heads / 4 KV heads, d = 128, bf16), causal; per cell: the estimation's GPU ms (CUDA-graph replay) "
+             f"({runs[0].get('heads', 28)} heads / {kv} KV heads, d = 128, bf16), causal; per cell: the "
+             "estimation's GPU ms (CUDA-graph replay) "
              "/ the kernel's ms on the layout it picked (density in brackets) = the estimation's share. The issue "
              "asks for ≤ 10%." + (f" {note}" if note else ""), "",
              "| spec | " + " | ".join(f"N = {r['n']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
@@ -166,7 +173,8 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
                      "any estimate that pools all of q | " + " | ".join(
                          f"{r['read_floor']['gpu_ms']:.3f} ms ({r['read_floor']['tb_per_s']:.2f} TB/s, "
                          f"{r['read_floor']['read']})" for r in runs) + " |")
-    update_markdown(f"Estimation against the kernel on its own layout ({runs[0]['device']})", "\n".join(lines))
+    heads = "" if kv == 4 else f", {runs[0].get('heads', 28)}/{kv} heads"
+    update_markdown(f"Estimation against the kernel on its own layout{heads} ({runs[0]['device']})", "\n".join(lines))
 
 
 def write_antidiagonal_markdown(runs: list[tuple[str, dict]], note: str = "") -> None:

@@ -46,3 +46,18 @@ def test_share_table_lists_each_size_and_the_read_floor(tmp_path, monkeypatch):
     assert "| `block_topk:density=0.05` | 0.12 / 0.80 (0.05) = **15.0%** | 0.10 / 2.00 (0.05) = **5.0%** |" in text
     assert "| 0.076 ms (1.00 TB/s, stream) | 0.050 ms (1.00 TB/s, stream) |" in text
     assert "A note." in text
+
+
+def test_share_table_of_other_head_configs_is_its_own_section(tmp_path, monkeypatch):
+    """Runs with 28 K/V heads (``--kv-heads 28``) get a section of their own beside the GQA one, and one table never
+    mixes head configurations."""
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    pe.write_share_markdown([_run(32768, 0.8, 0.12, 0.076)])
+    mha = [{**_run(32768, 0.9, 0.2, 0.14), "heads": 28, "kv_heads": 28}]
+    pe.write_share_markdown(mha)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Estimation against the kernel on its own layout (Test GPU)" in text
+    assert "## Estimation against the kernel on its own layout, 28/28 heads (Test GPU)" in text
+    assert "(28 heads / 28 KV heads, d = 128" in text and "0.20 / 0.90 (0.05) = **22.2%**" in text
+    with pytest.raises(ValueError, match="one head configuration"):
+        pe.write_share_markdown([_run(65536, 2.0, 0.1, 0.05)] + mha)
