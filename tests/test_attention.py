@@ -279,6 +279,42 @@ def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk
     torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 8.0), atol=1e-4, rtol=0)  # rows sum to 1
 
 
+@pytest.mark.parametrize("scratch", [None, 1])
+def test_xattention_fused_kernel_head_groups_change_only_the_order(interpreter, monkeypatch, scratch):
+    """Issuing the programs in groups of heads (``heads_together``: 1, 2, 4, 5 of the 12 heads of 2 sequences × 6
+    query heads over 2 K/V heads, so that groups split K/V-head groups and, at 5, the last group is smaller) gives
+    exactly the masses of all heads at once, also where the scratch bound cuts the heads into launches of one; bad
+    values are a ValueError."""
+    from vidsparse.attention.kernels import antidiagonal
+    from vidsparse.attention.patterns.xattention import XAttention
+
+    if scratch is not None:
+        monkeypatch.setattr(antidiagonal, "SCRATCH_BYTES", scratch)
+    g = torch.Generator().manual_seed(11)
+    q, k = 2 * torch.randn(2, 6, 150, 16, generator=g), 2 * torch.randn(2, 2, 150, 16, generator=g)
+    run = lambda hg: antidiagonal.antidiagonal_block_mass(q, k, 4, 32, 32, True, block_m=16, block_n=16,  # noqa: E731
+                                                          splits=2, heads_together=hg)
+    every = run(12)
+    for hg in (1, 2, 4, 5):
+        assert torch.equal(run(hg), every), hg
+    want = XAttention(stride=4, chunk_tokens=64)._mass_torch(q, k, SeqMeta(32, 32, True))
+    torch.testing.assert_close(every, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    with pytest.raises(ValueError, match="heads_together must be at least 1"):
+        run(0)
+
+
+def test_antidiagonal_head_group_rule(monkeypatch):
+    """Whole K/V-head groups whose K fits the budget, at least one; a budget of 0 MB: every head at once."""
+    from vidsparse.attention.kernels.antidiagonal import head_group
+
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "24")
+    assert head_group(7, 8 << 20) == 21  # three K/V heads of 8 MB, 7 query heads each
+    assert head_group(1, 8 << 20) == 3
+    assert head_group(1, 32 << 20) == 1  # one head's K past the budget: still one
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "0")
+    assert head_group(1, 8 << 20) >= 1 << 20
+
+
 @pytest.mark.parametrize("b,h,hk,nq,nk,causal", [(2, 4, 2, 200, 200, True), (1, 2, 1, 96, 160, True),
                                                   (1, 2, 2, 160, 120, False)])
 def test_xattention_fused_kernel_tma_rows_equal_pointer_rows(interpreter, b, h, hk, nq, nk, causal):

@@ -47,6 +47,8 @@ time (``profile_estimation_antidiagLOG0_*.json``); it stays as the simpler form.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -56,19 +58,47 @@ from .fit import needs_int64
 
 LOG2E = 1.4426950408889634
 SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing heads in groups
+HEAD_GROUP_MB = 12  # K megabytes the programs in flight together read (``head_group``); 0: every head at once
+
+
+def head_group(group: int, k_bytes_per_head: int) -> int:
+    """Query heads whose programs run together (``antidiagonal_block_mass``'s ``heads_together``): whole K/V-head
+    groups (``group`` query heads each) whose K, ``k_bytes_per_head`` bytes per K/V head, fits in
+    ``VIDSPARSE_ANTIDIAG_HEAD_MB`` megabytes (default ``HEAD_GROUP_MB``); at least one K/V head; 0 MB: all heads.
+
+    Every program of a row tile reads K from its start, so programs of one head in flight together share K in L2,
+    and programs of many heads evict each other's: with all heads issued together (the order before, longest row
+    tiles of every head first), 28 query heads over 28 K/V heads read 28 heads' K at once (235 MB at 32K tokens,
+    against the H200's 50 MB L2) where 28 over 4 read 4. On an H200 (``profile_estimation.py --env-ab
+    VIDSPARSE_ANTIDIAG_HEAD_MB=0,12,24,48``, two interleaved repetitions; ``profile_estimation_headmb_*.json``),
+    12 MB, here one K/V head's query heads at a time, took 0.70–0.81× the time of all heads at once on 28/28 heads at
+    32K–128K, strides 8 and 16 (1.44 → 1.03 ms at 32K, stride 8), and 0.95–1.05× on 28/4 (level within the run's
+    spread); 24 and 48 MB were no faster."""
+    mb = int(os.environ.get("VIDSPARSE_ANTIDIAG_HEAD_MB", HEAD_GROUP_MB))
+    if mb <= 0:
+        return 1 << 30
+    return group * max(1, (mb << 20) // k_bytes_per_head)
 
 
 @triton.jit
 def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_km, s_kd, s_pb, s_pm, s_ob, s_oh,
-                       s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale,
+                       s_om, s_on, bh0, H, GROUP, NQ, NK, R, RP, NKB, col_lim, off_s, qk_scale, NH, NRT, HG,
                        S: tl.constexpr, D: tl.constexpr, QR: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, KBT: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                        NUM_STAGES: tl.constexpr, TMA: tl.constexpr, SPLITS: tl.constexpr, DK: tl.constexpr,
                        I64: tl.constexpr):
-    i = tl.program_id(0)  # head within this group (fastest: the longest row tiles of every head go first)
-    split = tl.program_id(1) % SPLITS  # this program's share of the row tile's column tiles
-    nrt = tl.num_programs(1) // SPLITS
-    pid_m = nrt - 1 - tl.program_id(1) // SPLITS
+    # program -> (head i of this launch's NH, row tile, split): heads in groups of HG, one group after the other;
+    # within a group the longest row tiles first, and the group's heads fastest, so that the programs in flight
+    # together read the K of HG heads (``head_group``)
+    pid = tl.program_id(0)
+    per_group = HG * NRT * SPLITS
+    g = pid // per_group
+    r = pid - g * per_group
+    hn = tl.minimum(HG, NH - g * HG)  # the last group may be smaller
+    i = g * HG + r % hn
+    split = (r // hn) % SPLITS  # this program's share of the row tile's column tiles
+    nrt = NRT
+    pid_m = nrt - 1 - r // hn // SPLITS
     bh = bh0 + i
     b = bh // H
     h = bh % H
@@ -217,7 +247,7 @@ def fitting_launches(stride: int, d: int, block_n: int | None = None, num_warps:
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
                             block_m: int = 128, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, tma: bool | None = None, splits: int = 4,
-                            block_d: int | None = None):
+                            block_d: int | None = None, heads_together: int | None = None):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
     torch path pads them; causal with the end-aligned diagonal) summed over each key block's columns and the block's
@@ -225,7 +255,8 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
     multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles; ``block_d``:
     head-dim columns per product step (a power of two ≥ 16 dividing D; each stride phase takes D / ``block_d``
-    steps).
+    steps). ``heads_together``: the query heads whose programs are issued together, longest row tiles first, before
+    the next such group's (default ``head_group``); any value computes the same result.
 
     Defaults, from ``benchmarks/profile_estimation.py --antidiagonal`` (BM/BN/warps/stages/loads/splits/width;
     BENCHMARKS.md, "xattention estimation kernel"): 128 query rows, 3 stages, 4 splits (on an H100, 3 and 4 splits
@@ -268,6 +299,9 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     ml = torch.empty(group, splits, 2, rp, dtype=torch.float32, device=q.device)  # each split's row max and sum
     arrived = torch.zeros(-(-b * h // group), group, rp // bm, dtype=torch.int32, device=q.device)  # per row tile
     kbt = max(16, min(64, triton.next_power_of_2(nkb)))
+    hg = head_group(h // hk, nk * d * k.element_size()) if heads_together is None else heads_together
+    if hg < 1:
+        raise ValueError(f"antidiagonal_block_mass: heads_together must be at least 1, got {hg}")
     if tma is None:
         tma = tma_fits(q, k, s)
     i64 = needs_int64(out) if tma else needs_int64(q, k, out)  # TMA boxes take int32 coordinates into any size
@@ -279,10 +313,11 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
         (qa, qt), (ka, kt) = (_strided_rows(q, s, bm, dk), _strided_rows(k, s, bn, dk)) if tma else ((q, q), (k, k))
         for bh0 in range(0, b * h, group):
             n = min(group, b * h - bh0)
-            _antidiagonal_mass[(n, rp // bm * splits)](
+            _antidiagonal_mass[(n * (rp // bm) * splits,)](
                 qa, ka, lp, ml, arrived[bh0 // group], out, *qt.stride(), *kt.stride(), lp.stride(0), lp.stride(1),
                 *out.stride(),
                 bh0, h, h // hk, nq, nk, r, rp, nkb, -(-nk // s), (nk - nq) // s, LOG2E / (d ** 0.5 * s),
+                n, rp // bm, min(n, hg),
                 S=s, D=d, QR=qr, KC=kc, BM=bm, BN=bn, KBT=kbt, CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=stages, TMA=tma,
                 SPLITS=splits, DK=dk, I64=i64, num_warps=warps,
