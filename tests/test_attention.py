@@ -306,6 +306,7 @@ def test_xattention_fused_kernel_head_groups_change_only_the_order(interpreter, 
 def test_antidiagonal_head_group_rule(monkeypatch):
     """Whole K/V-head groups whose K fits the budget, at least one; a budget of 0 MB: every head at once."""
     from vidsparse.attention.kernels.antidiagonal import head_group
+    from vidsparse.errors import InputError
 
     monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "24")
     assert head_group(7, 8 << 20) == 21  # three K/V heads of 8 MB, 7 query heads each
@@ -313,6 +314,11 @@ def test_antidiagonal_head_group_rule(monkeypatch):
     assert head_group(1, 32 << 20) == 1  # one head's K past the budget: still one
     monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "0")
     assert head_group(1, 8 << 20) >= 1 << 20
+    monkeypatch.delenv("VIDSPARSE_ANTIDIAG_HEAD_MB")
+    assert head_group(7, 8 << 20) == 7  # the default, 12 MB: one K/V head of 8 MB
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "12MB")
+    with pytest.raises(InputError, match="VIDSPARSE_ANTIDIAG_HEAD_MB='12MB'"):
+        head_group(7, 8 << 20)
 
 
 @pytest.mark.parametrize("b,h,hk,nq,nk,causal", [(2, 4, 2, 200, 200, True), (1, 2, 1, 96, 160, True),

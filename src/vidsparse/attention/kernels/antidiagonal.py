@@ -74,7 +74,14 @@ def head_group(group: int, k_bytes_per_head: int) -> int:
     12 MB, here one K/V head's query heads at a time, took 0.70–0.81× the time of all heads at once on 28/28 heads at
     32K–128K, strides 8 and 16 (1.44 → 1.03 ms at 32K, stride 8), and 0.95–1.05× on 28/4 (level within the run's
     spread); 24 and 48 MB were no faster."""
-    mb = int(os.environ.get("VIDSPARSE_ANTIDIAG_HEAD_MB", HEAD_GROUP_MB))
+    env = os.environ.get("VIDSPARSE_ANTIDIAG_HEAD_MB", "")
+    try:
+        mb = int(env) if env else HEAD_GROUP_MB
+    except ValueError:
+        from ...errors import InputError
+
+        raise InputError(f"VIDSPARSE_ANTIDIAG_HEAD_MB={env!r}: expected whole megabytes (0: every head at once)") \
+            from None
     if mb <= 0:
         return 1 << 30
     return group * max(1, (mb << 20) // k_bytes_per_head)
