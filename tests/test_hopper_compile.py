@@ -97,7 +97,7 @@ x = torch.empty(1, 4, 2048, d, dtype=torch.bfloat16)
 (qa, _), (ka, _) = ad._strided_rows(x, s, 128, dk), ad._strided_rows(x, s, bn, dk)
 f, i = torch.empty(16), torch.empty(16, dtype=torch.int32)
 k = ad._antidiagonal_mass.warmup(qa, ka, f, f, i, f, *([1] * 14), 0, 4, 1, 2048, 2048, 2048 // s, 2048 // s, 16,
-                                 2048 // s, 0, 0.1, S=s, D=d, QR=128 // s, KC=128 // s, BM=128, BN=bn, KBT=16,
+                                 2048 // s, 0, 0.1, 4, 2, 4, S=s, D=d, QR=128 // s, KC=128 // s, BM=128, BN=bn, KBT=16,
                                  CAUSAL=True, PRECISION="tf32", NUM_STAGES=stages, TMA=True, SPLITS=4, DK=dk, I64=False,
                                  num_warps=warps, grid=(1,))
 open(sys.argv[3], "wb").write(k.asm["cubin"])
