@@ -998,6 +998,71 @@ def test_pbs_permutes_within_segments_by_score():
                                masked_attention(q, k, v, mask), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
+@pytest.mark.parametrize("nk,segment", [(300, 64), (256, 64), (300, 1000), (300, 300), (50, 1), (1, 64)])
+def test_segment_order_equals_sorting_all_then_by_segment(nk, segment):
+    """pbs's per-segment sort gives exactly what sorting all Nk scores (descending, stable) and then stably by
+    segment gives — the two sorts it replaced — with ties, zeros and a short last segment."""
+    from vidsparse.attention.patterns.pbs import segment_order
+
+    g = torch.Generator().manual_seed(nk + segment)
+    score = torch.rand(2, 3, nk, generator=g)
+    score[..., ::7] = 0.5  # ties inside and across segments
+    score[..., 3::11] = 0.0
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    want = torch.gather(order, -1, torch.argsort(order // segment, dim=-1, stable=True))
+    assert torch.equal(segment_order(score, segment), want)
+
+
+def _rows_by_loop(x, index, heads=None):
+    b, h, m = x.shape[0], index.shape[1], index.shape[2]
+    heads = range(h) if heads is None else heads.tolist()
+    out = torch.zeros(b, h, m, x.shape[-1], dtype=x.dtype)
+    for bi in range(b):
+        for hi, hx in enumerate(heads):
+            for mi in range(m):
+                out[bi, hi, mi] = x[bi, hx, index[min(bi, index.shape[0] - 1), hi, mi]]
+    return out
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("d,dtype", [(16, torch.float32), (24, torch.float16), (64, torch.bfloat16)])
+def test_gather_rows_equals_a_loop(request, kernel, d, dtype):
+    """``gather_rows`` (torch) and ``kernels.gather`` (interpreter) copy exactly x[b, heads[h], index[b, h, m]]: a
+    contiguous x, a [B, N, H, D] projection seen as [B, H, N, D] past a storage offset, query heads mapped onto
+    K/V heads, an index shared over the batch (batch 1, expanded), and a non-power-of-two head dim (24)."""
+    from vidsparse.attention.layout import gather_rows_torch
+
+    if kernel:
+        request.getfixturevalue("interpreter")
+        from vidsparse.attention.kernels.gather import gather_rows as fn
+    else:
+        fn = gather_rows_torch
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 3, 40, d, generator=g).to(dtype)
+    proj = torch.randn(2, 45, 3, d, generator=g).to(dtype)[:, 5:].transpose(1, 2)  # [2, 3, 40, d], not contiguous
+    idx = torch.randint(0, 40, (2, 3, 70), generator=g)
+    heads = torch.tensor([0, 0, 1, 1, 2, 2])
+    idx6 = torch.randint(0, 40, (1, 6, 33), generator=g).expand(1, 6, 33)
+    for src in (x, proj):
+        assert torch.equal(fn(src, idx), _rows_by_loop(src, idx))
+        assert torch.equal(fn(src, idx6, heads), _rows_by_loop(src, idx6, heads))
+    assert fn(x, idx[:, :, :0]).shape == (2, 3, 0, d)
+
+
+def test_gather_rows_kernel_reads_zeros_outside_the_keys(interpreter):
+    """A position outside [0, N) gives a zero row in the kernel (torch.gather would assert on the device); the
+    other rows are untouched. Without heads=, the index must have x's heads."""
+    from vidsparse.attention.kernels.gather import gather_rows
+
+    x = torch.randn(1, 2, 10, 16) + 5.0
+    idx = torch.tensor([[[0, -1, 9, 10], [3, 3, 100, 2]]])
+    out = gather_rows(x, idx)
+    assert torch.equal(out[0, 0, [0, 2]], x[0, 0, [0, 9]]) and torch.equal(out[0, 1, [0, 1, 3]], x[0, 1, [3, 3, 2]])
+    assert (out[0, 0, [1, 3]] == 0).all() and (out[0, 1, 2] == 0).all()
+    with pytest.raises(ValueError, match="heads="):
+        gather_rows(x, idx.repeat(1, 2, 1))
+
+
 def test_kernel_key_positions_random_permutation(interpreter):
     """The kernel's causal mask by original key position, on a random key permutation with random blocks."""
     from vidsparse.attention.kernels.block_sparse import block_sparse_attention

@@ -414,6 +414,42 @@ def test_pbs_with_every_block_equals_sdpa():
     assert kernel_ok((out.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 80)])
+def test_gather_rows_kernel_equals_torch_gather(dtype, d):
+    """``kernels.gather`` copies exactly ``torch.gather``'s rows on the GPU: pbs's permutation of 28 K/V heads'
+    keys (``layout.gather_rows``, which takes the kernel here), a [B, N, H, D] projection seen as [B, H, N, D], and
+    query heads mapped onto K/V heads as ``token_sparse`` gathers them."""
+    from vidsparse.attention.kernels.fit import kernel_device
+    from vidsparse.attention.kernels.gather import gather_rows as kernel
+    from vidsparse.attention.layout import gather_rows, gather_rows_torch
+    from vidsparse.attention.patterns.pbs import segment_order
+
+    g = torch.Generator(device="cuda").manual_seed(d)
+    b, hk, n = 2, 28, 3000
+    k = torch.randn(b, hk, n, d, device="cuda", generator=g).to(dtype)
+    perm = segment_order(torch.rand(b, hk, n, device="cuda", generator=g), 1024)
+    assert kernel_device(k)
+    assert torch.equal(gather_rows(k, perm), gather_rows_torch(k, perm))
+    proj = torch.randn(b, n, 4, d, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    heads = torch.arange(12, device="cuda") // 3
+    idx = torch.randint(0, n, (b, 12, 777), device="cuda", generator=g)
+    assert torch.equal(kernel(proj, idx, heads), gather_rows_torch(proj, idx, heads))
+    assert torch.equal(kernel(proj, idx[:1, :4], None), gather_rows_torch(proj, idx[:1, :4]))
+
+
+def test_gather_rows_kernel_addresses_past_2_31_elements():
+    """Offsets in int64: rows of the second head of 2^23 + 8 keys of d = 128 start past element 2^31."""
+    from vidsparse.attention.kernels.gather import gather_rows
+
+    n = 2 ** 23 + 8
+    x = torch.zeros(1, 2, n, 128, device="cuda", dtype=torch.bfloat16)  # 4 GiB
+    pos = torch.tensor([0, 5, n - 1, n - 8, 2 ** 22], device="cuda")
+    x[0, 1, pos] = torch.randn(5, 128, device="cuda").to(torch.bfloat16)
+    out = gather_rows(x, pos.expand(1, 2, 5))
+    assert torch.equal(out[0, 1], x[0, 1, pos]) and (out[0, 1] != 0).any()
+    del x
+
+
 @pytest.mark.parametrize("causal,d,dtype,hk,offset", [(True, 128, torch.bfloat16, 2, None),
                                                       (True, 64, torch.float16, 8, None),
                                                       (True, 128, torch.bfloat16, 2, 0),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, UnsupportedError
-from .layout import BlockLayout
+from .layout import BlockLayout, gather_rows
 
 BACKENDS = ("auto", "kernel", "torch", "reference")
 
@@ -124,8 +124,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
             from .reference import masked_attention
 
             return masked_attention(q, k, v, layout.dense_mask(h), scale)
-        idx = layout.perm[..., None].expand(-1, -1, -1, d)
-        kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        kg, vg = gather_rows(k, layout.perm), gather_rows(v, layout.perm)
         lay = layout.blocks
         extra = {"tma": use_tma(q, lay.block_q, lay.block_k)} if use_kernel else {}
         return run(q, kg, vg, lay.kv_index, lay.kv_count, lay.block_q, lay.block_k, causal, scale,
@@ -148,8 +147,9 @@ def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor,
     b, h, s, length = idx.shape
     d = q.shape[-1]
     heads = torch.arange(h, device=q.device) // (h // k.shape[1])
-    flat = idx.clamp(min=0).reshape(b, h, s * length)[..., None].expand(-1, -1, -1, d)
-    qg, kg, vg = (torch.gather(t, 2, flat).reshape(b * h * s, 1, length, d) for t in (q, k[:, heads], v[:, heads]))
+    flat = idx.clamp(min=0).reshape(b, h, s * length)
+    qg, kg, vg = (gather_rows(t, flat, hm).reshape(b * h * s, 1, length, d) for t, hm in ((q, None), (k, heads),
+                                                                                         (v, heads)))
     lens = lens.reshape(-1).to(torch.int32)
     dense = BlockLayout.dense(length, length, causal=causal, device=q.device)
     out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
