@@ -2,9 +2,12 @@
 ``sparse_attention`` call, in the same process: the key permutation (one sort per segment, ``pbs.segment_order``,
 against sorting all keys and then stably by segment) and the row gather (``kernels.gather``, against
 ``torch.gather`` with the index expanded over D, and ``index_select`` over the flattened rows), at 28 heads over 4
-and over 28 K/V heads.
+and over 28 K/V heads; and the whole call of the patterns whose attention gathers each head's sequences
+(``token_sparse``, ``grid``) with the torch gather swapped in and, with ``--ops-against FILE``, through another copy
+of ``attention/ops.py`` (an earlier commit's), with each call's peak memory.
 
-    python benchmarks/pbs_steps.py [--sizes 32768,65536,131072] [--kv-heads 4,28] [--markdown-from FILE [--note TEXT]]
+    python benchmarks/pbs_steps.py [--sizes 32768,65536,131072] [--kv-heads 4,28] [--ops-against FILE]
+        [--markdown-from FILE [--note TEXT]]
 
 q/k are video-structured (``attention.video_qk``), v random; ``pbs`` at its defaults. The steps run on the
 estimate's own scores and permutation. The old steps are swapped in for the new (``common.swapped``); the callables
@@ -22,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, graph_ms, video_qk  # noqa: E402
 from common import (  # noqa: E402
-    gpu_cell, interleaved, markdown_args, ms_cell, new_payload, rewrite_markdown, run_rows, swapped, update_markdown,
+    gpu_cell, interleaved, load_copy, markdown_args, ms_cell, new_payload, rewrite_markdown, run_rows, swapped,
+    update_markdown,
 )
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -33,6 +37,7 @@ from vidsparse.attention.patterns import pbs as pbs_mod  # noqa: E402
 
 ROUND_MS = 200
 H, D = 28, 128
+GATHERED = ("token_sparse", "grid")
 
 
 def two_sorts(score: torch.Tensor, segment: int) -> torch.Tensor:
@@ -48,7 +53,7 @@ def rows_index_select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, d).index_select(0, (index + base).reshape(-1)).view(b, h, -1, d)
 
 
-def run_case(n: int, hk: int, monitor) -> dict:
+def run_case(n: int, hk: int, monitor, against=None) -> dict:
     q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, hk, D)
     v = torch.randn_like(k)
     p = PATTERNS.from_spec("pbs")
@@ -79,12 +84,38 @@ def run_case(n: int, hk: int, monitor) -> dict:
     for t, fns in ((est, {"old": old_est, "new": new_est}), (call, {"old": old_call, "new": new_call})):
         for name, fn in fns.items():
             t[name]["graph_ms"] = graph_ms(fn)
+    gathered = {}  # the patterns whose attention gathers each head's sequences (ops._attend_gathered)
+    video_meta = SeqMeta(128, 128, True, visual=(256, n), tokens_per_frame=256, frame_hw=(16, 16))  # video_qk's
+    for spec in GATHERED:
+        glay = PATTERNS.from_spec(spec).estimate(q, k, video_meta)
+        g_new = lambda glay=glay: sparse_attention(q, k, v, glay)  # noqa: E731
+        fns = {"torch_gather": swapped(ops, "gather_rows", gather_rows_torch, g_new), "new": g_new}
+        if against is not None:
+            fns = {"against": lambda glay=glay: against.sparse_attention(q, k, v, glay), **fns}
+        entry, want = {"density": glay.density()}, g_new()
+        for name, fn in list(fns.items()):
+            try:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                entry[f"{name}_equal"] = bool(torch.equal(fn(), want))
+                entry[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+            except torch.cuda.OutOfMemoryError as exc:
+                entry[name] = {"error": f"out of memory: {str(exc).splitlines()[0][:160]}"}
+                del fns[name]
+                torch.cuda.empty_cache()
+        for name, t in interleaved(fns, timer, 3, monitor).items():
+            entry[name] = {**t, "graph_ms": graph_ms(fns[name])}
+        gathered[spec] = entry
     res = {"n": n, "heads": H, "kv_heads": hk, "density": lay.density(), "equal": equal, "sort": sort, "rows": rows,
-           "estimate": est, "call": call,
+           "estimate": est, "call": call, "gathered": gathered,
            "share_old": est["old"]["ms"] / call["old"]["ms"], "share_new": est["new"]["ms"] / call["new"]["ms"]}
     print(n, f"{H}/{hk}", equal, {x: round(sort[x]["ms"], 3) for x in sort}, {x: round(rows[x]["ms"], 3) for x in rows},
           "estimate", {x: round(est[x]["ms"], 3) for x in est}, "call", {x: round(call[x]["ms"], 3) for x in call},
-          f"share {res['share_old']:.3f} -> {res['share_new']:.3f}", flush=True)
+          f"share {res['share_old']:.3f} -> {res['share_new']:.3f}",
+          {x: {y: round(g[y]["ms"], 3) if "ms" in g[y] else g[y]["error"][:40] for y in ("against", "torch_gather",
+                                                                                          "new") if y in g}
+           for x, g in gathered.items()}, flush=True)
     return res
 
 
@@ -92,14 +123,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="32768,65536,131072")
     ap.add_argument("--kv-heads", default="4,28")
+    ap.add_argument("--ops-against", default="", help="another copy of attention/ops.py (git show "
+                    "REV:src/vidsparse/attention/ops.py > FILE): token_sparse's and grid's calls also run through it")
     markdown_args(ap, "pbs_steps")
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    payload = new_payload("pbs_steps", f"python benchmarks/pbs_steps.py --sizes {args.sizes} "
-                          f"--kv-heads {args.kv_heads}", heads=H, d=D)
+    against = load_copy(args.ops_against, "vidsparse.attention._ops_against") if args.ops_against else None
+    payload = new_payload("pbs_steps", f"python benchmarks/pbs_steps.py --sizes {args.sizes} --kv-heads "
+                          f"{args.kv_heads}" + (f" --ops-against {args.ops_against}" if against else ""), heads=H, d=D)
     cases = [(int(n), int(hk)) for hk in args.kv_heads.split(",") for n in args.sizes.split(",")]
-    run_rows("pbs_steps", payload, cases, lambda c, monitor: run_case(*c, monitor), write_markdown)
+    run_rows("pbs_steps", payload, cases, lambda c, monitor: run_case(*c, monitor, against), write_markdown)
 
 
 def write_markdown(p: dict) -> None:
@@ -125,6 +159,30 @@ def write_markdown(p: dict) -> None:
                      f"{gpu_cell(e['old'])} / {gpu_cell(e['new'])} | {c['old']['ms']:.3f} / {c['new']['ms']:.3f} | "
                      f"{gpu_cell(c['old'])} / {gpu_cell(c['new'])} | {100 * r['share_old']:.1f}% → "
                      f"{100 * r['share_new']:.1f}% | {'yes' if all(r['equal'].values()) else r['equal']} |")
+    if any(r.get("gathered") for r in p["rows"]):
+        lines += ["", "The patterns whose attention gathers each head's sequences (`ops._attend_gathered`: q, and K "
+                  "and V through each query head's K/V head), at their defaults on the same q/k/v: the call with the "
+                  "torch gather swapped in, and as it is (`new`); with `--ops-against`, also through that copy of "
+                  "`attention/ops.py` (`against`). Cells: ms (SM MHz), GPU ms from a CUDA-graph replay where the "
+                  "call can be captured, and the call's peak memory over what was allocated before it.", "",
+                  "| N | heads/KV | pattern | density | against | torch gather | new | new / against | new / torch "
+                  "gather | equal |", "|" + "---|" * 10]
+
+        def cell(g, name):
+            x = g.get(name)
+            if x is None:
+                return "-"
+            if "error" in x:
+                return x["error"].split(":")[0]
+            return f"{ms_cell(x)}, GPU {gpu_cell(x)}, {g[name + '_peak_gb']:.1f} GB"
+
+        for r in p["rows"]:
+            for spec, g in r.get("gathered", {}).items():
+                ratio = lambda a: f"{g['new']['ms'] / g[a]['ms']:.3f}" if "ms" in g.get(a, {}) else "-"  # noqa: E731
+                eq = all(g[x] for x in g if x.endswith("_equal"))
+                lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | `{spec}` | {g['density']:.3f} | "
+                             f"{cell(g, 'against')} | {cell(g, 'torch_gather')} | {cell(g, 'new')} | "
+                             f"{ratio('against')} | {ratio('torch_gather')} | {'yes' if eq else 'no'} |")
     update_markdown(f"pbs: permutation and row gather ({p['device']})", "\n".join(lines))
 
 

@@ -895,6 +895,36 @@ def test_grid_group_execution_matches_mask(stride, backend):
     assert (lay.density() < 1.0) == (stride > 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
+def test_grouped_attention_pads_each_head_to_its_own_groups(monkeypatch, backend):
+    """Heads that split the span differently (dense, stride 4, stride 12; per batch entry) run in one batch per group
+    count, so no group is padded to another head's longest (a dense head's whole span): the sequences gathered hold
+    at most each head's span plus one prefix and one padding slot per group. The output equals the mask's."""
+    from vidsparse.attention import ops
+    from vidsparse.attention.layout import GroupLayout
+    from vidsparse.attention.reference import masked_attention
+
+    g = torch.Generator().manual_seed(7)
+    s, span = 5, 72
+    n = s + span + 6
+    q, k, v = (torch.randn(2, h, n, 32, generator=g) for h in (4, 2, 2))
+    strides = torch.tensor([[1, 4, 12, 4], [12, 1, 1, 4]])
+    lay = GroupLayout(torch.arange(span) % strides[..., None], (s, s + span), n, n)
+    gathered = []
+    real = ops._attend_gathered
+
+    def spy(q_, k_, v_, idx, *args):
+        gathered.append(idx.numel())
+        return real(q_, k_, v_, idx, *args)
+
+    monkeypatch.setattr(ops, "_attend_gathered", spy)
+    out = sparse_attention(q, k, v, lay, backend=backend)
+    torch.testing.assert_close(out, masked_attention(q, k, v, lay.dense_mask()), atol=FP32_SAME_ATOL,
+                               rtol=FP32_SAME_RTOL)
+    assert len(gathered) == 3  # group counts 1, 4 and 12
+    assert sum(gathered) <= int((span + strides * (s + 1)).sum())
+
+
 def test_grid_finds_a_planted_stride_and_stays_dense_otherwise():
     g = torch.Generator().manual_seed(7)
     s, t, f = 5, 8, 12

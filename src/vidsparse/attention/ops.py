@@ -139,22 +139,24 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
                seqlens_k, **extra)
 
 
-def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor, causal: bool,
+def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor, pairs: Tensor, causal: bool,
                      scale: float | None, backend: str) -> Tensor:
-    """Dense (causal) attention inside gathered sequences: ``idx`` int64 [B, H, S, L] positions (sorted within each
-    sequence; entries past ``lens`` [B, H, S] are ignored), each query head gathering from its KV head. All B·H·S
-    sequences go to ``sparse_attention`` as one batch with per-sequence lengths. -> [B, H, S, L, D]."""
-    b, h, s, length = idx.shape
-    d = q.shape[-1]
-    heads = torch.arange(h, device=q.device) // (h // k.shape[1])
-    flat = idx.clamp(min=0).reshape(b, h, s * length)
-    qg, kg, vg = (gather_rows(t, flat, hm).reshape(b * h * s, 1, length, d) for t, hm in ((q, None), (k, heads),
-                                                                                         (v, heads)))
+    """Dense (causal) attention inside gathered sequences of some (batch, head) pairs: ``pairs`` int64 [P] (b·H + h),
+    ``idx`` int64 [P, S, L] positions (sorted within each sequence; entries past ``lens`` [P, S] are ignored), each
+    query head gathering from its KV head. All P·S sequences go to ``sparse_attention`` as one batch with
+    per-sequence lengths. -> [P, S, L, D]."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    p, s, length = idx.shape
+    kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
+    flat = idx.clamp(min=0).reshape(1, p, s * length)
+    qg, kg, vg = (gather_rows(t.reshape(1, -1, n, d), flat, heads).reshape(p * s, 1, length, d)
+                  for t, heads in ((q, pairs), (k, kv_pairs), (v, kv_pairs)))
     lens = lens.reshape(-1).to(torch.int32)
     dense = BlockLayout.dense(length, length, causal=causal, device=q.device)
     out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
                            backend=backend)
-    return out.reshape(b, h, s, length, d)
+    return out.reshape(p, s, length, d)
 
 
 def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
@@ -169,7 +171,9 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
     cnt = layout.count.expand(b, h) if layout.count.shape != (b, h) else layout.count
     lmax = max(int(cnt.max().item()), 1)
     idx = idx[..., :lmax]
-    og = _attend_gathered(q, k, v, idx[:, :, None], cnt[:, :, None], layout.causal, scale, backend)
+    pairs = torch.arange(b * h, device=q.device)
+    og = _attend_gathered(q, k, v, idx.reshape(b * h, 1, lmax), cnt.reshape(b * h, 1), pairs, layout.causal, scale,
+                          backend)
     out = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
     dest = torch.where(idx < 0, n, idx)[..., None].expand(-1, -1, -1, d)
     out.scatter_(2, dest, og.reshape(b, h, lmax, d))
@@ -185,27 +189,34 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
         raise InputError(f"group layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
     g = h // k.shape[1]
     heads = torch.arange(h, device=q.device) // g
-    grp = layout.group.expand(b, h, -1) if layout.group.shape[:2] != (b, h) else layout.group
-    ng = int(grp.max()) + 1
-    # order the span tokens by (group, position): each group's members become contiguous, in original order
-    key = grp * (e - s) + torch.arange(e - s, device=q.device)
-    order = torch.argsort(key, dim=-1) + s  # [B, H, N_span] positions
-    counts = torch.zeros(b, h, ng, dtype=torch.long, device=q.device).scatter_add_(-1, grp, torch.ones_like(grp))
-    lmax = int(counts.max()) + s
-    starts = torch.cumsum(counts, -1) - counts  # offset of each group in ``order``
-    slot = torch.arange(lmax - s, device=q.device)
-    member = starts[..., None] + slot  # [B, H, G, L - s]
-    valid = slot < counts[..., None]
-    pos = torch.gather(order[:, :, None, :].expand(-1, -1, ng, -1), 3, member.clamp(max=e - s - 1))
-    prefix = torch.arange(s, device=q.device).expand(b, h, ng, s)
-    idx = torch.cat([prefix, torch.where(valid, pos, torch.zeros_like(pos))], -1)  # [B, H, G, L]
-    og = _attend_gathered(q, k, v, idx, counts + s, layout.causal, scale, backend)
-    out = torch.empty_like(q)
-    # span rows: scatter each group's member outputs back (prefix rows of the groups are discarded)
-    dest = torch.where(valid, pos, torch.full_like(pos, n))[..., None].expand(-1, -1, -1, -1, d)
-    buf = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
-    buf.scatter_(2, dest.reshape(b, h, -1, d), og[:, :, :, s:].reshape(b, h, -1, d))
-    out[:, :, s:e] = buf[:, :, s:e]
+    grp = layout.group.expand(b, h, -1).reshape(b * h, e - s)
+    ngs = grp.amax(-1) + 1
+    out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
+    rows_of = out.view(b * h, n, d)
+    span = torch.arange(e - s, device=q.device)
+    # one batch per group count: a head that splits the span into G groups pads them to its own longest group, not
+    # to another head's (a dense head's one group of e − s tokens would pad every group of a strided head to it)
+    for ng in torch.unique(ngs).tolist():
+        pairs = (ngs == ng).nonzero()[:, 0]
+        gp = grp[pairs]  # [P, N_span]
+        # order the span tokens by (group, position): each group's members become contiguous, in original order
+        order = torch.argsort(gp * (e - s) + span, dim=-1) + s  # [P, N_span] positions
+        counts = torch.zeros(len(pairs), ng, dtype=torch.long, device=q.device).scatter_add_(-1, gp,
+                                                                                             torch.ones_like(gp))
+        lmax = int(counts.max()) + s
+        starts = torch.cumsum(counts, -1) - counts  # offset of each group in ``order``
+        slot = torch.arange(lmax - s, device=q.device)
+        member = starts[..., None] + slot  # [P, G, L - s]
+        valid = slot < counts[..., None]
+        pos = torch.gather(order[:, None, :].expand(-1, ng, -1), 2, member.clamp(max=e - s - 1))
+        prefix = torch.arange(s, device=q.device).expand(len(pairs), ng, s)
+        idx = torch.cat([prefix, torch.where(valid, pos, torch.zeros_like(pos))], -1)  # [P, G, L]
+        og = _attend_gathered(q, k, v, idx, counts + s, pairs, layout.causal, scale, backend)
+        # span rows: scatter each group's member outputs back (prefix rows of the groups are discarded)
+        dest = torch.where(valid, pos, torch.full_like(pos, n))[..., None].expand(-1, -1, -1, d)
+        buf = torch.zeros(len(pairs), n + 1, d, dtype=q.dtype, device=q.device)
+        buf.scatter_(1, dest.reshape(len(pairs), -1, d), og[:, :, s:].reshape(len(pairs), -1, d))
+        rows_of[pairs, s:e] = buf[:, s:e]
     # rows outside the span: dense causal attention over everything before them
     rows = torch.cat([torch.arange(s, device=q.device), torch.arange(e, n, device=q.device)])
     if rows.numel():
