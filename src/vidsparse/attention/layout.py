@@ -265,8 +265,9 @@ class GroupLayout(_Density):
 
     group int64 [B, H, N_span] (the group of each span token; one group = dense); span = (s, e). Executed by gathering
     each group (the span prefix plus its members, in original order, so causal order in the gathered sequence is causal
-    order in the original), running the dense block kernel over all groups as one batch with per-group lengths,
-    scattering the span rows back, and computing the rows outside the span densely."""
+    order in the original), running the dense block kernel over the groups as one batch with per-group lengths for
+    each number of groups a head has (heads with as many groups share a batch, so no group is padded to another
+    head's longest), scattering the span rows back, and computing the rows outside the span densely."""
 
     group: Tensor
     span: tuple[int, int]
