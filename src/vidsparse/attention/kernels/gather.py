@@ -1,6 +1,6 @@
 """Rows of a [B, H, N, D] tensor at per-(batch, head) positions, each row copied whole (Triton): the gather behind
 ``pbs`` (its keys in permuted order, pooled for the block scores, and K and V in that order for the attention
-kernel) and ``token_sparse``'s gathered sequences (``ops._attend_gathered``).
+kernel) and the sequences ``token_sparse`` and ``grid`` gather per head (``ops._attend_gathered``).
 
 ``torch.gather(x, 2, index[..., None].expand(..., D))`` computes an address for every element, and ``index_select``
 over the flattened rows does no better. Here each program copies ``R`` rows, each row in one vectorised load and
