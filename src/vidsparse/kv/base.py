@@ -18,7 +18,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 
@@ -95,10 +94,10 @@ class CompressingCache(_dynamic_cache()):
         if index.dim() == 1:
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
-        else:
-            idx = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-            layer.keys = torch.gather(layer.keys, 2, idx)
-            layer.values = torch.gather(layer.values, 2, idx.expand(-1, -1, -1, layer.values.shape[-1]))
+        else:  # each kept row copied whole (``attention.layout.gather_rows``: a Triton kernel on the GPU)
+            from ..attention.layout import gather_rows
+
+            layer.keys, layer.values = gather_rows(layer.keys, index), gather_rows(layer.values, index)
 
     def entries(self, layer_idx: int = 0) -> int:
         return int(self.layers[layer_idx].keys.shape[-2]) if layer_idx < len(self.layers) else 0
