@@ -49,7 +49,7 @@ class PBS(Pattern):
 
             raise SpecError(f"pbs segment {self.segment} is not a multiple of the key block {meta.block_k}: "
                             f"use pbs:segment={max(1, self.segment // meta.block_k) * meta.block_k}")
-        b, h, nq, d = q.shape
+        b, h, nq, _ = q.shape
         hk, nk = k.shape[1], k.shape[2]
         perm = self.permutation(q, k)
         kperm = gather_rows(k, perm)
