@@ -84,6 +84,23 @@ def run_case(n: int, hk: int, monitor, against=None) -> dict:
     for t, fns in ((est, {"old": old_est, "new": new_est}), (call, {"old": old_call, "new": new_call})):
         for name, fn in fns.items():
             t[name]["graph_ms"] = graph_ms(fn)
+    gathered = run_gathered(q, k, v, n, monitor, against)
+    res = {"n": n, "heads": H, "kv_heads": hk, "density": lay.density(), "equal": equal, "sort": sort, "rows": rows,
+           "estimate": est, "call": call, "gathered": gathered,
+           "share_old": est["old"]["ms"] / call["old"]["ms"], "share_new": est["new"]["ms"] / call["new"]["ms"]}
+    print(n, f"{H}/{hk}", equal, {x: round(sort[x]["ms"], 3) for x in sort}, {x: round(rows[x]["ms"], 3) for x in rows},
+          "estimate", {x: round(est[x]["ms"], 3) for x in est}, "call", {x: round(call[x]["ms"], 3) for x in call},
+          f"share {res['share_old']:.3f} -> {res['share_new']:.3f}",
+          {x: {y: round(g[y]["ms"], 3) if "ms" in g[y] else g[y]["error"][:40] for y in ("against", "torch_gather",
+                                                                                          "new") if y in g}
+           for x, g in gathered.items()}, flush=True)
+    return res
+
+
+def run_gathered(q, k, v, n: int, monitor, against=None) -> dict:
+    """token_sparse's and grid's calls on their own layouts: new, with the torch gather swapped in, and through
+    ``against`` (another copy of ops.py): ms, GPU ms, peak memory, equality with the new output."""
+    timer = lambda fn: bench_ms(fn, rep_ms=ROUND_MS)  # noqa: E731
     gathered = {}  # the patterns whose attention gathers each head's sequences (ops._attend_gathered)
     video_meta = SeqMeta(128, 128, True, visual=(256, n), tokens_per_frame=256, frame_hw=(16, 16))  # video_qk's
     for spec in GATHERED:
@@ -98,8 +115,11 @@ def run_case(n: int, hk: int, monitor, against=None) -> dict:
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                entry[f"{name}_equal"] = bool(torch.equal(fn(), want))
-                entry[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+                got = fn()
+                entry[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30  # before the diff's
+                entry[f"{name}_equal"] = bool(torch.equal(got, want))
+                entry[f"{name}_max_diff"] = (got.float() - want.float()).abs().max().item()
+                del got
             except torch.cuda.OutOfMemoryError as exc:
                 entry[name] = {"error": f"out of memory: {str(exc).splitlines()[0][:160]}"}
                 del fns[name]
@@ -107,16 +127,20 @@ def run_case(n: int, hk: int, monitor, against=None) -> dict:
         for name, t in interleaved(fns, timer, 3, monitor).items():
             entry[name] = {**t, "graph_ms": graph_ms(fns[name])}
         gathered[spec] = entry
-    res = {"n": n, "heads": H, "kv_heads": hk, "density": lay.density(), "equal": equal, "sort": sort, "rows": rows,
-           "estimate": est, "call": call, "gathered": gathered,
-           "share_old": est["old"]["ms"] / call["old"]["ms"], "share_new": est["new"]["ms"] / call["new"]["ms"]}
-    print(n, f"{H}/{hk}", equal, {x: round(sort[x]["ms"], 3) for x in sort}, {x: round(rows[x]["ms"], 3) for x in rows},
-          "estimate", {x: round(est[x]["ms"], 3) for x in est}, "call", {x: round(call[x]["ms"], 3) for x in call},
-          f"share {res['share_old']:.3f} -> {res['share_new']:.3f}",
-          {x: {y: round(g[y]["ms"], 3) if "ms" in g[y] else g[y]["error"][:40] for y in ("against", "torch_gather",
-                                                                                          "new") if y in g}
-           for x, g in gathered.items()}, flush=True)
-    return res
+    return gathered
+
+
+def gathered_case(n: int, hk: int, batch: int, monitor, against=None) -> dict:
+    """``run_gathered`` alone on ``batch`` copies of the inputs seen as [B, H, N, D] views of [B, N, H, D]
+    projections (a model's layout: q.reshape(1, B·H, N, D) copies them for B > 1)."""
+    q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, hk, D)
+    v = torch.randn_like(k)
+    q, k, v = (x.transpose(1, 2).repeat(batch, 1, 1, 1).transpose(1, 2) for x in (q, k, v))
+    gathered = run_gathered(q, k, v, n, monitor, against)
+    print(n, f"{H}/{hk}", f"batch {batch}", {x: {y: round(g[y]["ms"], 3) if "ms" in g[y] else g[y]["error"][:40]
+                                                 for y in ("against", "torch_gather", "new") if y in g}
+                                             for x, g in gathered.items()}, flush=True)
+    return {"n": n, "heads": H, "kv_heads": hk, "batch": batch, "gathered": gathered}
 
 
 def main():
@@ -125,18 +149,34 @@ def main():
     ap.add_argument("--kv-heads", default="4,28")
     ap.add_argument("--ops-against", default="", help="another copy of attention/ops.py (git show "
                     "REV:src/vidsparse/attention/ops.py > FILE): token_sparse's and grid's calls also run through it")
+    ap.add_argument("--gathered-batch", type=int, default=0, help="only token_sparse's and grid's calls, on this "
+                    "many copies of the inputs as [B, N, H, D] projection views (saved as pbs_steps_gathered_bB.json)")
     markdown_args(ap, "pbs_steps")
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
     against = load_copy(args.ops_against, "vidsparse.attention._ops_against") if args.ops_against else None
-    payload = new_payload("pbs_steps", f"python benchmarks/pbs_steps.py --sizes {args.sizes} --kv-heads "
-                          f"{args.kv_heads}" + (f" --ops-against {args.ops_against}" if against else ""), heads=H, d=D)
+    gb = args.gathered_batch
+    cmd = (f"python benchmarks/pbs_steps.py --sizes {args.sizes} --kv-heads {args.kv_heads}"
+           + (f" --ops-against {args.ops_against}" if against else "") + (f" --gathered-batch {gb}" if gb else ""))
+    payload = new_payload("pbs_steps", cmd, heads=H, d=D, gathered_batch=gb)
     cases = [(int(n), int(hk)) for hk in args.kv_heads.split(",") for n in args.sizes.split(",")]
-    run_rows("pbs_steps", payload, cases, lambda c, monitor: run_case(*c, monitor, against), write_markdown)
+    if gb:
+        run_rows(f"pbs_steps_gathered_b{gb}", payload, cases,
+                 lambda c, monitor: gathered_case(*c, gb, monitor, against), write_markdown)
+    else:
+        run_rows("pbs_steps", payload, cases, lambda c, monitor: run_case(*c, monitor, against), write_markdown)
 
 
 def write_markdown(p: dict) -> None:
+    if p.get("gathered_batch"):
+        lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads, d = {p['d']}, "
+                 f"batch {p['gathered_batch']}: video-structured q/k (M-RoPE, 16×16 tokens per frame) and random v, "
+                 "copied per batch entry and seen as [B, H, N, D] views of [B, N, H, D] projections, as a model "
+                 "passes them.", "", *([p["note"], ""] if p.get("note") else []), *gathered_lines(p)]
+        update_markdown(f"Gathered patterns on batch-{p['gathered_batch']} projection views ({p['device']})",
+                        "\n".join(lines))
+        return
     lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — bf16, {p['heads']} heads, d = {p['d']}, "
              "batch 1, video-structured q/k (M-RoPE, 16×16 tokens per frame), random v, `pbs` at its defaults.", "",
              "The key permutation: one sort per 1024-key segment (`pbs.segment_order`) against sorting all keys and "
@@ -160,30 +200,39 @@ def write_markdown(p: dict) -> None:
                      f"{gpu_cell(c['old'])} / {gpu_cell(c['new'])} | {100 * r['share_old']:.1f}% → "
                      f"{100 * r['share_new']:.1f}% | {'yes' if all(r['equal'].values()) else r['equal']} |")
     if any(r.get("gathered") for r in p["rows"]):
-        lines += ["", "The patterns whose attention gathers each head's sequences (`ops._attend_gathered`: q, and K "
-                  "and V through each query head's K/V head), at their defaults on the same q/k/v: the call with the "
-                  "torch gather swapped in, and as it is (`new`); with `--ops-against`, also through that copy of "
-                  "`attention/ops.py` (`against`). Cells: ms (SM MHz), GPU ms from a CUDA-graph replay where the "
-                  "call can be captured, and the call's peak memory over what was allocated before it.", "",
-                  "| N | heads/KV | pattern | density | against | torch gather | new | new / against | new / torch "
-                  "gather | equal |", "|" + "---|" * 10]
-
-        def cell(g, name):
-            x = g.get(name)
-            if x is None:
-                return "-"
-            if "error" in x:
-                return x["error"].split(":")[0]
-            return f"{ms_cell(x)}, GPU {gpu_cell(x)}, {g[name + '_peak_gb']:.1f} GB"
-
-        for r in p["rows"]:
-            for spec, g in r.get("gathered", {}).items():
-                ratio = lambda a: f"{g['new']['ms'] / g[a]['ms']:.3f}" if "ms" in g.get(a, {}) else "-"  # noqa: E731
-                eq = all(g[x] for x in g if x.endswith("_equal"))
-                lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | `{spec}` | {g['density']:.3f} | "
-                             f"{cell(g, 'against')} | {cell(g, 'torch_gather')} | {cell(g, 'new')} | "
-                             f"{ratio('against')} | {ratio('torch_gather')} | {'yes' if eq else 'no'} |")
+        lines += ["", *gathered_lines(p)]
     update_markdown(f"pbs: permutation and row gather ({p['device']})", "\n".join(lines))
+
+
+def gathered_lines(p: dict) -> list[str]:
+    """The table of token_sparse's and grid's calls (``run_gathered``)."""
+    lines = ["The patterns whose attention gathers each head's sequences (`ops._attend_gathered`: q, and K "
+             "and V through each query head's K/V head), at their defaults on the same q/k/v: the call with the "
+             "torch gather swapped in, and as it is (`new`); with `--ops-against`, also through that copy of "
+             "`attention/ops.py` (`against`). Cells: ms (SM MHz), GPU ms from a CUDA-graph replay where the "
+             "call can be captured, and the call's peak memory over what was allocated before it. Equal: each output "
+             "equals `new`'s bit for bit (else the largest difference).", "",
+             "| N | heads/KV | batch | pattern | density | against | torch gather | new | new / against | "
+             "new / torch gather | equal |", "|" + "---|" * 11]
+
+    def cell(g, name):
+        x = g.get(name)
+        if x is None:
+            return "-"
+        if "error" in x:
+            return x["error"].split(":")[0]
+        return f"{ms_cell(x)}, GPU {gpu_cell(x)}, {g[name + '_peak_gb']:.1f} GB"
+
+    for r in p["rows"]:
+        for spec, g in r.get("gathered", {}).items():
+            ratio = lambda a: f"{g['new']['ms'] / g[a]['ms']:.3f}" if "ms" in g.get(a, {}) else "-"  # noqa: E731
+            eq = all(g[x] for x in g if x.endswith("_equal"))
+            diffs = [g[x] for x in g if x.endswith("_max_diff")]  # (not in runs before it was recorded)
+            same = "yes" if eq else f"no (max diff {max(diffs):.3g})" if diffs else "no"
+            lines.append(f"| {r['n']} | {r['heads']}/{r['kv_heads']} | {r.get('batch', 1)} | `{spec}` | "
+                         f"{g['density']:.3f} | {cell(g, 'against')} | {cell(g, 'torch_gather')} | {cell(g, 'new')} | "
+                         f"{ratio('against')} | {ratio('torch_gather')} | {same} |")
+    return lines
 
 
 if __name__ == "__main__":

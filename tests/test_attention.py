@@ -205,16 +205,26 @@ def test_density_tensor_equals_density(spec):
     assert float(lay.density_tensor()) == pytest.approx(lay.density(), rel=1e-6)
 
 
-def test_group_density_counts_only_existing_groups():
+@pytest.mark.parametrize("causal", [True, False])
+def test_group_density_counts_only_existing_groups(causal):
     """GroupLayout.density_tensor sums over every possible group id (no host sync for the id count); per head:
-    groups of sizes 3, 0 (id 1 unused), 5 with a 10-token prefix and 4 dense rows after the span."""
+    groups of sizes 3, 0 (id 1 unused), 5 with a 10-token prefix and 4 dense rows after the span. It is the dense
+    mask's share of the full (causal) attention, exactly: causally counted in squared lengths, a row that sees j keys
+    as 2j − 1 (rows seeing 1 … N keys sum to N²)."""
     from vidsparse.attention.layout import GroupLayout
 
     group = torch.tensor([[[0, 0, 0, 2, 2, 2, 2, 2], [0] * 8]])  # head 0: ids 0 and 2; head 1: one group
-    lay = GroupLayout(group, (10, 18), 22, 22)
-    head0 = ((10 + 3) ** 2 + (10 + 0) ** 2 + (10 + 5) ** 2 - 2 * 10 ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
-    head1 = ((10 + 8) ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
+    lay = GroupLayout(group, (10, 18), 22, 22, causal)
+    if causal:
+        head0 = (3 ** 2 + 2 * 10 * 3 + 5 ** 2 + 2 * 10 * 5 + 10 ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
+        head1 = (8 ** 2 + 2 * 10 * 8 + 10 ** 2 + 22 ** 2 - 18 ** 2) / 22 ** 2
+    else:
+        head0 = (3 * 13 + 5 * 15 + 14 * 22) / 22 ** 2
+        head1 = (8 * 18 + 14 * 22) / 22 ** 2
     assert float(lay.density_tensor()) == pytest.approx((head0 + head1) / 2, rel=1e-6)
+    mask = lay.dense_mask()
+    kept = (2 * mask.sum(-1) - 1).sum(-1) if causal else mask.sum((-2, -1))
+    assert torch.equal(kept[0], torch.tensor([round(head0 * 22 ** 2), round(head1 * 22 ** 2)]))
 
 
 def test_keep_top_mass_is_minimal():
@@ -871,9 +881,10 @@ def test_pool_kernel_matches_pool_levels(interpreter, dtype, d, hk, transposed):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "kernel"])
-@pytest.mark.parametrize("stride", [1, 4, 12])
-def test_grid_group_execution_matches_mask(stride, backend):
-    """Span rows see the text before the span plus same-phase span tokens (causally); other rows see everything."""
+@pytest.mark.parametrize("stride,causal", [(1, True), (4, True), (12, True), (4, False)])
+def test_grid_group_execution_matches_mask(stride, causal, backend):
+    """Span rows see the text before the span plus same-phase span tokens (causally, or all of them); other rows see
+    everything (causally: everything before them)."""
     from vidsparse.attention.layout import GroupLayout
     from vidsparse.attention.reference import masked_attention
 
@@ -881,14 +892,15 @@ def test_grid_group_execution_matches_mask(stride, backend):
     s, t, f = 7, 6, 12
     n = s + t * f + 9
     q, k, v = (torch.randn(1, h, n, 64, generator=g) for h in (4, 2, 2))
-    meta = SeqMeta(visual=(s, s + t * f), tokens_per_frame=f, frame_hw=(3, 4))
+    meta = SeqMeta(causal=causal, visual=(s, s + t * f), tokens_per_frame=f, frame_hw=(3, 4))
     lay = PATTERNS.from_spec(f"grid:stride={stride}").estimate(q, k, meta)
-    assert isinstance(lay, GroupLayout)
+    assert isinstance(lay, GroupLayout) and lay.causal == causal
     i = torch.arange(n)
     phase = (i - s) % stride
     in_span = (i >= s) & (i < s + t * f)
-    expect = (i[None, :] <= i[:, None]) & (~in_span[:, None] | ~in_span[None, :] & (i[None, :] < s)
-                                           | in_span[None, :] & (phase[None, :] == phase[:, None]))
+    same_phase = in_span[None, :] & (phase[None, :] == phase[:, None])
+    expect = (i[None, :] <= i[:, None] if causal else True) & (~in_span[:, None] | ~in_span[None, :] & (i[None, :] < s)
+                                                               | same_phase)
     assert torch.equal(lay.dense_mask()[0, 0], expect)
     out = sparse_attention(q, k, v, lay, backend=backend)
     torch.testing.assert_close(out, masked_attention(q, k, v, expect), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
@@ -899,7 +911,7 @@ def test_grid_group_execution_matches_mask(stride, backend):
 def test_grouped_attention_pads_each_head_to_its_own_groups(monkeypatch, backend):
     """Heads that split the span differently (dense, stride 4, stride 12; per batch entry) run in one batch per group
     count, so no group is padded to another head's longest (a dense head's whole span): the sequences gathered hold
-    at most each head's span plus one prefix and one padding slot per group. The output equals the mask's."""
+    each head's span as queries and, as keys, the span plus one prefix per group. The output equals the mask's."""
     from vidsparse.attention import ops
     from vidsparse.attention.layout import GroupLayout
     from vidsparse.attention.reference import masked_attention
@@ -913,16 +925,19 @@ def test_grouped_attention_pads_each_head_to_its_own_groups(monkeypatch, backend
     gathered = []
     real = ops._attend_gathered
 
-    def spy(q_, k_, v_, idx, *args):
-        gathered.append(idx.numel())
-        return real(q_, k_, v_, idx, *args)
+    def spy(q_, k_, v_, qidx, kidx, *args):
+        gathered.append((qidx.numel(), kidx.numel()))
+        return real(q_, k_, v_, qidx, kidx, *args)
 
     monkeypatch.setattr(ops, "_attend_gathered", spy)
     out = sparse_attention(q, k, v, lay, backend=backend)
     torch.testing.assert_close(out, masked_attention(q, k, v, lay.dense_mask()), atol=FP32_SAME_ATOL,
                                rtol=FP32_SAME_RTOL)
     assert len(gathered) == 3  # group counts 1, 4 and 12
-    assert sum(gathered) <= int((span + strides * (s + 1)).sum())
+    # the groups are equal in size here, so nothing is padded: the queries are the span's tokens, each once (the
+    # prefix is gathered as keys only), and the keys add one prefix per group
+    assert sum(x[0] for x in gathered) == 8 * span
+    assert sum(x[1] for x in gathered) == int((span + strides * s).sum())
 
 
 def test_grid_finds_a_planted_stride_and_stays_dense_otherwise():
@@ -1059,7 +1074,8 @@ def _rows_by_loop(x, index, heads=None):
 def test_gather_rows_equals_a_loop(request, kernel, d, dtype):
     """``gather_rows`` (torch) and ``kernels.gather`` (interpreter) copy exactly x[b, heads[h], index[b, h, m]]: a
     contiguous x, a [B, N, H, D] projection seen as [B, H, N, D] past a storage offset, query heads mapped onto
-    K/V heads, an index shared over the batch (batch 1, expanded), and a non-power-of-two head dim (24)."""
+    K/V heads, an index shared over the batch (batch 1, expanded), flattened (batch, head) planes (``planes=``, a
+    plane read twice, out of order) and a non-power-of-two head dim (24)."""
     from vidsparse.attention.layout import gather_rows_torch
 
     if kernel:
@@ -1073,10 +1089,56 @@ def test_gather_rows_equals_a_loop(request, kernel, d, dtype):
     idx = torch.randint(0, 40, (2, 3, 70), generator=g)
     heads = torch.tensor([0, 0, 1, 1, 2, 2])
     idx6 = torch.randint(0, 40, (1, 6, 33), generator=g).expand(1, 6, 33)
+    planes = torch.tensor([5, 0, 3, 2, 5])  # x's (batch, head) planes (1, 2), (0, 0), (1, 0), (0, 2), (1, 2)
+    idxp = torch.randint(0, 40, (1, 5, 21), generator=g)
     for src in (x, proj):
         assert torch.equal(fn(src, idx), _rows_by_loop(src, idx))
         assert torch.equal(fn(src, idx6, heads), _rows_by_loop(src, idx6, heads))
+        want = torch.stack([src[pl // 3, pl % 3, idxp[0, i]] for i, pl in enumerate(planes.tolist())])[None]
+        assert torch.equal(fn(src, idxp, planes=planes), want)
     assert fn(x, idx[:, :, :0]).shape == (2, 3, 0, d)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("d,dtype", [(16, torch.float32), (24, torch.bfloat16)])
+def test_scatter_rows_equals_a_loop(request, kernel, d, dtype):
+    """``scatter_rows`` (torch) and ``kernels.gather.scatter_rows`` (interpreter) write exactly out[b, h, index] =
+    src, and with ``planes=`` out[divmod(planes[p], H), index[0, p]] = src[0, p], into a [B, N, H, D] view, leaving
+    every other row and every position outside [0, N) (padding) alone; a gather at the same positions reads the
+    rows back."""
+    from vidsparse.attention.layout import gather_rows_torch, scatter_rows_torch
+
+    if kernel:
+        request.getfixturevalue("interpreter")
+        from vidsparse.attention.kernels.gather import scatter_rows as fn
+    else:
+        fn = scatter_rows_torch
+    g = torch.Generator().manual_seed(d)
+    base = torch.randn(2, 40, 3, d, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(40, generator=g)[:25] for _ in range(6)]).view(2, 3, 25)
+    idx[0, 1, 3] = -1
+    idx[1, 2, 7] = 40  # padding: written nowhere
+    src = torch.randn(2, 3, 25, d, generator=g).to(dtype)
+    out = base.clone().transpose(1, 2)  # [2, 3, 40, d], not contiguous
+    want = base.clone().transpose(1, 2)
+    for bi in range(2):
+        for hi in range(3):
+            for mi in range(25):
+                if 0 <= idx[bi, hi, mi] < 40:
+                    want[bi, hi, idx[bi, hi, mi]] = src[bi, hi, mi]
+    assert fn(out, idx, src) is out and torch.equal(out, want)
+    ok = (idx >= 0) & (idx < 40)
+    assert torch.equal(gather_rows_torch(out, idx.clamp(0, 39))[ok], src[ok])
+    planes = torch.tensor([5, 0, 3])  # (batch, head) planes (1, 2), (0, 0), (1, 0)
+    pidx = idx[:1]
+    psrc = torch.randn(1, 3, 25, d, generator=g).to(dtype)
+    out = base.clone().transpose(1, 2)
+    want = base.clone().transpose(1, 2)
+    for pi, pl in enumerate(planes.tolist()):
+        for mi in range(25):
+            if 0 <= pidx[0, pi, mi] < 40:
+                want[pl // 3, pl % 3, pidx[0, pi, mi]] = psrc[0, pi, mi]
+    assert torch.equal(fn(out, pidx, psrc, planes), want)
 
 
 def test_gather_rows_kernel_reads_zeros_outside_the_keys(interpreter):
@@ -1091,6 +1153,19 @@ def test_gather_rows_kernel_reads_zeros_outside_the_keys(interpreter):
     assert (out[0, 0, [1, 3]] == 0).all() and (out[0, 1, 2] == 0).all()
     with pytest.raises(ValueError, match="heads="):
         gather_rows(x, idx.repeat(1, 2, 1))
+    from vidsparse.attention.kernels.gather import scatter_rows
+
+    for bad in (dict(index=idx.repeat(2, 1, 1), src=x[:, :, :4].repeat(2, 1, 1, 1), planes=torch.tensor([0, 1])),
+                dict(index=idx, src=x[:, :, :4], planes=torch.tensor([0]))):
+        with pytest.raises(ValueError, match="planes="):
+            scatter_rows(x.clone(), **bad)
+    with pytest.raises(ValueError, match="expected"):
+        scatter_rows(x.clone(), idx, x[:, :, :3])
+    for bad in (dict(index=idx.repeat(2, 1, 1), planes=torch.tensor([0, 1])),
+                dict(index=idx, planes=torch.tensor([0, 1]), heads=torch.tensor([0, 1])),
+                dict(index=idx, planes=torch.tensor([0, 1, 1]))):
+        with pytest.raises(ValueError, match="planes="):
+            gather_rows(x, **bad)
 
 
 def test_kernel_key_positions_random_permutation(interpreter):

@@ -418,7 +418,7 @@ def test_pbs_with_every_block_equals_sdpa():
 def test_gather_rows_kernel_equals_torch_gather(dtype, d):
     """``kernels.gather`` copies exactly ``torch.gather``'s rows on the GPU: pbs's permutation of 28 K/V heads'
     keys (``layout.gather_rows``, which takes the kernel here), a [B, N, H, D] projection seen as [B, H, N, D], and
-    query heads mapped onto K/V heads as ``token_sparse`` gathers them."""
+    query heads mapped onto K/V heads as ``token_sparse`` gathers them, and flattened (batch, head) planes."""
     from vidsparse.attention.kernels.fit import kernel_device
     from vidsparse.attention.kernels.gather import gather_rows as kernel
     from vidsparse.attention.layout import gather_rows, gather_rows_torch
@@ -435,6 +435,80 @@ def test_gather_rows_kernel_equals_torch_gather(dtype, d):
     idx = torch.randint(0, n, (b, 12, 777), device="cuda", generator=g)
     assert torch.equal(kernel(proj, idx, heads), gather_rows_torch(proj, idx, heads))
     assert torch.equal(kernel(proj, idx[:1, :4], None), gather_rows_torch(proj, idx[:1, :4]))
+    planes = torch.tensor([7, 0, 3, 4, 7], device="cuda")  # the projection's (batch, head) planes, as grid's pairs
+    assert torch.equal(kernel(proj, idx[:1, :5], planes=planes), gather_rows_torch(proj, idx[:1, :5], planes=planes))
+    assert torch.equal(kernel(proj, idx[:1, :5], planes=planes)[0, 0], proj[1, 3, idx[0, 0]])
+
+
+@pytest.mark.parametrize("spec,causal", [("token_sparse:coverage=0.6,window=64", True), ("grid:stride=4", True),
+                                         ("grid:stride=16", False)])
+def test_gathered_patterns_on_batch_2_projection_views(spec, causal):
+    """token_sparse and grid gather each (batch, head) plane's rows straight from [B, N, H, D] projection views
+    (``gather_rows(..., planes=)``: x.reshape(1, B·H, N, D) would copy them for B > 1) and write their output rows
+    back in place (``scatter_rows``). The kernel path's output equals the one on contiguous copies bit for bit, and
+    the fp32 attention under the layout's dense mask within the kernel tolerance."""
+    b, h, hk, n, d = 2, 8, 2, 1300, 128
+    g = torch.Generator(device="cuda").manual_seed(11)
+    proj = [torch.randn(b, n, x, d, generator=g, device="cuda").to(torch.bfloat16) for x in (h, hk, hk)]
+    q, k, v = (x.transpose(1, 2) for x in proj)
+    assert not q.is_contiguous()
+    meta = SeqMeta(128, 128, causal, visual=(20, 20 + 5 * 256), tokens_per_frame=256, frame_hw=(16, 16))
+    lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
+    out = sparse_attention(q, k, v, lay, backend="kernel")
+    assert torch.equal(out, sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), lay, backend="kernel"))
+    mask = lay.dense_mask()
+    ref = masked_attention(q.float(), k.float(), v.float(), mask)
+    same = masked_attention(q, k, v, mask, dtype=torch.bfloat16)  # token_sparse's dropped rows: 0 in all three
+    err_k = (out.float() - ref).abs().max().item()
+    err_t = (same.float() - ref).abs().max().item()
+    assert kernel_ok(err_k, err_t, torch.bfloat16), (err_k, err_t)
+
+
+@pytest.mark.parametrize("spec", ["token_sparse:coverage=0.6", "grid:stride=4", "grid"])
+def test_gathered_patterns_wait_for_the_gpu_once(spec):
+    """Executing a TokenLayout or GroupLayout reads its shapes back once (token_sparse: the longest row; grid: every
+    head's group count and largest group, in one read, heads of several group counts included), then queues the
+    rest: torch's sync debug mode warns once per host sync."""
+    import warnings
+
+    q, k, v = qkv(1, 8, 2, 4096, 128, torch.bfloat16, seed=12)
+    meta = SeqMeta(128, 128, True, visual=(256, 4096), tokens_per_frame=256, frame_hw=(16, 16))
+    lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
+    if spec == "grid":  # mixed: heads of 1, 16 and 256 groups
+        lay = type(lay)(torch.arange(3840, device="cuda") % torch.tensor([1, 16, 256, 16, 1, 256, 256, 16],
+                                                                         device="cuda")[None, :, None],
+                        lay.span, lay.q_len, lay.k_len)
+    sparse_attention(q, k, v, lay)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            sparse_attention(q, k, v, lay)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message)[:120] for w in syncs]
+
+
+def test_scatter_rows_kernel_equals_torch():
+    """``kernels.gather.scatter_rows`` writes what ``index_put_`` does on the GPU: per (batch, head) and through
+    flattened planes, into a projection view, padding positions skipped."""
+    from vidsparse.attention.kernels.gather import scatter_rows as kernel
+    from vidsparse.attention.layout import scatter_rows_torch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, h, n, d = 2, 6, 3000, 128
+    base = torch.randn(b, n, h, d, device="cuda", generator=g).to(torch.bfloat16)
+    idx = torch.argsort(torch.rand(b, h, n, device="cuda", generator=g), -1)[..., :1700]
+    idx[:, :, ::97] = -1
+    src = torch.randn(b, h, 1700, d, device="cuda", generator=g).to(torch.bfloat16)
+    got, want = (fn(base.clone().transpose(1, 2), idx, src) for fn in (kernel, scatter_rows_torch))
+    assert torch.equal(got, want) and not torch.equal(got, base.transpose(1, 2))
+    planes = torch.tensor([11, 0, 6, 5], device="cuda")
+    got, want = (fn(base.clone().transpose(1, 2), idx[:1, :4], src[:1, :4], planes)
+                 for fn in (kernel, scatter_rows_torch))
+    assert torch.equal(got, want)
 
 
 def test_gather_rows_kernel_addresses_past_2_31_elements():

@@ -135,9 +135,11 @@ class BlockLayout:
     @classmethod
     def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, causal: bool = True,
               device=None) -> "BlockLayout":
+        """Every block (causally: every block up to each row's diagonal, bottom-right aligned, so the last row holds
+        all NK and the index is NK wide: no host sync)."""
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
         return cls.from_block_mask(torch.ones(nq, nk, dtype=torch.bool, device=device), block_q, block_k,
-                                   q_len, k_len, causal)
+                                   q_len, k_len, causal, width=nk)
 
     def block_mask(self) -> Tensor:
         """bool [B, H, NQ, NK] of computed blocks."""
@@ -260,14 +262,15 @@ class TokenLayout(_Density):
 @dataclass(frozen=True, eq=False)
 class GroupLayout(_Density):
     """Grouped attention for permutation patterns (``grid``): rows of the visual span [s, e) attend only to the
-    tokens of their group — every token before the span plus the span tokens of the same group — and every other row
-    attends causally to everything.
+    tokens of their group — every token before the span plus the span tokens of the same group (causally, or all of
+    them) — and every other row attends to everything (causally: everything before it).
 
-    group int64 [B, H, N_span] (the group of each span token; one group = dense); span = (s, e). Executed by gathering
-    each group (the span prefix plus its members, in original order, so causal order in the gathered sequence is causal
-    order in the original), running the dense block kernel over the groups as one batch with per-group lengths for
-    each number of groups a head has (heads with as many groups share a batch, so no group is padded to another
-    head's longest), scattering the span rows back, and computing the rows outside the span densely."""
+    group int64 [B, H, N_span] (the group of each span token, in [0, N_span); one group = dense); span = (s, e).
+    Executed by gathering each group (its members as queries; the span prefix plus its members as keys, in original
+    order, so that causal order in the gathered sequence is causal order in the original), running the dense block
+    kernel over the groups as one batch with per-group lengths for each number of groups a head has (heads with as
+    many groups share a batch, so no group is padded to another head's longest), writing the members' rows back, and
+    computing the rows outside the span densely."""
 
     group: Tensor
     span: tuple[int, int]
@@ -280,15 +283,20 @@ class GroupLayout(_Density):
         return self.group.amax(-1) + 1
 
     def density_tensor(self) -> Tensor:
-        """Attention work kept: Σ over groups of (prefix + members)², plus the dense rows, over N², mean over heads."""
+        """The attention kept, over the full (causal) attention, mean over heads; causal in squared lengths (a row
+        seeing j keys counts 2j, the triangle of N rows N²): a group of L members after a prefix of s tokens keeps
+        L² + 2Ls, the text before the span s², the rows after it N² − e². Not causal: L² + Ls per group, and
+        N per row outside the span, over N²."""
         s, e = self.span
         n = self.q_len
-        # counts over every possible group id (at most one per member); an id without members adds s² and is
-        # taken back by the - (slots - 1)·s² term, so the sum equals the one over the groups that exist
+        # counts over every possible group id (at most one per member): an id without members adds nothing
         slots = self.group.shape[-1]
         counts = torch.zeros(*self.group.shape[:2], slots, device=self.group.device).scatter_add_(
             -1, self.group, torch.ones_like(self.group, dtype=torch.float32))
-        work = ((counts + s) ** 2).sum(-1) - (slots - 1) * s ** 2 + (n ** 2 - e ** 2)
+        if self.causal:
+            work = (counts ** 2 + 2 * s * counts).sum(-1) + s ** 2 + (n ** 2 - e ** 2)
+        else:
+            work = (counts ** 2 + s * counts).sum(-1) + (n - e + s) * n
         return (work / n ** 2).mean()
 
     def dense_mask(self) -> Tensor:
@@ -296,11 +304,12 @@ class GroupLayout(_Density):
         s, e = self.span
         n = self.q_len
         i = torch.arange(n, device=self.group.device)
-        m = (i[None, :] <= i[:, None]).expand(*self.group.shape[:2], n, n).clone()
+        m = (i[None, :] <= i[:, None]) if self.causal else torch.ones(n, n, dtype=torch.bool, device=i.device)
+        m = m.expand(*self.group.shape[:2], n, n).clone()
         gq = self.group[..., :, None]
         gk = self.group[..., None, :]
-        span_block = m[..., s:e, s:e] & (gq == gk)
-        m[..., s:e, s:e] = span_block
+        m[..., s:e, s:e] &= gq == gk
+        m[..., s:e, e:] = False  # (causally so already)
         return m
 
 
@@ -362,9 +371,11 @@ class PyramidLayout(_Density):
         return cost
 
 
-def gather_rows(x: Tensor, index: Tensor, heads: Tensor | None = None) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor, heads: Tensor | None = None, planes: Tensor | None = None) -> Tensor:
     """Rows of ``x`` [B, Hx, N, D] at ``index`` int64 [B or 1, H, M] (each in [0, N)): out[b, h, m] = x[b, heads[h],
     index[b, h, m]] -> contiguous [B, H, M, D]; ``heads`` int64 [H] (each in [0, Hx)) defaults to h, with H = Hx.
+    ``planes`` int64 [H] (each in [0, B·Hx)) in place of ``heads``: output head h reads x's (batch, head) plane
+    divmod(planes[h], Hx), with a batch-1 index, -> [1, H, M, D] (x's planes flattened without copying x).
     On a GPU that runs the Triton kernels, ``kernels.gather`` copies each row whole, 3× faster than
     ``torch.gather`` on an H200 (``benchmarks/pbs_steps.py``); elsewhere ``gather_rows_torch``. Either way the
     rows are x's own values."""
@@ -373,15 +384,48 @@ def gather_rows(x: Tensor, index: Tensor, heads: Tensor | None = None) -> Tensor
     if kernel_device(x):
         from .kernels.gather import gather_rows as kernel
 
-        return kernel(x, index, heads)
-    return gather_rows_torch(x, index, heads)
+        return kernel(x, index, heads, planes)
+    return gather_rows_torch(x, index, heads, planes)
 
 
-def gather_rows_torch(x: Tensor, index: Tensor, heads: Tensor | None = None) -> Tensor:
-    """``gather_rows`` in torch: ``torch.gather`` over ``x[:, heads]`` with the index expanded over D."""
-    src = x if heads is None else x[:, heads]
+def gather_rows_torch(x: Tensor, index: Tensor, heads: Tensor | None = None, planes: Tensor | None = None) -> Tensor:
+    """``gather_rows`` in torch: ``torch.gather`` over ``x[:, heads]`` (``x[planes // Hx, planes % Hx]``) with the
+    index expanded over D."""
+    if planes is not None:
+        src = x[planes // x.shape[1], planes % x.shape[1]][None]
+    else:
+        src = x if heads is None else x[:, heads]
     idx = index.expand(src.shape[0], -1, -1)[..., None].expand(-1, -1, -1, x.shape[-1])
     return torch.gather(src, 2, idx)
+
+
+def scatter_rows(out: Tensor, index: Tensor, src: Tensor, planes: Tensor | None = None) -> Tensor:
+    """``gather_rows``' inverse, in place: out[b, h, index[b, h, m]] = src[b, h, m] for out [B, Hx, N, D], index
+    [B or 1, Hx, M], src [B, Hx, M, D]; with ``planes`` int64 [P] (each in [0, B·Hx)), out[divmod(planes[p], Hx),
+    index[0, p, m]] = src[0, p, m] for index [1, P, M] and src [1, P, M, D]. Positions outside [0, N) (padding)
+    write nothing. ``kernels.gather.scatter_rows`` on a GPU that runs the Triton kernels, else ``index_put_``.
+    Returns out."""
+    from .kernels.fit import kernel_device
+
+    if kernel_device(out):
+        from .kernels.gather import scatter_rows as kernel
+
+        return kernel(out, index, src, planes)
+    return scatter_rows_torch(out, index, src, planes)
+
+
+def scatter_rows_torch(out: Tensor, index: Tensor, src: Tensor, planes: Tensor | None = None) -> Tensor:
+    """``scatter_rows`` in torch: ``index_put_`` of the rows whose position lies in [0, N)."""
+    b, hx, n, _ = out.shape
+    if planes is None:
+        planes = torch.arange(b * hx, device=out.device).view(b, hx, 1)
+        index = index.expand(b, hx, -1)
+    else:
+        planes = planes.view(1, -1, 1)
+    planes = planes.expand_as(index)
+    inside = (index >= 0) & (index < n)
+    out[planes[inside] // hx, planes[inside] % hx, index[inside]] = src[inside]
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, UnsupportedError
-from .layout import BlockLayout, gather_rows
+from .layout import BlockLayout, gather_rows, scatter_rows
 
 BACKENDS = ("auto", "kernel", "torch", "reference")
 
@@ -139,45 +139,47 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
                seqlens_k, **extra)
 
 
-def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, lens: Tensor, pairs: Tensor, causal: bool,
-                     scale: float | None, backend: str) -> Tensor:
+def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, qidx: Tensor, kidx: Tensor, q_lens: Tensor, k_lens: Tensor,
+                     pairs: Tensor, causal: bool, scale: float | None, backend: str) -> Tensor:
     """Dense (causal) attention inside gathered sequences of some (batch, head) pairs: ``pairs`` int64 [P] (b·H + h),
-    ``idx`` int64 [P, S, L] positions (sorted within each sequence; entries past ``lens`` [P, S] are ignored), each
-    query head gathering from its KV head. All P·S sequences go to ``sparse_attention`` as one batch with
-    per-sequence lengths. -> [P, S, L, D]."""
-    b, h, n, d = q.shape
+    ``qidx`` int64 [P, S, Lq] the query positions and ``kidx`` [P, S, Lk] the key positions of each of the P·S
+    sequences (each sorted; entries past ``q_lens`` / ``k_lens`` [P, S] are ignored), each query head gathering from
+    its KV head. With ``causal`` a sequence's queries sit at its last positions (bottom-right: query i sees keys up
+    to i + k_len − q_len). All P·S sequences go to ``sparse_attention`` as one batch with per-sequence lengths.
+    -> [P, S, Lq, D]."""
+    h, d = q.shape[1], q.shape[3]
     hk = k.shape[1]
-    p, s, length = idx.shape
+    p, s, lq = qidx.shape
+    lk = kidx.shape[2]
     kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
-    flat = idx.clamp(min=0).reshape(1, p, s * length)
-    qg, kg, vg = (gather_rows(t.reshape(1, -1, n, d), flat, heads).reshape(p * s, 1, length, d)
-                  for t, heads in ((q, pairs), (k, kv_pairs), (v, kv_pairs)))
-    lens = lens.reshape(-1).to(torch.int32)
-    dense = BlockLayout.dense(length, length, causal=causal, device=q.device)
-    out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale, seqlens_q=lens, seqlens_k=lens,
+    # x's (batch, head) planes addressed by the kernel: no [1, B·H, N, D] copy of a [B, N, H, D] projection's view
+    qg = gather_rows(q, qidx.clamp(min=0).reshape(1, p, s * lq), planes=pairs).reshape(p * s, 1, lq, d)
+    kflat = kidx.clamp(min=0).reshape(1, p, s * lk)
+    kg, vg = (gather_rows(t, kflat, planes=kv_pairs).reshape(p * s, 1, lk, d) for t in (k, v))
+    dense = BlockLayout.dense(lq, lk, causal=causal, device=q.device)
+    out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale,
+                           seqlens_q=q_lens.reshape(-1).to(torch.int32), seqlens_k=k_lens.reshape(-1).to(torch.int32),
                            backend=backend)
-    return out.reshape(p, s, length, d)
+    return out.reshape(p, s, lq, d)
 
 
 def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
                            backend: str = "auto") -> Tensor:
     """Execute a ``TokenLayout``: gather each head's kept tokens, run dense (causal) attention on them as a batch of
-    B·H sequences of per-head length through ``sparse_attention`` (kernel or reference), scatter back; dropped rows
-    are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
+    B·H sequences of per-head length through ``sparse_attention`` (kernel or reference), write each output row back
+    to its position (``scatter_rows``); dropped rows are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
     b, h, n, d = q.shape
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"token layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
     idx = layout.index.expand(b, h, -1) if layout.index.shape[:2] != (b, h) else layout.index
     cnt = layout.count.expand(b, h) if layout.count.shape != (b, h) else layout.count
     lmax = max(int(cnt.max().item()), 1)
-    idx = idx[..., :lmax]
+    idx = idx[..., :lmax].reshape(b * h, 1, lmax)
     pairs = torch.arange(b * h, device=q.device)
-    og = _attend_gathered(q, k, v, idx.reshape(b * h, 1, lmax), cnt.reshape(b * h, 1), pairs, layout.causal, scale,
-                          backend)
-    out = torch.zeros(b, h, n + 1, d, dtype=q.dtype, device=q.device)
-    dest = torch.where(idx < 0, n, idx)[..., None].expand(-1, -1, -1, d)
-    out.scatter_(2, dest, og.reshape(b, h, lmax, d))
-    return out[:, :, :n]
+    cnt = cnt.reshape(b * h, 1)
+    og = _attend_gathered(q, k, v, idx, idx, cnt, cnt, pairs, layout.causal, scale, backend)
+    out = torch.zeros(b, h, n, d, dtype=q.dtype, device=q.device)
+    return scatter_rows(out, idx.reshape(1, b * h, lmax), og.reshape(1, b * h, lmax, d), planes=pairs)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float | None = None,
@@ -187,43 +189,49 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
     s, e = layout.span
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"group layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
-    g = h // k.shape[1]
-    heads = torch.arange(h, device=q.device) // g
     grp = layout.group.expand(b, h, -1).reshape(b * h, e - s)
+    # members per group id of each (batch, head) (ids lie in [0, e − s): GroupLayout's contract)
+    sizes = torch.zeros(b * h, e - s, dtype=torch.int32, device=q.device).scatter_add_(
+        -1, grp, torch.ones(grp.shape, dtype=torch.int32, device=q.device))
     ngs = grp.amax(-1) + 1
-    out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
-    rows_of = out.view(b * h, n, d)
+    # the one host sync: each pair's group count and largest group; the rest is queued without waiting
+    plan = torch.stack([ngs, sizes.amax(-1)]).tolist()
+    by_count = torch.argsort(ngs, stable=True)  # pairs with as many groups are consecutive, in pair order
+    out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)  # every row written below
     span = torch.arange(e - s, device=q.device)
+    first = 0
     # one batch per group count: a head that splits the span into G groups pads them to its own longest group, not
     # to another head's (a dense head's one group of e − s tokens would pad every group of a strided head to it)
-    for ng in torch.unique(ngs).tolist():
-        pairs = (ngs == ng).nonzero()[:, 0]
+    for ng in sorted(set(plan[0])):
+        npairs = plan[0].count(ng)
+        lm = max(m for g, m in zip(*plan) if g == ng)
+        pairs = by_count[first:first + npairs]
+        first += npairs
         gp = grp[pairs]  # [P, N_span]
         # order the span tokens by (group, position): each group's members become contiguous, in original order
         order = torch.argsort(gp * (e - s) + span, dim=-1) + s  # [P, N_span] positions
-        counts = torch.zeros(len(pairs), ng, dtype=torch.long, device=q.device).scatter_add_(-1, gp,
-                                                                                             torch.ones_like(gp))
-        lmax = int(counts.max()) + s
+        counts = sizes[pairs, :ng]  # [P, G]
         starts = torch.cumsum(counts, -1) - counts  # offset of each group in ``order``
-        slot = torch.arange(lmax - s, device=q.device)
-        member = starts[..., None] + slot  # [P, G, L - s]
-        valid = slot < counts[..., None]
-        pos = torch.gather(order[:, None, :].expand(-1, ng, -1), 2, member.clamp(max=e - s - 1))
-        prefix = torch.arange(s, device=q.device).expand(len(pairs), ng, s)
-        idx = torch.cat([prefix, torch.where(valid, pos, torch.zeros_like(pos))], -1)  # [P, G, L]
-        og = _attend_gathered(q, k, v, idx, counts + s, pairs, layout.causal, scale, backend)
-        # span rows: scatter each group's member outputs back (prefix rows of the groups are discarded)
-        dest = torch.where(valid, pos, torch.full_like(pos, n))[..., None].expand(-1, -1, -1, d)
-        buf = torch.zeros(len(pairs), n + 1, d, dtype=q.dtype, device=q.device)
-        buf.scatter_(1, dest.reshape(len(pairs), -1, d), og[:, :, s:].reshape(len(pairs), -1, d))
-        rows_of[pairs, s:e] = buf[:, s:e]
-    # rows outside the span: dense causal attention over everything before them
-    rows = torch.cat([torch.arange(s, device=q.device), torch.arange(e, n, device=q.device)])
-    if rows.numel():
-        kk, vv = k[:, heads], v[:, heads]
-        mask = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
-        out[:, :, rows] = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, rows], kk, vv, attn_mask=mask if layout.causal else None, scale=scale)
+        slot = torch.arange(lm, device=q.device)
+        pos = torch.gather(order[:, None, :].expand(-1, ng, -1), 2, (starts[..., None] + slot).clamp(max=e - s - 1))
+        pos = torch.where(slot < counts[..., None], pos, -1)  # [P, G, Lm] the members' positions, then -1
+        # queries: the members alone; keys: the text before the span, then the members (so causal order in the
+        # sequence is the original's: member i sits at key s + i, the bottom-right alignment)
+        prefix = torch.arange(s, device=q.device).expand(npairs, ng, s)
+        og = _attend_gathered(q, k, v, pos, torch.cat([prefix, pos], -1), counts, counts + s, pairs, layout.causal,
+                              scale, backend)
+        scatter_rows(out, pos.reshape(1, npairs, ng * lm), og.reshape(1, npairs, ng * lm, d), planes=pairs)
+    # rows outside the span attend everything (causally: the text before the span sees only itself)
+    if layout.causal:
+        parts = [(slice(0, s), s), (slice(e, n), n)]
+    else:
+        parts = [(slice(0, s), n), (slice(e, n), n)]
+    for rows, keys in parts:
+        nr = rows.stop - rows.start
+        if nr:
+            dense = BlockLayout.dense(nr, keys, causal=layout.causal, device=q.device)
+            out[:, :, rows] = sparse_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], dense, scale=scale,
+                                               backend=backend)
     return out
 
 

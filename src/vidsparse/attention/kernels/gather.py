@@ -1,6 +1,7 @@
 """Rows of a [B, H, N, D] tensor at per-(batch, head) positions, each row copied whole (Triton): the gather behind
 ``pbs`` (its keys in permuted order, pooled for the block scores, and K and V in that order for the attention
-kernel) and the sequences ``token_sparse`` and ``grid`` gather per head (``ops._attend_gathered``).
+kernel) and the sequences ``token_sparse`` and ``grid`` gather per head (``ops._attend_gathered``), and its inverse
+``scatter_rows``, which writes those sequences' output rows back to their positions.
 
 ``torch.gather(x, 2, index[..., None].expand(..., D))`` computes an address for every element, and ``index_select``
 over the flattened rows does no better. Here each program copies ``R`` rows, each row in one vectorised load and
@@ -28,39 +29,110 @@ R, WARPS = 32, 4  # rows per program (32 and 64 rows measured alike), warps
 
 
 @triton.jit
-def _rows(X, IDX, HEADS, OUT, N, M, H, s_xb, s_xh, s_xn, s_xd, s_ib, s_ih, s_im, D: tl.constexpr, BD: tl.constexpr,
-          R: tl.constexpr, MAP: tl.constexpr):
+def _rows(X, IDX, HEADS, OUT, N, M, H, HX, s_xb, s_xh, s_xn, s_xd, s_ib, s_ih, s_im, D: tl.constexpr,
+          BD: tl.constexpr, R: tl.constexpr, MAP: tl.constexpr):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # int64 bases and offsets: 28 heads of 600K keys pass 2^31 elements
     h = (bh % H).to(tl.int64)
-    hx = tl.load(HEADS + h).to(tl.int64) if MAP else h
+    if MAP == 2:  # HEADS holds x's flattened (batch · head) planes, one per output head (out has batch 1)
+        plane = tl.load(HEADS + h).to(tl.int64)
+        xb = plane // HX
+        hx = plane % HX
+    else:
+        xb = b
+        hx = tl.load(HEADS + h).to(tl.int64) if MAP == 1 else h
     r = t * R + tl.arange(0, R)
     ok = r < M
     idx = tl.load(IDX + b * s_ib + h * s_ih + r.to(tl.int64) * s_im, mask=ok, other=0).to(tl.int64)
     inside = ok & (idx >= 0) & (idx < N)
     dd = tl.arange(0, BD)
     dm = dd < D
-    v = tl.load(X + b * s_xb + hx * s_xh + idx[:, None] * s_xn + dd[None, :] * s_xd, mask=inside[:, None] & dm[None, :],
-                other=0.0)
+    v = tl.load(X + xb * s_xb + hx * s_xh + idx[:, None] * s_xn + dd[None, :] * s_xd,
+                mask=inside[:, None] & dm[None, :], other=0.0)
     tl.store(OUT + (bh.to(tl.int64) * M + r)[:, None] * D + dd[None, :], v, mask=ok[:, None] & dm[None, :])
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor | None = None,
+                planes: torch.Tensor | None = None) -> torch.Tensor:
     """out[b, h, m] = x[b, heads[h], index[b, h, m]] -> contiguous [B, H, M, D] in x's dtype. x: [B, Hx, N, D], any
     strides; index: integer [B or 1, H, M], any strides (expanded is fine); heads: integer [H] in [0, Hx), or None
-    for heads[h] = h (then H = Hx). A position outside [0, N) gives a row of zeros (``torch.gather`` would stop
-    the device with an assertion)."""
+    for heads[h] = h (then H = Hx). ``planes`` instead of ``heads``: integer [H] in [0, B·Hx), each output head
+    reading x's plane (b, h) = divmod(planes[h], Hx), with a batch-1 index and out [1, H, M, D] — the flattened
+    x.reshape(B·Hx, N, D) without its copy where x's strides do not merge (a [B, N, H, D] projection with B > 1).
+    A position outside [0, N) gives a row of zeros (``torch.gather`` would stop the device with an assertion)."""
     b, hx, n, d = x.shape
     h, m = index.shape[1], index.shape[2]
-    if heads is None and h != hx:
+    if planes is not None:
+        if heads is not None or index.shape[0] != 1 or planes.shape != (h,):
+            raise ValueError(f"planes= takes a batch-1 index and one plane per index head, without heads=: index "
+                             f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
+        b = 1
+    elif heads is None and h != hx:
         raise ValueError(f"index has {h} heads, x {hx}: pass heads= to map them")
     out = torch.empty(b, h, m, d, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
     s_ib = index.stride(0) if index.shape[0] > 1 else 0
-    hmap = heads if heads is not None else index  # unread without MAP
+    hmap = planes if planes is not None else heads if heads is not None else index  # unread without MAP
     _rows[(triton.cdiv(m, R), b * h)](
-        x, index, hmap, out, n, m, h, *x.stride(), s_ib, index.stride(1), index.stride(2),
-        D=d, BD=triton.next_power_of_2(d), R=R, MAP=heads is not None, num_warps=WARPS)
+        x, index, hmap, out, n, m, h, hx, *x.stride(), s_ib, index.stride(1), index.stride(2),
+        D=d, BD=triton.next_power_of_2(d), R=R, MAP=2 if planes is not None else int(heads is not None),
+        num_warps=WARPS)
+    return out
+
+
+@triton.jit
+def _scatter(OUT, IDX, HEADS, SRC, N, M, H, HX, s_ob, s_oh, s_on, s_od, s_ib, s_ih, s_im, D: tl.constexpr,
+             BD: tl.constexpr, R: tl.constexpr, MAP: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    if MAP == 2:
+        plane = tl.load(HEADS + h).to(tl.int64)
+        ob = plane // HX
+        oh = plane % HX
+    else:
+        ob = b
+        oh = h
+    r = t * R + tl.arange(0, R)
+    ok = r < M
+    idx = tl.load(IDX + b * s_ib + h * s_ih + r.to(tl.int64) * s_im, mask=ok, other=-1).to(tl.int64)
+    inside = ok & (idx >= 0) & (idx < N)
+    dd = tl.arange(0, BD)
+    dm = dd < D
+    v = tl.load(SRC + (bh.to(tl.int64) * M + r)[:, None] * D + dd[None, :], mask=inside[:, None] & dm[None, :])
+    tl.store(OUT + ob * s_ob + oh * s_oh + idx[:, None] * s_on + dd[None, :] * s_od, v,
+             mask=inside[:, None] & dm[None, :])
+
+
+def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
+                 planes: torch.Tensor | None = None) -> torch.Tensor:
+    """``gather_rows``' inverse, in place: out[b, h, index[b, h, m]] = src[b, h, m], or with ``planes`` (int [P] in
+    [0, B·Hx)) out[divmod(planes[p], Hx), index[0, p, m]] = src[0, p, m]. out: [B, Hx, N, D], any strides; index:
+    integer [B or 1, Hx, M] ([1, P, M] with planes), any strides; src: [B, Hx, M, D] ([1, P, M, D]) in out's dtype,
+    made contiguous. Positions outside [0, N) (padding) write nothing; a position listed twice for one plane gets
+    one of its rows. Returns out."""
+    b, hx, n, d = out.shape
+    if planes is not None:
+        if index.shape[0] != 1 or planes.shape != (index.shape[1],):
+            raise ValueError(f"planes= takes a batch-1 index and one plane per index head: index "
+                             f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
+        bi, h = 1, index.shape[1]
+    else:
+        if index.shape[1] != hx:
+            raise ValueError(f"index has {index.shape[1]} heads, out {hx}")
+        bi, h = b, hx
+    m = index.shape[2]
+    if tuple(src.shape) != (bi, h, m, d) or src.dtype != out.dtype:
+        raise ValueError(f"src {tuple(src.shape)} {src.dtype}: expected {(bi, h, m, d)} {out.dtype}")
+    if bi * h * m == 0:
+        return out
+    src = src.contiguous()
+    s_ib = index.stride(0) if index.shape[0] > 1 else 0
+    _scatter[(triton.cdiv(m, R), bi * h)](
+        out, index, planes if planes is not None else index, src, n, m, h, hx, *out.stride(), s_ib, index.stride(1),
+        index.stride(2), D=d, BD=triton.next_power_of_2(d), R=R, MAP=2 if planes is not None else 0,
+        num_warps=WARPS)
     return out

@@ -5,9 +5,9 @@ tokens per frame, the same column for stride = frame width) — computed on that
 Decide: for each head, the last ``probe`` visual queries' softmax attention over the visual keys; a candidate stride
 c captures the mass on keys with the query's phase ((j − s) mod c = (i − s) mod c). The largest candidate (tokens per
 frame, then frame width) capturing at least ``tau`` of the visual mass wins; otherwise the head stays dense (one group).
-Execute (``GroupLayout``): the permutation that makes each phase contiguous, one dense causal pass per phase with the
-text before the span prepended (original order is kept inside a phase, so causality is exact), the inverse
-permutation; text rows after the span attend densely."""
+Execute (``GroupLayout``): the permutation that makes each phase contiguous, one dense causal pass per phase — its
+members as queries, the text before the span and its members as keys (original order is kept inside a phase, so
+causality is exact) — and the members' rows written back; the text rows attend densely."""
 
 from __future__ import annotations
 
