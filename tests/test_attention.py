@@ -1069,6 +1069,18 @@ def _rows_by_loop(x, index, heads=None):
     return out
 
 
+def _row_copy(request, kernel: bool, name: str):
+    """``kernels.gather``'s ``name`` under the interpreter, or ``layout``'s torch version of it."""
+    if kernel:
+        request.getfixturevalue("interpreter")
+        from vidsparse.attention.kernels import gather
+
+        return getattr(gather, name)
+    from vidsparse.attention import layout
+
+    return getattr(layout, f"{name}_torch")
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("d,dtype", [(16, torch.float32), (24, torch.float16), (64, torch.bfloat16)])
 def test_gather_rows_equals_a_loop(request, kernel, d, dtype):
@@ -1076,13 +1088,7 @@ def test_gather_rows_equals_a_loop(request, kernel, d, dtype):
     contiguous x, a [B, N, H, D] projection seen as [B, H, N, D] past a storage offset, query heads mapped onto
     K/V heads, an index shared over the batch (batch 1, expanded), flattened (batch, head) planes (``planes=``, a
     plane read twice, out of order) and a non-power-of-two head dim (24)."""
-    from vidsparse.attention.layout import gather_rows_torch
-
-    if kernel:
-        request.getfixturevalue("interpreter")
-        from vidsparse.attention.kernels.gather import gather_rows as fn
-    else:
-        fn = gather_rows_torch
+    fn = _row_copy(request, kernel, "gather_rows")
     g = torch.Generator().manual_seed(d)
     x = torch.randn(2, 3, 40, d, generator=g).to(dtype)
     proj = torch.randn(2, 45, 3, d, generator=g).to(dtype)[:, 5:].transpose(1, 2)  # [2, 3, 40, d], not contiguous
@@ -1106,13 +1112,9 @@ def test_scatter_rows_equals_a_loop(request, kernel, d, dtype):
     src, and with ``planes=`` out[divmod(planes[p], H), index[0, p]] = src[0, p], into a [B, N, H, D] view, leaving
     every other row and every position outside [0, N) (padding) alone; a gather at the same positions reads the
     rows back."""
-    from vidsparse.attention.layout import gather_rows_torch, scatter_rows_torch
+    from vidsparse.attention.layout import gather_rows_torch
 
-    if kernel:
-        request.getfixturevalue("interpreter")
-        from vidsparse.attention.kernels.gather import scatter_rows as fn
-    else:
-        fn = scatter_rows_torch
+    fn = _row_copy(request, kernel, "scatter_rows")
     g = torch.Generator().manual_seed(d)
     base = torch.randn(2, 40, 3, d, generator=g).to(dtype)
     idx = torch.stack([torch.randperm(40, generator=g)[:25] for _ in range(6)]).view(2, 3, 25)
