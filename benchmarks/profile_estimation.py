@@ -16,6 +16,10 @@ rows, with GPU ms from graph replay), e.g. ``VIDSPARSE_SELECT_SPLIT=0,1`` for th
 estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
 It also times reading q and k once (``read_floor``): at the bandwidth reached, a floor for any estimate that pools
 all of q.
+``--video`` takes video-structured q/k (``attention.video_qk``: a 256-token text prefix, then frames of 16×16
+tokens, M-RoPE) and passes the visual span, tokens per frame and frame size in the metadata, so that ``grid`` runs
+too (its share table is a section of its own). Each row also has the estimate's peak GPU memory over what was
+allocated before it (``peak_gb``).
 ``--tag`` saves ``profile_estimation_TAG.json``."""
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, graph_ms  # noqa: E402
+from attention import bench_ms, graph_ms, video_qk  # noqa: E402
 from common import device_name, kernel_times, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -42,11 +46,17 @@ def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
     gpu_ms = graph_ms(lambda: pat.estimate(q, k, meta))
     rows = kernel_times(lambda: pat.estimate(q, k, meta), calls)
     total = sum(r["ms_per_call"] for r in rows)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    lay = pat.estimate(q, k, meta)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    del lay
     print(f"{spec}: {ms:.2f} ms per call (do_bench), GPU {gpu_ms or float('nan'):.2f} ms (graph); kernels "
-          f"{total:.2f} ms", flush=True)
+          f"{total:.2f} ms; peak {peak:.2f} GB", flush=True)
     for r in rows[:top]:
         print(f"  {r['ms_per_call']:7.3f} ms  x{r['count_per_call']:<4g} {r['kernel'][:110]}", flush=True)
-    return {"spec": spec, "ms": ms, "gpu_ms": gpu_ms, "kernel_ms": total, "kernels": rows[:top]}
+    return {"spec": spec, "ms": ms, "gpu_ms": gpu_ms, "kernel_ms": total, "kernels": rows[:top], "peak_gb": peak}
 
 
 def main():
@@ -62,6 +72,8 @@ def main():
                     "row tile and width the head-dim slice per product step (default: all of D) (e.g. "
                     "128/256/8/2/tma/2,128/128/4/3/tma/4/64), at strides 8 and 16")
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
+    ap.add_argument("--video", action="store_true", help="video-structured q/k with the visual span in the metadata "
+                    "(grid runs too)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
                     "their table to BENCHMARKS.md")
@@ -83,11 +95,18 @@ def main():
     h, hk, d = 28, args.kv_heads, 128
     if h % hk:
         raise SystemExit(f"--kv-heads {hk} does not divide the {h} query heads")
-    q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
-    meta = SeqMeta(128, 128, True)
+    if args.video:
+        if args.n % 256 or args.n < 512:
+            raise SystemExit("--video takes --n as a multiple of 256 (a 256-token prefix, then 16×16 frames)")
+        q, k, text, tpf = video_qk(args.n // 256 - 1, 16, 16, h, hk, d)
+        meta = SeqMeta(128, 128, True, visual=(text, args.n), tokens_per_frame=tpf, frame_hw=(16, 16))
+    else:
+        q = torch.randn(1, h, args.n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hk, args.n, d, device="cuda", dtype=torch.bfloat16)
+        meta = SeqMeta(128, 128, True)
     res = {"benchmark": "profile_estimation", "date": today(), "device": device_name(), "n": args.n,
-           "heads": h, "kv_heads": hk, "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
+           "heads": h, "kv_heads": hk, "video": args.video,
+           "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
     specs = args.specs.split(";")  # a spec's own options are comma-separated
     if args.select_warps:
         res["select_warps"] = env_ab(specs, "VIDSPARSE_SELECT_WARPS", args.select_warps.split(","), q, k, meta)
@@ -153,9 +172,12 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
     runs = sorted(runs, key=lambda r: r["n"])
     specs = [r["spec"] for r in runs[0]["rows"]]
     kv = runs[0].get("kv_heads", 4)
-    if any(r.get("kv_heads", 4) != kv for r in runs):
-        raise ValueError("one table takes runs of one head configuration")
-    lines = [f"{runs[0]['date']}, {runs[0]['device']}: `{'`; `'.join(r['command'] for r in runs)}`. Random q/k "
+    video = runs[0].get("video", False)
+    if any(r.get("kv_heads", 4) != kv or r.get("video", False) != video for r in runs):
+        raise ValueError("one table takes runs of one head configuration and one kind of input")
+    inputs = ("Video-structured q/k (`attention.video_qk`: 256 text tokens, then 16×16-token frames, M-RoPE; the "
+              "visual span, tokens per frame and frame size in the metadata)" if video else "Random q/k")
+    lines = [f"{runs[0]['date']}, {runs[0]['device']}: `{'`; `'.join(r['command'] for r in runs)}`. {inputs} "
              f"({runs[0].get('heads', 28)} heads / {kv} KV heads, d = 128, bf16), causal; per cell: the "
              "estimation's GPU ms (CUDA-graph replay) "
              "/ the kernel's ms on the layout it picked (density in brackets) = the estimation's share. The issue "
@@ -173,7 +195,7 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
                      "any estimate that pools all of q | " + " | ".join(
                          f"{r['read_floor']['gpu_ms']:.3f} ms ({r['read_floor']['tb_per_s']:.2f} TB/s, "
                          f"{r['read_floor']['read']})" for r in runs) + " |")
-    heads = "" if kv == 4 else f", {runs[0].get('heads', 28)}/{kv} heads"
+    heads = ("" if kv == 4 else f", {runs[0].get('heads', 28)}/{kv} heads") + (", video q/k" if video else "")
     update_markdown(f"Estimation against the kernel on its own layout{heads} ({runs[0]['device']})", "\n".join(lines))
 
 

@@ -708,6 +708,56 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
     torch.testing.assert_close(cols.sum(-1), torch.full((b, h), float(r)), atol=1e-4, rtol=0)  # each row sums to 1
 
 
+@pytest.mark.parametrize("b,h,hk,r,nk,strides,chunks", [
+    (1, 2, 1, 64, 300, (12, 4), 64),  # one row chunk, key chunks of one tile
+    (2, 4, 2, 70, 257, (16,), 2),  # two row chunks, the rows' statistics merged over key chunks, one stride
+    (1, 2, 2, 9, 90, (5, 30), 3),  # a partial row chunk, a stride longer than a key tile's share
+])
+def test_phase_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, r, nk, strides, chunks):
+    """``row_mass.phase_mass``: each probe row's softmax mass on the keys of its own phase modulo each stride equals
+    the torch sum of ``row_probs`` under the same-phase mask within fp32 tolerance (GQA, batch 2, transposed q/k,
+    rows in and past one 64-row chunk, several key chunks)."""
+    from vidsparse.attention.kernels import row_mass
+    from vidsparse.attention.patterns.base import row_probs
+
+    monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
+    g = torch.Generator().manual_seed(r + nk)
+    q = (2 * torch.randn(b, nk, h, 16, generator=g)).transpose(1, 2)
+    k = (2 * torch.randn(b, nk, hk, 16, generator=g)).transpose(1, 2)
+    pos = torch.arange(nk - r, nk)
+    got = row_mass.phase_mass(q[:, :, pos], k, pos, strides)
+    a = row_probs(q[:, :, pos].float(), k.float(), pos)
+    j = torch.arange(nk)
+    want = torch.stack([(a * (j[None, :] % c == pos[:, None] % c)).sum(-1) for c in strides], -1)
+    assert got.shape == (b, h, r, len(strides))
+    torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    assert (want > 0.05).any()  # not a test of zeros
+    with pytest.raises(ValueError, match="strides"):
+        row_mass.phase_mass(q[:, :, pos], k, pos, (4, 8, 16))
+
+
+def test_grid_picks_the_same_strides_with_the_kernel(interpreter):
+    """grid's phase masses from the kernel (backend="kernel") and from torch ("reference") give the same captured
+    shares within fp32 tolerance and the same groups, on q/k with a planted per-head stride."""
+    g = torch.Generator().manual_seed(9)
+    s, t, f = 8, 10, 12
+    n = s + t * f
+    x = torch.randn(f, 16, generator=g)
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k = torch.randn(1, 2, n, 16, generator=g)
+    phase = torch.arange(t * f) % f
+    k[0, 0, s:] += 3 * x[phase]  # K/V head 0: tokens at the same spatial position match
+    q[0, :2, s:] += 3 * x[phase]
+    meta = SeqMeta(visual=(s, s + t * f), tokens_per_frame=f, frame_hw=(3, 4))
+    got = PATTERNS.from_spec("grid:backend=kernel,probe=40")
+    want = PATTERNS.from_spec("grid:backend=reference,probe=40")
+    torch.testing.assert_close(got.captured(q, k, (s, s + t * f), [f, 4]), want.captured(q, k, (s, s + t * f), [f, 4]),
+                               atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    a, b = got.estimate(q, k, meta), want.estimate(q, k, meta)
+    assert torch.equal(a.group, b.group)
+    assert (a.num_groups[0, :2] == f).all() and (a.num_groups[0, 2:] < f).all()
+
+
 @pytest.mark.parametrize("spec", ["vertical_slash:vertical=20,slash=30,force_vertical=2,force_slash=8",
                                   "pbs:segment=64,last_q=80", "token_sparse:coverage=0.9,window=48"])
 def test_probe_row_patterns_pick_the_same_layout_with_the_kernel(interpreter, spec):

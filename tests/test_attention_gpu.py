@@ -279,6 +279,29 @@ def test_column_mass_kernel_equals_row_probs_on_cuda(h, hk, r, nk, consecutive, 
     torch.testing.assert_close(cols.sum(-1), torch.full((1, h), float(r), device="cuda"), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("hk", [4, 28])
+def test_grid_phase_masses_and_strides_with_the_kernel_on_cuda(hk, variant):
+    """grid's captured shares from ``row_mass.phase_mass`` (bf16 products, fp32 sums, no probability matrix) equal
+    torch's masked ``row_probs`` sums on video-structured q/k (M-RoPE, 16×16 tokens per frame, the attention
+    benchmark's inputs), and the strides it picks per head are the same."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from attention import video_qk
+
+    q, k, text, tpf = video_qk(15, 16, 16, 28, hk, 128)
+    n = q.shape[2]
+    meta = SeqMeta(128, 128, True, visual=(text, n), tokens_per_frame=tpf, frame_hw=(16, 16))
+    got, want = (PATTERNS.from_spec(f"grid:backend={b}") for b in ("kernel", "reference"))
+    cap = got.captured(q, k, (text, n), [tpf, 16])
+    torch.testing.assert_close(cap, want.captured(q, k, (text, n), [tpf, 16]), atol=1e-5, rtol=1e-4)
+    assert (cap > got.tau).any()  # some head is strided: the shares are not all small
+    assert torch.equal(got.estimate(q, k, meta).group, want.estimate(q, k, meta).group)
+
+
 def test_vertical_slash_picks_the_same_blocks_with_the_kernel(variant):
     """vertical_slash's layout from the kernel's sums equals the one from torch's on the same CUDA inputs."""
     if variant != "hopper":
@@ -323,7 +346,7 @@ def test_patterns_execute(spec):
 
 
 @pytest.mark.parametrize("spec", ["sink_window", "power", "block_topk", "block_topk:topk=5", "block_cdf", "xattention",
-                                  "vertical_slash", "radial", "pyramid", "pbs", "token_sparse"])
+                                  "vertical_slash", "radial", "pyramid", "pbs", "token_sparse", "grid"])
 def test_estimation_never_waits_for_the_gpu(spec, variant):
     """A prefill layer's estimation queues its work without a host sync (torch's sync debug mode raises on one).
     The first call builds the per-shape caches (masks, pyramid's rank counts) and compiles; the second is checked.

@@ -61,3 +61,19 @@ def test_share_table_of_other_head_configs_is_its_own_section(tmp_path, monkeypa
     assert "(28 heads / 28 KV heads, d = 128" in text and "0.20 / 0.90 (0.05) = **22.2%**" in text
     with pytest.raises(ValueError, match="one head configuration"):
         pe.write_share_markdown([_run(65536, 2.0, 0.1, 0.05)] + mha)
+
+
+def test_share_table_of_video_inputs_is_its_own_section(tmp_path, monkeypatch):
+    """``--video`` runs (video-structured q/k, grid included) get a section of their own, per head configuration;
+    one table never mixes random and video inputs."""
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    pe.write_share_markdown([_run(32768, 0.8, 0.12, 0.076)])
+    pe.write_share_markdown([{**_run(32768, 0.8, 0.12, 0.076), "video": True}])
+    pe.write_share_markdown([{**_run(32768, 0.9, 0.2, 0.14), "kv_heads": 28, "video": True}])
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Estimation against the kernel on its own layout (Test GPU)" in text
+    assert "## Estimation against the kernel on its own layout, video q/k (Test GPU)" in text
+    assert "## Estimation against the kernel on its own layout, 28/28 heads, video q/k (Test GPU)" in text
+    assert text.count("Video-structured q/k") == 2
+    with pytest.raises(ValueError, match="one kind of input"):
+        pe.write_share_markdown([_run(32768, 0.8, 0.12, 0.076), {**_run(65536, 2.0, 0.1, 0.05), "video": True}])

@@ -18,7 +18,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import GroupLayout
-from .base import Pattern, SeqMeta, row_probs
+from .base import Pattern, SeqMeta, row_probs, use_kernel
 
 
 @PATTERNS.register("grid", returns="groups", needs="visual span and tokens_per_frame")
@@ -27,14 +27,21 @@ class Grid(Pattern):
     tau: float = 0.6
     probe: int = 64
     stride: int = 0  # > 0: use this stride for every head (no search)
+    backend: str = "auto"  # the probe rows' phase masses: a Triton kernel on CUDA ("kernel"), or torch ("reference")
 
     at_least: ClassVar[dict] = {"probe": 1, "stride": 0}
     fractions: ClassVar[tuple] = ("tau",)
 
     def captured(self, q, k, span, strides) -> torch.Tensor:
-        """float32 [B, H, len(strides)]: share of the probe queries' visual attention mass on same-phase keys."""
+        """float32 [B, H, len(strides)]: share of the probe queries' visual attention mass on same-phase keys. On the
+        kernel backend (``kernels.row_mass.phase_mass``) the [B, H, probe, span] probabilities are never stored;
+        the reference builds them (``row_probs``) and masks them per stride."""
         s, e = span
         rows = torch.arange(max(s, e - self.probe), e, device=q.device)
+        if use_kernel(self.backend, q) and len(strides) <= 2:
+            from ..kernels.row_mass import phase_mass
+
+            return phase_mass(q[:, :, rows], k[:, :, s:e], rows - s, tuple(strides)).mean(2)
         cols = torch.arange(s, e, device=q.device)
         p = row_probs(q[:, :, rows], k[:, :, s:e], rows, cols)
         out = []
