@@ -709,7 +709,7 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
 
 
 @pytest.mark.parametrize("b,h,hk,r,nk,strides,chunks", [
-    (1, 2, 1, 64, 300, (12, 4), 64),  # one row chunk, key chunks of one tile
+    (1, 2, 1, 64, 300, (12, 4), 1),  # one row chunk, one key chunk of three tiles (the running max rescales)
     (2, 4, 2, 70, 257, (16,), 2),  # two row chunks, the rows' statistics merged over key chunks, one stride
     (1, 2, 2, 9, 90, (5, 30), 3),  # a partial row chunk, a stride longer than a key tile's share
 ])

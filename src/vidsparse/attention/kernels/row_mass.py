@@ -15,8 +15,9 @@ matrix of 235 MB at 32K keys, 28 heads and 64 rows. Here it never reaches memory
    r − u + BN − 1, so each diagonal becomes a column) and summed over rows; a tile's BN + BR − 1 diagonals overlap the
    next tile's in BR − 1, added with atomics (at most two additions per offset and row chunk).
 
-``phase_mass`` runs the same two passes for ``grid``: instead of the columns, each row's mass on the keys of its own
-phase modulo one or two candidate strides, summed over the key tiles in registers and added once per key chunk.
+``phase_mass`` (for ``grid``: each row's mass on the keys of its own phase modulo one or two candidate strides) is a
+per-row quantity, so it needs only the first pass: beside each row's running max and exp-sum it keeps the exp-sums
+over its phase's keys, rescaled alike; the key chunks' partial sums are merged in torch.
 
 Products are the inputs' (bf16/fp16 exact in the fp32 accumulator; fp32 inputs use IEEE fp32 products), as the
 torch path's TF32 products of bf16 operands are. With one row chunk (R ≤ 64) every column sum is one store and every
@@ -83,32 +84,44 @@ def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D: tl
 
 
 @triton.jit
-def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn, s_kd, qk_scale,
-               D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
-               I64: tl.constexpr):
+def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn, s_kd,
+               qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+               PRECISION: tl.constexpr, PHASES: tl.constexpr, I64: tl.constexpr):
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
     q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
     m = tl.full([BR], float("-inf"), tl.float32)
     l = tl.zeros([BR], tl.float32)
+    ph1 = tl.zeros([BR], tl.float32)  # with PHASES: the exp-sums of the keys of each row's own phase, like l
+    ph2 = tl.zeros([BR], tl.float32)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
     for t in range(c * TPC, t_end):
-        s, _n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
+        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
+        alpha = tl.exp2(m - m_sub)
+        e = tl.exp2(s - m_sub[:, None])
+        l = l * alpha + tl.sum(e, 1)
+        if PHASES >= 1:  # keys and rows at positions ≥ 0 (a row past R sits at -1 and sees no key)
+            ph1 = ph1 * alpha + tl.sum(tl.where((n[None, :] % C1) == (pos[:, None] % C1), e, 0.0), 1)
+        if PHASES >= 2:
+            ph2 = ph2 * alpha + tl.sum(tl.where((n[None, :] % C2) == (pos[:, None] % C2), e, 0.0), 1)
         m = m_new
     off = (bh * R + rows) * NCH + c
+    plane = R * NCH * tl.num_programs(0)
     tl.store(ML + off, m, mask=rows < R)
-    tl.store(ML + R * NCH * tl.num_programs(0) + off, l, mask=rows < R)
+    tl.store(ML + plane + off, l, mask=rows < R)
+    if PHASES >= 1:
+        tl.store(ML + 2 * plane + off, ph1, mask=rows < R)
+    if PHASES >= 2:
+        tl.store(ML + 3 * plane + off, ph2, mask=rows < R)
 
 
 @triton.jit
-def _row_mass(Q, K, QPOS, ML, COLS, DIAG, PH, H, G, R, NK, NCH, TPC, FIRST, C1, C2, s_qb, s_qh, s_qr, s_qd, s_kb,
-              s_kh, s_kn, s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-              BCH: tl.constexpr, PRECISION: tl.constexpr, COLUMNS: tl.constexpr, ATOMIC_COLS: tl.constexpr,
-              DIAGONALS: tl.constexpr, PHASES: tl.constexpr, I64: tl.constexpr):
+def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
+              s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr):
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
@@ -124,21 +137,14 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, PH, H, G, R, NK, NCH, TPC, FIRST, C1, 
     l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
     inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # tiles past every row's position add nothing
-    ph1 = tl.zeros([BR], tl.float32)  # each row's mass on keys of its own phase modulo C1 (and C2)
-    ph2 = tl.zeros([BR], tl.float32)
     for t in range(c * TPC, t_end):
         s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
         p = tl.exp2(s - m_sub[:, None]) * inv[:, None]  # 0 where masked (exp2(-inf)) and on rows past R (inv 0)
-        if COLUMNS:
-            col = tl.sum(p, 0)
-            if ATOMIC_COLS:
-                tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
-            else:
-                tl.store(COLS + bh * NK + n, col, mask=n < NK)
-        if PHASES >= 1:  # keys and rows at positions ≥ 0 (a row past R sits at -1: its p is 0 anyway)
-            ph1 += tl.sum(tl.where((n[None, :] % C1) == (pos[:, None] % C1), p, 0.0), 1)
-        if PHASES >= 2:
-            ph2 += tl.sum(tl.where((n[None, :] % C2) == (pos[:, None] % C2), p, 0.0), 1)
+        col = tl.sum(p, 0)
+        if ATOMIC_COLS:
+            tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
+        else:
+            tl.store(COLS + bh * NK + n, col, mask=n < NK)
         if DIAGONALS:  # row r, key n0 + j lies on offset FIRST + rc·BR + r − n0 − j: local index u = r − j + BN − 1
             u = tl.arange(0, 2 * BN)
             j = tl.arange(0, BR)[:, None] - u[None, :] + (BN - 1)
@@ -147,10 +153,6 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, PH, H, G, R, NK, NCH, TPC, FIRST, C1, 
             diag = tl.sum(tl.where(on, skew, 0.0), 0)
             o = FIRST + rc * BR - t * BN - (BN - 1) + u
             tl.atomic_add(DIAG + bh * NK + o, diag, mask=(o >= 0) & (o < NK) & (u < BN + BR - 1), sem="relaxed")
-    if PHASES >= 1:  # [B·H, R, PHASES]: one addition per key chunk
-        tl.atomic_add(PH + (bh * R + rows) * PHASES, ph1, mask=rows < R, sem="relaxed")
-    if PHASES >= 2:
-        tl.atomic_add(PH + (bh * R + rows) * PHASES + 1, ph2, mask=rows < R, sem="relaxed")
 
 
 def _chunks(nk: int, bn: int) -> tuple[int, int]:
@@ -166,53 +168,71 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
     diagonal_first + 1, …), per diagonal offset o = position − key (``diag``, else None). ``scale`` defaults to
     1/√D. Equals ``row_probs(q_rows, k, q_pos, scale=scale).sum(2)`` (and ``diagonal_sums`` of it) up to fp32
     summation order."""
-    cols, diag, _ = _launch(q_rows, k, q_pos, scale, diagonal_first, ())
+    args = _prepare(q_rows, k, q_pos, scale)
+    b, h, r, nk = args["shape"]
+    dev = q_rows.device
+    cols = torch.zeros(b, h, nk, dtype=torch.float32, device=dev)  # tiles past every row's position add nothing
+    diag = torch.zeros(b, h, nk, dtype=torch.float32, device=dev) if diagonal_first is not None else None
+    if r == 0 or nk == 0:
+        return cols, diag
+    ml = _stats(args, ())
+    q_rows, k, pos, common, d, bd, precision, i64 = (args[x] for x in ("q", "k", "pos", "common", "d", "bd",
+                                                                     "precision", "i64"))
+    tpc2, nch2 = _chunks(nk, BN)
+    rcs = triton.cdiv(r, BR)
+    nch = ml.shape[-1]
+    _row_mass[(b * h, rcs, nch2)](
+        q_rows, k, pos, ml, cols, diag if diag is not None else cols, h, h // args["hk"], r, nk, nch, tpc2,
+        diagonal_first if diagonal_first is not None else 0, *common, D=d, BD=bd, BR=BR, BN=BN,
+        BCH=max(2, triton.next_power_of_2(nch)), PRECISION=precision, ATOMIC_COLS=rcs > 1,
+        DIAGONALS=diag is not None, I64=i64, num_warps=4)
     return cols, diag
 
 
 def phase_mass(q_rows, k, q_pos, strides: tuple[int, ...], scale: float | None = None):
     """Each row's softmax mass on the keys of its own phase: float32 [B, H, R, len(strides)], entry (r, i) =
     Σ over keys j ≤ q_pos[r] with j ≡ q_pos[r] (mod strides[i]) of softmax(scale · q_r·Kᵀ)_j — what ``grid`` ranks
-    its candidate strides by, without the [B, H, R, Nk] probability matrix (one or two strides; positions ≥ 0).
-    Equals ``(row_probs(...) * same_phase).sum(-1)`` up to fp32 summation order (key chunks add atomically)."""
+    its candidate strides by, without the [B, H, R, Nk] probability matrix (one or two strides; positions ≥ 0). A
+    per-row quantity, so one pass suffices: the statistics pass also keeps each row's exp-sums over its phase's keys
+    (rescaled with its running max, as the total is), and the key chunks' partial sums are merged in torch. Equals
+    ``(row_probs(...) * same_phase).sum(-1)`` up to fp32 summation order."""
     if not 1 <= len(strides) <= 2 or min(strides) < 1:
         raise ValueError(f"phase_mass: one or two strides ≥ 1, not {strides}")
-    return _launch(q_rows, k, q_pos, scale, None, tuple(int(c) for c in strides))[2]
+    args = _prepare(q_rows, k, q_pos, scale)
+    b, h, r, nk = args["shape"]
+    if r == 0 or nk == 0:
+        return torch.zeros(b, h, r, len(strides), dtype=torch.float32, device=q_rows.device)
+    ml = _stats(args, tuple(int(c) for c in strides))  # [2 + C, B·H, R, chunks]: max, sum, the phases' sums
+    m = ml[0].amax(-1, keepdim=True)
+    w = torch.exp2(ml[0] - torch.where(m == float("-inf"), 0.0, m))  # chunks no key reached: max -inf, weight 0
+    l = (ml[1] * w).sum(-1)
+    ph = (ml[2:] * w).sum(-1) / torch.where(l > 0, l, 1.0)
+    return ph.permute(1, 2, 0).reshape(b, h, r, len(strides))
 
 
-def _launch(q_rows, k, q_pos, scale, diagonal_first, strides):
-    """The two passes: column sums (unless ``strides`` are given, then only the rows' phase masses) and diagonal
-    sums when ``diagonal_first`` is given. -> (cols or None, diag or None, phases or None)."""
+def _prepare(q_rows, k, q_pos, scale) -> dict:
+    """Checks the shapes and gathers what both passes take."""
     b, h, r, d = q_rows.shape
     hk, nk = k.shape[1], k.shape[2]
     if h % hk or k.shape[0] != b or k.shape[-1] != d or q_pos.shape != (r,):
-        raise ValueError(f"column_mass: q_rows {tuple(q_rows.shape)}, k {tuple(k.shape)}, q_pos "
+        raise ValueError(f"row_mass: q_rows {tuple(q_rows.shape)}, k {tuple(k.shape)}, q_pos "
                          f"{tuple(q_pos.shape)} do not match")
-    dev = q_rows.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    columns = not strides
-    # zeros: tiles past every row's position add nothing
-    cols = torch.zeros(b, h, nk, dtype=torch.float32, device=dev) if columns else None
-    diag = torch.zeros(b, h, nk, dtype=torch.float32, device=dev) if diagonal_first is not None else None
-    ph = torch.zeros(b, h, r, len(strides), dtype=torch.float32, device=dev) if strides else None
-    if r == 0 or nk == 0:
-        return cols, diag, ph
-    pos = q_pos.to(device=dev, dtype=torch.int32).contiguous()
     k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)  # the kernels' products take one dtype
+    return {"shape": (b, h, r, nk), "hk": hk, "d": d, "q": q_rows, "k": k,
+            "pos": q_pos.to(device=q_rows.device, dtype=torch.int32).contiguous(),
+            "common": (*q_rows.stride(), *k.stride(), scale * LOG2E), "bd": max(16, triton.next_power_of_2(d)),
+            "precision": "ieee" if q_rows.dtype == torch.float32 else "tf32", "i64": needs_int64(q_rows, k)}
+
+
+def _stats(a: dict, strides: tuple[int, ...]) -> torch.Tensor:
+    """The statistics pass: float32 [2 + len(strides), B·H, R, chunks] — each row's max and exp-sum per key chunk,
+    and with ``strides`` its exp-sums over the keys of its own phase."""
+    b, h, r, nk = a["shape"]
     tpc, nch = _chunks(nk, BN_STATS)
-    tpc2, nch2 = _chunks(nk, BN)
-    rcs = triton.cdiv(r, BR)
-    ml = torch.empty(2, b * h, r, nch, dtype=torch.float32, device=dev)
-    bd = max(16, triton.next_power_of_2(d))
-    precision = "ieee" if q_rows.dtype == torch.float32 else "tf32"
-    common = (*q_rows.stride(), *k.stride(), scale * LOG2E)
-    i64 = needs_int64(q_rows, k)
-    _row_stats[(b * h, rcs, nch)](q_rows, k, pos, ml, h, h // hk, r, nk, tpc, nch, *common, D=d, BD=bd, BR=BR,
-                                  BN=BN_STATS, PRECISION=precision, I64=i64, num_warps=4)
-    out = cols if cols is not None else ph  # an unread pointer where an output is absent
-    _row_mass[(b * h, rcs, nch2)](
-        q_rows, k, pos, ml, out, diag if diag is not None else out, ph if ph is not None else out, h, h // hk, r, nk,
-        nch, tpc2, diagonal_first if diagonal_first is not None else 0, *(list(strides) + [1, 1])[:2], *common, D=d,
-        BD=bd, BR=BR, BN=BN, BCH=max(2, triton.next_power_of_2(nch)), PRECISION=precision, COLUMNS=columns,
-        ATOMIC_COLS=rcs > 1, DIAGONALS=diag is not None, PHASES=len(strides), I64=i64, num_warps=4)
-    return cols, diag, ph
+    ml = torch.empty(2 + len(strides), b * h, r, nch, dtype=torch.float32, device=a["q"].device)
+    cs = (list(strides) + [1, 1])[:2]
+    _row_stats[(b * h, triton.cdiv(r, BR), nch)](
+        a["q"], a["k"], a["pos"], ml, h, h // a["hk"], r, nk, tpc, nch, *cs, *a["common"], D=a["d"], BD=a["bd"],
+        BR=BR, BN=BN_STATS, PRECISION=a["precision"], PHASES=len(strides), I64=a["i64"], num_warps=4)
+    return ml
