@@ -283,10 +283,10 @@ class GroupLayout(_Density):
         return self.group.amax(-1) + 1
 
     def density_tensor(self) -> Tensor:
-        """The attention kept, over the full (causal) attention, mean over heads; causal in squared lengths (a row
-        seeing j keys counts 2j, the triangle of N rows N²): a group of L members after a prefix of s tokens keeps
-        L² + 2Ls, the text before the span s², the rows after it N² − e². Not causal: L² + Ls per group, and
-        N per row outside the span, over N²."""
+        """The attention kept, over the full (causal) attention, mean over heads: the dense mask's share exactly.
+        Causal, in squared lengths (a row seeing j keys counts 2j − 1, so rows seeing 1 … N keys sum to N²): a group
+        of L members after a prefix of s tokens keeps L² + 2Ls, the text before the span s², the rows after it
+        N² − e². Not causal: L² + Ls per group and N per row outside the span, over N²."""
         s, e = self.span
         n = self.q_len
         # counts over every possible group id (at most one per member): an id without members adds nothing
