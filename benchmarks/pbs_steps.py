@@ -7,7 +7,11 @@ and over 28 K/V heads; and the whole call of the patterns whose attention gather
 of ``attention/ops.py`` (an earlier commit's), with each call's peak memory.
 
     python benchmarks/pbs_steps.py [--sizes 32768,65536,131072] [--kv-heads 4,28] [--ops-against FILE]
-        [--markdown-from FILE [--note TEXT]]
+        [--gathered-batch B] [--markdown-from FILE [--note TEXT]]
+
+``--gathered-batch B`` runs only token_sparse's and grid's calls, on B copies of the inputs seen as [B, H, N, D]
+views of [B, N, H, D] projections (the layout a model passes), saves ``pbs_steps_gathered_bB.json`` and writes the
+section "Gathered patterns on batch-B projection views".
 
 q/k are video-structured (``attention.video_qk``), v random; ``pbs`` at its defaults. The steps run on the
 estimate's own scores and permutation. The old steps are swapped in for the new (``common.swapped``); the callables
