@@ -990,6 +990,34 @@ def test_grouped_attention_pads_each_head_to_its_own_groups(monkeypatch, backend
     assert sum(x[1] for x in gathered) == int((span + strides * s).sum())
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_random_group_layouts_match_their_mask(backend):
+    """Random GroupLayouts — batch 1 or 2, GQA or not, any span (empty text before it or none after it), sparse group
+    ids (ids without members), groups shared over heads (an expanded tensor), causal or not — execute as their dense
+    mask says, and their density is the mask's share counted as ``density_tensor`` documents."""
+    from vidsparse.attention.layout import GroupLayout
+    from vidsparse.attention.reference import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    ri = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    for trial in range(24):
+        b, hk = ri(1, 3), ri(1, 3)
+        h, n = hk * ri(1, 3), ri(20, 90)
+        s = ri(0, 10)
+        e = ri(s + 1, n + 1)
+        causal = bool(trial % 2)
+        grp = torch.randint(0, ri(1, e - s + 1), (b, h, e - s), generator=g)
+        if trial % 3 == 0:
+            grp = grp[:, :1].expand(b, h, e - s)
+        lay = GroupLayout(grp, (s, e), n, n, causal)
+        q, k, v = (torch.randn(b, x, n, 16, generator=g) for x in (h, hk, hk))
+        mask = lay.dense_mask()
+        torch.testing.assert_close(sparse_attention(q, k, v, lay, backend=backend), masked_attention(q, k, v, mask),
+                                   atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL, msg=lambda m: f"trial {trial}: {m}")
+        kept = (2 * mask.sum(-1) - 1).sum(-1) if causal else mask.sum((-2, -1))
+        assert float(lay.density_tensor()) == pytest.approx(float(kept.float().mean()) / n ** 2, rel=1e-6)
+
+
 def test_grid_finds_a_planted_stride_and_stays_dense_otherwise():
     g = torch.Generator().manual_seed(7)
     s, t, f = 5, 8, 12
