@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ...registry import PATTERNS
-from ..layout import BlockLayout, PermutedLayout, gather_rows
+from ..layout import BlockLayout, PermutedLayout, gather_rows, shape_cache
 from .base import Pattern, SeqMeta, block_scores, column_probs, keep_top_mass, pool_blocks
 
 
@@ -56,24 +56,12 @@ class PBS(Pattern):
         s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False),
                          kp=pool_blocks(kperm, meta.block_k), backend=self.backend)
         nqb, nkb = s.shape[-2:]
-        m = torch.arange(nqb, device=q.device)[:, None]
-        n = torch.arange(nkb, device=q.device)[None, :]
-        off = nk - nq
-        first_q = m * meta.block_q + off
-        last_q = torch.clamp((m + 1) * meta.block_q - 1, max=nq - 1) + off
-        seg_lo = (n * meta.block_k // self.segment) * self.segment  # original positions a permuted block spans
-        seg_hi = torch.clamp(seg_lo + self.segment, max=nk) - 1
-        if meta.causal:
-            past = seg_hi <= first_q  # every key visible to every query of the block
-            own = ~past & (seg_lo <= last_q)  # the segment(s) the query block's positions fall in
-        else:
-            own = (seg_lo <= last_q) & (seg_hi >= first_q)
-            past = ~own
-        keep = keep_top_mass(torch.softmax(s.masked_fill(~past, float("-inf")), -1).nan_to_num(0.0), self.tau)
+        past, own, bias = _segments(nqb, nkb, meta.block_q, meta.block_k, nq, nk, self.segment, meta.causal, q.device)
+        keep = keep_top_mass(torch.softmax(s + bias, -1).nan_to_num(0.0), self.tau)
         keep = (keep & past) | own
         if self.first_block:  # the permuted block that holds token 0, for every query head of its K/V head
             where0 = (torch.argmax((perm == 0).int(), -1) // meta.block_k).repeat_interleave(h // hk, 1)
-            keep = keep | (n == where0[..., None, None])
+            keep = keep | (torch.arange(nkb, device=q.device) == where0[..., None, None])
         lay = BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, causal=False, width=nkb)
         return PermutedLayout(perm, lay, causal=meta.causal)
 
@@ -90,3 +78,26 @@ def segment_order(score: torch.Tensor, segment: int) -> torch.Tensor:
     order = torch.argsort(padded.view(*score.shape[:-1], runs, segment), dim=-1, descending=True, stable=True)
     order += torch.arange(0, runs * segment, segment, device=score.device)[:, None]
     return order.view(*score.shape[:-1], runs * segment)[..., :nk]
+
+
+@shape_cache()
+def _segments(nqb, nkb, block_q, block_k, nq, nk, segment, causal, device):
+    """Shape-only (``shape_cache``: built once per shape, not in every layer): per (query block, permuted key block)
+    bool [NQ, NK] ``past`` (the block's segment lies wholly before the query block: every key visible to every
+    query) and ``own`` (the segment(s) the query block's positions fall in, computed whole), and the float32 bias
+    that leaves the past blocks' scores and sets the others to -inf before the softmax."""
+    m = torch.arange(nqb, device=device)[:, None]
+    n = torch.arange(nkb, device=device)[None, :]
+    off = nk - nq
+    first_q = m * block_q + off
+    last_q = torch.clamp((m + 1) * block_q - 1, max=nq - 1) + off
+    seg_lo = (n * block_k // segment) * segment  # original positions a permuted block spans
+    seg_hi = torch.clamp(seg_lo + segment, max=nk) - 1
+    if causal:
+        past = seg_hi <= first_q
+        own = ~past & (seg_lo <= last_q)
+    else:
+        own = (seg_lo <= last_q) & (seg_hi >= first_q)
+        past = ~own
+    bias = torch.zeros(nqb, nkb, device=device).masked_fill(~past, float("-inf"))
+    return past, own, bias
