@@ -282,6 +282,12 @@ class GroupLayout(_Density):
     def num_groups(self) -> Tensor:
         return self.group.amax(-1) + 1
 
+    def group_sizes(self) -> Tensor:
+        """int32 [B, H, N_span] (the group tensor's leading shape): the members of each group id, over every possible
+        id (at most one group per member), counted on the device without reading the id count back."""
+        return torch.zeros(self.group.shape, dtype=torch.int32, device=self.group.device).scatter_add_(
+            -1, self.group, torch.ones(self.group.shape, dtype=torch.int32, device=self.group.device))
+
     def density_tensor(self) -> Tensor:
         """The attention kept, over the full (causal) attention, mean over heads: the dense mask's share exactly.
         Causal, in squared lengths (a row seeing j keys counts 2j − 1, so rows seeing 1 … N keys sum to N²): a group
@@ -289,10 +295,7 @@ class GroupLayout(_Density):
         N² − e². Not causal: L² + Ls per group and N per row outside the span, over N²."""
         s, e = self.span
         n = self.q_len
-        # counts over every possible group id (at most one per member): an id without members adds nothing
-        slots = self.group.shape[-1]
-        counts = torch.zeros(*self.group.shape[:2], slots, device=self.group.device).scatter_add_(
-            -1, self.group, torch.ones_like(self.group, dtype=torch.float32))
+        counts = self.group_sizes().float()  # an id without members adds nothing
         if self.causal:
             work = (counts ** 2 + 2 * s * counts).sum(-1) + s ** 2 + (n ** 2 - e ** 2)
         else:

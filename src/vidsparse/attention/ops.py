@@ -190,9 +190,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"group layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
     grp = layout.group.expand(b, h, -1).reshape(b * h, e - s)
-    # members per group id of each (batch, head) (ids lie in [0, e − s): GroupLayout's contract)
-    sizes = torch.zeros(b * h, e - s, dtype=torch.int32, device=q.device).scatter_add_(
-        -1, grp, torch.ones(grp.shape, dtype=torch.int32, device=q.device))
+    sizes = layout.group_sizes().expand(b, h, -1).reshape(b * h, e - s)  # members per group id of each pair
     ngs = grp.amax(-1) + 1
     # the one host sync: each pair's group count and largest group; the rest is queued without waiting
     plan = torch.stack([ngs, sizes.amax(-1)]).tolist()
@@ -222,11 +220,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
                               scale, backend)
         scatter_rows(out, pos.reshape(1, npairs, ng * lm), og.reshape(1, npairs, ng * lm, d), planes=pairs)
     # rows outside the span attend everything (causally: the text before the span sees only itself)
-    if layout.causal:
-        parts = [(slice(0, s), s), (slice(e, n), n)]
-    else:
-        parts = [(slice(0, s), n), (slice(e, n), n)]
-    for rows, keys in parts:
+    for rows, keys in ((slice(0, s), s if layout.causal else n), (slice(e, n), n)):
         nr = rows.stop - rows.start
         if nr:
             dense = BlockLayout.dense(nr, keys, causal=layout.causal, device=q.device)
