@@ -64,7 +64,7 @@ triton.runtime.driver.set_active(Target())
 # on CPU tensors at their default launches; prints {case: [[kernel, shared bytes, warps, stages], ...] or an error}
 LAUNCH = r"""
 from vidsparse.attention.kernels import antidiagonal as ad, block_select as sel, block_sparse as bs
-from vidsparse.attention.kernels import pooled_scores as ps, row_mass as rm
+from vidsparse.attention.kernels import gather as ga, pooled_scores as ps, row_mass as rm
 from vidsparse.errors import VidsparseError
 
 bf, i32 = torch.bfloat16 if CAP >= 80 else torch.float16, torch.int32  # Turing has no bf16
@@ -82,6 +82,15 @@ def antidiagonal(s):
     ad.antidiagonal_block_mass(q, k, s, 128, 128, True)
 
 
+def row_copies():  # the row gather and scatter in each of their index modes (own head, head map, flattened planes)
+    x, idx = torch.zeros(2, 2, 300, 128, dtype=bf), torch.zeros(2, 2, 40, dtype=torch.long)
+    ga.gather_rows(x, idx)
+    ga.gather_rows(x, torch.zeros(1, 4, 40, dtype=torch.long), torch.tensor([0, 0, 1, 1]))
+    ga.gather_rows(x, idx[:1], planes=torch.tensor([3, 0]))
+    ga.scatter_rows(x, idx, torch.zeros(2, 2, 40, 128, dtype=bf))
+    ga.scatter_rows(x, idx[:1], torch.zeros(1, 2, 40, 128, dtype=bf), planes=torch.tensor([3, 0]))
+
+
 nkb = 1024  # 128K tokens in 128-token blocks
 scores = torch.zeros(1, 1, 4, nkb)
 CASES = {
@@ -95,6 +104,9 @@ CASES = {
     "scores": lambda: ps.scores(torch.zeros(1, 4, 256, 128), torch.zeros(1, 2, 256, 128)),
     "column_mass": lambda: rm.column_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
                                           torch.arange(4032, 4096)),
+    "phase_mass": lambda: rm.phase_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
+                                        torch.arange(4032, 4096), (256, 16)),
+    "row_copies": row_copies,
     "select_blocks": lambda: sel.select_blocks(scores, torch.full((4,), 8), 64, 1, 1, 128, 128, 512, nkb * 128, True),
     "select_mass": lambda: sel.select_mass(scores, 0.9, 1, 1, 128, 128, 512, nkb * 128, True),
     "select_levels": lambda: sel.select_levels(scores, torch.zeros(4, 4, dtype=i32), (8, 8, 8, 8), 1, 1, 128, 128,

@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from builds import build, dump
+from builds import LAUNCH, build, dump
 
 
 def _gluon_builds() -> bool:
@@ -128,3 +128,12 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
     assert "HGMMA" in sass and "FFMA" not in sass
     usage = dump(select, "--dump-resource-usage")
     assert "LOCAL:0" in usage, usage
+
+
+def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):
+    """The row gather in its three index modes (own head, head map, flattened planes), the row scatter in its two and
+    grid's one-pass phase masses (the statistics kernel with two strides) compile for sm_90 and launch through their
+    wrappers. (Their numerics: the interpreter tests in test_attention.py and the GPU tests.)"""
+    got = json.loads(build(tmp_path / "cache", LAUNCH, "row_copies,phase_mass").strip().splitlines()[-1])
+    assert [k[0] for k in got["row_copies"]] == ["_rows"] * 3 + ["_scatter"] * 2, got
+    assert [k[0] for k in got["phase_mass"]] == ["_row_stats"], got

@@ -29,19 +29,30 @@ R, WARPS = 32, 4  # rows per program (32 and 64 rows measured alike), warps
 
 
 @triton.jit
+def _plane(HEADS, b, h, HX, MAP: tl.constexpr):
+    """The (batch, head) of the [B, Hx, N, D] tensor that this program's index head ``h`` (batch ``b``) addresses:
+    its own (MAP 0), heads[h] (MAP 1), or divmod(planes[h], Hx) (MAP 2: flattened planes, the index has batch 1)."""
+    if MAP == 2:
+        plane = tl.load(HEADS + h).to(tl.int64)
+        xb = plane // HX
+        xh = plane % HX
+    elif MAP == 1:
+        xb = b
+        xh = tl.load(HEADS + h).to(tl.int64)
+    else:
+        xb = b
+        xh = h
+    return xb, xh
+
+
+@triton.jit
 def _rows(X, IDX, HEADS, OUT, N, M, H, HX, s_xb, s_xh, s_xn, s_xd, s_ib, s_ih, s_im, D: tl.constexpr,
           BD: tl.constexpr, R: tl.constexpr, MAP: tl.constexpr):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # int64 bases and offsets: 28 heads of 600K keys pass 2^31 elements
     h = (bh % H).to(tl.int64)
-    if MAP == 2:  # HEADS holds x's flattened (batch · head) planes, one per output head (out has batch 1)
-        plane = tl.load(HEADS + h).to(tl.int64)
-        xb = plane // HX
-        hx = plane % HX
-    else:
-        xb = b
-        hx = tl.load(HEADS + h).to(tl.int64) if MAP == 1 else h
+    xb, hx = _plane(HEADS, b, h, HX, MAP)
     r = t * R + tl.arange(0, R)
     ok = r < M
     idx = tl.load(IDX + b * s_ib + h * s_ih + r.to(tl.int64) * s_im, mask=ok, other=0).to(tl.int64)
@@ -64,9 +75,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor | None
     b, hx, n, d = x.shape
     h, m = index.shape[1], index.shape[2]
     if planes is not None:
-        if heads is not None or index.shape[0] != 1 or planes.shape != (h,):
-            raise ValueError(f"planes= takes a batch-1 index and one plane per index head, without heads=: index "
-                             f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
+        _check_planes(index, planes, heads)
         b = 1
     elif heads is None and h != hx:
         raise ValueError(f"index has {h} heads, x {hx}: pass heads= to map them")
@@ -89,13 +98,7 @@ def _scatter(OUT, IDX, HEADS, SRC, N, M, H, HX, s_ob, s_oh, s_on, s_od, s_ib, s_
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if MAP == 2:
-        plane = tl.load(HEADS + h).to(tl.int64)
-        ob = plane // HX
-        oh = plane % HX
-    else:
-        ob = b
-        oh = h
+    ob, oh = _plane(HEADS, b, h, HX, MAP)
     r = t * R + tl.arange(0, R)
     ok = r < M
     idx = tl.load(IDX + b * s_ib + h * s_ih + r.to(tl.int64) * s_im, mask=ok, other=-1).to(tl.int64)
@@ -116,9 +119,7 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     one of its rows. Returns out."""
     b, hx, n, d = out.shape
     if planes is not None:
-        if index.shape[0] != 1 or planes.shape != (index.shape[1],):
-            raise ValueError(f"planes= takes a batch-1 index and one plane per index head: index "
-                             f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
+        _check_planes(index, planes)
         bi, h = 1, index.shape[1]
     else:
         if index.shape[1] != hx:
@@ -136,3 +137,10 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
         index.stride(2), D=d, BD=triton.next_power_of_2(d), R=R, MAP=2 if planes is not None else 0,
         num_warps=WARPS)
     return out
+
+
+def _check_planes(index: torch.Tensor, planes: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """``planes=`` takes a batch-1 index, one plane per index head, and no ``heads=``."""
+    if heads is not None or index.shape[0] != 1 or planes.shape != (index.shape[1],):
+        raise ValueError(f"planes= takes a batch-1 index and one plane per index head, without heads=: index "
+                         f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
