@@ -20,6 +20,10 @@ all of q.
 tokens, M-RoPE) and passes the visual span, tokens per frame and frame size in the metadata, so that ``grid`` runs
 too (its share table is a section of its own). Each row also has the estimate's peak GPU memory over what was
 allocated before it (``peak_gb``).
+``--recall`` (with ``--video``) also measures each layout's attention-mass recall (``attention.recall``: the exact
+softmax mass of 256 sampled query rows that the layout keeps), printed and, with ``--markdown-from``, beside each
+cell. ``--section S`` names the BENCHMARKS.md section (", S" after the default title) so that a table of other
+specs does not replace the main one.
 ``--tag`` saves ``profile_estimation_TAG.json``."""
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench_ms, graph_ms, video_qk  # noqa: E402
+from attention import bench_ms, graph_ms, recall, video_qk  # noqa: E402
 from common import device_name, kernel_times, save, today, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
@@ -74,6 +78,8 @@ def main():
     ap.add_argument("--with-kernel", action="store_true", help="time the kernel on each spec's layout too")
     ap.add_argument("--video", action="store_true", help="video-structured q/k with the visual span in the metadata "
                     "(grid runs too)")
+    ap.add_argument("--recall", action="store_true", help="with --video: each layout's attention-mass recall")
+    ap.add_argument("--section", default="", help="with --markdown-from: a suffix of the BENCHMARKS.md section title")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--markdown-from", default="", help="comma list of --with-kernel results JSON (one per N): write "
                     "their table to BENCHMARKS.md")
@@ -90,9 +96,12 @@ def main():
     if args.markdown_from:
         import json
 
-        write_share_markdown([json.loads(Path(f).read_text()) for f in args.markdown_from.split(",")], args.note)
+        write_share_markdown([json.loads(Path(f).read_text()) for f in args.markdown_from.split(",")], args.note,
+                             args.section)
         return
     h, hk, d = 28, args.kv_heads, 128
+    if args.recall and not (args.video and args.with_kernel):
+        raise SystemExit("--recall needs --video (recall on random q/k says nothing) and --with-kernel")
     if h % hk:
         raise SystemExit(f"--kv-heads {hk} does not divide the {h} query heads")
     if args.video:
@@ -126,6 +135,10 @@ def main():
             row["layout_density"] = float(lay.density())
             row["attention_ms"] = bench_ms(lambda lay=lay: sparse_attention(q, k, v, lay), rep_ms=400)
             row["estimate_share"] = (row["gpu_ms"] or row["ms"]) / row["attention_ms"]
+            if args.recall:
+                rows = torch.linspace(args.n // 8, args.n - 1, 256, device="cuda").long()
+                row["recall"] = recall(q, k, lay, rows)
+                print(f"{row['spec']}: recall {row['recall']:.4f}", flush=True)
             print(f"{row['spec']}: layout density {row['layout_density']:.3f}, attention {row['attention_ms']:.2f} ms, "
                   f"estimation {100 * row['estimate_share']:.1f}% of it", flush=True)
     save("profile_estimation" + (f"_{args.tag}" if args.tag else ""), res)
@@ -166,9 +179,9 @@ def read_floor(q, k) -> dict:
     return out
 
 
-def write_share_markdown(runs: list[dict], note: str = "") -> None:
+def write_share_markdown(runs: list[dict], note: str = "", section: str = "") -> None:
     """One table from ``--with-kernel`` runs: per spec and N, the estimation's GPU ms against the kernel's ms on the
-    layout that estimation picked."""
+    layout that estimation picked (and the layout's recall where measured)."""
     runs = sorted(runs, key=lambda r: r["n"])
     specs = [r["spec"] for r in runs[0]["rows"]]
     kv = runs[0].get("kv_heads", 4)
@@ -188,14 +201,16 @@ def write_share_markdown(runs: list[dict], note: str = "") -> None:
         for r in runs:
             e = next(x for x in r["rows"] if x["spec"] == spec)
             cells.append(f"{e['gpu_ms'] or e['ms']:.2f} / {e['attention_ms']:.2f} ({e['layout_density']:.2f}) = "
-                         f"**{100 * e['estimate_share']:.1f}%**")
+                         f"**{100 * e['estimate_share']:.1f}%**" + (f", recall {e['recall']:.4f}" if "recall" in e
+                                                                     else ""))
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     if all("read_floor" in r for r in runs):
         lines.append("| reading q and k once (the faster of torch's sums and a streaming Triton read): a floor for "
                      "any estimate that pools all of q | " + " | ".join(
                          f"{r['read_floor']['gpu_ms']:.3f} ms ({r['read_floor']['tb_per_s']:.2f} TB/s, "
                          f"{r['read_floor']['read']})" for r in runs) + " |")
-    heads = ("" if kv == 4 else f", {runs[0].get('heads', 28)}/{kv} heads") + (", video q/k" if video else "")
+    heads = ("" if kv == 4 else f", {runs[0].get('heads', 28)}/{kv} heads") + (", video q/k" if video else "") + \
+        (f", {section}" if section else "")
     update_markdown(f"Estimation against the kernel on its own layout{heads} ({runs[0]['device']})", "\n".join(lines))
 
 

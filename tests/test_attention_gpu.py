@@ -220,7 +220,8 @@ def test_transposed_views_as_a_model_passes_them():
 
 
 @pytest.mark.parametrize("n", [3000, 17000])  # 17000: 133 key blocks, selected in three launches of rows
-@pytest.mark.parametrize("spec", ["block_topk:density=0.1", "block_topk:topk=5", "pyramid"])
+@pytest.mark.parametrize("spec", ["block_topk:density=0.1", "block_topk:topk=5", "pyramid",
+                                  "block_topk:density=0.1,pool_stride=4", "pyramid:pool_stride=8"])
 def test_patterns_pick_the_same_blocks_on_cuda_as_on_cpu(spec, n):
     """Estimation is device-independent: fp32 inputs, the same layout on CUDA and on the CPU. (pbs is left out: it
     sorts keys by probabilities near zero, whose order depends on summation order.)"""
@@ -346,7 +347,8 @@ def test_patterns_execute(spec):
 
 
 @pytest.mark.parametrize("spec", ["sink_window", "power", "block_topk", "block_topk:topk=5", "block_cdf", "xattention",
-                                  "vertical_slash", "radial", "pyramid", "pbs", "token_sparse", "grid"])
+                                  "vertical_slash", "radial", "pyramid", "pbs", "token_sparse", "grid",
+                                  "block_topk:pool_stride=4"])
 def test_estimation_never_waits_for_the_gpu(spec, variant):
     """A prefill layer's estimation queues its work without a host sync (torch's sync debug mode raises on one).
     The first call builds the per-shape caches (masks, pyramid's rank counts) and compiles; the second is checked.

@@ -77,3 +77,18 @@ def test_share_table_of_video_inputs_is_its_own_section(tmp_path, monkeypatch):
     assert text.count("Video-structured q/k") == 2
     with pytest.raises(ValueError, match="one kind of input"):
         pe.write_share_markdown([_run(32768, 0.8, 0.12, 0.076), {**_run(65536, 2.0, 0.1, 0.05), "video": True}])
+
+
+def test_share_table_with_recall_and_a_named_section(tmp_path, monkeypatch):
+    """``--recall`` rows show each layout's recall beside the share; ``--section`` gives the table a section of its
+    own, so it does not replace the main table of the same inputs."""
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    pe.write_share_markdown([{**_run(32768, 0.8, 0.12, 0.076), "video": True}])
+    run = {**_run(32768, 0.8, 0.06, 0.076), "video": True}
+    run["rows"] = [{**run["rows"][0], "recall": 0.8921}]
+    pe.write_share_markdown([run], section="pool_stride")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Estimation against the kernel on its own layout, video q/k (Test GPU)" in text
+    assert "## Estimation against the kernel on its own layout, video q/k, pool_stride (Test GPU)" in text
+    assert "0.06 / 0.80 (0.05) = **7.5%**, recall 0.8921 |" in text
+    assert "0.12 / 0.80 (0.05) = **15.0%** |" in text

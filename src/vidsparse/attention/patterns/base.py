@@ -179,30 +179,36 @@ class exact_tf32:
             torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-def pool_blocks(x: Tensor, block: int, scale: float = 1.0) -> Tensor:
+def pool_blocks(x: Tensor, block: int, scale: float = 1.0, stride: int = 1) -> Tensor:
     """Mean over blocks of the sequence axis, times ``scale``: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the
-    last block is partial). Reads x once in its own dtype, accumulating in fp32."""
+    last block is partial). Reads x once in its own dtype, accumulating in fp32. ``stride`` > 1: the mean of every
+    ``stride``-th token of each block (its 1st, (stride+1)-th, ...), reading 1/stride of x; it must divide ``block``
+    (an ``InputError`` otherwise)."""
     b, h, n, d = x.shape
+    if stride < 1 or block % stride:
+        raise InputError(f"pool_stride {stride} must be at least 1 and divide the block size {block}")
     nb = -(-n // block)
     full = n // block
-    out = x[:, :, : full * block].reshape(b, h, full, block, d).sum(3, dtype=torch.float32).mul_(scale / block)
+    body = x[:, :, : full * block].reshape(b, h, full, block // stride, stride, d)[..., 0, :]
+    out = body.sum(3, dtype=torch.float32).mul_(scale * stride / block)
     if nb > full:
-        tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32).mul_(scale / (n - full * block))
-        out = torch.cat([out, tail], dim=2)
+        tail = x[:, :, full * block :: stride]
+        out = torch.cat([out, tail.sum(2, keepdim=True, dtype=torch.float32).mul_(scale / tail.shape[2])], dim=2)
     return out
 
 
 def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", stride: int = 1) -> Tensor:
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
-    GQA: each query head scores against its shared key head. ``backend``: the product of the pooled tensors on the
-    tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's
-    fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
+    GQA: each query head scores against its shared key head. ``stride``: pool every ``stride``-th token of each
+    block (``pool_blocks``). ``backend``: the product of the pooled tensors on the tensor cores in TF32×3, about
+    fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's fp32 GEMM, which cuBLAS runs on
+    the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
-    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d))  # scaled once, not the NQ × NK scores
-    kp = pool_blocks(k, meta.block_k) if kp is None else kp
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), stride)  # scaled once, not the NQ × NK scores
+    kp = pool_blocks(k, meta.block_k, stride=stride) if kp is None else kp
     if use_kernel(backend, qp):
         from ..kernels.pooled_scores import scores
 
@@ -216,9 +222,9 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
     return s
 
 
-def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta) -> Tensor:
+def pooled_block_probs(q: Tensor, k: Tensor, meta: SeqMeta, stride: int = 1) -> Tensor:
     """softmax over key blocks of ``block_scores``: float [B, H, NQ, NK]."""
-    return torch.softmax(block_scores(q, k, meta), dim=-1)
+    return torch.softmax(block_scores(q, k, meta, stride=stride), dim=-1)
 
 
 def forced_blocks(nqb: int, nkb: int, meta: SeqMeta, q_len: int, k_len: int, sink: int, local: int,

@@ -18,13 +18,16 @@ class BlockCDF(Pattern):
     """Smallest set of blocks whose pooled softmax mass reaches ``tau``, plus diagonal and sink blocks.
     ``min_cos``: like SpargeAttn, blocks whose keys are not self-similar (mean cosine to the block mean below it)
     pool badly and are never pruned (0 disables). ``backend``: the selection's, as ``base.mass_layout`` (with
-    ``min_cos`` > 0 always torch)."""
+    ``min_cos`` > 0 always torch). ``pool_stride``: pool every ``pool_stride``-th token of each block, as
+    ``block_topk``."""
 
     tau: float = 0.9
     sink: int = 1
     local: int = 1
     min_cos: float = 0.0
+    pool_stride: int = 1
     backend: str = "auto"
+    at_least: ClassVar[dict] = {"pool_stride": 1}
     fractions: ClassVar[tuple] = ("tau",)
 
     def __post_init__(self):
@@ -33,7 +36,7 @@ class BlockCDF(Pattern):
             raise ValueError(f"min_cos must be in [-1, 1] (a cosine; 0 disables), not {self.min_cos!r}")
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        p = pooled_block_probs(q, k, meta)
+        p = pooled_block_probs(q, k, meta, self.pool_stride)
         if self.min_cos <= 0:
             return mass_layout(p, self.tau, q, k, meta, self.sink, self.local, self.backend)
         keep = keep_top_mass(p, self.tau) | _dissimilar_key_blocks(k, meta, self.min_cos, q.shape[1])[..., None, :]

@@ -19,19 +19,21 @@ class BlockTopK(Pattern):
     """Top blocks by pooled score per query block: ``topk`` blocks per row, or when 0, ``density`` × the row's causal
     blocks (rounded up). The diagonal (``local`` blocks) and ``sink`` blocks are always kept and count towards that
     budget. Softmax is monotone, so the raw pooled logits rank the blocks; one ``topk`` builds the layout.
-    ``backend``: "auto" (the Triton pooled scores and selection on CUDA, torch elsewhere), "kernel" or "reference"
-    (torch)."""
+    ``pool_stride``: pool every ``pool_stride``-th token of each block (``base.pool_blocks``), reading that fraction
+    of q and k; 1 is the exact block mean. ``backend``: "auto" (the Triton pooled scores and selection on CUDA,
+    torch elsewhere), "kernel" or "reference" (torch)."""
 
     topk: int = 0
     density: float = 0.1
     sink: int = 1
     local: int = 1
+    pool_stride: int = 1
     backend: str = "auto"
-    at_least: ClassVar[dict] = {"topk": 0}
+    at_least: ClassVar[dict] = {"topk": 0, "pool_stride": 1}
     fractions: ClassVar[tuple] = ("density",)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
-        s = block_scores(q, k, meta, masked=False, backend=self.backend)
+        s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride)
         nqb, nkb = s.shape[-2:]
         width = max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local)
         total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, q.shape[2], k.shape[2], self.topk,

@@ -4,6 +4,7 @@ skipped, by its rank (or cumulative mass) among the row's blocks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ class Pyramid(Pattern):
     bounds: below ``exact`` → exact keys, below ``pool2`` → keys averaged in pairs, ``pool4`` → fours, ``pool8`` →
     eights, the rest skipped. PSA's defaults (rank mode): top 5% exact, 5–15% 2×, 15–25% 4×, 25–50% 8×. Pooled
     keys carry a logit bias ln p. The ``sink`` and ``local`` (diagonal) blocks, and any block the diagonal or the
-    sequence end cuts, are computed exactly when kept at all (pooling across the diagonal would leak the future)."""
+    sequence end cuts, are computed exactly when kept at all (pooling across the diagonal would leak the future).
+    ``pool_stride``: the block scores pool every ``pool_stride``-th token of each block, as ``block_topk``."""
 
     exact: float = 0.05
     pool2: float = 0.15
@@ -37,6 +39,8 @@ class Pyramid(Pattern):
     mode: str = "rank"
     sink: int = 1
     local: int = 1
+    pool_stride: int = 1
+    at_least: ClassVar[dict] = {"pool_stride": 1}
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,7 +51,7 @@ class Pyramid(Pattern):
 
     def levels(self, q, k, meta: SeqMeta) -> torch.Tensor:
         """int [B, H, NQ, NK]: 1 (exact), 2, 4, 8 (pooled) or 0 (skipped) per block."""
-        return self.levels_from_scores(block_scores(q, k, meta), meta, q.shape[2], k.shape[2])
+        return self.levels_from_scores(block_scores(q, k, meta, stride=self.pool_stride), meta, q.shape[2], k.shape[2])
 
     def levels_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int) -> torch.Tensor:
         """``levels`` from the pooled block scores ``s`` [B, H, NQ, NK] (``block_scores``), in torch."""
@@ -85,7 +89,7 @@ class Pyramid(Pattern):
         layout. The kernel skips blocks past the causal diagonal itself, so its scores skip ``block_scores``'s
         causal ``masked_fill`` (a pass over the scores and the causal mask's host work)."""
         kernel = self.mode == "rank" and use_kernel(backend, q)
-        s = block_scores(q, k, meta, masked=not kernel, backend=backend)
+        s = block_scores(q, k, meta, masked=not kernel, backend=backend, stride=self.pool_stride)
         return self.layout_from_scores(s, meta, q.shape[2], k.shape[2], backend)
 
     def layout_from_scores(self, s: torch.Tensor, meta: SeqMeta, nq: int, nk: int,
