@@ -102,8 +102,6 @@ CASES = {
     "antidiagonal_s16": lambda: antidiagonal(16),
     "antidiagonal_s32": lambda: antidiagonal(32),
     "scores": lambda: ps.scores(torch.zeros(1, 4, 256, 128), torch.zeros(1, 2, 256, 128)),
-    "pool_means": lambda: [ps.pool_means(torch.zeros(1, 4, 300, d, dtype=bf), 128, 0.1, s) for d, s in ((128, 1),
-                                                                                                     (64, 4))],
     "column_mass": lambda: rm.column_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
                                           torch.arange(4032, 4096)),
     "phase_mass": lambda: rm.phase_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),

@@ -509,32 +509,6 @@ def test_pooled_scores_kernel_equals_torch(interpreter, dtype, block, transposed
     torch.testing.assert_close(got[fin], want[fin], atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
 
 
-@pytest.mark.parametrize("dtype,block,stride,transposed,n", [(torch.bfloat16, 32, 1, False, 300),
-                                                             (torch.float16, 24, 4, True, 301),
-                                                             (torch.float32, 64, 8, True, 64),
-                                                             (torch.bfloat16, 128, 4, False, 130)])
-def test_pool_means_kernel_equals_pool_blocks(interpreter, dtype, block, stride, transposed, n, monkeypatch):
-    """The one-launch pooling (a model's transposed q, head dim 24 padded to 32, partial last blocks of 12, 13, 2
-    tokens or none, strides 1–8, a block of 24 sampled 6 rows at a time) equals torch's reductions within fp32
-    rounding, scale included; a head dim that is not contiguous takes the torch path."""
-    from vidsparse.attention.kernels.pooled_scores import pool_means
-
-    g = torch.Generator().manual_seed(block + stride)
-    x = (torch.randn(2, n, 6, 24, generator=g).transpose(1, 2) if transposed
-         else torch.randn(2, 6, n, 24, generator=g)).to(dtype)
-    want = pool_blocks(x, block, 0.3, stride)
-    got = pool_means(x, block, 0.3, stride)
-    assert got.dtype == torch.float32 and got.shape == want.shape == (2, 6, -(-n // block), 24)
-    torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
-    odd = x.transpose(2, 3).contiguous().transpose(2, 3)  # head dim strided
-    torch.testing.assert_close(pool_means(odd, block, 0.3, stride), pool_blocks(odd, block, 0.3, stride), atol=0,
-                               rtol=0)
-    monkeypatch.setenv("VIDSPARSE_POOL_ROWS", "0")  # the A/B switch: torch's reductions themselves
-    torch.testing.assert_close(pool_means(x, block, 0.3, stride), want, atol=0, rtol=0)
-    monkeypatch.setenv("VIDSPARSE_POOL_ROWS", "3")  # a tuning value: 4 rows a load, several loads a block
-    torch.testing.assert_close(pool_means(x, block, 0.3, stride), want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
-
-
 @pytest.mark.parametrize("spec", ["xattention:backend=gpu", "block_cdf:backend=Kernel", "vertical_slash:backend=torch",
                                   "pbs:backend=triton", "token_sparse:backend=cuda"])
 def test_unknown_estimation_backend_is_a_spec_error(spec):

@@ -75,48 +75,6 @@ def _scores(QP, KP, S, HK, G, NQB, NKB, D: tl.constexpr, BD: tl.constexpr, BM: t
              mask=(rows[:, None] < G * NQB) & (cols[None, :] < NKB))
 
 
-@triton.jit
-def _pool_mean(X, OUT, H, N, NB, s_xb, s_xh, s_xn, scale, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
-               STRIDE: tl.constexpr, ROWS: tl.constexpr):
-    """One pooled block per program: the fp32 mean of rows start, start + STRIDE, ... of x's (batch, head) plane,
-    times ``scale``; every load of the block issued before the sum (unrolled)."""
-    bh = tl.program_id(0)
-    j = tl.program_id(1)
-    base = X + (bh // H).to(tl.int64) * s_xb + (bh % H).to(tl.int64) * s_xh
-    start = j * BLOCK
-    dd = tl.arange(0, BD)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK // STRIDE, ROWS):
-        rr = start + (r0 + tl.arange(0, ROWS)) * STRIDE
-        x = tl.load(base + rr[:, None].to(tl.int64) * s_xn + dd[None, :],
-                    mask=(rr[:, None] < N) & (r0 + tl.arange(0, ROWS)[:, None] < BLOCK // STRIDE) & (dd[None, :] < D),
-                    other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
-    count = tl.minimum(BLOCK // STRIDE, (N - start + STRIDE - 1) // STRIDE)
-    tl.store(OUT + (bh.to(tl.int64) * NB + j) * D + dd, acc * (scale / count), mask=dd < D)
-
-
-def pool_means(x: torch.Tensor, block: int, scale: float = 1.0, stride: int = 1) -> torch.Tensor:
-    """``patterns.base.pool_blocks`` in one launch: x [B, H, N, D] (any strides but a contiguous head dim; else
-    the torch path) -> float32 [B, H, ceil(N/block), D], the mean of every ``stride``-th token of each block times
-    ``scale``, the scale applied as the mean is stored (torch takes a second pass for it). ``VIDSPARSE_POOL_ROWS``
-    (read per call): rows per load (default 4096 elements' worth; 0: torch's reductions, ``pool_blocks``)."""
-    from ..patterns.base import pool_blocks
-
-    b, h, n, d = x.shape
-    env = os.environ.get("VIDSPARSE_POOL_ROWS")
-    per = block // stride if stride >= 1 else 0
-    rows = int(env) if env else max(1, 4096 // triton.next_power_of_2(d))  # ≤ 4096 elements a load
-    if rows <= 0 or stride < 1 or block % stride or x.stride(-1) != 1 or x.numel() == 0:
-        return pool_blocks(x, block, scale, stride)
-    rows = min(triton.next_power_of_2(per), triton.next_power_of_2(rows))
-    nb = -(-n // block)
-    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
-    _pool_mean[(b * h, nb)](x, out, h, n, nb, x.stride(0), x.stride(1), x.stride(2), scale, D=d,
-                            BD=triton.next_power_of_2(d), BLOCK=block, STRIDE=stride, ROWS=rows, num_warps=4)
-    return out
-
-
 def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     """qp float32 [B, H, NQ, D], kp float32 [B, Hkv, NK, D] (H a multiple of Hkv; query head h reads key head
     h // (H / Hkv)) -> float32 [B, H, NQ, NK]: qp · kpᵀ, TF32×3 on the tensor cores."""

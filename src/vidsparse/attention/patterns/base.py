@@ -202,19 +202,16 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
     GQA: each query head scores against its shared key head. ``stride``: pool every ``stride``-th token of each
-    block (``pool_blocks``). ``backend``: the pooling in one Triton launch per tensor and the product of the pooled
-    tensors on the tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on
-    CUDA), or torch's reductions and fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
+    block (``pool_blocks``). ``backend``: the product of the pooled tensors on the tensor cores in TF32×3, about
+    fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's fp32 GEMM, which cuBLAS runs on
+    the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
-    kernel = use_kernel(backend, q)
-    if kernel:
-        from ..kernels.pooled_scores import pool_means as pool, scores
-    else:
-        pool = pool_blocks
-    qp = pool(q, meta.block_q, 1.0 / math.sqrt(d), stride)  # scaled once, not the NQ × NK scores
-    kp = pool(k, meta.block_k, 1.0, stride) if kp is None else kp
-    if kernel:
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), stride)  # scaled once, not the NQ × NK scores
+    kp = pool_blocks(k, meta.block_k, stride=stride) if kp is None else kp
+    if use_kernel(backend, qp):
+        from ..kernels.pooled_scores import scores
+
         s = scores(qp, kp)
     else:
         g = h // hk
