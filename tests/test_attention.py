@@ -177,7 +177,7 @@ def test_block_topk_keeps_forced_then_best_scores(density):
     meta = SeqMeta(32, 32)
     lay = PATTERNS.from_spec(f"block_topk:density={density},sink=1,local=1").estimate(q, k, meta)
     bm = lay.expand(1, 4).block_mask()[0]
-    s = block_scores(q, k, meta)[0]
+    s = block_scores(q, k, meta, stride=0)[0]  # the default: 16 tokens of each block
     for h in range(4):
         for m in range(22):
             allowed = m + 1
@@ -251,45 +251,49 @@ def test_pool_blocks_partial_last_block():
 
 
 def test_pool_blocks_stride_takes_every_strided_token():
-    """pool_stride s averages tokens 0, s, 2s, ... of each block (and of the partial last block): exact values on
-    integers; a stride that does not divide the block is an InputError."""
+    """pool stride s averages the tokens at offsets 0, s, 2s, ... of each block (and of the partial last block):
+    exact values on integers, a stride that does not divide the block or exceeds it included; auto (0) means 16
+    tokens of each block."""
+    from vidsparse.attention.patterns.base import pool_stride
     from vidsparse.errors import InputError
 
     x = torch.arange(10.0).view(1, 1, 10, 1)
     assert pool_blocks(x, 4, stride=2).flatten().tolist() == [1.0, 5.0, 8.0]  # (0+2)/2, (4+6)/2, tail 8 alone
     assert pool_blocks(x, 4, scale=2.0, stride=4).flatten().tolist() == [0.0, 8.0, 16.0]
     assert pool_blocks(torch.arange(11.0).view(1, 1, 11, 1), 4, stride=2).flatten().tolist() == [1.0, 5.0, 9.0]
-    y = torch.randn(2, 3, 70, 8, dtype=torch.bfloat16)
+    assert pool_blocks(x, 4, stride=3).flatten().tolist() == [1.5, 5.5, 8.0]  # offsets 0, 3: (0+3)/2, (4+7)/2
+    assert pool_blocks(x, 4, stride=9).flatten().tolist() == [0.0, 4.0, 8.0]
+    y = torch.randn(2, 3, 64, 8, dtype=torch.bfloat16)
     torch.testing.assert_close(pool_blocks(y, 16, stride=4), pool_blocks(y[:, :, ::4], 4), rtol=0, atol=0)
-    for bad in (0, 3, 32):
-        with pytest.raises(InputError, match="pool_stride"):
-            pool_blocks(y, 16, stride=bad)
+    with pytest.raises(InputError, match="pool stride"):
+        pool_blocks(y, 16, stride=0)
+    assert [pool_stride(0, b) for b in (16, 31, 32, 64, 128, 256)] == [1, 1, 2, 4, 8, 16]
+    assert pool_stride(3, 128) == 3
 
 
 @pytest.mark.parametrize("spec", ["block_topk:density=0.3", "block_cdf:tau=0.8", "pyramid"])
 def test_pool_stride_scores_strided_tokens(spec):
     """A pattern with pool_stride=4 picks exactly the layout the same pattern with the exact block mean picks on
-    q and k whose every token is the first of its run of 4 (the same pooled means: dyadic values, exact in fp32);
-    pool_stride=1 is the default; a stride that does not divide the block size is an InputError naming it."""
+    q and k whose every token is the first of its run of 4 (the same pooled means: dyadic values, exact in fp32).
+    The default: 16 tokens of each block (stride 2 for these 32-token blocks) for block_topk and pyramid, the exact
+    mean for block_cdf."""
     from vidsparse.attention.patterns.base import block_scores
-    from vidsparse.errors import InputError
 
     g = torch.Generator().manual_seed(5)
     q, k = (torch.randint(-8, 9, (1, h, 252, 32), generator=g).float() / 4 for h in (4, 2))  # tail: 7 runs of 4
     meta = SeqMeta(32, 32)
-    strided = PATTERNS.from_spec(spec + ("," if ":" in spec else ":") + "pool_stride=4")
-    exact = PATTERNS.from_spec(spec)
-    assert exact.pool_stride == 1
-    firsts = lambda x: x[:, :, ::4].repeat_interleave(4, 2)[:, :, : x.shape[2]]  # noqa: E731
+    at = lambda s: PATTERNS.from_spec(spec + ("," if ":" in spec else ":") + f"pool_stride={s}")  # noqa: E731
+    firsts = lambda x, s=4: x[:, :, ::s].repeat_interleave(s, 2)[:, :, : x.shape[2]]  # noqa: E731
     assert torch.equal(block_scores(q, k, meta, stride=4), block_scores(firsts(q), firsts(k), meta))
-    got, want = strided.estimate(q, k, meta), exact.estimate(firsts(q), firsts(k), meta)
-    if hasattr(got, "level_map"):
-        assert torch.equal(got.level_map(), want.level_map())
-    else:
-        assert torch.equal(got.block_mask(), want.block_mask())
     assert not torch.equal(block_scores(q, k, meta, stride=4), block_scores(q, k, meta))
-    with pytest.raises(InputError, match="pool_stride 3"):
-        PATTERNS.from_spec(spec + ("," if ":" in spec else ":") + "pool_stride=3").estimate(q, k, meta)
+    default = PATTERNS.from_spec(spec)
+    assert default.pool_stride == (1 if spec.startswith("block_cdf") else 0)
+    for got, want in ((at(4).estimate(q, k, meta), at(1).estimate(firsts(q), firsts(k), meta)),
+                      (default.estimate(q, k, meta), at(1 if spec.startswith("block_cdf") else 2).estimate(q, k, meta))):
+        if hasattr(got, "level_map"):
+            assert torch.equal(got.level_map(), want.level_map())
+        else:
+            assert torch.equal(got.block_mask(), want.block_mask())
 
 
 def test_xattention_antidiagonal_sums_equal_brute_force():
@@ -1107,7 +1111,7 @@ def test_pyramid_levels_follow_rank_bounds():
     lv = p.levels(q, k, SeqMeta(32, 32))[0]  # [H, 20, 20]
     from vidsparse.attention.patterns.base import block_scores
 
-    s = block_scores(q, k, SeqMeta(32, 32))[0]
+    s = block_scores(q, k, SeqMeta(32, 32), stride=0)[0]  # the default: 16 tokens of each block
     for m in (12, 19):
         allowed = m + 1
         order = torch.argsort(s[0, m, :allowed], descending=True)
@@ -1325,8 +1329,8 @@ def test_pattern_parameter_errors_are_spec_errors():
            "vertical_slash:vertical=-5": "vertical must be >= 0", "vertical_slash:last_q=0": "last_q must be >= 1",
            "vertical_slash:force_slash=-1": "force_slash", "xattention:stride=0": "stride must be >= 1",
            "xattention:tau=2": "tau", "xattention:chunk_tokens=0": "chunk_tokens", "pyramid:local=-1": "local",
-           "grid:probe=0": "probe must be >= 1", "block_topk:pool_stride=0": "pool_stride must be >= 1",
-           "block_cdf:pool_stride=0": "pool_stride", "pyramid:pool_stride=-2": "pool_stride",
+           "grid:probe=0": "probe must be >= 1", "block_topk:pool_stride=-1": "pool_stride must be >= 0",
+           "block_cdf:pool_stride=-1": "pool_stride", "pyramid:pool_stride=-2": "pool_stride",
            "token_sparse:coverage=0": "coverage", "pbs:last_q=0": "last_q"}
     for spec, words in bad.items():
         with pytest.raises(SpecError, match=re.escape(words)):

@@ -179,18 +179,27 @@ class exact_tf32:
             torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
+POOL_SAMPLES = 16  # tokens of each block that ``pool_stride=0`` (auto) pools: stride block // 16
+
+
+def pool_stride(stride: int, block: int) -> int:
+    """The stride a pattern's ``pool_stride`` means for blocks of ``block`` tokens: itself when ≥ 1; 0 (auto) pools
+    ``POOL_SAMPLES`` tokens of each block, stride max(1, block // 16): 8 for 128-token blocks, 1 up to 31."""
+    return stride if stride > 0 else max(1, block // POOL_SAMPLES)
+
+
 def pool_blocks(x: Tensor, block: int, scale: float = 1.0, stride: int = 1) -> Tensor:
     """Mean over blocks of the sequence axis, times ``scale``: [B, H, N, D] -> float32 [B, H, ceil(N/block), D] (the
-    last block is partial). Reads x once in its own dtype, accumulating in fp32. ``stride`` > 1: the mean of every
-    ``stride``-th token of each block (its 1st, (stride+1)-th, ...), reading 1/stride of x; it must divide ``block``
-    (an ``InputError`` otherwise)."""
+    last block is partial). Reads x once in its own dtype, accumulating in fp32. ``stride`` > 1: the mean of the
+    tokens at offsets 0, stride, 2·stride, ... of each block (ceil(block / stride) of them, fewer in a partial last
+    block), reading that fraction of x."""
     b, h, n, d = x.shape
-    if stride < 1 or block % stride:
-        raise InputError(f"pool_stride {stride} must be at least 1 and divide the block size {block}")
+    if stride < 1:
+        raise InputError(f"pool stride must be at least 1, not {stride}")
     nb = -(-n // block)
     full = n // block
-    body = x[:, :, : full * block].reshape(b, h, full, block // stride, stride, d)[..., 0, :]
-    out = body.sum(3, dtype=torch.float32).mul_(scale * stride / block)
+    body = x[:, :, : full * block].reshape(b, h, full, block, d)[:, :, :, ::stride]
+    out = body.sum(3, dtype=torch.float32).mul_(scale / body.shape[3])
     if nb > full:
         tail = x[:, :, full * block :: stride]
         out = torch.cat([out, tail.sum(2, keepdim=True, dtype=torch.float32).mul_(scale / tail.shape[2])], dim=2)
@@ -202,13 +211,13 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
     GQA: each query head scores against its shared key head. ``stride``: pool every ``stride``-th token of each
-    block (``pool_blocks``). ``backend``: the product of the pooled tensors on the tensor cores in TF32×3, about
+    block (``pool_blocks``; 0: ``pool_stride``'s auto, per block size). ``backend``: the product of the pooled tensors on the tensor cores in TF32×3, about
     fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's fp32 GEMM, which cuBLAS runs on
     the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
-    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), stride)  # scaled once, not the NQ × NK scores
-    kp = pool_blocks(k, meta.block_k, stride=stride) if kp is None else kp
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), pool_stride(stride, meta.block_q))  # scaled once
+    kp = pool_blocks(k, meta.block_k, stride=pool_stride(stride, meta.block_k)) if kp is None else kp
     if use_kernel(backend, qp):
         from ..kernels.pooled_scores import scores
 

@@ -30,7 +30,8 @@ class Pyramid(Pattern):
     eights, the rest skipped. PSA's defaults (rank mode): top 5% exact, 5–15% 2×, 15–25% 4×, 25–50% 8×. Pooled
     keys carry a logit bias ln p. The ``sink`` and ``local`` (diagonal) blocks, and any block the diagonal or the
     sequence end cuts, are computed exactly when kept at all (pooling across the diagonal would leak the future).
-    ``pool_stride``: the block scores pool every ``pool_stride``-th token of each block, as ``block_topk``."""
+    ``pool_stride``: the block scores pool every ``pool_stride``-th token of each block, as ``block_topk`` (0, the
+    default: 16 tokens of each block; 1: the exact mean)."""
 
     exact: float = 0.05
     pool2: float = 0.15
@@ -39,8 +40,8 @@ class Pyramid(Pattern):
     mode: str = "rank"
     sink: int = 1
     local: int = 1
-    pool_stride: int = 1
-    at_least: ClassVar[dict] = {"pool_stride": 1}
+    pool_stride: int = 0
+    at_least: ClassVar[dict] = {"pool_stride": 0}
 
     def __post_init__(self):
         super().__post_init__()
