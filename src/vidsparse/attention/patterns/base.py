@@ -211,9 +211,9 @@ def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, 
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
     GQA: each query head scores against its shared key head. ``stride``: pool every ``stride``-th token of each
-    block (``pool_blocks``; 0: ``pool_stride``'s auto, per block size). ``backend``: the product of the pooled tensors on the tensor cores in TF32×3, about
-    fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA), or torch's fp32 GEMM, which cuBLAS runs on
-    the CUDA cores ("reference")."""
+    block (``pool_blocks``; 0: ``pool_stride``'s auto, per block size). ``backend``: the product of the pooled
+    tensors on the tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA),
+    or torch's fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
     qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), pool_stride(stride, meta.block_q))  # scaled once
