@@ -22,8 +22,8 @@ class BlockTopK(Pattern):
     ``pool_stride``: pool every ``pool_stride``-th token of each block (``base.pool_blocks``), reading that fraction
     of q and k; 1 is the exact block mean; 0 (the default) pools 16 tokens of each block (stride 8 for 128-token
     blocks: on video q/k the exact mean's recall within 0.0012, in half its estimation time at 32K tokens on an
-    H200; BENCHMARKS.md, "… video q/k, pool stride"). ``backend``: "auto" (the Triton pooled scores and selection on CUDA,
-    torch elsewhere), "kernel" or "reference" (torch)."""
+    H200; BENCHMARKS.md, "… video q/k, pool stride"). ``backend``: "auto" (the Triton pooled scores and selection
+    on CUDA, torch elsewhere), "kernel" or "reference" (torch)."""
 
     topk: int = 0
     density: float = 0.1
