@@ -271,6 +271,23 @@ def test_pool_blocks_stride_takes_every_strided_token():
     assert pool_stride(3, 128) == 3
 
 
+
+def test_block_scores_auto_stride_follows_each_block_size():
+    """stride=0 pools 16 tokens of each block on each side: 64-token query blocks every 4th token, 128-token key
+    blocks every 8th, each equal to pooling those tokens by hand (GQA, a partial last key block)."""
+    import math
+
+    from vidsparse.attention.patterns.base import block_scores
+
+    q, k, _ = qkv(b=1, h=4, hk=2, n=320, d=16, seed=9, nk=300)
+    got = block_scores(q, k, SeqMeta(64, 128, causal=False), stride=0)
+    qp = pool_blocks(q, 64, 1 / math.sqrt(16), stride=4)
+    kp = torch.stack([k[:, :, j * 128: (j + 1) * 128: 8].mean(2) for j in range(3)], 2)
+    want = torch.einsum("bhmd,bhnd->bhmn", qp, kp.repeat_interleave(2, 1))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got.shape == (1, 4, 5, 3)
+
+
 @pytest.mark.parametrize("spec", ["block_topk:density=0.3", "block_cdf:tau=0.8", "pyramid"])
 def test_pool_stride_scores_strided_tokens(spec):
     """A pattern with pool_stride=4 picks exactly the layout the same pattern with the exact block mean picks on
