@@ -35,6 +35,7 @@ with the torch sums, 0.70 / 1.40 / 3.45 ms with this kernel (of which ``_row_mas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -168,24 +169,21 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
     diagonal_first + 1, …), per diagonal offset o = position − key (``diag``, else None). ``scale`` defaults to
     1/√D. Equals ``row_probs(q_rows, k, q_pos, scale=scale).sum(2)`` (and ``diagonal_sums`` of it) up to fp32
     summation order."""
-    args = _prepare(q_rows, k, q_pos, scale)
-    b, h, r, nk = args["shape"]
-    dev = q_rows.device
-    cols = torch.zeros(b, h, nk, dtype=torch.float32, device=dev)  # tiles past every row's position add nothing
-    diag = torch.zeros(b, h, nk, dtype=torch.float32, device=dev) if diagonal_first is not None else None
+    a = _prepare(q_rows, k, q_pos, scale)
+    b, h, r, nk = a.b, a.h, a.r, a.nk
+    cols = torch.zeros(b, h, nk, dtype=torch.float32, device=a.q.device)  # tiles no row sees add nothing
+    diag = torch.zeros(b, h, nk, dtype=torch.float32, device=a.q.device) if diagonal_first is not None else None
     if r == 0 or nk == 0:
         return cols, diag
-    ml = _stats(args, ())
-    q_rows, k, pos, common, d, bd, precision, i64 = (args[x] for x in ("q", "k", "pos", "common", "d", "bd",
-                                                                     "precision", "i64"))
+    ml = _stats(a, ())
     tpc2, nch2 = _chunks(nk, BN)
     rcs = triton.cdiv(r, BR)
     nch = ml.shape[-1]
     _row_mass[(b * h, rcs, nch2)](
-        q_rows, k, pos, ml, cols, diag if diag is not None else cols, h, h // args["hk"], r, nk, nch, tpc2,
-        diagonal_first if diagonal_first is not None else 0, *common, D=d, BD=bd, BR=BR, BN=BN,
-        BCH=max(2, triton.next_power_of_2(nch)), PRECISION=precision, ATOMIC_COLS=rcs > 1,
-        DIAGONALS=diag is not None, I64=i64, num_warps=4)
+        a.q, a.k, a.pos, ml, cols, diag if diag is not None else cols, h, h // a.hk, r, nk, nch, tpc2,
+        diagonal_first if diagonal_first is not None else 0, *a.common, D=a.d, BD=a.bd, BR=BR, BN=BN,
+        BCH=max(2, triton.next_power_of_2(nch)), PRECISION=a.precision, ATOMIC_COLS=rcs > 1,
+        DIAGONALS=diag is not None, I64=a.i64, num_warps=4)
     return cols, diag
 
 
@@ -198,11 +196,11 @@ def phase_mass(q_rows, k, q_pos, strides: tuple[int, ...], scale: float | None =
     ``(row_probs(...) * same_phase).sum(-1)`` up to fp32 summation order."""
     if not 1 <= len(strides) <= 2 or min(strides) < 1:
         raise ValueError(f"phase_mass: one or two strides ≥ 1, not {strides}")
-    args = _prepare(q_rows, k, q_pos, scale)
-    b, h, r, nk = args["shape"]
+    a = _prepare(q_rows, k, q_pos, scale)
+    b, h, r, nk = a.b, a.h, a.r, a.nk
     if r == 0 or nk == 0:
         return torch.zeros(b, h, r, len(strides), dtype=torch.float32, device=q_rows.device)
-    ml = _stats(args, tuple(int(c) for c in strides))  # [2 + C, B·H, R, chunks]: max, sum, the phases' sums
+    ml = _stats(a, tuple(int(c) for c in strides))  # [2 + C, B·H, R, chunks]: max, sum, the phases' sums
     m = ml[0].amax(-1, keepdim=True)
     w = torch.exp2(ml[0] - torch.where(m == float("-inf"), 0.0, m))  # chunks no key reached: max -inf, weight 0
     l = (ml[1] * w).sum(-1)
@@ -210,7 +208,27 @@ def phase_mass(q_rows, k, q_pos, strides: tuple[int, ...], scale: float | None =
     return ph.permute(1, 2, 0).reshape(b, h, r, len(strides))
 
 
-def _prepare(q_rows, k, q_pos, scale) -> dict:
+@dataclass(frozen=True)
+class _Rows:
+    """What both passes take: the checked shapes, the inputs (k in q's dtype, positions int32) and the launch
+    arguments shared by ``_row_stats`` and ``_row_mass``."""
+
+    b: int
+    h: int
+    hk: int
+    r: int
+    nk: int
+    d: int
+    q: torch.Tensor
+    k: torch.Tensor
+    pos: torch.Tensor
+    common: tuple  # q's and k's strides, the scale in log2 units
+    bd: int
+    precision: str
+    i64: bool
+
+
+def _prepare(q_rows, k, q_pos, scale) -> _Rows:
     """Checks the shapes and gathers what both passes take."""
     b, h, r, d = q_rows.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -219,20 +237,18 @@ def _prepare(q_rows, k, q_pos, scale) -> dict:
                          f"{tuple(q_pos.shape)} do not match")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)  # the kernels' products take one dtype
-    return {"shape": (b, h, r, nk), "hk": hk, "d": d, "q": q_rows, "k": k,
-            "pos": q_pos.to(device=q_rows.device, dtype=torch.int32).contiguous(),
-            "common": (*q_rows.stride(), *k.stride(), scale * LOG2E), "bd": max(16, triton.next_power_of_2(d)),
-            "precision": "ieee" if q_rows.dtype == torch.float32 else "tf32", "i64": needs_int64(q_rows, k)}
+    return _Rows(b, h, hk, r, nk, d, q_rows, k, q_pos.to(device=q_rows.device, dtype=torch.int32).contiguous(),
+                 (*q_rows.stride(), *k.stride(), scale * LOG2E), max(16, triton.next_power_of_2(d)),
+                 "ieee" if q_rows.dtype == torch.float32 else "tf32", needs_int64(q_rows, k))
 
 
-def _stats(a: dict, strides: tuple[int, ...]) -> torch.Tensor:
+def _stats(a: _Rows, strides: tuple[int, ...]) -> torch.Tensor:
     """The statistics pass: float32 [2 + len(strides), B·H, R, chunks] — each row's max and exp-sum per key chunk,
     and with ``strides`` its exp-sums over the keys of its own phase."""
-    b, h, r, nk = a["shape"]
-    tpc, nch = _chunks(nk, BN_STATS)
-    ml = torch.empty(2 + len(strides), b * h, r, nch, dtype=torch.float32, device=a["q"].device)
+    tpc, nch = _chunks(a.nk, BN_STATS)
+    ml = torch.empty(2 + len(strides), a.b * a.h, a.r, nch, dtype=torch.float32, device=a.q.device)
     cs = (list(strides) + [1, 1])[:2]
-    _row_stats[(b * h, triton.cdiv(r, BR), nch)](
-        a["q"], a["k"], a["pos"], ml, h, h // a["hk"], r, nk, tpc, nch, *cs, *a["common"], D=a["d"], BD=a["bd"],
-        BR=BR, BN=BN_STATS, PRECISION=a["precision"], PHASES=len(strides), I64=a["i64"], num_warps=4)
+    _row_stats[(a.b * a.h, triton.cdiv(a.r, BR), nch)](
+        a.q, a.k, a.pos, ml, a.h, a.h // a.hk, a.r, a.nk, tpc, nch, *cs, *a.common, D=a.d, BD=a.bd, BR=BR,
+        BN=BN_STATS, PRECISION=a.precision, PHASES=len(strides), I64=a.i64, num_warps=4)
     return ml
