@@ -130,14 +130,14 @@ def main():
         from vidsparse.attention import sparse_attention
 
         v = torch.randn_like(k)
+        sampled = torch.linspace(args.n // 8, args.n - 1, 256, device="cuda").long()  # --recall's query rows
         for row in res["rows"]:
             lay = PATTERNS.from_spec(row["spec"]).estimate(q, k, meta)
             row["layout_density"] = float(lay.density())
             row["attention_ms"] = bench_ms(lambda lay=lay: sparse_attention(q, k, v, lay), rep_ms=400)
             row["estimate_share"] = (row["gpu_ms"] or row["ms"]) / row["attention_ms"]
             if args.recall:
-                rows = torch.linspace(args.n // 8, args.n - 1, 256, device="cuda").long()
-                row["recall"] = recall(q, k, lay, rows)
+                row["recall"] = recall(q, k, lay, sampled)
                 print(f"{row['spec']}: recall {row['recall']:.4f}", flush=True)
             print(f"{row['spec']}: layout density {row['layout_density']:.3f}, attention {row['attention_ms']:.2f} ms, "
                   f"estimation {100 * row['estimate_share']:.1f}% of it", flush=True)
