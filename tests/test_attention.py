@@ -572,6 +572,65 @@ def test_mass_selection_kernel_equals_torch_sort(interpreter, nq, nk, causal, si
                    for i in range(2) for v in (0.125, 0.25, 0.375))
 
 
+@pytest.mark.parametrize("n,frac,sink,window_start,visual,resident,chunk", [
+    (300, 0.3, 4, 268, (10, 280), True, "4096"),  # a row in registers; text and window protected
+    (1000, 0.5, 2, 900, None, False, "128"),  # read chunk by chunk at each step (8 chunks, the last partial)
+    (1000, 0.5, 2, 900, None, True, "128"),  # searched in registers, written in chunks
+    (77, 0.0, 1, 70, (3, 77), False, "32"),  # budget 0: only zero scores go
+    (77, 1.0, 0, 77, None, True, "4096"),  # budget the whole: every droppable token goes
+    (513, 0.2, 0, 500, (0, 400), False, "64"),
+    (256, 0.5, 0, 256, None, True, "64"),  # every token droppable
+])
+def test_token_selection_kernel_equals_torch_sort(interpreter, monkeypatch, n, frac, sink, window_start, visual,
+                                                  resident, chunk):
+    """``token_select.drop_light`` drops exactly the tokens ``token_sparse``'s torch path drops (its stable ascending
+    sort's prefix whose cumulative sum is within the budget, a sum equal to it included) and writes the same index
+    and count: batch 2, ties (multiples of 1/64, whose sums are exact) split by index — also across the writing
+    pass's chunks — an all-zero row, rows in registers and read in chunks."""
+    from vidsparse.attention.kernels.token_select import drop_light
+    from vidsparse.attention.patterns.token_sparse import drop_light_reference
+
+    # rows longer than VIDSPARSE_TOKSEL_RESIDENT: weights written once, read in chunks at each step; the writing
+    # pass reads every row in chunks
+    monkeypatch.setenv("VIDSPARSE_TOKSEL_RESIDENT", "4096" if resident else "16")
+    monkeypatch.setenv("VIDSPARSE_TOKSEL_CHUNK", chunk)
+    raw = torch.randint(0, 8, (2, 3, n), generator=torch.Generator().manual_seed(n)).float() / 64
+    raw[0, 1] = 0.0
+    raw[1, 2, : n // 3] = 0.0  # many zeros: dropped at any budget
+    raw[1, 0] = 1 / 64  # one tie across the row: at frac 0.5 a running sum meets the budget exactly (kept ≤, dropped)
+    want = drop_light_reference(raw, frac, sink, window_start, visual)
+    got = drop_light(raw, frac, sink, window_start, visual)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    kept = torch.zeros(2, 3, n + 1, dtype=torch.bool).scatter_(2, torch.where(want[0] < 0, n, want[0]), True)[..., :n]
+    lo, hi = max(sink, visual[0] if visual else 0), min(window_start, visual[1] if visual else n)
+    assert int(kept[0, 1].sum()) == n - (hi - lo)  # the all-zero row: every droppable token dropped
+    if 0 < frac < 1:  # the ties were real: some row kept only part of a group of equal scores
+        assert any(bool(((raw[i, j] == x) & kept[i, j]).any() and ((raw[i, j] == x) & ~kept[i, j]).any())
+                   for i in range(2) for j in range(3) for x in raw[i, j].unique().tolist())
+
+
+@pytest.mark.parametrize("resident", ["32768", "16"])
+def test_token_selection_kernel_keeps_the_budget_on_softmax_scores(interpreter, monkeypatch, resident):
+    """On continuous scores (where a token whose running mass lands within rounding of the budget may go either
+    way) the kernel's drop stays within the budget, is maximal, protects the sink and the window, and its count
+    differs from the torch path's by at most one token per row: the row in registers and read in chunks."""
+    from vidsparse.attention.kernels.token_select import drop_light
+    from vidsparse.attention.patterns.token_sparse import drop_light_reference
+
+    monkeypatch.setenv("VIDSPARSE_TOKSEL_RESIDENT", resident)
+    monkeypatch.setenv("VIDSPARSE_TOKSEL_CHUNK", "256")
+    raw = torch.softmax(2 * torch.randn(1, 4, 600, generator=torch.Generator().manual_seed(1)), -1)
+    index, count = drop_light(raw, 0.25, 4, 560)
+    kept = torch.zeros(1, 4, 601, dtype=torch.bool).scatter_(2, torch.where(index < 0, 600, index), True)[..., :600]
+    droppable = torch.zeros(600, dtype=torch.bool)
+    droppable[4:560] = True
+    dropped, total = (raw * ~kept).sum(-1), raw.sum(-1)
+    assert (dropped <= 0.25 * total * (1 + 1e-6)).all() and bool(kept[..., ~droppable].all())
+    lightest_kept = torch.where(kept & droppable, raw, torch.inf).min(-1).values
+    assert (dropped + lightest_kept > 0.25 * total * (1 - 1e-6)).all()
+    assert ((count - drop_light_reference(raw, 0.25, 4, 560)[1]).abs() <= 1).all() and (count < 600).all()
+
+
 @pytest.mark.parametrize("nq,nk,causal,sink,local,spec", [
     (700, 700, True, 1, 1, "pyramid"), (300, 900, True, 2, 2, "pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8"),
     (640, 500, False, 1, 1, "pyramid"), (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1"),

@@ -130,6 +130,28 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
     assert "LOCAL:0" in usage, usage
 
 
+TOKEN_SELECT_BUILD = r"""
+from vidsparse.attention.kernels import token_select as ts
+
+for n in (ts.RESIDENT, 131072):  # the longest row searched in registers, and a longer one read in chunks
+    ts.drop_light(torch.zeros(1, 4, n), 0.05, 4, n - 128)
+for i, k in enumerate(ts._drop_light.device_caches[0][0].values()):
+    open(f"{sys.argv[1]}/{i}.cubin", "wb").write(k.asm["cubin"])
+"""
+
+
+def test_token_selection_builds_for_sm90_without_spills(tmp_path):
+    """``token_sparse``'s selection kernel at its two default launches (the longest row it keeps in registers across
+    the search's 31 steps, and a longer row read in chunks) builds for sm_90 with nothing spilled to the stack or to
+    local memory. (A 65,536-entry row in registers on 32 warps spills 208 bytes a thread.)"""
+    build(tmp_path / "cache", TOKEN_SELECT_BUILD, tmp_path)
+    cubins = sorted(tmp_path.glob("*.cubin"))
+    assert len(cubins) == 2
+    for cubin in cubins:
+        usage = dump(cubin, "--dump-resource-usage")
+        assert "STACK:0" in usage and "LOCAL:0" in usage, usage
+
+
 def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):
     """The row gather in its three index modes (own head, head map, flattened planes), the row scatter in its two and
     grid's one-pass phase masses (the statistics kernel with two strides) compile for sm_90 and launch through their

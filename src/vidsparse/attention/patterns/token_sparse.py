@@ -8,6 +8,7 @@ first ``sink`` tokens, and — when the sequence metadata marks a visual span �
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,7 +16,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import TokenLayout
-from .base import Pattern, SeqMeta, column_probs
+from .base import Pattern, SeqMeta, column_probs, use_kernel
 
 
 @PATTERNS.register("token_sparse", returns="tokens")
@@ -25,7 +26,8 @@ class TokenSparse(Pattern):
     window: int = 128
     sink: int = 4
     from_layer: int = 2
-    backend: str = "auto"  # the window's column sums: a Triton kernel on CUDA (``column_probs``), or "reference"
+    backend: str = "auto"  # Triton kernels on CUDA (the window's column sums, ``column_probs``; the selection,
+    # ``kernels.token_select``), or "reference" (torch)
 
     at_least: ClassVar[dict] = {"window": 1, "from_layer": 0}
     fractions: ClassVar[tuple] = ("coverage",)
@@ -37,27 +39,42 @@ class TokenSparse(Pattern):
         return column_probs(q[:, :, n - w:], k, torch.arange(n - w, n, device=q.device), backend=self.backend)[0] / w
 
     def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
-        b, h, n, _ = q.shape
+        n = q.shape[2]
         raw = self.scores(q, k)
-        total = raw.sum(-1, keepdim=True)  # 1 up to rounding: the window queries' whole mass
-        protect = torch.zeros(n, dtype=torch.bool, device=q.device)
-        protect[: self.sink] = True
-        protect[max(0, n - self.window):] = True
-        if meta.visual is not None:
-            s, e = meta.visual
-            protect[:s] = True
-            protect[e:] = True
-        cand = raw.masked_fill(protect, float("inf"))
-        order = torch.argsort(cand, dim=-1, stable=True)  # least attended first, protected last
-        srt = torch.gather(cand, -1, order)
-        finite = torch.where(torch.isinf(srt), torch.zeros_like(srt), srt)
-        # drop the longest ascending prefix whose mass stays within 1 - coverage of the whole
-        drop = (torch.cumsum(finite, -1) <= (1.0 - self.coverage) * total) & ~torch.isinf(srt)
-        keep = torch.zeros_like(drop).scatter(-1, order, ~drop)
-        count = keep.sum(-1)
-        # compact each row's kept positions to its front (ascending) with a cumsum and a scatter: no sort, and no
-        # host sync — the index keeps all N columns (-1 past the count); the executor trims it to the longest row
-        slot = torch.where(keep, keep.cumsum(-1) - 1, n)
-        index = torch.full((b, h, n + 1), -1, dtype=torch.long, device=q.device)
-        index.scatter_(-1, slot, torch.arange(n, device=q.device).expand(b, h, n))  # column n: the dropped
-        return TokenLayout(index[..., :n], count, n, k.shape[2], meta.causal)
+        select = drop_light_reference
+        if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_TOKSEL") != "0":  # the torch path's sort,
+            # scans and scatters in one Triton program per head (``VIDSPARSE_TOKSEL=0``: torch's, the A/B baseline)
+            from ..kernels.token_select import drop_light as select
+        index, count = select(raw, 1.0 - self.coverage, self.sink, max(0, n - self.window), meta.visual)
+        return TokenLayout(index, count, n, k.shape[2], meta.causal)
+
+
+def drop_light_reference(raw: torch.Tensor, frac: float, sink: int, window_start: int,
+                         visual: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch selection (``kernels.token_select.drop_light``'s reference): raw float32 [B, H, N] -> (index int64
+    [B, H, N]: kept positions ascending, then -1; count int64 [B, H]). Drops the droppable tokens (not the first
+    ``sink``, not from ``window_start`` on, inside ``visual``) of the stable ascending sort's longest prefix whose
+    cumulative sum stays within ``frac`` of the row's total."""
+    b, h, n = raw.shape
+    total = raw.sum(-1, keepdim=True)  # 1 up to rounding: the window queries' whole mass
+    protect = torch.zeros(n, dtype=torch.bool, device=raw.device)
+    protect[:sink] = True
+    protect[window_start:] = True
+    if visual is not None:
+        s, e = visual
+        protect[:s] = True
+        protect[e:] = True
+    cand = raw.masked_fill(protect, float("inf"))
+    order = torch.argsort(cand, dim=-1, stable=True)  # least attended first, protected last
+    srt = torch.gather(cand, -1, order)
+    finite = torch.where(torch.isinf(srt), torch.zeros_like(srt), srt)
+    # drop the longest ascending prefix whose mass stays within frac of the whole
+    drop = (torch.cumsum(finite, -1) <= frac * total) & ~torch.isinf(srt)
+    keep = torch.zeros_like(drop).scatter(-1, order, ~drop)
+    count = keep.sum(-1)
+    # compact each row's kept positions to its front (ascending) with a cumsum and a scatter: no sort, and no host
+    # sync — the index keeps all N columns (-1 past the count); the executor trims it to the longest row
+    slot = torch.where(keep, keep.cumsum(-1) - 1, n)
+    index = torch.full((b, h, n + 1), -1, dtype=torch.long, device=raw.device)
+    index.scatter_(-1, slot, torch.arange(n, device=raw.device).expand(b, h, n))  # column n: the dropped
+    return index[..., :n], count
