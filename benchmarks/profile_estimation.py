@@ -5,7 +5,10 @@ total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attent
         [--select-warps 1,2,4,8] [--env-ab VAR=v1,v2] [--with-kernel] [--tag T]
 
 Specs are separated by ";" (a spec's own settings by ","). Each row has the mean ms per call (``do_bench``: host
-launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed).
+launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed) of the
+estimate as a model's prefill calls it in every layer (``Pattern.layout``): a static pattern (``dense``,
+``sink_window``, ``power``, ``radial``) builds its layout once per shape, so its rows also have that build's times
+(``build_ms``, ``build_gpu_ms``); the kernel profile is of the build.
 
 Saves ``profile_estimation.json`` (per spec: the mean ms per call and the top kernels). ``--select-warps``: first
 times each spec's estimation with the block-selection kernels (``kernels.block_select``) launched with each number of
@@ -45,9 +48,18 @@ from vidsparse.attention.patterns import SeqMeta  # noqa: E402
 
 
 def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
+    """The estimate as a model's prefill calls it in every layer (``Pattern.layout``: a static pattern's layout is
+    built once per shape and then looked up), its GPU kernels, and its peak memory; for a static pattern also what
+    the first build takes (``build_ms``, ``build_gpu_ms``)."""
     pat = PATTERNS.from_spec(spec)
-    ms = bench_ms(lambda: pat.estimate(q, k, meta), rep_ms=200)
-    gpu_ms = graph_ms(lambda: pat.estimate(q, k, meta))
+    ms = bench_ms(lambda: pat.layout(q, k, meta), rep_ms=200)
+    gpu_ms = graph_ms(lambda: pat.layout(q, k, meta))
+    build = {}
+    if pat.capabilities.get("static"):
+        build = {"build_ms": bench_ms(lambda: pat.estimate(q, k, meta), rep_ms=200),
+                 "build_gpu_ms": graph_ms(lambda: pat.estimate(q, k, meta))}
+        print(f"{spec}: static, built once per shape: {build['build_ms']:.3f} ms per build (do_bench), GPU "
+              f"{build['build_gpu_ms'] or float('nan'):.3f} ms (graph)", flush=True)
     rows = kernel_times(lambda: pat.estimate(q, k, meta), calls)
     total = sum(r["ms_per_call"] for r in rows)
     torch.cuda.synchronize()
@@ -60,7 +72,8 @@ def profile(spec: str, q, k, meta, calls: int = 5, top: int = 12) -> dict:
           f"{total:.2f} ms; peak {peak:.2f} GB", flush=True)
     for r in rows[:top]:
         print(f"  {r['ms_per_call']:7.3f} ms  x{r['count_per_call']:<4g} {r['kernel'][:110]}", flush=True)
-    return {"spec": spec, "ms": ms, "gpu_ms": gpu_ms, "kernel_ms": total, "kernels": rows[:top], "peak_gb": peak}
+    return {"spec": spec, "ms": ms, "gpu_ms": gpu_ms, "kernel_ms": total, "kernels": rows[:top], "peak_gb": peak,
+            **build}
 
 
 def main():
@@ -115,7 +128,8 @@ def main():
         meta = SeqMeta(128, 128, True)
     res = {"benchmark": "profile_estimation", "date": today(), "device": device_name(), "n": args.n,
            "heads": h, "kv_heads": hk, "video": args.video,
-           "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:])}
+           "command": "python benchmarks/profile_estimation.py " + " ".join(sys.argv[1:]),
+           "per_layer": True}  # rows time ``Pattern.layout``: static patterns' layouts cached per shape
     specs = args.specs.split(";")  # a spec's own options are comma-separated
     if args.select_warps:
         res["select_warps"] = env_ab(specs, "VIDSPARSE_SELECT_WARPS", args.select_warps.split(","), q, k, meta)
@@ -192,7 +206,8 @@ def write_share_markdown(runs: list[dict], note: str = "", section: str = "") ->
               "visual span, tokens per frame and frame size in the metadata)" if video else "Random q/k")
     lines = [f"{runs[0]['date']}, {runs[0]['device']}: `{'`; `'.join(r['command'] for r in runs)}`. {inputs} "
              f"({runs[0].get('heads', 28)} heads / {kv} KV heads, d = 128, bf16), causal; per cell: the "
-             "estimation's GPU ms (CUDA-graph replay) "
+             "estimation's GPU ms (CUDA-graph replay)" + (" as a model's prefill calls it in each layer"
+                                                          if runs[0].get("per_layer") else "") + " "
              "/ the kernel's ms on the layout it picked (density in brackets) = the estimation's share. The issue "
              "asks for ≤ 10%." + (f" {note}" if note else ""), "",
              "| spec | " + " | ".join(f"N = {r['n']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
@@ -202,7 +217,9 @@ def write_share_markdown(runs: list[dict], note: str = "", section: str = "") ->
             e = next(x for x in r["rows"] if x["spec"] == spec)
             cells.append(f"{e['gpu_ms'] or e['ms']:.2f} / {e['attention_ms']:.2f} ({e['layout_density']:.2f}) = "
                          f"**{100 * e['estimate_share']:.1f}%**" + (f", recall {e['recall']:.4f}" if "recall" in e
-                                                                     else ""))
+                                                                     else "")
+                         + (f" (static: built once per shape, {e['build_gpu_ms'] or e['build_ms']:.2f} ms)"
+                            if "build_ms" in e else ""))
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     if all("read_floor" in r for r in runs):
         lines.append("| reading q and k once (the faster of torch's sums and a streaming Triton read): a floor for "

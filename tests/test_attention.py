@@ -458,13 +458,16 @@ def test_xattention_uses_the_fused_kernel_when_asked(interpreter, monkeypatch):
                                                               (1057, 1057, True, 0, 0, 0.05),  # 1056 = 33·32
                                                               (2200, 2200, True, 1, 1, 0.6),
                                                               (1500, 2600, True, 1, 2, 0.3)])
-def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink, local, budget):
+def test_block_select_kernel_equals_torch_topk(interpreter, monkeypatch, nq, nk, causal, sink, local, budget):
     """The in-register sort selects exactly the blocks torch's biased topk selects, for every row's own budget. Past
-    64 key blocks causal rows run in narrower launches (2200: widths 32, 64 and 128, output 42 wide; 1500 queries
-    on 2600 keys: the rows start at block 34)."""
+    64 key blocks causal rows run in narrower launches here (``SPLIT_FROM`` lowered to 128 so that small rows take
+    that path: 2200: widths 32, 64 and 128, output 42 wide; 1500 queries on 2600 keys: the rows start at block 34)."""
     import math
 
+    from vidsparse.attention.kernels import block_select
     from vidsparse.attention.patterns.base import block_scores, topk_layout
+
+    monkeypatch.setattr(block_select, "SPLIT_FROM", 128)
 
     q = torch.randn(1, 2, nq, 16, generator=torch.Generator().manual_seed(nq))  # small: the interpreter is slow
     k = torch.randn(1, 1, nk, 16, generator=torch.Generator().manual_seed(nk))
@@ -480,6 +483,18 @@ def test_block_select_kernel_equals_torch_topk(interpreter, nq, nk, causal, sink
     assert torch.equal(got.kv_index, want.kv_index)
     assert torch.equal(got.kv_full, want.kv_full)
     assert int(got.kv_count.min()) >= 1
+
+
+def test_selection_splits_causal_rows_from_256_key_blocks(monkeypatch):
+    """Causal rows run in one launch up to 128 key blocks (16K tokens in 128-token blocks) and in narrower launches
+    from 256 (widths 64, 128 and 256 at 32K); ``VIDSPARSE_SELECT_SPLIT=0`` keeps one launch."""
+    from vidsparse.attention.kernels.block_select import _row_groups
+
+    assert _row_groups(128, 128, 128, 128, 16384, 16384, True) == [(0, 128, 128)]
+    assert _row_groups(256, 256, 128, 128, 32768, 32768, True) == [(0, 64, 64), (64, 64, 128), (128, 128, 256)]
+    assert _row_groups(256, 256, 128, 128, 32768, 32768, False) == [(0, 256, 256)]
+    monkeypatch.setenv("VIDSPARSE_SELECT_SPLIT", "0")
+    assert _row_groups(256, 256, 128, 128, 32768, 32768, True) == [(0, 256, 256)]
 
 
 @pytest.mark.parametrize("few", ["0", "100000"])
@@ -636,12 +651,15 @@ def test_token_selection_kernel_keeps_the_budget_on_softmax_scores(interpreter, 
     (640, 500, False, 1, 1, "pyramid"), (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1"),
     (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5"),
     (2200, 2200, True, 1, 1, "pyramid:exact=0.2,pool2=0.5,pool4=0.7,pool8=0.9")])  # narrower launches
-def test_pyramid_level_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, spec):
+def test_pyramid_level_kernel_equals_torch_sort(interpreter, monkeypatch, nq, nk, causal, sink, local, spec):
     """The four nested radix searches give every block the level torch's sort of the row gives it, and write each
     level's layout exactly as the mask conversion does; with tied scores (rounded to a few values) ties go to the
     lower block index on both paths. The kernel reads scores without the causal mask (what ``estimate`` gives it) or
     with it (the rounded case) alike, against the torch path's masked scores."""
+    from vidsparse.attention.kernels import block_select
     from vidsparse.attention.patterns.base import block_scores
+
+    monkeypatch.setattr(block_select, "SPLIT_FROM", 128)  # 2200 tokens in 32-token blocks: the narrower launches
 
     pat = PATTERNS.from_spec(spec)
     pat.sink, pat.local = sink, local

@@ -92,3 +92,18 @@ def test_share_table_with_recall_and_a_named_section(tmp_path, monkeypatch):
     assert "## Estimation against the kernel on its own layout, video q/k, pool_stride (Test GPU)" in text
     assert "0.06 / 0.80 (0.05) = **7.5%**, recall 0.8921 |" in text
     assert "0.12 / 0.80 (0.05) = **15.0%** |" in text
+
+
+def test_share_table_marks_static_patterns_built_once(tmp_path, monkeypatch):
+    """Runs that time the estimate as a model calls it (``Pattern.layout``, ``per_layer``) say so, and a static
+    pattern's cell gives its per-layer share (a cached lookup) beside the one build per shape."""
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    run = _run(16384, 0.5, 0.003, 0.04)
+    run["per_layer"] = True
+    run["rows"].append({"spec": "power", "gpu_ms": 0.002, "ms": 0.01, "attention_ms": 0.46, "layout_density": 0.12,
+                        "estimate_share": 0.002 / 0.46, "build_ms": 0.4, "build_gpu_ms": 0.066})
+    pe.write_share_markdown([run])
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "GPU ms (CUDA-graph replay) as a model's prefill calls it in each layer / the kernel's ms" in text
+    assert "| `power` | 0.00 / 0.46 (0.12) = **0.4%** (static: built once per shape, 0.07 ms) |" in text
+    assert "| `block_topk:density=0.05` | 0.00 / 0.50 (0.05) = **0.6%** |" in text

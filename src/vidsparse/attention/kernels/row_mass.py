@@ -35,6 +35,7 @@ with the torch sums, 0.70 / 1.40 / 3.45 ms with this kernel (of which ``_row_mas
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,10 @@ from .fit import needs_int64
 BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
 BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
-MAX_CHUNKS = 64  # key chunks of the statistics pass (each row merges at most this many partial max/sum pairs)
+MAX_CHUNKS = 32  # key chunks per (head, row chunk) of both passes (each row merges at most this many partial
+# max/sum pairs). 32 against 64, GPU ms of the whole estimate on an H200 at 28/4 heads, video q/k
+# (``profile_estimation_cov2_chunks_*.json``): token_sparse 0.211 → 0.178 at 16K, 0.343 → 0.312 at 32K; pbs 0.420 →
+# 0.388 and 0.777 → 0.747; vertical_slash 0.428 → 0.427 and 0.671 → 0.681 (128K not measured)
 LOG2E = 1.4426950408889634
 
 
@@ -157,8 +161,9 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
 
 
 def _chunks(nk: int, bn: int) -> tuple[int, int]:
-    """Key tiles of ``bn`` per program and programs per (head, row chunk): at most ``MAX_CHUNKS`` programs."""
-    tpc = triton.cdiv(triton.cdiv(nk, bn), MAX_CHUNKS)
+    """Key tiles of ``bn`` per program and programs per (head, row chunk): at most ``MAX_CHUNKS`` programs
+    (``VIDSPARSE_ROW_CHUNKS``: another cap, an A/B knob)."""
+    tpc = triton.cdiv(triton.cdiv(nk, bn), int(os.environ.get("VIDSPARSE_ROW_CHUNKS", MAX_CHUNKS)))
     return tpc, triton.cdiv(triton.cdiv(nk, bn), tpc)
 
 
