@@ -811,6 +811,17 @@ def test_estimation_kernels_64_bit_variants_are_exact(interpreter, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_probe_row_passes_take_a_chunk_per_1024_keys_up_to_64(monkeypatch):
+    """Key chunks (programs per head and row chunk) of the probe-row passes: one per 1,024 keys up to 64 (16 at 16K
+    keys, 32 at 32K, 64 from 64K on), each of a whole number of key tiles; ``VIDSPARSE_ROW_CHUNKS`` caps them."""
+    from vidsparse.attention.kernels.row_mass import BN, BN_STATS, _chunks
+
+    assert [_chunks(n, BN_STATS) for n in (16384, 32768, 65536, 131072)] == [(8, 16), (8, 32), (8, 64), (16, 64)]
+    assert _chunks(32768, BN) == (16, 32) and _chunks(300, BN_STATS) == (3, 1) and _chunks(5000, BN) == (16, 5)
+    monkeypatch.setenv("VIDSPARSE_ROW_CHUNKS", "64")
+    assert _chunks(16384, BN_STATS) == (2, 64)
+
+
 @pytest.mark.parametrize("b,h,hk,r,nk,d,dtype,chunks,consecutive", [
     (1, 2, 1, 64, 300, 16, torch.float32, 64, True),  # one row chunk: every column one store
     (2, 4, 2, 100, 257, 32, torch.float32, 2, True),  # two row chunks (atomic columns), key chunks merged
@@ -828,6 +839,7 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
     from vidsparse.attention.patterns.base import column_probs, diagonal_sums, row_probs
 
     monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
+    monkeypatch.setattr(row_mass, "KEYS_PER_CHUNK", 1)  # short rows: as many chunks as MAX_CHUNKS allows
     g = torch.Generator().manual_seed(r * 7 + nk)
     q = (2 * torch.randn(b, nk, h, d, generator=g)).to(dtype).transpose(1, 2)  # [B, N, H, D] storage, as models
     k = (2 * torch.randn(b, nk, hk, d, generator=g)).to(dtype).transpose(1, 2)
@@ -862,6 +874,7 @@ def test_phase_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, 
     from vidsparse.attention.patterns.base import row_probs
 
     monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
+    monkeypatch.setattr(row_mass, "KEYS_PER_CHUNK", 1)  # short rows: as many chunks as MAX_CHUNKS allows
     g = torch.Generator().manual_seed(r + nk)
     q = (2 * torch.randn(b, nk, h, 16, generator=g)).transpose(1, 2)
     k = (2 * torch.randn(b, nk, hk, 16, generator=g)).transpose(1, 2)

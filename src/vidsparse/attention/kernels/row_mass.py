@@ -47,10 +47,8 @@ from .fit import needs_int64
 BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
 BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
-MAX_CHUNKS = 32  # key chunks per (head, row chunk) of both passes (each row merges at most this many partial
-# max/sum pairs). 32 against 64, GPU ms of the whole estimate on an H200 at 28/4 heads, video q/k
-# (``profile_estimation_cov2_chunks_*.json``): token_sparse 0.211 → 0.178 at 16K, 0.343 → 0.312 at 32K; pbs 0.420 →
-# 0.388 and 0.777 → 0.747; vertical_slash 0.428 → 0.427 and 0.671 → 0.681 (128K not measured)
+MAX_CHUNKS = 64  # key chunks per (head, row chunk) of both passes at most (each row merges this many max/sum pairs)
+KEYS_PER_CHUNK = 1024  # keys per chunk at least: up to 64K keys, fewer chunks of more tiles (``_chunks``)
 LOG2E = 1.4426950408889634
 
 
@@ -161,9 +159,15 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
 
 
 def _chunks(nk: int, bn: int) -> tuple[int, int]:
-    """Key tiles of ``bn`` per program and programs per (head, row chunk): at most ``MAX_CHUNKS`` programs
-    (``VIDSPARSE_ROW_CHUNKS``: another cap, an A/B knob)."""
-    tpc = triton.cdiv(triton.cdiv(nk, bn), int(os.environ.get("VIDSPARSE_ROW_CHUNKS", MAX_CHUNKS)))
+    """Key tiles of ``bn`` per program and programs per (head, row chunk): one chunk per ``KEYS_PER_CHUNK`` keys, at
+    most ``MAX_CHUNKS`` (``VIDSPARSE_ROW_CHUNKS=N``: N chunks at most, the A/B knob). Against 64 chunks at every
+    length, the GPU ms of the whole estimate on an H200, 28/4 heads, video q/k (``--env-ab VIDSPARSE_ROW_CHUNKS=16,
+    32,64``, ``profile_estimation_cov2_chunks_*.json``): at 16K keys (16 chunks) token_sparse 0.211 → 0.177, pbs
+    0.420 → 0.387, vertical_slash 0.428 → 0.424; at 32K (32 chunks) token_sparse 0.343 → 0.312, pbs 0.777 → 0.747,
+    vertical_slash 0.671 → 0.681. From 64K keys on, 64 chunks as before."""
+    env = os.environ.get("VIDSPARSE_ROW_CHUNKS")
+    cap = int(env) if env else min(MAX_CHUNKS, triton.cdiv(nk, KEYS_PER_CHUNK))
+    tpc = triton.cdiv(triton.cdiv(nk, bn), max(1, cap))
     return tpc, triton.cdiv(triton.cdiv(nk, bn), tpc)
 
 
