@@ -14,9 +14,11 @@ produce the scores. Here one program per row:
    stays within the budget: exactly the stable ascending sort's prefix whose cumulative sum is ≤ the budget;
 4. writes the kept positions ascending through a running prefix sum, then -1 up to N, and the count.
 
-Rows up to ``RESIDENT`` entries stay in registers across the search (32K entries on 16 warps: 128 registers a
-thread, no spills; 64K on 32 warps spill). A longer row's weights are written once to a scratch row and read in
-chunks at each step, from L2. The writing pass reads every row in chunks (its scatter addresses are 64-bit).
+Rows up to ``RESIDENT`` entries stay in registers across the search (32K entries on 16 warps, built without spills:
+``tests/test_hopper_compile.py``; a 64K row on 32 warps was slower than the scratch row, 0.738 against 0.641 ms for
+the whole estimate, ``profile_estimation_tsel2_resident_65536.json``). A longer row's weights are written once to a
+scratch row and read in chunks at each step, from L2. The writing pass reads every row in chunks (its scatter
+addresses are 64-bit).
 
 Measured on an H200 at 28/4 heads on video-structured q/k (``benchmarks/profile_estimation.py --env-ab``, in one
 process, BENCHMARKS.md "…, video q/k, all patterns, token selection kernel"): the whole ``token_sparse`` estimate
