@@ -65,6 +65,7 @@ triton.runtime.driver.set_active(Target())
 LAUNCH = r"""
 from vidsparse.attention.kernels import antidiagonal as ad, block_select as sel, block_sparse as bs
 from vidsparse.attention.kernels import gather as ga, pooled_scores as ps, row_mass as rm, token_select as ts
+from vidsparse.attention.kernels import vs_layout as vs
 from vidsparse.errors import VidsparseError
 
 bf, i32 = torch.bfloat16 if CAP >= 80 else torch.float16, torch.int32  # Turing has no bf16
@@ -107,6 +108,8 @@ CASES = {
     "phase_mass": lambda: rm.phase_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
                                         torch.arange(4032, 4096), (256, 16)),
     "row_copies": row_copies,
+    "vs_layout": lambda: [vs.vertical_slash_layout(torch.zeros(1, 4, n), torch.zeros(1, 4, n), 1000, 6096, 30, 100,
+                                                   128, 128, n, n, True) for n in (16384, 131072)],
     "drop_light": lambda: [ts.drop_light(torch.zeros(1, 4, n), 0.05, 4, n - 128) for n in (ts.RESIDENT, 131072)],
     "select_blocks": lambda: sel.select_blocks(scores, torch.full((4,), 8), 64, 1, 1, 128, 128, 512, nkb * 128, True),
     "select_mass": lambda: sel.select_mass(scores, 0.9, 1, 1, 128, 128, 512, nkb * 128, True),
@@ -126,7 +129,7 @@ print(json.dumps(result))
 
 # every case but the TMA one (a Hopper path) and stride 32
 ALL = ("attention_d128,attention_d64,pyramid_d128,antidiagonal_s8,antidiagonal_s16,scores,column_mass,select_blocks,"
-       "select_mass,select_levels,drop_light")
+       "select_mass,select_levels,drop_light,vs_layout")
 
 HOPPER = (90, 227 * 1024)  # compute capability, shared memory per program (bytes)
 

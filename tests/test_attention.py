@@ -930,6 +930,63 @@ def test_probe_row_patterns_pick_the_same_layout_with_the_kernel(interpreter, sp
         assert torch.equal(got.block_mask(), want.block_mask())
 
 
+@pytest.mark.parametrize("nq,nk,causal,spec,chunk", [
+    (320, 320, True, "vertical=20,slash=30,force_vertical=2,force_slash=8", "4096"),
+    (320, 320, True, "vertical=20,slash=30,force_vertical=2,force_slash=8", "64"),  # five chunks of a row
+    (300, 500, True, "vertical=50,slash=10,last_q=40,force_slash=4", "128"),  # more keys than queries
+    (300, 500, False, "vertical=0,slash=10,last_q=40,force_slash=4", "64"),  # no verticals, not causal
+    (2048, 2048, True, "vertical=6,slash=8,last_q=64,force_vertical=2,force_slash=4", "512"),  # sparse
+])
+def test_vertical_slash_layout_kernel_equals_torch(interpreter, monkeypatch, nq, nk, causal, spec, chunk):
+    """``vs_layout``'s two kernels give exactly the layout of ``vertical_slash``'s torch selections and mask steps
+    (``VIDSPARSE_VS_LAYOUT=0``) from the same probe-row sums: forced columns and offsets, more keys than queries,
+    no verticals, non-causal, rows read in several chunks, and a sparse layout (under half the causal blocks)."""
+    from vidsparse.attention.layout import causal_block_count
+
+    monkeypatch.setenv("VIDSPARSE_VS_CHUNK", chunk)
+    q, k, _ = qkv(h=4, hk=2, n=nk, d=16, seed=nq)
+    q = q[:, :, nk - nq:]
+    meta = SeqMeta(32, 32, causal)
+    pat = PATTERNS.from_spec(f"vertical_slash:{spec},backend=kernel")
+    got = pat.estimate(q, k, meta)
+    monkeypatch.setenv("VIDSPARSE_VS_LAYOUT", "0")
+    want = pat.estimate(q, k, meta)
+    assert torch.equal(got.kv_count, want.kv_count)
+    assert torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_full, want.kv_full)
+    if nq == 2048:
+        assert int(want.kv_count.sum()) < 0.5 * 4 * causal_block_count(64, 64, 32, 32, nq, nk)
+
+
+def test_vertical_slash_layout_kernel_breaks_ties_to_the_lower_index(interpreter):
+    """Of tied sums (multiples of 1/4) the kernel keeps the lowest-indexed columns and offsets, exactly a stable
+    descending sort's first k, and only positive ones; forced entries rank first: the layout equals
+    ``lines_layout`` of those sets."""
+    from vidsparse.attention.kernels.vs_layout import vertical_slash_layout
+    from vidsparse.attention.layout import causal_block_count
+    from vidsparse.attention.patterns.vertical_slash import lines_layout
+
+    g = torch.Generator().manual_seed(4)
+    nq = nk = 1000
+    vert = torch.randint(0, 3, (2, 3, nk), generator=g).float() / 4  # zeros too: never kept
+    slash = torch.randint(0, 3, (2, 3, nk), generator=g).float() / 4
+    vert[0, 0] = 0.0  # rows with fewer positive sums than k: their zeros stay out
+    vert[0, 0, 500] = 0.25
+    slash[1, 2] = 0.0
+    meta = SeqMeta(32, 32, True)
+
+    def stable_top(x, kk, force):
+        x = x.clone()
+        x[..., :force] = float("inf")
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :kk]
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True) & (x > 0)
+
+    index, count, full = vertical_slash_layout(vert, slash, 40, 70, 3, 5, 32, 32, nq, nk, True)
+    want = lines_layout(stable_top(vert, 40, 3), stable_top(slash, 70, 5), meta, nq, nk)
+    assert torch.equal(count, want.kv_count) and torch.equal(index, want.kv_index) and torch.equal(full, want.kv_full)
+    assert int(count.sum()) < 0.9 * 6 * causal_block_count(32, 32, 32, 32, nq, nk)
+
+
 def test_radial_density_falls_with_distance():
     q, k, _ = qkv(n=1024, d=16)
     lay = PATTERNS.from_spec("radial:sink=0").estimate(q, k, SeqMeta(32, 32, visual=(0, 1024), tokens_per_frame=32))

@@ -315,6 +315,22 @@ def test_vertical_slash_picks_the_same_blocks_with_the_kernel(variant):
     assert torch.equal(got.block_mask(), want.block_mask())
 
 
+@pytest.mark.parametrize("n", [6000, 40000])
+def test_vertical_slash_layout_kernel_equals_torch_on_cuda(monkeypatch, n, variant):
+    """vertical_slash's two layout kernels (``kernels/vs_layout.py``) give the layout of its torch selections and
+    mask steps (``VIDSPARSE_VS_LAYOUT=0``) from the same CUDA sums: a row in one chunk and one in ten."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    q, k, _ = qkv(1, 8, 2, n, 128, torch.bfloat16, seed=6)
+    meta = SeqMeta(128, 128, True)
+    pat = PATTERNS.from_spec("vertical_slash:vertical=300,slash=500")
+    got = pat.estimate(q, k, meta)
+    monkeypatch.setenv("VIDSPARSE_VS_LAYOUT", "0")
+    want = pat.estimate(q, k, meta)
+    assert torch.equal(got.kv_count, want.kv_count) and torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_full, want.kv_full)
+
+
 @pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
 def test_mass_selection_kernel_equals_torch_on_cuda(tau, variant):
     """xattention's and block_cdf's selection kernel on CUDA keeps the blocks the torch path keeps on the same

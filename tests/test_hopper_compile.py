@@ -152,6 +152,28 @@ def test_token_selection_builds_for_sm90_without_spills(tmp_path):
         assert "STACK:0" in usage and "LOCAL:0" in usage, usage
 
 
+VS_LAYOUT_BUILD = r"""
+from vidsparse.attention.kernels import vs_layout as vs
+
+for n in (16384, 131072):  # one-chunk and many-chunk rows; 128 and 1,024 key blocks per layout row
+    vs.vertical_slash_layout(torch.zeros(1, 4, n), torch.zeros(1, 4, n), 1000, 6096, 30, 100, 128, 128, n, n, True)
+for f in (vs._lines, vs._rows):
+    for i, k in enumerate(f.device_caches[0][0].values()):
+        open(f"{sys.argv[1]}/{f.__name__}{i}.cubin", "wb").write(k.asm["cubin"])
+"""
+
+
+def test_vertical_slash_layout_builds_for_sm90_without_spills(tmp_path):
+    """``vertical_slash``'s line selection and layout-row kernels at their default launches build for sm_90 with
+    nothing spilled."""
+    build(tmp_path / "cache", VS_LAYOUT_BUILD, tmp_path)
+    cubins = sorted(tmp_path.glob("*.cubin"))
+    assert [c.name for c in cubins] == ["_lines0.cubin", "_rows0.cubin", "_rows1.cubin"]
+    for cubin in cubins:
+        usage = dump(cubin, "--dump-resource-usage")
+        assert "STACK:0" in usage and "LOCAL:0" in usage, usage
+
+
 def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):
     """The row gather in its three index modes (own head, head map, flattened planes), the row scatter in its two and
     grid's one-pass phase masses (the statistics kernel with two strides) compile for sm_90 and launch through their

@@ -1,0 +1,158 @@
+"""``vertical_slash``'s layout from its probe rows' column and diagonal sums, in two Triton kernels.
+
+The torch path (``patterns.vertical_slash``) takes two radix top-k selections (the ``vertical`` heaviest key columns
+and the ``slash`` heaviest diagonal offsets, each with its forced first entries), scatters them into masks, adds the
+kept columns per key block with a scatter-add, takes a running count of the kept offsets, gathers it at each
+(query block, key block)'s offset bounds, and turns the block mask into a layout (a causal mask, a cumulative sum and
+two scatters): about twenty launches after the two probe-row passes. Here:
+
+1. ``_lines``, one program per (batch, head): for each line family, a 32-step binary search on the order-preserving
+   integer of each sum (forced entries rank as +inf) finds the k-th largest; the entries above it, the lowest-indexed
+   ones equal to it up to k, and of those only the positive ones are kept (``keep_topk``'s set; where torch's top-k
+   picks among tied sums arbitrarily, this takes the lowest indices). It writes, per key block, whether a kept
+   column falls in it, and the running count of kept offsets (entry o: how many offsets below o are kept).
+2. ``_rows``, one program per (batch, head, query block): a block is kept when a kept column falls in it or the
+   running count differs between the offsets that bound the block (the torch path's ``_block_geometry``), inside the
+   causal triangle; the kept block indices are written ascending with their ``kv_full`` flags, as
+   ``BlockLayout.from_block_mask`` writes them (``block_select._emit``).
+
+Rows are read in chunks of ``CHUNK`` entries at each step of the search (from L2).
+
+Not yet measured on a GPU (written after the session's device time was spent): ``benchmarks/profile_estimation.py
+--n 16384 --video --specs vertical_slash --env-ab VIDSPARSE_VS_LAYOUT=0,1`` (and at 32K–128K) decides whether it
+stays. At 16K the torch steps it replaces took about 0.27 of the estimate's 0.44 ms GPU on an H200 (14.4% of the
+kernel on its layout; ``profile_estimation_cov2_16384_kv4.log``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_select import _emit, _order_key
+
+CHUNK = 4096  # entries per chunk of a row (``VIDSPARSE_VS_CHUNK``)
+WARPS = 8  # warps per line program
+
+
+@triton.jit
+def _key(ROW, n, N, force):
+    """The order keys of entries ``n``: +inf's for the forced first ``force``, -2^31 past N (never counted)."""
+    v = tl.load(ROW + n, mask=n < N, other=0.0)
+    key = tl.where(n < force, 0x7F800000, _order_key(v))
+    return tl.where(n < N, key, -2147483648)
+
+
+@triton.jit
+def _kth(ROW, N, kk, force, CH: tl.constexpr):
+    """The ``kk``-th largest key of the row (``kk`` ≥ 1), by a 32-step binary search counting keys ≥ each midpoint."""
+    ar = tl.arange(0, CH)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        acc = tl.zeros([CH], tl.int32)
+        for c in range(0, N, CH):
+            acc += (_key(ROW, c + ar, N, force) >= mid.to(tl.int32)).to(tl.int32)
+        ge = tl.sum(acc, 0) >= kk
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _lines(V, S, VB, CS, N, NKB, kv, ks, force_v, force_s, BK: tl.constexpr, CH: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    ar = tl.arange(0, CH)
+    # verticals: per key block, whether a kept column falls in it
+    row = V + bh * N
+    t = _kth(row, N, tl.maximum(kv, 1), force_v, CH)
+    above = tl.zeros([CH], tl.int32)
+    for c in range(0, N, CH):
+        above += (_key(row, c + ar, N, force_v) > t).to(tl.int32)
+    room = kv - tl.sum(above, 0)
+    ties = tl.full([], 0, tl.int32)
+    blocks = tl.arange(0, CH // BK)
+    for c in range(0, N, CH):
+        key = _key(row, c + ar, N, force_v)
+        tie = key == t
+        keep = ((key > t) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= room))) & (key > 0) & (kv > 0)
+        ties += tl.sum(tie.to(tl.int32), 0)
+        hit = tl.max(tl.reshape(keep.to(tl.int32), [CH // BK, BK]), 1)
+        tl.store(VB + bh * NKB + c // BK + blocks, hit.to(tl.int8), mask=c // BK + blocks < NKB)
+    # slashes: the running count of kept offsets, CS[o] = kept offsets below o
+    row = S + bh * N
+    t = _kth(row, N, tl.maximum(ks, 1), force_s, CH)
+    above = tl.zeros([CH], tl.int32)
+    for c in range(0, N, CH):
+        above += (_key(row, c + ar, N, force_s) > t).to(tl.int32)
+    room = ks - tl.sum(above, 0)
+    ties = tl.full([], 0, tl.int32)
+    kept = tl.full([], 0, tl.int32)
+    out = CS + bh * (N + 1)
+    tl.store(out, kept)
+    for c in range(0, N, CH):
+        key = _key(row, c + ar, N, force_s)
+        tie = key == t
+        keep = ((key > t) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= room))) & (key > 0) & (ks > 0)
+        ties += tl.sum(tie.to(tl.int32), 0)
+        tl.store(out + 1 + c + ar, kept + tl.cumsum(keep.to(tl.int32), 0), mask=c + ar < N)
+        kept += tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _rows(VB, CS, IDX, FULL, CNT, N, NQB, NKB, block_q, block_k, q_len, off, CAUSAL: tl.constexpr,
+          W: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1)
+    n = tl.arange(0, W)
+    inside = n < NKB
+    # the slash offsets that pass through block (m, n): [m·bq + off − (n+1)·bk + 1, (m+1)·bq − 1 + off − n·bk]
+    lo = tl.minimum(tl.maximum(m * block_q + off - (n + 1) * block_k + 1, 0), N)
+    hi = tl.minimum(tl.maximum((m + 1) * block_q + off - n * block_k, 0), N)
+    cs = CS + bh * (N + 1)
+    hits = tl.load(cs + hi, mask=inside, other=0) != tl.load(cs + lo, mask=inside, other=0)
+    cols = tl.load(VB + bh * NKB + n, mask=inside, other=0) != 0
+    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
+    full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
+    if CAUSAL:
+        allowed = (n * block_k <= last_q) & inside
+        full = full & ((n + 1) * block_k - 1 <= m * block_q + off)
+    else:
+        allowed = inside
+    r = bh * NQB + m
+    tl.store(CNT + r, _emit((hits | cols) & allowed, full, n, IDX + r * NKB, FULL + r * NKB, NKB))
+
+
+def supported(block_k: int) -> bool:
+    """Whether the kernels take this key block: a power of two no longer than a chunk (a chunk then holds whole
+    blocks)."""
+    return block_k & (block_k - 1) == 0 and block_k <= CHUNK
+
+
+def vertical_slash_layout(vert: torch.Tensor, slash: torch.Tensor, kv: int, ks: int, force_v: int, force_s: int,
+                          block_q: int, block_k: int, q_len: int, k_len: int, causal: bool):
+    """vert, slash float32 [B, H, Nk] (the probe rows' column and diagonal sums, Nk = ``k_len``) -> (index int32
+    [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ], full bool [B, H, NQ, NK]): the blocks the ``kv``
+    heaviest columns and the ``ks`` heaviest offsets pass through (the first ``force_v`` / ``force_s`` always
+    among them; only positive sums kept), inside the causal triangle — ``vertical_slash``'s torch path's layout."""
+    b, h, nk = vert.shape
+    if nk != k_len or slash.shape != vert.shape:
+        raise ValueError(f"vertical_slash_layout: sums {tuple(vert.shape)} / {tuple(slash.shape)} for {k_len} keys")
+    vert, slash = vert.float().contiguous(), slash.float().contiguous()
+    nqb, nkb = -(-q_len // block_q), -(-k_len // block_k)
+    ch = max(triton.next_power_of_2(int(os.environ.get("VIDSPARSE_VS_CHUNK", CHUNK))), block_k)
+    ch = min(ch, max(triton.next_power_of_2(nk), block_k))
+    cols = torch.empty(b, h, nkb, dtype=torch.int8, device=vert.device)
+    runs = torch.empty(b, h, nk + 1, dtype=torch.int32, device=vert.device)
+    _lines[(b * h,)](vert, slash, cols, runs, nk, nkb, min(kv, nk), min(ks, nk), force_v, force_s, BK=block_k, CH=ch,
+                     num_warps=WARPS)
+    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=vert.device)
+    full = torch.empty(b, h, nqb, nkb, dtype=torch.bool, device=vert.device)
+    count = torch.empty(b, h, nqb, dtype=torch.int32, device=vert.device)
+    w = triton.next_power_of_2(max(nkb, 2))
+    _rows[(b * h, nqb)](cols, runs, index, full, count, nk, nqb, nkb, block_q, block_k, q_len, k_len - q_len,
+                        CAUSAL=causal, W=w, num_warps=2 if w <= 1024 else 4)
+    return index, count, full
