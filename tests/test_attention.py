@@ -940,10 +940,13 @@ def test_probe_row_patterns_pick_the_same_layout_with_the_kernel(interpreter, sp
 def test_vertical_slash_layout_kernel_equals_torch(interpreter, monkeypatch, nq, nk, causal, spec, chunk):
     """``vs_layout``'s two kernels give exactly the layout of ``vertical_slash``'s torch selections and mask steps
     (``VIDSPARSE_VS_LAYOUT=0``) from the same probe-row sums: forced columns and offsets, more keys than queries,
-    no verticals, non-causal, rows read in several chunks, and a sparse layout (under half the causal blocks)."""
+    no verticals, non-causal, rows in registers and read in one or several chunks, and a sparse layout (under half
+    the causal blocks)."""
     from vidsparse.attention.layout import causal_block_count
 
     monkeypatch.setenv("VIDSPARSE_VS_CHUNK", chunk)
+    if chunk != "4096":  # rows read in chunks at every step; else the whole row stays in registers
+        monkeypatch.setenv("VIDSPARSE_VS_RESIDENT", "0")
     q, k, _ = qkv(h=4, hk=2, n=nk, d=16, seed=nq)
     q = q[:, :, nk - nq:]
     meta = SeqMeta(32, 32, causal)
@@ -958,14 +961,17 @@ def test_vertical_slash_layout_kernel_equals_torch(interpreter, monkeypatch, nq,
         assert int(want.kv_count.sum()) < 0.5 * 4 * causal_block_count(64, 64, 32, 32, nq, nk)
 
 
-def test_vertical_slash_layout_kernel_breaks_ties_to_the_lower_index(interpreter):
+@pytest.mark.parametrize("resident", ["16384", "0"])
+def test_vertical_slash_layout_kernel_breaks_ties_to_the_lower_index(interpreter, monkeypatch, resident):
     """Of tied sums (multiples of 1/4) the kernel keeps the lowest-indexed columns and offsets, exactly a stable
     descending sort's first k, and only positive ones; forced entries rank first: the layout equals
-    ``lines_layout`` of those sets."""
+    ``lines_layout`` of those sets. Rows in registers, and read in four chunks."""
     from vidsparse.attention.kernels.vs_layout import vertical_slash_layout
     from vidsparse.attention.layout import causal_block_count
     from vidsparse.attention.patterns.vertical_slash import lines_layout
 
+    monkeypatch.setenv("VIDSPARSE_VS_RESIDENT", resident)
+    monkeypatch.setenv("VIDSPARSE_VS_CHUNK", "256")
     g = torch.Generator().manual_seed(4)
     nq = nk = 1000
     vert = torch.randint(0, 3, (2, 3, nk), generator=g).float() / 4  # zeros too: never kept

@@ -662,12 +662,9 @@ def supported(q, k, v, block_q: int, block_k: int, scale: float) -> bool:
 
 def _sm_count(device: torch.device) -> int:
     """The device's streaming multiprocessors: the persistent launch's program count."""
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    from .fit import sm_count
 
-
-@functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device)
 
 
 @functools.cache

@@ -129,6 +129,16 @@ def picked(kernel: str, device: torch.device, key: tuple) -> int | None:
 INT32_LIMIT = 2 ** 31  # element offsets from this on need 64-bit arithmetic (a test lowers it to run that path small)
 
 
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (cached per device index)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether an element offset into any of ``tensors`` (its last element's, from its strides) can reach 2^31.
     Triton passes strides below 2^31 as int32, so offsets such as row · stride wrap there (28 heads of 600K tokens

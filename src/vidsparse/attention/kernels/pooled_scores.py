@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 BM, BN, BK, WARPS, PRECISION = 128, 128, 128, 8, "tf32x3"  # the score tiles: query rows, key blocks, head-dim step
+SMALL = (64, 64, 128, 4, "tf32x3")  # the tiles when the default's programs would fill under half the SMs (``_default``)
 
 
 def _config(name: str, default: tuple) -> tuple:
@@ -75,6 +76,21 @@ def _scores(QP, KP, S, HK, G, NQB, NKB, D: tl.constexpr, BD: tl.constexpr, BM: t
              mask=(rows[:, None] < G * NQB) & (cols[None, :] < NKB))
 
 
+def _default(programs: int, device: torch.device) -> tuple:
+    """The launch configuration: 128 × 128 tiles, or ``SMALL`` (64 × 64 tiles, 4 warps) where 128 × 128 would launch
+    programs for fewer than half the GPU's SMs (at 16K tokens, 28 programs for 28/4 heads and for 28/28). Measured on
+    an H200 (``profile_estimation.py --env-ab VIDSPARSE_SCORES_CONFIG=128/128/128/8/tf32x3,64/64/128/4/tf32x3``,
+    ``block_topk`` at 5%, GPU ms of the whole estimate, ``profile_estimation_s10{8,9}_scores*.json``): at 16K 0.0389
+    → 0.0358 (28/4) and 0.0605 → 0.0563 (28/28); at 32K (112 programs) 64 × 64 was slower, 0.0812 → 0.0827 (28/4)
+    and 0.1120 → 0.1137 (28/28)."""
+    sms = 132
+    if device.type == "cuda":
+        from .fit import sm_count
+
+        sms = sm_count(device)
+    return SMALL if 2 * programs < sms else (BM, BN, BK, WARPS, PRECISION)
+
+
 def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     """qp float32 [B, H, NQ, D], kp float32 [B, Hkv, NK, D] (H a multiple of Hkv; query head h reads key head
     h // (H / Hkv)) -> float32 [B, H, NQ, NK]: qp · kpᵀ, TF32×3 on the tensor cores."""
@@ -89,7 +105,8 @@ def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
         return out
     g = h // hk
     bd = max(16, triton.next_power_of_2(d))
-    config = _config("VIDSPARSE_SCORES_CONFIG", (BM, BN, BK, WARPS, PRECISION))
+    config = _config("VIDSPARSE_SCORES_CONFIG", _default(b * hk * triton.cdiv(g * nqb, BM) * triton.cdiv(nkb, BN),
+                                                         qp.device))
     bm, bn, bk, warps, precision = config
     grid = (b * hk, triton.cdiv(g * nqb, bm), triton.cdiv(nkb, bn))
     launch = lambda _: _scores[grid](qp, kp, out, hk, g, nqb, nkb, D=d, BD=bd, BM=bm, BN=bn,  # noqa: E731

@@ -6,22 +6,29 @@ kept columns per key block with a scatter-add, takes a running count of the kept
 (query block, key block)'s offset bounds, and turns the block mask into a layout (a causal mask, a cumulative sum and
 two scatters): about twenty launches after the two probe-row passes. Here:
 
-1. ``_lines``, one program per (batch, head): for each line family, a 32-step binary search on the order-preserving
-   integer of each sum (forced entries rank as +inf) finds the k-th largest; the entries above it, the lowest-indexed
-   ones equal to it up to k, and of those only the positive ones are kept (``keep_topk``'s set; where torch's top-k
-   picks among tied sums arbitrarily, this takes the lowest indices). It writes, per key block, whether a kept
-   column falls in it, and the running count of kept offsets (entry o: how many offsets below o are kept).
+1. ``_lines``, one program per (batch, head, line family): a 32-step binary search on the order-preserving integer
+   of each sum (forced entries rank as +inf) finds the k-th largest; the entries above it, the lowest-indexed ones
+   equal to it up to k, and of those only the positive ones are kept (``keep_topk``'s set; where torch's top-k picks
+   among tied sums arbitrarily, this takes the lowest indices). The vertical program writes, per key block, whether a
+   kept column falls in it; the slash program the running count of kept offsets (entry o: how many offsets below o
+   are kept).
 2. ``_rows``, one program per (batch, head, query block): a block is kept when a kept column falls in it or the
    running count differs between the offsets that bound the block (the torch path's ``_block_geometry``), inside the
    causal triangle; the kept block indices are written ascending with their ``kv_full`` flags, as
    ``BlockLayout.from_block_mask`` writes them (``block_select._emit``).
 
-Rows are read in chunks of ``CHUNK`` entries at each step of the search (from L2).
+Rows up to ``RESIDENT`` entries stay in registers across the search (8 warps at 16K, 16 at 32K); longer rows are
+read in chunks of ``CHUNK`` entries at each step (from L2).
 
-Not yet measured on a GPU (written after the session's device time was spent): ``benchmarks/profile_estimation.py
---n 16384 --video --specs vertical_slash --env-ab VIDSPARSE_VS_LAYOUT=0,1`` (and at 32K–128K) decides whether it
-stays. At 16K the torch steps it replaces took about 0.27 of the estimate's 0.44 ms GPU on an H200 (14.4% of the
-kernel on its layout; ``profile_estimation_cov2_16384_kv4.log``)."""
+Measured on an H200, 28/4 heads, video q/k (``benchmarks/profile_estimation.py --video --specs vertical_slash
+--env-ab VIDSPARSE_VS_LAYOUT=0,1``, GPU ms of the whole estimate, mean of two interleaved runs in one process,
+``profile_estimation_s109_vs_*.json``): 0.422 → 0.214 ms at 16K tokens, 0.678 → 0.458 at 32K (0.413 with the row in
+registers, the default since: ``profile_estimation_s109_vsres_32768.json``), 1.298 → 0.905 at 64K, 3.128 → 1.869
+at 128K. At 32K the resident row on 16 warps spills (424 bytes of stack at 128 registers) and is still faster than
+the chunked row (0.413 against 0.458 ms); 16K on 8 warps builds without spills. A first version with one program
+per head for both families and every row read in chunks (``profile_estimation_s108_vs_*.json``): 0.424 → 0.318 ms at
+16K, 0.682 → 0.614 at 32K, 1.306 → 1.438 at 64K (slower than torch), 3.137 → 2.937 at 128K; its ``_lines`` took
+0.141 of the 0.318 ms at 16K, this one's 0.033 (``profile_estimation_s10{8,9}_prof16.log``)."""
 
 from __future__ import annotations
 
@@ -31,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import _emit, _order_key
+from .block_select import _emit, _order_key, _top
 
-CHUNK = 4096  # entries per chunk of a row (``VIDSPARSE_VS_CHUNK``)
-WARPS = 8  # warps per line program
+CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_VS_CHUNK``)
+RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_VS_RESIDENT``)
+WARPS = 8  # warps per line program of a longer row; a resident row takes W / 2048 (at least 4)
 
 
 @triton.jit
@@ -47,7 +55,8 @@ def _key(ROW, n, N, force):
 
 @triton.jit
 def _kth(ROW, N, kk, force, CH: tl.constexpr):
-    """The ``kk``-th largest key of the row (``kk`` ≥ 1), by a 32-step binary search counting keys ≥ each midpoint."""
+    """The ``kk``-th largest key of the row (``kk`` ≥ 1), by a 32-step binary search counting keys ≥ each midpoint,
+    the row read in chunks at every step."""
     ar = tl.arange(0, CH)
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
@@ -63,43 +72,48 @@ def _kth(ROW, N, kk, force, CH: tl.constexpr):
 
 
 @triton.jit
-def _lines(V, S, VB, CS, N, NKB, kv, ks, force_v, force_s, BK: tl.constexpr, CH: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    ar = tl.arange(0, CH)
-    # verticals: per key block, whether a kept column falls in it
-    row = V + bh * N
-    t = _kth(row, N, tl.maximum(kv, 1), force_v, CH)
-    above = tl.zeros([CH], tl.int32)
-    for c in range(0, N, CH):
-        above += (_key(row, c + ar, N, force_v) > t).to(tl.int32)
-    room = kv - tl.sum(above, 0)
-    ties = tl.full([], 0, tl.int32)
-    blocks = tl.arange(0, CH // BK)
-    for c in range(0, N, CH):
-        key = _key(row, c + ar, N, force_v)
-        tie = key == t
-        keep = ((key > t) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= room))) & (key > 0) & (kv > 0)
-        ties += tl.sum(tie.to(tl.int32), 0)
+def _write(keep, c, ar, bh, fam, VB, CS, N, NKB, kept, BK: tl.constexpr, CH: tl.constexpr):
+    """Entries c + ar's decisions: verticals (``fam`` 0) as whether a kept column falls in each key block, slashes as
+    the running count of kept offsets from ``kept`` on (CS[o] = kept offsets below o); returns the new count."""
+    if fam == 0:
+        blocks = tl.arange(0, CH // BK)
         hit = tl.max(tl.reshape(keep.to(tl.int32), [CH // BK, BK]), 1)
         tl.store(VB + bh * NKB + c // BK + blocks, hit.to(tl.int8), mask=c // BK + blocks < NKB)
-    # slashes: the running count of kept offsets, CS[o] = kept offsets below o
-    row = S + bh * N
-    t = _kth(row, N, tl.maximum(ks, 1), force_s, CH)
-    above = tl.zeros([CH], tl.int32)
-    for c in range(0, N, CH):
-        above += (_key(row, c + ar, N, force_s) > t).to(tl.int32)
-    room = ks - tl.sum(above, 0)
-    ties = tl.full([], 0, tl.int32)
+    else:
+        tl.store(CS + bh * (N + 1) + 1 + c + ar, kept + tl.cumsum(keep.to(tl.int32), 0), mask=c + ar < N)
+    return kept + tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _lines(V, S, VB, CS, N, NKB, kv, ks, force_v, force_s, BK: tl.constexpr, CH: tl.constexpr,
+           RESIDENT: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    fam = tl.program_id(1)  # 0: the verticals (columns), 1: the slashes (diagonal offsets)
+    kk = tl.where(fam == 0, kv, ks)  # (selects: a launch argument of 1 is a constant, an if would mistype it)
+    force = tl.where(fam == 0, force_v, force_s)
+    if fam == 0:
+        row = V + bh * N
+    else:
+        row = S + bh * N
+        tl.store(CS + bh * (N + 1), 0)
+    ar = tl.arange(0, CH)
     kept = tl.full([], 0, tl.int32)
-    out = CS + bh * (N + 1)
-    tl.store(out, kept)
-    for c in range(0, N, CH):
-        key = _key(row, c + ar, N, force_s)
-        tie = key == t
-        keep = ((key > t) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= room))) & (key > 0) & (ks > 0)
-        ties += tl.sum(tie.to(tl.int32), 0)
-        tl.store(out + 1 + c + ar, kept + tl.cumsum(keep.to(tl.int32), 0), mask=c + ar < N)
-        kept += tl.sum(keep.to(tl.int32), 0)
+    if RESIDENT:  # the whole row in registers across the search (``block_select._top``: ties to the lower index)
+        key = _key(row, ar, N, force)
+        kept = _write(_top(key, kk) & (key > 0), 0, ar, bh, fam, VB, CS, N, NKB, kept, BK, CH)
+    else:
+        t = _kth(row, N, tl.maximum(kk, 1), force, CH)
+        above = tl.zeros([CH], tl.int32)
+        for c in range(0, N, CH):
+            above += (_key(row, c + ar, N, force) > t).to(tl.int32)
+        room = kk - tl.sum(above, 0)
+        ties = tl.full([], 0, tl.int32)
+        for c in range(0, N, CH):
+            key = _key(row, c + ar, N, force)
+            tie = key == t
+            keep = ((key > t) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= room))) & (key > 0) & (kk > 0)
+            ties += tl.sum(tie.to(tl.int32), 0)
+            kept = _write(keep, c, ar, bh, fam, VB, CS, N, NKB, kept, BK, CH)
 
 
 @triton.jit
@@ -143,12 +157,17 @@ def vertical_slash_layout(vert: torch.Tensor, slash: torch.Tensor, kv: int, ks: 
         raise ValueError(f"vertical_slash_layout: sums {tuple(vert.shape)} / {tuple(slash.shape)} for {k_len} keys")
     vert, slash = vert.float().contiguous(), slash.float().contiguous()
     nqb, nkb = -(-q_len // block_q), -(-k_len // block_k)
-    ch = max(triton.next_power_of_2(int(os.environ.get("VIDSPARSE_VS_CHUNK", CHUNK))), block_k)
-    ch = min(ch, max(triton.next_power_of_2(nk), block_k))
+    resident = nk <= int(os.environ.get("VIDSPARSE_VS_RESIDENT", RESIDENT))
+    if resident:
+        ch = max(triton.next_power_of_2(nk), block_k, 16)
+        warps = min(32, max(4, ch // 2048))
+    else:
+        ch = max(triton.next_power_of_2(int(os.environ.get("VIDSPARSE_VS_CHUNK", CHUNK))), block_k)
+        ch, warps = min(ch, max(triton.next_power_of_2(nk), block_k)), WARPS
     cols = torch.empty(b, h, nkb, dtype=torch.int8, device=vert.device)
     runs = torch.empty(b, h, nk + 1, dtype=torch.int32, device=vert.device)
-    _lines[(b * h,)](vert, slash, cols, runs, nk, nkb, min(kv, nk), min(ks, nk), force_v, force_s, BK=block_k, CH=ch,
-                     num_warps=WARPS)
+    _lines[(b * h, 2)](vert, slash, cols, runs, nk, nkb, min(kv, nk), min(ks, nk), force_v, force_s, BK=block_k,
+                       CH=ch, RESIDENT=resident, num_warps=warps)
     index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=vert.device)
     full = torch.empty(b, h, nqb, nkb, dtype=torch.bool, device=vert.device)
     count = torch.empty(b, h, nqb, dtype=torch.int32, device=vert.device)
