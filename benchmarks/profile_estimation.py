@@ -2,7 +2,7 @@
 total CUDA time (the breakdown behind the estimation rows of ``benchmarks/attention.py``).
 
     python benchmarks/profile_estimation.py [--n 131072] [--specs "block_topk:density=0.1;xattention:stride=16"]
-        [--select-warps 1,2,4,8] [--env-ab VAR=v1,v2] [--with-kernel] [--tag T]
+        [--select-warps 1,2,4,8] [--env-ab VAR=v1,v2] [--module-ab MODULE=FILE] [--with-kernel] [--tag T]
 
 Specs are separated by ";" (a spec's own settings by ","). Each row has the mean ms per call (``do_bench``: host
 launch overhead included where it dominates) and the GPU ms (the call captured in a CUDA graph and replayed) of the
@@ -15,6 +15,11 @@ times each spec's estimation with the block-selection kernels (``kernels.block_s
 warps per row program, interleaved twice, in the same process; saves ``select_warps`` rows and prints the fastest.
 ``--env-ab VAR=v1,v2`` does the same for any environment variable a kernel wrapper reads at each call (``env_ab``
 rows, with GPU ms from graph replay), e.g. ``VIDSPARSE_SELECT_SPLIT=0,1`` for the selection's row split.
+``--module-ab MODULE=FILE`` times each spec's estimation with the kernel module ``MODULE`` (e.g.
+``vidsparse.attention.kernels.block_select``) as it is and as loaded from ``FILE`` (an earlier copy of it, e.g. ``git
+show REV:src/vidsparse/attention/kernels/block_select.py > before.py``), interleaved twice in this process: the
+patterns import their kernel functions at each call, so swapping the module in ``sys.modules`` swaps the kernels
+(``module_ab`` rows, values "before" and "current").
 ``--with-kernel`` also times the attention kernel on the layout each spec picks (random v) and reports the
 estimation's GPU time as a share of it: the issue's "estimation ≤ 10% of kernel time" on the pattern's own layout.
 It also times reading q and k once (``read_floor``): at the bandwidth reached, a floor for any estimate that pools
@@ -84,6 +89,8 @@ def main():
     ap.add_argument("--select-warps", default="", help="comma list of warp counts to compare for the selection kernels")
     ap.add_argument("--env-ab", default="", help="VAR=v1,v2[,...]: each spec's estimation per value of an environment "
                     "variable the kernels read (e.g. VIDSPARSE_SELECT_SPLIT=0,1), interleaved")
+    ap.add_argument("--module-ab", default="", help="MODULE=FILE: each spec's estimation with the kernel module "
+                    "as it is and as an earlier copy loaded from FILE, interleaved")
     ap.add_argument("--antidiagonal", default="", help="xattention's fused kernel configs to compare, as "
                     "BM/BN/warps/stages/loads/splits[/width][,...] with loads tma or ptr, splits the programs per "
                     "row tile and width the head-dim slice per product step (default: all of D) (e.g. "
@@ -136,6 +143,9 @@ def main():
     if args.env_ab:
         var, values = args.env_ab.split("=", 1)
         res["env_ab"] = env_ab(specs, var, values.split(","), q, k, meta)
+    if args.module_ab:
+        name, path = args.module_ab.split("=", 1)
+        res["module_ab"] = module_ab(specs, name, path, q, k, meta)
     if args.antidiagonal:
         res["antidiagonal"] = antidiagonal_configs(args.antidiagonal.split(","), q, k)
     res["rows"] = [profile(s, q, k, meta) for s in specs]
@@ -275,6 +285,34 @@ def env_ab(specs, var, values, q, k, meta) -> list[dict]:
             os.environ[var] = before
     best = min(values, key=lambda v: sum(r["gpu_ms"] or r["ms"] for r in rows if r["value"] == v))
     print(f"fastest over all specs: {var}={best}", flush=True)
+    return rows
+
+
+def module_ab(specs, name, path, q, k, meta) -> list[dict]:
+    """Each spec's estimation with the module ``name`` as imported ("current") and as loaded from the file ``path``
+    ("before"), twice, interleaved in this process: the mean ms per call (``do_bench``) and the GPU ms (graph
+    replay). The patterns import their kernel functions at each call, so the module in ``sys.modules`` decides."""
+    import importlib
+    import importlib.util
+
+    current = importlib.import_module(name)
+    spec_ = importlib.util.spec_from_file_location(name + "_before", path)
+    before = importlib.util.module_from_spec(spec_)
+    before.__package__ = name.rpartition(".")[0]  # its relative imports resolve as the current module's do
+    spec_.loader.exec_module(before)
+    rows = []
+    try:
+        for spec in specs:
+            pat = PATTERNS.from_spec(spec)
+            for rep in range(2):
+                for value, mod in (("before", before), ("current", current)):
+                    sys.modules[name] = mod
+                    fn = lambda pat=pat: pat.estimate(q, k, meta)  # noqa: E731
+                    rows.append({"spec": spec, "module": name, "file": path, "value": value, "rep": rep,
+                                 "ms": bench_ms(fn, rep_ms=200), "gpu_ms": graph_ms(fn)})
+                    print(rows[-1], flush=True)
+    finally:
+        sys.modules[name] = current
     return rows
 
 

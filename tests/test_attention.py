@@ -556,15 +556,21 @@ def test_unknown_estimation_backend_is_a_spec_error(spec):
         PATTERNS.from_spec(spec)
 
 
-@pytest.mark.parametrize("nq,nk,causal,sink,local,tau,tied", [
-    (700, 700, True, 1, 1, 0.9, False), (300, 900, True, 2, 2, 0.5, True), (640, 500, False, 1, 1, 0.99, False),
-    (1057, 1057, True, 0, 0, 1.0, False), (500, 500, True, 1, 1, 0.0, True), (600, 600, False, 0, 1, 0.7, True)])
-def test_mass_selection_kernel_equals_torch_sort(interpreter, nq, nk, causal, sink, local, tau, tied):
+@pytest.mark.parametrize("nq,nk,causal,sink,local,tau,tied,rows", [
+    (700, 700, True, 1, 1, 0.9, False, "1024"), (700, 700, True, 1, 1, 0.9, False, "1"),
+    (300, 900, True, 2, 2, 0.5, True, "1024"), (300, 900, True, 2, 2, 0.5, True, "1"),
+    (640, 500, False, 1, 1, 0.99, False, "1024"), (1057, 1057, True, 0, 0, 1.0, False, "1024"),
+    (500, 500, True, 1, 1, 0.0, True, "1024"), (600, 600, False, 0, 1, 0.7, True, "1024")])
+def test_mass_selection_kernel_equals_torch_sort(interpreter, monkeypatch, nq, nk, causal, sink, local, tau, tied,
+                                                 rows):
     """The kernel's binary search on the masses keeps exactly the blocks the torch path's stable sort and cumulative
     sum keep, plus the forced ones, and writes the same layout: tau 0 (forced blocks only) and 1 (every positive
-    block), all-zero rows, and tied masses (multiples of 1/8, whose sums are exact) going to the lower index."""
+    block), all-zero rows, and tied masses (multiples of 1/8, whose sums are exact) going to the lower index. Rows
+    share programs (``VIDSPARSE_SELECT_ROWS=1024`` entries: 32 rows of 32 blocks, the last program partly empty) or
+    take one each."""
     from vidsparse.attention.patterns.base import mass_layout
 
+    monkeypatch.setenv("VIDSPARSE_SELECT_ROWS", rows)
     meta = SeqMeta(32, 32, causal)
     nqb, nkb = -(-nq // 32), -(-nk // 32)
     g = torch.Generator().manual_seed(nq + nk)
@@ -646,20 +652,24 @@ def test_token_selection_kernel_keeps_the_budget_on_softmax_scores(interpreter, 
     assert ((count - drop_light_reference(raw, 0.25, 4, 560)[1]).abs() <= 1).all() and (count < 600).all()
 
 
-@pytest.mark.parametrize("nq,nk,causal,sink,local,spec", [
-    (700, 700, True, 1, 1, "pyramid"), (300, 900, True, 2, 2, "pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8"),
-    (640, 500, False, 1, 1, "pyramid"), (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1"),
-    (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5"),
-    (2200, 2200, True, 1, 1, "pyramid:exact=0.2,pool2=0.5,pool4=0.7,pool8=0.9")])  # narrower launches
-def test_pyramid_level_kernel_equals_torch_sort(interpreter, monkeypatch, nq, nk, causal, sink, local, spec):
+@pytest.mark.parametrize("nq,nk,causal,sink,local,spec,rows", [
+    (700, 700, True, 1, 1, "pyramid", "1024"), (700, 700, True, 1, 1, "pyramid", "1"),
+    (300, 900, True, 2, 2, "pyramid:exact=0.1,pool2=0.2,pool4=0.4,pool8=0.8", "1024"),
+    (640, 500, False, 1, 1, "pyramid", "1024"), (640, 500, False, 1, 1, "pyramid", "1"),
+    (1057, 1057, True, 0, 0, "pyramid:exact=0,pool2=0.3,pool4=0.6,pool8=1", "1024"),
+    (500, 500, True, 1, 1, "pyramid:exact=0.05,pool2=0.05,pool4=0.5,pool8=0.5", "1024"),
+    (2200, 2200, True, 1, 1, "pyramid:exact=0.2,pool2=0.5,pool4=0.7,pool8=0.9", "1024")])  # narrower launches
+def test_pyramid_level_kernel_equals_torch_sort(interpreter, monkeypatch, nq, nk, causal, sink, local, spec, rows):
     """The four nested radix searches give every block the level torch's sort of the row gives it, and write each
     level's layout exactly as the mask conversion does; with tied scores (rounded to a few values) ties go to the
     lower block index on both paths. The kernel reads scores without the causal mask (what ``estimate`` gives it) or
-    with it (the rounded case) alike, against the torch path's masked scores."""
+    with it (the rounded case) alike, against the torch path's masked scores. Rows share programs (1,024 entries
+    each, the last program partly empty) or take one each."""
     from vidsparse.attention.kernels import block_select
     from vidsparse.attention.patterns.base import block_scores
 
     monkeypatch.setattr(block_select, "SPLIT_FROM", 128)  # 2200 tokens in 32-token blocks: the narrower launches
+    monkeypatch.setenv("VIDSPARSE_SELECT_ROWS", rows)
 
     pat = PATTERNS.from_spec(spec)
     pat.sink, pat.local = sink, local

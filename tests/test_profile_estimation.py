@@ -107,3 +107,25 @@ def test_share_table_marks_static_patterns_built_once(tmp_path, monkeypatch):
     assert "GPU ms (CUDA-graph replay) as a model's prefill calls it in each layer / the kernel's ms" in text
     assert "| `power` | 0.00 / 0.46 (0.12) = **0.4%** (static: built once per shape, 0.07 ms) |" in text
     assert "| `block_topk:density=0.05` | 0.00 / 0.50 (0.05) = **0.6%** |" in text
+
+
+def test_module_ab_swaps_the_kernel_module_for_each_value_and_restores_it(tmp_path, monkeypatch):
+    """``--module-ab``: each timed call sees the module loaded from the file ("before", a module object of its own)
+    or the imported one ("current"), alternating, twice per spec; afterwards the imported one is back."""
+    import shutil
+
+    from vidsparse.attention.kernels import block_select
+    from vidsparse.attention.patterns import SeqMeta
+
+    name = block_select.__name__
+    copy = tmp_path / "before.py"
+    shutil.copy(block_select.__file__, copy)
+    seen = []
+    monkeypatch.setattr(pe, "bench_ms", lambda fn, rep_ms: (fn(), seen.append(sys.modules[name]), 1.0)[2])
+    monkeypatch.setattr(pe, "graph_ms", lambda fn: 0.5)
+    q = k = torch.zeros(1, 2, 256, 16)
+    rows = pe.module_ab(["block_topk:density=0.5"], name, str(copy), q, k, SeqMeta(64, 64, True))
+    assert [r["value"] for r in rows] == ["before", "current"] * 2
+    assert seen[1] is seen[3] is block_select and seen[0] is seen[2] is not block_select
+    assert seen[0].__file__ == str(copy) and seen[0].select_blocks is not block_select.select_blocks
+    assert sys.modules[name] is block_select and all(r["gpu_ms"] == 0.5 for r in rows)

@@ -27,6 +27,23 @@ rounds instead of 31-32. Slower at every size: ``block_cdf`` 0.99 → 1.65 / 2.8
 37 → 62 / 121 at 256 key blocks, spills at 1,024) and the rows, thousands per launch, are bound by throughput, not
 by the latency of the rounds.
 
+Layouts up to ``SHARED_UP_TO`` key blocks wide (16K tokens in 128-token blocks) run ``select_mass`` and
+``select_levels`` with several rows per program (``_select_mass_rows``, ``_levels_rows``: an [R, W] tile, 8 rows of
+128 blocks, each search step reducing all of them at once) instead of one: at 16K a row program's 32-step searches
+reduce only 128 entries over two warps each, and 3,584 such programs at 28 heads took ``pyramid``'s four nested
+searches 0.05 ms. Measured on an H200 at 16K, 28/4 heads, random q/k, against a8c3651's one row per program in
+one process (``benchmarks/profile_estimation.py --module-ab vidsparse.attention.kernels.block_select=FILE``, FILE
+that commit's copy of this module; GPU ms of the whole estimate, ``profile_estimation_s111_sel_*.json``): ``pyramid``
+0.0831 → 0.0670, ``block_cdf`` 0.0921 → 0.0828, ``xattention`` at stride 8 0.2844 → 0.2744; rows of 512, 1,024
+and 2,048 entries per program 0.083 / 0.075 / 0.077 ms for ``pyramid``, two warps ahead of four and eight
+(``profile_estimation_s110_{rows,warps}_16384.json``). Not taken: the same for ``block_topk``'s ``_select`` (0.0431 →
+0.0457 ms at 16K, slower), for the narrower causal launches of wider layouts (``pyramid`` at 32K 0.1701 → 0.1904
+ms) and one generic version for every width (per-row values as [1] tensors for one row per program: 128K tokens
+``block_topk`` 0.572 → 0.782 ms, ``pyramid`` 1.678 → 1.752; ``profile_estimation_s110_sel_*.json``). Nor did ranking
+a 128-block row by comparing all its pairs in one [W, W] tile instead of four searches (a variant not committed,
+switched by ``VIDSPARSE_SELECT_PAIRS``: ``pyramid`` 0.0882 against 0.0892 ms at 16K,
+``profile_estimation_s109_pairs_*.json``).
+
 ``select_levels`` does the same for ``pyramid``'s rank mode: four nested searches give each block its level (exact,
 2×, 4×, 8× pooled, skipped) and four compactions write the levels' layouts, in place of a full sort of every row,
 a scatter of the levels back and four mask-to-index conversions."""
@@ -43,6 +60,8 @@ import triton.language as tl
 
 SPLIT_FROM = 256  # padded row widths (key blocks) from which causal rows run in narrower launches (``_row_groups``)
 FEW = 16  # rows picking at most this many blocks beyond the forced ones take ``_top_few`` (VIDSPARSE_SELECT_FEW)
+SHARED_UP_TO = 128  # rows up to this width share programs in ``select_mass`` and ``select_levels`` (``_rows_per``)
+ROW_ENTRIES = 1024  # entries per such program: 8 rows of 128 blocks (VIDSPARSE_SELECT_ROWS)
 
 
 def _warps(w: int) -> int:
@@ -255,10 +274,13 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
     probs = probs.float().contiguous()
     index, full, count = _outputs(b, h, nqb, nkb, probs.device)
     w = triton.next_power_of_2(max(nkb, 2))
-    _select_mass[(b * h, nqb)](
-        probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
-        local, block_q, block_k, q_len, k_len - q_len, CAUSAL=causal, W=w, num_warps=_warps(w),
-    )
+    r = _rows_per(w)
+    args = (probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
+            local, block_q, block_k, q_len, k_len - q_len)
+    if r > 1:
+        _select_mass_rows[(b * h, triton.cdiv(nqb, r))](*args, CAUSAL=causal, W=w, R=r, num_warps=_warps(w))
+    else:
+        _select_mass[(b * h, nqb)](*args, CAUSAL=causal, W=w, num_warps=_warps(w))
     return index, count, full
 
 
@@ -307,8 +329,137 @@ def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, 
     cnt = torch.empty(4, b, h, nqb, dtype=torch.int32, device=scores.device)
     ranks = ranks.to(torch.int32).contiguous()
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
-        _levels[(b * h, rows)](
-            scores, ranks, *outs, *fulls, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
-            *widths, sink, local, block_q, block_k, q_len, k_len, m0, CAUSAL=causal, W=w, num_warps=_warps(w),
-        )
+        args = (scores, ranks, *outs, *fulls, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
+                *widths, sink, local, block_q, block_k, q_len, k_len, m0)
+        r = _rows_per(triton.next_power_of_2(max(nkb, 2)))  # the layout's width: one launch when it shares rows
+        if r > 1:
+            _levels_rows[(b * h, triton.cdiv(rows, r))](*args, m0 + rows, CAUSAL=causal, W=w, R=r,
+                                                         num_warps=_warps(w))
+        else:
+            _levels[(b * h, rows)](*args, CAUSAL=causal, W=w, num_warps=_warps(w))
     return [(x, cnt[i], f) for i, (x, f) in enumerate(zip(outs, fulls))]
+
+
+# --- several narrow rows per program -------------------------------------------------------------------------------
+# At 16K tokens (128 key blocks) a row is 128 entries: one program per row spends each search step's reduction on
+# two warps' worth of work, 3,584 programs in all at 28 heads. These kernels give each program R rows as an [R, W]
+# tile (``_rows_per``): every step reduces all R rows at once. The helpers are the ones above along the last axis,
+# with per-row values [R, 1].
+
+
+def _rows_per(w: int) -> int:
+    """Rows per program of ``select_mass`` and ``select_levels`` for a layout of padded width ``w`` (its rows' key
+    blocks): ``VIDSPARSE_SELECT_ROWS`` (default ``ROW_ENTRIES``) entries over ``w`` up to ``SHARED_UP_TO`` blocks,
+    else one. Wider layouts keep one row per program in every launch, also in ``select_levels``' narrower causal
+    launches (at 32K tokens, rows of 64 and 128 blocks shared 16 and 8 per program made ``pyramid`` slower)."""
+    if w > SHARED_UP_TO:
+        return 1
+    return triton.next_power_of_2(max(1, int(os.environ.get("VIDSPARSE_SELECT_ROWS", ROW_ENTRIES)) // w))
+
+
+@triton.jit
+def _search_rows(key, weight, target, LO: tl.constexpr, STEPS: tl.constexpr):
+    """``_search`` for each row of ``key`` [R, W] (``target`` [R, 1]) -> int32 [R, 1]."""
+    lo = tl.zeros_like(target).to(tl.int64) + LO
+    hi = tl.zeros_like(target).to(tl.int64) + 2147483647
+    for _ in range(STEPS):
+        mid = (lo + hi + 1) >> 1
+        ge = tl.sum(tl.where(key >= mid.to(tl.int32), weight, 0), 1, keep_dims=True) >= target
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _top_rows(key, total):
+    """``_top`` for each row of ``key`` [R, W] (``total`` [R, 1])."""
+    t = _search_rows(key, 1, total, -2147483648, 32)
+    above = key > t
+    tie = key == t
+    room = total - tl.sum(above.to(tl.int32), 1, keep_dims=True)
+    return (above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room))) & (total > 0)
+
+
+@triton.jit
+def _emit_rows(keep, full, n, row, frow, width, ok):
+    """``_emit`` for each row of ``keep`` [R, W] (``row``, ``frow``: [R, 1] output pointers; ``ok`` [R, 1]: the
+    rows that exist) -> counts [R, 1]."""
+    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
+    count = tl.sum(keep.to(tl.int32), 1, keep_dims=True)
+    tl.store(row + pos, n + tl.zeros_like(pos), mask=keep & ok)
+    tl.store(frow + pos, full, mask=keep & ok)
+    rest = (n >= count) & (n < width) & ok
+    tl.store(row + n, tl.zeros_like(pos), mask=rest)
+    tl.store(frow + n, tl.zeros_like(full), mask=rest)
+    for z in range(n.shape[1], width, n.shape[1]):  # a narrow row group's output can be wider than its rows
+        tl.store(row + z + n, tl.zeros_like(pos), mask=(z + n < width) & ok)
+        tl.store(frow + z + n, tl.zeros_like(full), mask=(z + n < width) & ok)
+    return count
+
+
+@triton.jit
+def _row_tile(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, M0, M_END, CAUSAL: tl.constexpr,
+              W: tl.constexpr, R: tl.constexpr):
+    """``_row`` for this program's R rows from M0 (those below M_END exist: ``ok`` [R, 1]) -> (rows m [R, 1], ok,
+    block index n [1, W], and score, allowed, forced, full [R, W])."""
+    bh = tl.program_id(0)
+    m = M0 + tl.program_id(1) * R + tl.arange(0, R)[:, None]
+    ok = m < M_END
+    n = tl.arange(0, W)[None, :]
+    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=(n < nkb) & ok,
+                    other=float("-inf")).to(tl.float32)
+    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
+    full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
+    if CAUSAL:
+        allowed = (n * block_k <= last_q) & (n < nkb)
+        diag = last_q // block_k
+        full = full & ((n + 1) * block_k - 1 <= m * block_q + off)
+    else:
+        allowed = (n < nkb) & ok
+        diag = m * block_q // block_k
+    forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
+    return m, ok, n, score, allowed, forced, full
+
+
+@triton.jit
+def _select_mass_rows(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, local, block_q, block_k, q_len,
+                      off, CAUSAL: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
+    bh = tl.program_id(0)
+    m, ok, n, p, allowed, forced, full = _row_tile(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len,
+                                                   off, 0, NQB, CAUSAL, W, R)
+    p = tl.where((n < nkb) & ok, p, 0.0)
+    total = tl.maximum(tl.sum(p, 1, keep_dims=True), 1e-30)
+    key = _order_key(p)
+    target = tau * total  # as ``_select_mass``
+    t = _search_rows(key, p, target, 0, 31)
+    tie = key == t
+    before = tl.sum(tl.where(key > t, p, 0.0), 1, keep_dims=True) + tl.cumsum(tl.where(tie, p, 0.0), 1) - p
+    keep = ((key > t) | (tie & (before < target)) | (tau >= 1)) & (p > 0) & allowed
+    r = bh * NQB + m
+    tl.store(CNT + r, _emit_rows(keep | forced, full, n, IDX + r * nkb, FULL + r * nkb, nkb, ok), mask=ok)
+
+
+@triton.jit
+def _levels_rows(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink,
+                 local, block_q, block_k, q_len, k_len, M0, M_END, CAUSAL: tl.constexpr, W: tl.constexpr,
+                 R: tl.constexpr):
+    bh = tl.program_id(0)
+    off = k_len - q_len
+    m, ok, n, score, allowed, forced, full = _row_tile(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k,
+                                                       q_len, off, M0, M_END, CAUSAL, W, R)
+    key = _order_key(tl.where(allowed, score, float("-inf")))
+    lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4 + 3, mask=ok, other=0)), 8, 0)  # as ``_levels``
+    lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4 + 2, mask=ok, other=0)), 4, lvl)
+    lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4 + 1, mask=ok, other=0)), 2, lvl)
+    lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4, mask=ok, other=0)), 1, lvl)
+    lvl = tl.where(allowed, lvl, 0)
+    poolable = (n + 1) * block_k <= k_len
+    if CAUSAL:
+        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
+    lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
+    r = bh * NQB + m
+    plane = tl.num_programs(0) * NQB
+    tl.store(CNT + r, _emit_rows(lvl == 1, full, n, I1 + r * w1, F1 + r * w1, w1, ok), mask=ok)
+    tl.store(CNT + plane + r, _emit_rows(lvl == 2, full, n, I2 + r * w2, F2 + r * w2, w2, ok), mask=ok)
+    tl.store(CNT + 2 * plane + r, _emit_rows(lvl == 4, full, n, I4 + r * w4, F4 + r * w4, w4, ok), mask=ok)
+    tl.store(CNT + 3 * plane + r, _emit_rows(lvl == 8, full, n, I8 + r * w8, F8 + r * w8, w8, ok), mask=ok)

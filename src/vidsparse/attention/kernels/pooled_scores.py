@@ -16,11 +16,16 @@ per step, 8 warps 0.727 ms; 64×64, steps of 32, 4 warps 0.779 ms; plain TF32 0.
 rounding can reorder near-equal blocks against the fp32 and CPU paths, not measured); IEEE fp32 on the CUDA cores
 1.87 ms. A Triton pooling kernel (one program per block, any strides) was measured too and dropped: 0.303 ms at
 128K against 0.280 ms for torch's two reductions (``profile_estimation_share_131072_poolkernel.json`` against
-``profile_estimation_share_131072.json``, separate processes). Nor did fusing q's pooling into this product pay
-(commit 8223304: one kernel reading q once, summing 16 query blocks per program in fp32, then the TF32×3 product
-on HMMA; ``profile_estimation_poolfused_*.json``, in-process A/B of ``block_topk`` 5%): 0.121 against 0.122 ms at
-32K, 0.730 against 0.693 ms at 128K (the best of four fused launch configurations at both sizes: 16 blocks, 8
-tokens per step, 3 stages, 4 warps, 64-block product tiles).
+``profile_estimation_share_131072.json``, separate processes). So was, on an H200, one launch pooling both q and k
+at the patterns' stride (a variant not committed, switched by ``VIDSPARSE_POOL_PAIR``; one program per 64 token
+rows, a single load, reduction and store; in one process, GPU ms of the whole estimate,
+``profile_estimation_s110_pool_*.json``): ``block_topk`` at 5% 0.0382 → 0.0457 ms at 16K and 0.680 → 0.781 at 128K,
+``pyramid`` 0.0669 → 0.0742 and 1.652 → 1.753, ``block_cdf`` (the exact mean) 0.0825 → 0.0892 and 1.092 → 1.182; the
+kernel took 0.023 ms at 16K where torch's four launches take about 0.012. Nor did fusing q's pooling into this
+product pay (commit 8223304: one kernel reading q once, summing 16 query blocks per program in fp32, then the
+TF32×3 product on HMMA; ``profile_estimation_poolfused_*.json``, in-process A/B of ``block_topk`` 5%): 0.121 against
+0.122 ms at 32K, 0.730 against 0.693 ms at 128K (the best of four fused launch configurations at both sizes: 16
+blocks, 8 tokens per step, 3 stages, 4 warps, 64-block product tiles).
 
 Results equal the torch path up to fp32 rounding: ``tests/test_attention.py`` checks it in the interpreter,
 ``tests/test_attention_gpu.py`` with TF32×3 on the GPU."""
