@@ -46,11 +46,13 @@ class BlockTopK(Pattern):
 @shape_cache()
 def _totals(nqb, nkb, block_q, block_k, causal, nq, nk, topk, density, sink, local, width, device):
     """Blocks per row (shape-only, ``shape_cache``): ``topk``, or ``density`` × the row's causal blocks rounded up
-    (float64, as the host-side width), through ``row_totals``."""
+    (float64, as the host-side width), through ``row_totals``; int32, as the selection kernel reads them (an int64
+    copy would be converted in every layer's call)."""
     if topk > 0:
         budget = torch.full((nqb,), topk, device=device)
     else:
         rows = causal_block_mask(nqb, nkb, block_q, block_k, nq, nk, device).sum(-1) if causal else \
             torch.full((nqb,), nkb, device=device)
         budget = torch.ceil(rows.double() * density).long()
-    return row_totals(budget, width, nqb, nkb, SeqMeta(block_q, block_k, causal), nq, nk, sink, local, device)
+    return row_totals(budget, width, nqb, nkb, SeqMeta(block_q, block_k, causal), nq, nk, sink, local,
+                      device).to(torch.int32)
