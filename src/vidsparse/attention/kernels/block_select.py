@@ -175,15 +175,9 @@ def _emit(keep, full, n, row, frow, width):
 
 
 @triton.jit
-def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m, CAUSAL: tl.constexpr,
-         W: tl.constexpr):
-    """Row ``m`` of this program's head of pooled scores and its geometry: (block index, score, causally allowed,
-    forced sink and diagonal blocks, full: inside both lengths and wholly below the diagonal — ``layout.
-    full_block_mask``'s rule)."""
-    bh = tl.program_id(0)
-    n = tl.arange(0, W)
-    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=n < nkb,
-                    other=float("-inf")).to(tl.float32)
+def _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL: tl.constexpr):
+    """Blocks n of query blocks m (a row index and [W], or [R, 1] and [1, W]): (causally allowed, forced sink and
+    diagonal blocks, full: inside both lengths and wholly below the diagonal — ``layout.full_block_mask``'s rule)."""
     last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
     full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
     if CAUSAL:
@@ -194,6 +188,20 @@ def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off,
         allowed = n < nkb
         diag = m * block_q // block_k
     forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
+    return allowed, forced, full
+
+
+@triton.jit
+def _row(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len, off, m, CAUSAL: tl.constexpr,
+         W: tl.constexpr):
+    """Row ``m`` of this program's head of pooled scores and its geometry: (block index, score, causally allowed,
+    forced sink and diagonal blocks, full: inside both lengths and wholly below the diagonal — ``layout.
+    full_block_mask``'s rule)."""
+    bh = tl.program_id(0)
+    n = tl.arange(0, W)
+    score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=n < nkb,
+                    other=float("-inf")).to(tl.float32)
+    allowed, forced, full = _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
     return n, score, allowed, forced, full
 
 
@@ -408,16 +416,7 @@ def _row_tile(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len,
     n = tl.arange(0, W)[None, :]
     score = tl.load(S + (bh // H) * s_sb + (bh % H) * s_sh + m * s_sm + n, mask=(n < nkb) & ok,
                     other=float("-inf")).to(tl.float32)
-    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
-    full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
-    if CAUSAL:
-        allowed = (n * block_k <= last_q) & (n < nkb)
-        diag = last_q // block_k
-        full = full & ((n + 1) * block_k - 1 <= m * block_q + off)
-    else:
-        allowed = (n < nkb) & ok
-        diag = m * block_q // block_k
-    forced = ((n < sink) | ((n <= diag) & (n > diag - local))) & allowed
+    allowed, forced, full = _geometry(m, n, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
     return m, ok, n, score, allowed, forced, full
 
 
