@@ -207,12 +207,14 @@ def pool_blocks(x: Tensor, block: int, scale: float = 1.0, stride: int = 1) -> T
 
 
 def _mean(x: Tensor, dim: int, scale: float) -> Tensor:
-    """fp32 mean of x over ``dim``, times ``scale``: one reduction when ``scale`` is 1 (the keys: one launch fewer
-    per estimate on CUDA, where ``mean`` multiplies the sum by 1/n, as the sum and product did), else the sum times
-    scale / n."""
-    if scale == 1.0:
+    """fp32 mean of x over ``dim``, times ``scale``: the sum times scale / n, or one ``mean`` reduction when ``scale``
+    is 1 and n a power of two (the keys' 16 tokens per block: one launch fewer per estimate on CUDA), where dividing
+    by n and multiplying by 1/n give the same bits. (For other n torch's CPU ``mean`` divides and would differ from
+    the product in the last bit.)"""
+    n = x.shape[dim]
+    if scale == 1.0 and n & (n - 1) == 0:
         return x.mean(dim, dtype=torch.float32)
-    return x.sum(dim, dtype=torch.float32).mul_(scale / x.shape[dim])
+    return x.sum(dim, dtype=torch.float32).mul_(scale / n)
 
 
 def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True,
