@@ -293,6 +293,17 @@ def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q:
 
 
 @triton.jit
+def _level_rules(lvl, allowed, forced, m, n, block_q, block_k, k_len, off, CAUSAL: tl.constexpr):
+    """Ranked levels after the rules: nothing past the causal diagonal; the forced blocks, and any block not all of
+    whose keys exist or not every query of the row block sees, exact (pooling those would leak or invent keys)."""
+    lvl = tl.where(allowed, lvl, 0)
+    poolable = (n + 1) * block_k <= k_len
+    if CAUSAL:
+        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
+    return tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
+
+
+@triton.jit
 def _levels(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, NQB, nkb, w1, w2, w4, w8, sink,
             local, block_q, block_k, q_len, k_len, M0, CAUSAL: tl.constexpr, W: tl.constexpr):
     bh = tl.program_id(0)
@@ -307,12 +318,7 @@ def _levels(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm, H, 
     lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 2)), 4, lvl)
     lvl = tl.where(_top(key, tl.load(RANKS + m * 4 + 1)), 2, lvl)
     lvl = tl.where(_top(key, tl.load(RANKS + m * 4)), 1, lvl)
-    lvl = tl.where(allowed, lvl, 0)
-    # a block is pooled only when all its keys exist and every query of the row block sees all of them
-    poolable = (n + 1) * block_k <= k_len
-    if CAUSAL:
-        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
-    lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
+    lvl = _level_rules(lvl, allowed, forced, m, n, block_q, block_k, k_len, off, CAUSAL)
     r = bh * NQB + m  # the row in the [B, H, NQ] outputs
     plane = tl.num_programs(0) * NQB
     tl.store(CNT + r, _emit(lvl == 1, full, n, I1 + r * w1, F1 + r * w1, w1))
@@ -451,11 +457,7 @@ def _levels_rows(S, RANKS, I1, I2, I4, I8, F1, F2, F4, F8, CNT, s_sb, s_sh, s_sm
     lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4 + 2, mask=ok, other=0)), 4, lvl)
     lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4 + 1, mask=ok, other=0)), 2, lvl)
     lvl = tl.where(_top_rows(key, tl.load(RANKS + m * 4, mask=ok, other=0)), 1, lvl)
-    lvl = tl.where(allowed, lvl, 0)
-    poolable = (n + 1) * block_k <= k_len
-    if CAUSAL:
-        poolable = poolable & ((n + 1) * block_k - 1 <= m * block_q + off)
-    lvl = tl.where(((lvl > 1) & (~poolable)) | forced, 1, lvl)
+    lvl = _level_rules(lvl, allowed, forced, m, n, block_q, block_k, k_len, off, CAUSAL)
     r = bh * NQB + m
     plane = tl.num_programs(0) * NQB
     tl.store(CNT + r, _emit_rows(lvl == 1, full, n, I1 + r * w1, F1 + r * w1, w1, ok), mask=ok)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import _emit, _order_key, _top
+from .block_select import _emit, _geometry, _order_key, _top
 
 CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_VS_CHUNK``)
 RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_VS_RESIDENT``)
@@ -129,13 +129,7 @@ def _rows(VB, CS, IDX, FULL, CNT, N, NQB, NKB, block_q, block_k, q_len, off, CAU
     cs = CS + bh * (N + 1)
     hits = tl.load(cs + hi, mask=inside, other=0) != tl.load(cs + lo, mask=inside, other=0)
     cols = tl.load(VB + bh * NKB + n, mask=inside, other=0) != 0
-    last_q = tl.minimum((m + 1) * block_q - 1, q_len - 1) + off
-    full = ((m + 1) * block_q <= q_len) & ((n + 1) * block_k <= q_len + off)
-    if CAUSAL:
-        allowed = (n * block_k <= last_q) & inside
-        full = full & ((n + 1) * block_k - 1 <= m * block_q + off)
-    else:
-        allowed = inside
+    allowed, _, full = _geometry(m, n, NKB, 0, 0, block_q, block_k, q_len, off, CAUSAL)
     r = bh * NQB + m
     tl.store(CNT + r, _emit((hits | cols) & allowed, full, n, IDX + r * NKB, FULL + r * NKB, NKB))
 
