@@ -36,13 +36,14 @@ one process (``benchmarks/profile_estimation.py --module-ab vidsparse.attention.
 that commit's copy of this module; GPU ms of the whole estimate, ``profile_estimation_s111_sel_*.json``): ``pyramid``
 0.0831 → 0.0670, ``block_cdf`` 0.0921 → 0.0828, ``xattention`` at stride 8 0.2844 → 0.2744; rows of 512, 1,024
 and 2,048 entries per program 0.083 / 0.075 / 0.077 ms for ``pyramid``, two warps ahead of four and eight
-(``profile_estimation_s110_{rows,warps}_16384.json``). Not taken: the same for ``block_topk``'s ``_select`` (0.0431 →
-0.0457 ms at 16K, slower), for the narrower causal launches of wider layouts (``pyramid`` at 32K 0.1701 → 0.1904
-ms) and one generic version for every width (per-row values as [1] tensors for one row per program: 128K tokens
-``block_topk`` 0.572 → 0.782 ms, ``pyramid`` 1.678 → 1.752; ``profile_estimation_s110_sel_*.json``). Nor did ranking
-a 128-block row by comparing all its pairs in one [W, W] tile instead of four searches (a variant not committed,
-switched by ``VIDSPARSE_SELECT_PAIRS``: ``pyramid`` 0.0882 against 0.0892 ms at 16K,
-``profile_estimation_s109_pairs_*.json``).
+(``profile_estimation_s110_{rows,warps}_16384.json``, measured on the generic version below, whose 16K path is these
+kernels'). Not taken: the same for ``block_topk``'s ``_select`` (0.0431 → 0.0457 ms at 16K, slower), for the
+narrower causal launches of wider layouts (``pyramid`` at 32K 0.1701 → 0.1904 ms, ``profile_estimation_s111_sel_
+32768.json``) and one generic version for every width (per-row values as [1] tensors for one row per program: 128K
+tokens ``block_topk`` 0.572 → 0.782 ms, ``pyramid`` 1.678 → 1.752; ``profile_estimation_s110_sel_*.json``; branch
+``tried-2026-11-29``, commit bb1d7e3). Nor did ranking a 128-block row by comparing all its pairs in one [W, W] tile
+instead of four searches (the same branch, commit 01850b8, switched by ``VIDSPARSE_SELECT_PAIRS``: ``pyramid``
+0.0882 against 0.0892 ms at 16K, ``profile_estimation_s109_pairs_*.json``).
 
 ``select_levels`` does the same for ``pyramid``'s rank mode: four nested searches give each block its level (exact,
 2×, 4×, 8× pooled, skipped) and four compactions write the levels' layouts, in place of a full sort of every row,

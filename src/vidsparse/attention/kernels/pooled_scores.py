@@ -17,8 +17,8 @@ rounding can reorder near-equal blocks against the fp32 and CPU paths, not measu
 1.87 ms. A Triton pooling kernel (one program per block, any strides) was measured too and dropped: 0.303 ms at
 128K against 0.280 ms for torch's two reductions (``profile_estimation_share_131072_poolkernel.json`` against
 ``profile_estimation_share_131072.json``, separate processes). So was, on an H200, one launch pooling both q and k
-at the patterns' stride (a variant not committed, switched by ``VIDSPARSE_POOL_PAIR``; one program per 64 token
-rows, a single load, reduction and store; in one process, GPU ms of the whole estimate,
+at the patterns' stride (branch ``tried-2026-11-29``, commit bb1d7e3, switched by ``VIDSPARSE_POOL_PAIR``; one
+program per 64 token rows, a single load, reduction and store; in one process, GPU ms of the whole estimate,
 ``profile_estimation_s110_pool_*.json``): ``block_topk`` at 5% 0.0382 → 0.0457 ms at 16K and 0.680 → 0.781 at 128K,
 ``pyramid`` 0.0669 → 0.0742 and 1.652 → 1.753, ``block_cdf`` (the exact mean) 0.0825 → 0.0892 and 1.092 → 1.182; the
 kernel took 0.023 ms at 16K where torch's four launches take about 0.012. Nor did fusing q's pooling into this
