@@ -38,10 +38,11 @@ that commit's copy of this module; GPU ms of the whole estimate, ``profile_estim
 and 2,048 entries per program 0.083 / 0.075 / 0.077 ms for ``pyramid``, two warps ahead of four and eight
 (``profile_estimation_s110_{rows,warps}_16384.json``, measured on the generic version below, whose 16K path is these
 kernels'). Not taken: the same for ``block_topk``'s ``_select`` (0.0431 → 0.0457 ms at 16K, slower), for the
-narrower causal launches of wider layouts (``pyramid`` at 32K 0.1701 → 0.1904 ms, ``profile_estimation_s111_sel_
-32768.json``) and one generic version for every width (per-row values as [1] tensors for one row per program: 128K
-tokens ``block_topk`` 0.572 → 0.782 ms, ``pyramid`` 1.678 → 1.752; ``profile_estimation_s110_sel_*.json``; branch
-``tried-2026-11-29``, commit bb1d7e3). Nor did ranking a 128-block row by comparing all its pairs in one [W, W] tile
+narrower causal launches of wider layouts (``pyramid`` at 32K 0.1701 → 0.1904 ms with ``select_levels`` passing
+each launch's width to ``_rows_per`` instead of the layout's, ``profile_estimation_s111_sel_32768.json``) and one
+generic version for every width (per-row values as [1] tensors for one row per program: 128K tokens ``block_topk``
+0.572 → 0.782 ms, ``pyramid`` 1.678 → 1.752; ``profile_estimation_s110_sel_*.json``; branch ``tried-2026-11-29``,
+commit bb1d7e3). Nor did ranking a 128-block row by comparing all its pairs in one [W, W] tile
 instead of four searches (the same branch, commit 01850b8, switched by ``VIDSPARSE_SELECT_PAIRS``: ``pyramid``
 0.0882 against 0.0892 ms at 16K, ``profile_estimation_s109_pairs_*.json``).
 
