@@ -156,7 +156,7 @@ VS_LAYOUT_BUILD = r"""
 from vidsparse.attention.kernels import vs_layout as vs
 
 # a row in registers on 8 warps, and rows in chunks; 128 and 1,024 key blocks per layout row. (A 32K row in registers
-# on 16 warps spills 424 bytes, and was faster so: ``kernels/vs_layout.py``.)
+# on 16 warps spills, and was faster so: ``kernels/vs_layout.py``.)
 for n in (16384, 131072):
     vs.vertical_slash_layout(torch.zeros(1, 4, n), torch.zeros(1, 4, n), 1000, 6096, 30, 100, 128, 128, n, n, True)
 for f in (vs._lines, vs._rows):

@@ -24,7 +24,8 @@ Measured on an H200, 28/4 heads, video q/k (``benchmarks/profile_estimation.py -
 --env-ab VIDSPARSE_VS_LAYOUT=0,1``, GPU ms of the whole estimate, mean of two interleaved runs in one process,
 ``profile_estimation_s109_vs_*.json``): 0.422 → 0.214 ms at 16K tokens, 0.678 → 0.458 at 32K (0.413 with the row in
 registers, the default since: ``profile_estimation_s109_vsres_32768.json``), 1.298 → 0.905 at 64K, 3.128 → 1.869
-at 128K. At 32K the resident row on 16 warps spills (424 bytes of stack at 128 registers) and is still faster than
+at 128K. At 32K the resident row on 16 warps spills (its sm_90 build, as ``tests/test_hopper_compile.py``'s
+``VS_LAYOUT_BUILD`` makes it with n = 32768, reports stack use at 128 registers) and is still faster than
 the chunked row (0.413 against 0.458 ms); 16K on 8 warps builds without spills. A first version with one program
 per head for both families and every row read in chunks (``profile_estimation_s108_vs_*.json``): 0.424 → 0.318 ms at
 16K, 0.682 → 0.614 at 32K, 1.306 → 1.438 at 64K (slower than torch), 3.137 → 2.937 at 128K; its ``_lines`` took
