@@ -90,6 +90,7 @@ def row_copies():  # the row gather and scatter in each of their index modes (ow
     ga.gather_rows(x, idx[:1], planes=torch.tensor([3, 0]))
     ga.scatter_rows(x, idx, torch.zeros(2, 2, 40, 128, dtype=bf))
     ga.scatter_rows(x, idx[:1], torch.zeros(1, 2, 40, 128, dtype=bf), planes=torch.tensor([3, 0]))
+    ga.pool_rows(x, idx, 128)  # pbs's permuted keys' block means
 
 
 nkb = 1024  # 128K tokens in 128-token blocks

@@ -1448,6 +1448,34 @@ def test_scatter_rows_equals_a_loop(request, kernel, d, dtype):
     assert torch.equal(fn(out, pidx, psrc, planes), want)
 
 
+@pytest.mark.parametrize("dtype,block,m,transposed", [(torch.bfloat16, 32, 200, True), (torch.float16, 48, 144, False),
+                                                      (torch.float32, 16, 64, False)])
+def test_pool_rows_equals_pooling_the_gathered_rows(interpreter, dtype, block, m, transposed):
+    """``kernels.gather.pool_rows`` (pbs's permuted keys' block means without their copy) against ``pool_blocks`` of
+    ``gather_rows_torch``: a permutation within segments, a partial last block (200 = 6·32 + 8), a block that is not a
+    power of two (48), a transposed view. Dyadic keys (x/64, |x| ≤ 16: every fp32 sum exact) give the same bits,
+    random normal ones agree to fp32 summation order (FP32_SAME)."""
+    from vidsparse.attention.kernels.gather import pool_rows
+    from vidsparse.attention.layout import gather_rows_torch
+    from vidsparse.attention.patterns.base import pool_blocks
+    from vidsparse.attention.patterns.pbs import segment_order
+
+    g = torch.Generator().manual_seed(block + m)
+    perm = segment_order(torch.rand(2, 3, m, generator=g), 64)
+    for exact in (True, False):
+        raw = torch.randint(-16, 17, (2, m, 3, 24), generator=g).float() / 64 if exact else \
+            torch.randn(2, m, 3, 24, generator=g)
+        x = raw.to(dtype).transpose(1, 2)
+        x = x if transposed else x.contiguous()
+        got = pool_rows(x, perm, block)
+        want = pool_blocks(gather_rows_torch(x, perm), block)
+        assert got.dtype == torch.float32 and got.shape == want.shape == (2, 3, -(-m // block), 24)
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+
+
 def test_gather_rows_kernel_reads_zeros_outside_the_keys(interpreter):
     """A position outside [0, N) gives a zero row in the kernel (torch.gather would assert on the device); the
     other rows are untouched. Without heads=, the index must have x's heads."""

@@ -144,3 +144,50 @@ def _check_planes(index: torch.Tensor, planes: torch.Tensor, heads: torch.Tensor
     if heads is not None or index.shape[0] != 1 or planes.shape != (index.shape[1],):
         raise ValueError(f"planes= takes a batch-1 index and one plane per index head, without heads=: index "
                          f"{tuple(index.shape)}, planes {tuple(planes.shape)}")
+
+
+@triton.jit
+def _pool_rows(X, IDX, OUT, N, M, NB, H, s_xb, s_xh, s_xn, s_xd, s_ib, s_ih, s_im, f_full, f_last,
+               BLOCK: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    j = tl.program_id(0)  # the output block
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    r = j * BLOCK + tl.arange(0, BP)  # index entries j·BLOCK … j·BLOCK + BLOCK − 1 (BP: BLOCK padded to 2^k)
+    ok = (r < M) & (tl.arange(0, BP) < BLOCK)
+    idx = tl.load(IDX + b * s_ib + h * s_ih + r.to(tl.int64) * s_im, mask=ok, other=0).to(tl.int64)
+    inside = ok & (idx >= 0) & (idx < N)
+    dd = tl.arange(0, BD)
+    v = tl.load(X + b * s_xb + h * s_xh + idx[:, None] * s_xn + dd[None, :] * s_xd,
+                mask=inside[:, None] & (dd[None, :] < D), other=0.0)
+    f = tl.where((j + 1) * BLOCK <= M, f_full, f_last)
+    tl.store(OUT + (bh.to(tl.int64) * NB + j) * D + dd, tl.sum(v.to(tl.float32), 0) * f, mask=dd < D)
+
+
+def pool_rows(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
+    """``patterns.base.pool_blocks(gather_rows(x, index), block)`` without the gathered copy: x [B, H, N, D] (any
+    strides), index integer [B, H, M] -> float32 [B, H, ceil(M / block), D], the mean of each ``block`` consecutive
+    index entries' rows (fewer in a partial last block), summed in fp32 and scaled by 1/count as the torch path's
+    mean is (the Python float rounded to fp32). Equal to it wherever the fp32 sums are exact (the order of the
+    additions differs). ``pbs`` pools its permuted keys so: the copy is B·H·M·D elements written and read again.
+
+    Not measured on a GPU yet (written after the session's device time was spent). At 16K tokens and 28/28 heads
+    the copy is 117 MB written and read back, and ``pbs``'s estimate reads 13.5% of its kernel's time;
+    ``benchmarks/profile_estimation.py --n 16384 --kv-heads 28 --specs pbs --env-ab VIDSPARSE_PBS_POOL_ROWS=0,1``
+    (and 28/4, 32K–128K) decides whether it stays."""
+    b, h, n, d = x.shape
+    m = index.shape[2]
+    if index.shape[:2] != (b, h):
+        raise ValueError(f"pool_rows: index {tuple(index.shape)} for x {tuple(x.shape)}")
+    nb = -(-m // block)
+    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    tail = m - (nb - 1) * block
+    f_full = float(torch.tensor(1.0 / block, dtype=torch.float32))
+    f_last = float(torch.tensor(1.0 / tail, dtype=torch.float32))
+    bp = triton.next_power_of_2(block)
+    _pool_rows[(nb, b * h)](x, index, out, n, m, nb, h, *x.stride(), index.stride(0), index.stride(1),
+                            index.stride(2), f_full, f_last, BLOCK=block, BP=bp, D=d, BD=triton.next_power_of_2(d),
+                            num_warps=4 if bp * d <= 8192 else 8)
+    return out

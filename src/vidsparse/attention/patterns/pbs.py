@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,7 +10,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, PermutedLayout, gather_rows, shape_cache
-from .base import Pattern, SeqMeta, block_scores, column_probs, keep_top_mass, pool_blocks
+from .base import Pattern, SeqMeta, block_scores, column_probs, keep_top_mass, pool_blocks, use_kernel
 
 
 @PATTERNS.register("pbs")
@@ -52,9 +53,13 @@ class PBS(Pattern):
         b, h, nq, _ = q.shape
         hk, nk = k.shape[1], k.shape[2]
         perm = self.permutation(q, k)
-        kperm = gather_rows(k, perm)
-        s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False),
-                         kp=pool_blocks(kperm, meta.block_k), backend=self.backend)
+        if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_PBS_POOL_ROWS") != "0":
+            from ..kernels.gather import pool_rows
+
+            kp = pool_rows(k, perm, meta.block_k)  # the permuted keys' block means, without their copy
+        else:
+            kp = pool_blocks(gather_rows(k, perm), meta.block_k)
+        s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False), kp=kp, backend=self.backend)
         nqb, nkb = s.shape[-2:]
         past, own, bias = _segments(nqb, nkb, meta.block_q, meta.block_k, nq, nk, self.segment, meta.causal, q.device)
         keep = keep_top_mass(torch.softmax(s + bias, -1).nan_to_num(0.0), self.tau)
