@@ -922,6 +922,29 @@ def test_grid_picks_the_same_strides_with_the_kernel(interpreter):
     assert (a.num_groups[0, :2] == f).all() and (a.num_groups[0, 2:] < f).all()
 
 
+@pytest.mark.parametrize("nq,nk,causal,spec,rows", [
+    (320, 320, True, "pbs:segment=64,last_q=80", "1024"), (320, 320, True, "pbs:segment=64,last_q=80", "1"),
+    (300, 460, True, "pbs:segment=64,tau=0.5,first_block=false", "1024"),  # more keys, partial last blocks
+    (320, 320, False, "pbs:segment=96,tau=0.6", "1024")])  # not causal, segments not dividing the keys
+def test_pbs_selection_kernel_equals_torch(interpreter, monkeypatch, nq, nk, causal, spec, rows):
+    """pbs's one-pass selection (``select_mass`` with its own segments and first block forced) writes exactly the
+    layout of its torch steps (``VIDSPARSE_PBS_SELECT=0``: the mass selection, the unions and the mask conversion),
+    indices, counts and ``kv_full``, from the same scores; rows shared among programs or one each."""
+    monkeypatch.setenv("VIDSPARSE_SELECT_ROWS", rows)
+    q, k, _ = qkv(h=4, hk=2, n=nk, d=16, seed=nq + nk)
+    q = q[:, :, nk - nq:]
+    pat = PATTERNS.from_spec(spec + ",backend=kernel")
+    meta = SeqMeta(32, 32, causal)
+    got = pat.estimate(q, k, meta)
+    monkeypatch.setenv("VIDSPARSE_PBS_SELECT", "0")
+    want = pat.estimate(q, k, meta)
+    assert torch.equal(got.perm, want.perm)
+    a, b = got.blocks, want.blocks
+    assert torch.equal(a.kv_count, b.kv_count) and torch.equal(a.kv_index, b.kv_index)
+    assert torch.equal(a.kv_full, b.kv_full)
+    assert 0 < int(b.kv_count.sum()) < b.kv_count.numel() * b.kv_index.shape[-1]  # neither empty nor dense
+
+
 @pytest.mark.parametrize("spec", ["vertical_slash:vertical=20,slash=30,force_vertical=2,force_slash=8",
                                   "pbs:segment=64,last_q=80", "token_sparse:coverage=0.9,window=48"])
 def test_probe_row_patterns_pick_the_same_layout_with_the_kernel(interpreter, spec):

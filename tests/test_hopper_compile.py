@@ -183,6 +183,8 @@ nb = 128  # 16K tokens in 128-token blocks: 8 rows per program
 s = torch.zeros(1, 4, nb, nb)
 bs.select_levels(s, torch.zeros(nb, 4, dtype=torch.int32), (8, 8, 8, 8), 1, 1, 128, 128, 128 * nb, 128 * nb, True)
 bs.select_mass(s, 0.9, 1, 1, 128, 128, 128 * nb, 128 * nb, True)
+bs.select_mass(s, 0.9, 0, 0, 128, 128, 128 * nb, 128 * nb, False, extra=torch.zeros(nb, nb, dtype=torch.bool),
+               first=torch.zeros(1, 2, dtype=torch.int32))  # pbs's
 for f in (bs._levels_rows, bs._select_mass_rows):
     for i, k in enumerate(f.device_caches[0][0].values()):
         open(f"{sys.argv[1]}/{f.__name__}{i}.cubin", "wb").write(k.asm["cubin"])
@@ -190,11 +192,11 @@ for f in (bs._levels_rows, bs._select_mass_rows):
 
 
 def test_shared_row_selections_build_for_sm90_without_spills(tmp_path):
-    """The mass and pyramid-level selections with 8 rows of 128 blocks per program (their launch at 16K tokens) build
-    for sm_90 with nothing spilled."""
+    """The mass (also with pbs's extra forced blocks) and pyramid-level selections with 8 rows of 128 blocks per
+    program (their launch at 16K tokens) build for sm_90 with nothing spilled."""
     build(tmp_path / "cache", SHARED_ROWS_BUILD, tmp_path)
     cubins = sorted(tmp_path.glob("*.cubin"))
-    assert [c.name for c in cubins] == ["_levels_rows0.cubin", "_select_mass_rows0.cubin"]
+    assert [c.name for c in cubins] == ["_levels_rows0.cubin", "_select_mass_rows0.cubin", "_select_mass_rows1.cubin"]
     for cubin in cubins:
         usage = dump(cubin, "--dump-resource-usage")
         assert "STACK:0" in usage and "LOCAL:0" in usage, usage

@@ -254,12 +254,23 @@ def _outputs(b: int, h: int, nqb: int, width: int, device):
 
 
 @triton.jit
+def _more_forced(EXTRA, FIRST, G, H, bh, m, n, NQB, nkb):
+    """Blocks a caller forces besides the sink and diagonal (``select_mass``'s ``extra`` and ``first``): row m's
+    entries of the bool [NQ, NK] mask, and the key block FIRST[b, h // G]."""
+    extra = tl.load(EXTRA + m * nkb + n, mask=(n < nkb) & (m < NQB), other=0) != 0
+    first = tl.load(FIRST + (bh // H) * (H // G) + (bh % H) // G)
+    return (extra | (n == first)) & (n < nkb)
+
+
+@triton.jit
 def _select_mass(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, local, block_q, block_k, q_len, off,
-                 CAUSAL: tl.constexpr, W: tl.constexpr):
+                 EXTRA, FIRST, G, CAUSAL: tl.constexpr, W: tl.constexpr, MORE: tl.constexpr):
     bh = tl.program_id(0)
     m = tl.program_id(1)  # every row at full width: the row's total mass counts entries past the diagonal too
     n, p, allowed, forced, full = _row(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len, off, m,
                                        CAUSAL, W)
+    if MORE:
+        forced = forced | _more_forced(EXTRA, FIRST, G, H, bh, m, n, NQB, nkb)
     p = tl.where(n < nkb, p, 0.0)
     total = tl.maximum(tl.sum(p, 0), 1e-30)
     key = _order_key(p)
@@ -274,23 +285,34 @@ def _select_mass(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, lo
 
 
 def select_mass(probs: torch.Tensor, tau: float, sink: int, local: int, block_q: int, block_k: int, q_len: int,
-                k_len: int, causal: bool):
+                k_len: int, causal: bool, extra: torch.Tensor | None = None, first: torch.Tensor | None = None):
     """``patterns.base.keep_top_mass`` and ``finish_layout`` in one pass: per row of ``probs`` [B, H, NQ, NK]
     (non-negative masses), the fewest blocks, largest first and ties to the lower index, whose mass reaches ``tau``
     of the row's (every positive one at ``tau`` ≥ 1), plus the forced sink and diagonal blocks, nothing past the
     causal diagonal -> (index int32 [B, H, NQ, NK] ascending then zeros, count int32 [B, H, NQ], full bool
-    [B, H, NQ, NK])."""
+    [B, H, NQ, NK]). ``extra`` (bool [NQ, NK]) and ``first`` (integer [B, Hkv], Hkv dividing H: query head h reads
+    first[b, h // (H / Hkv)]), given together: more forced blocks, row m's ``extra`` ones and the key block ``first``
+    (``pbs``: the segments holding the row's own positions and the block where token 0 was permuted to)."""
     b, h, nqb, nkb = probs.shape
     probs = probs.float().contiguous()
     index, full, count = _outputs(b, h, nqb, nkb, probs.device)
     w = triton.next_power_of_2(max(nkb, 2))
     r = _rows_per(w)
-    args = (probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
-            local, block_q, block_k, q_len, k_len - q_len)
-    if r > 1:
-        _select_mass_rows[(b * h, triton.cdiv(nqb, r))](*args, CAUSAL=causal, W=w, R=r, num_warps=_warps(w))
+    more = extra is not None
+    if more:
+        if first is None or tuple(extra.shape) != (nqb, nkb) or first.shape[0] != b or h % first.shape[1]:
+            raise ValueError(f"select_mass: extra {tuple(extra.shape)} and first "
+                             f"{None if first is None else tuple(first.shape)} for probs {tuple(probs.shape)}")
+        extra, first, g = extra.to(torch.int8).contiguous(), first.to(torch.int32).contiguous(), h // first.shape[1]
     else:
-        _select_mass[(b * h, nqb)](*args, CAUSAL=causal, W=w, num_warps=_warps(w))
+        extra, first, g = probs, probs, 1  # unread
+    args = (probs, index, full, count, probs.stride(0), probs.stride(1), probs.stride(2), h, nqb, nkb, float(tau), sink,
+            local, block_q, block_k, q_len, k_len - q_len, extra, first, g)
+    if r > 1:
+        _select_mass_rows[(b * h, triton.cdiv(nqb, r))](*args, CAUSAL=causal, W=w, MORE=more, R=r,
+                                                        num_warps=_warps(w))
+    else:
+        _select_mass[(b * h, nqb)](*args, CAUSAL=causal, W=w, MORE=more, num_warps=_warps(w))
     return index, count, full
 
 
@@ -430,10 +452,13 @@ def _row_tile(S, s_sb, s_sh, s_sm, H, nkb, sink, local, block_q, block_k, q_len,
 
 @triton.jit
 def _select_mass_rows(P, IDX, FULL, CNT, s_pb, s_ph, s_pm, H, NQB, nkb, tau, sink, local, block_q, block_k, q_len,
-                      off, CAUSAL: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
+                      off, EXTRA, FIRST, G, CAUSAL: tl.constexpr, W: tl.constexpr, MORE: tl.constexpr,
+                      R: tl.constexpr):
     bh = tl.program_id(0)
     m, ok, n, p, allowed, forced, full = _row_tile(P, s_pb, s_ph, s_pm, H, nkb, sink, local, block_q, block_k, q_len,
                                                    off, 0, NQB, CAUSAL, W, R)
+    if MORE:
+        forced = forced | (_more_forced(EXTRA, FIRST, G, H, bh, m, n, NQB, nkb) & ok)
     p = tl.where((n < nkb) & ok, p, 0.0)
     total = tl.maximum(tl.sum(p, 1, keep_dims=True), 1e-30)
     key = _order_key(p)

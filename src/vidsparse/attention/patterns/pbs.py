@@ -45,6 +45,12 @@ class PBS(Pattern):
         return segment_order(self.key_scores(q, k), self.segment)
 
     def estimate(self, q, k, meta: SeqMeta) -> PermutedLayout:
+        """On CUDA (``backend`` "auto"), the permuted keys' block means come from ``kernels.gather.pool_rows`` (no
+        copy of the permuted keys) and the blocks from one ``select_mass`` pass with the own segments and the first
+        block forced; ``VIDSPARSE_PBS_POOL_ROWS=0`` / ``VIDSPARSE_PBS_SELECT=0`` take the torch steps (the same
+        layout: ``tests/test_attention.py``). Neither was measured on a GPU yet: ``benchmarks/profile_estimation.py
+        --n 16384 --specs pbs --env-ab VIDSPARSE_PBS_SELECT=0,1`` (and the other switch, 28/4 and 28/28 heads, 16K to
+        128K) decides whether they stay."""
         if self.segment % meta.block_k:
             from ...errors import SpecError
 
@@ -62,11 +68,20 @@ class PBS(Pattern):
         s = block_scores(q, k, SeqMeta(meta.block_q, meta.block_k, False), kp=kp, backend=self.backend)
         nqb, nkb = s.shape[-2:]
         past, own, bias = _segments(nqb, nkb, meta.block_q, meta.block_k, nq, nk, self.segment, meta.causal, q.device)
-        keep = keep_top_mass(torch.softmax(s + bias, -1).nan_to_num(0.0), self.tau)
-        keep = (keep & past) | own
+        probs = torch.softmax(s + bias, -1).nan_to_num(0.0)  # 0 outside the past segments
+        where0 = torch.argmax((perm == 0).int(), -1) // meta.block_k  # [B, Hkv]: the block token 0 was permuted to
+        if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_PBS_SELECT") != "0":
+            from ..kernels.block_select import select_mass
+
+            # the mass selection, the own segments and the first block in one pass that writes the layout
+            first = where0 if self.first_block else torch.full_like(where0, -1)  # -1: no block
+            index, count, full = select_mass(probs, self.tau, 0, 0, meta.block_q, meta.block_k, nq, nk, False,
+                                             extra=own, first=first)
+            lay = BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, False)
+            return PermutedLayout(perm, lay, causal=meta.causal)
+        keep = (keep_top_mass(probs, self.tau) & past) | own
         if self.first_block:  # the permuted block that holds token 0, for every query head of its K/V head
-            where0 = (torch.argmax((perm == 0).int(), -1) // meta.block_k).repeat_interleave(h // hk, 1)
-            keep = keep | (torch.arange(nkb, device=q.device) == where0[..., None, None])
+            keep = keep | (torch.arange(nkb, device=q.device) == where0.repeat_interleave(h // hk, 1)[..., None, None])
         lay = BlockLayout.from_block_mask(keep, meta.block_q, meta.block_k, nq, nk, causal=False, width=nkb)
         return PermutedLayout(perm, lay, causal=meta.causal)
 
