@@ -91,6 +91,7 @@ def row_copies():  # the row gather and scatter in each of their index modes (ow
     ga.scatter_rows(x, idx, torch.zeros(2, 2, 40, 128, dtype=bf))
     ga.scatter_rows(x, idx[:1], torch.zeros(1, 2, 40, 128, dtype=bf), planes=torch.tensor([3, 0]))
     ga.pool_rows(x, idx, 128)  # pbs's permuted keys' block means
+    ga.segment_order(torch.zeros(2, 2, 3000), 1024)  # pbs's permutation
 
 
 nkb = 1024  # 128K tokens in 128-token blocks

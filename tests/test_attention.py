@@ -1386,6 +1386,22 @@ def test_segment_order_equals_sorting_all_then_by_segment(nk, segment):
     assert torch.equal(segment_order(score, segment), want)
 
 
+@pytest.mark.parametrize("nk,segment", [(300, 64), (256, 64), (300, 1000), (300, 96), (50, 1), (1, 64)])
+def test_segment_order_kernel_equals_torch(interpreter, nk, segment):
+    """``kernels.gather.segment_order`` (one program per run, a bitonic sort of packed (score, position)) gives
+    exactly pbs's torch order: ties (kept in position order), zeros and -0.0 (equal to 0.0), a short last run, runs
+    that are not powers of two, one run longer than the keys."""
+    from vidsparse.attention.kernels.gather import segment_order as kernel
+    from vidsparse.attention.patterns.pbs import segment_order
+
+    g = torch.Generator().manual_seed(nk + segment)
+    score = torch.rand(2, 3, nk, generator=g)
+    score[..., ::7] = 0.5
+    score[..., 3::11] = 0.0
+    score[..., 5::13] = -0.0
+    assert torch.equal(kernel(score, segment), segment_order(score, segment))
+
+
 def _rows_by_loop(x, index, heads=None):
     b, h, m = x.shape[0], index.shape[1], index.shape[2]
     heads = range(h) if heads is None else heads.tolist()

@@ -204,9 +204,9 @@ def test_shared_row_selections_build_for_sm90_without_spills(tmp_path):
 
 def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):
     """The row gather in its three index modes (own head, head map, flattened planes), the row scatter in its two, the
-    gathered rows' block means and grid's one-pass phase masses (the statistics kernel with two strides) compile for
-    sm_90 and launch through their wrappers. (Their numerics: the interpreter tests in test_attention.py and the GPU
-    tests.)"""
+    gathered rows' block means, pbs's segment sort and grid's one-pass phase masses (the statistics kernel with two
+    strides) compile for sm_90 and launch through their wrappers. (Their numerics: the interpreter tests in
+    test_attention.py and the GPU tests.)"""
     got = json.loads(build(tmp_path / "cache", LAUNCH, "row_copies,phase_mass").strip().splitlines()[-1])
-    assert [k[0] for k in got["row_copies"]] == ["_rows"] * 3 + ["_scatter"] * 2 + ["_pool_rows"], got
+    assert [k[0] for k in got["row_copies"]] == ["_rows"] * 3 + ["_scatter"] * 2 + ["_pool_rows", "_segment_sort"], got
     assert [k[0] for k in got["phase_mass"]] == ["_row_stats"], got

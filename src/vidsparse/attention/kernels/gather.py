@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_select import _order_key
+
 R, WARPS = 32, 4  # rows per program (32 and 64 rows measured alike), warps
 
 
@@ -191,3 +193,43 @@ def pool_rows(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
                             index.stride(2), f_full, f_last, BLOCK=block, BP=bp, D=d, BD=triton.next_power_of_2(d),
                             num_warps=4 if bp * d <= 8192 else 8)
     return out
+
+
+@triton.jit
+def _segment_sort(S, OUT, N, SEG, SP: tl.constexpr):
+    g = tl.program_id(0)  # the segment
+    row = tl.program_id(1).to(tl.int64)  # the (batch, head) row of scores
+    i = tl.arange(0, SP)
+    pos = g * SEG + i
+    ok = (i < SEG) & (pos < N)
+    v = tl.load(S + row * N + pos, mask=ok, other=float("-inf"))  # padding sorts last, as the torch path pads
+    packed = (_order_key(v).to(tl.int64) << 32) | (SP - 1 - i).to(tl.int64)  # larger score first, then lower index
+    srt = tl.sort(packed, 0, descending=True)
+    first = (SP - 1 - (srt & 0xFFFFFFFF)).to(tl.int64)
+    tl.store(OUT + row * N + pos, g * SEG + first, mask=ok)
+
+
+SORT_UP_TO = 8192  # ``segment_order``'s segments up to this long sort in one program each
+
+
+def segment_order(score: torch.Tensor, segment: int) -> torch.Tensor:
+    """``patterns.pbs.segment_order`` in one launch: score float [..., N] -> int64 [..., N], the positions of each
+    ``segment``-long run by score descending within the run, ties to the lower position (one program per run: a
+    bitonic sort, ``tl.sort``, of (score, position) packed in an int64), runs in order; segments up to
+    ``SORT_UP_TO``. Exactly the torch path's order (scores compare as torch compares them: -0.0 equal to 0.0; no
+    NaN).
+
+    Not measured on a GPU yet (written after the session's device time was spent): ``benchmarks/profile_estimation.py
+    --n 16384 --kv-heads 28 --specs pbs --env-ab VIDSPARSE_PBS_SORT=0,1`` (and 28/4, 32K–128K) decides whether it
+    stays; torch's radix sort of the runs took 0.023 ms of ``pbs``'s 0.38 ms estimate at 16K, 28/4 heads."""
+    n = score.shape[-1]
+    segment = max(1, min(segment, n))
+    if segment > SORT_UP_TO:
+        raise ValueError(f"segment_order: segments of {segment} (at most {SORT_UP_TO})")
+    flat = score.float().reshape(-1, n).contiguous()
+    out = torch.empty(flat.shape, dtype=torch.int64, device=score.device)
+    if out.numel() == 0:
+        return out.view(score.shape)
+    sp = triton.next_power_of_2(segment)
+    _segment_sort[(triton.cdiv(n, segment), flat.shape[0])](flat, out, n, segment, SP=sp, num_warps=max(4, sp // 256))
+    return out.view(score.shape)

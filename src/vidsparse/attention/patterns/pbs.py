@@ -41,16 +41,25 @@ class PBS(Pattern):
         return column_probs(q[:, :, nq - lq:], k, qpos, backend=self.backend)[0].view(b, hk, h // hk, nk).sum(2)
 
     def permutation(self, q, k) -> torch.Tensor:
-        """int64 [B, Hkv, Nk]: original key positions in permuted order."""
-        return segment_order(self.key_scores(q, k), self.segment)
+        """int64 [B, Hkv, Nk]: original key positions in permuted order (on CUDA each segment sorted by one Triton
+        program, ``kernels.gather.segment_order``; ``VIDSPARSE_PBS_SORT=0``: torch's sort)."""
+        score = self.key_scores(q, k)
+        if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_PBS_SORT") != "0":
+            from ..kernels.gather import SORT_UP_TO
+            from ..kernels.gather import segment_order as kernel
+
+            if min(self.segment, score.shape[-1]) <= SORT_UP_TO:
+                return kernel(score, self.segment)
+        return segment_order(score, self.segment)
 
     def estimate(self, q, k, meta: SeqMeta) -> PermutedLayout:
-        """On CUDA (``backend`` "auto"), the permuted keys' block means come from ``kernels.gather.pool_rows`` (no
-        copy of the permuted keys) and the blocks from one ``select_mass`` pass with the own segments and the first
-        block forced; ``VIDSPARSE_PBS_POOL_ROWS=0`` / ``VIDSPARSE_PBS_SELECT=0`` take the torch steps (the same
-        layout: ``tests/test_attention.py``). Neither was measured on a GPU yet: ``benchmarks/profile_estimation.py
-        --n 16384 --specs pbs --env-ab VIDSPARSE_PBS_SELECT=0,1`` (and the other switch, 28/4 and 28/28 heads, 16K to
-        128K) decides whether they stay."""
+        """On CUDA (``backend`` "auto"), the segments are sorted by ``kernels.gather.segment_order``, the permuted
+        keys' block means come from ``kernels.gather.pool_rows`` (no copy of the permuted keys) and the blocks from
+        one ``select_mass`` pass with the own segments and the first block forced; ``VIDSPARSE_PBS_SORT=0`` /
+        ``VIDSPARSE_PBS_POOL_ROWS=0`` / ``VIDSPARSE_PBS_SELECT=0`` take the torch steps (the same layout:
+        ``tests/test_attention.py``). None was measured on a GPU yet: ``benchmarks/profile_estimation.py --n 16384
+        --specs pbs --env-ab VIDSPARSE_PBS_SELECT=0,1`` (and the other switches, 28/4 and 28/28 heads, 16K to 128K)
+        decides whether they stay."""
         if self.segment % meta.block_k:
             from ...errors import SpecError
 
