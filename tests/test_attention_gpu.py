@@ -481,6 +481,29 @@ def test_gather_rows_kernel_equals_torch_gather(dtype, d):
     assert torch.equal(kernel(proj, idx[:1, :5], planes=planes)[0, 0], proj[1, 3, idx[0, 0]])
 
 
+def test_pbs_segment_sort_and_pooling_kernels_equal_torch_on_cuda():
+    """pbs's segment sort (``kernels.gather.segment_order``) gives torch's order exactly on the GPU (1024-key runs of
+    28 K/V heads, with ties), and its in-place pooling (``pool_rows``) the mean of the gathered copy to fp32
+    summation order."""
+    from tolerances import FP32_SAME_ATOL, FP32_SAME_RTOL
+
+    from vidsparse.attention.kernels.gather import pool_rows
+    from vidsparse.attention.kernels.gather import segment_order as kernel
+    from vidsparse.attention.layout import gather_rows_torch
+    from vidsparse.attention.patterns.base import pool_blocks
+    from vidsparse.attention.patterns.pbs import segment_order
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, hk, n = 1, 28, 5000
+    score = torch.rand(b, hk, n, device="cuda", generator=g)
+    score[..., ::5] = 0.25  # ties
+    perm = kernel(score, 1024)
+    assert torch.equal(perm, segment_order(score, 1024))
+    k = torch.randn(b, hk, n, 128, device="cuda", generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(pool_rows(k, perm, 128), pool_blocks(gather_rows_torch(k, perm), 128),
+                               atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+
+
 @pytest.mark.parametrize("spec,causal", [("token_sparse:coverage=0.6,window=64", True), ("grid:stride=4", True),
                                          ("grid:stride=16", False)])
 def test_gathered_patterns_on_batch_2_projection_views(spec, causal):
