@@ -173,10 +173,9 @@ def pool_rows(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
     mean is (the Python float rounded to fp32). Equal to it wherever the fp32 sums are exact (the order of the
     additions differs). ``pbs`` pools its permuted keys so: the copy is B·H·M·D elements written and read again.
 
-    Not measured on a GPU yet (written after the session's device time was spent). At 16K tokens and 28/28 heads
-    the copy is 117 MB written and read back, and ``pbs``'s estimate reads 13.5% of its kernel's time;
-    ``benchmarks/profile_estimation.py --n 16384 --kv-heads 28 --specs pbs --env-ab VIDSPARSE_PBS_POOL_ROWS=0,1``
-    (and 28/4, 32K–128K) decides whether it stays."""
+    At 16K tokens and 28/28 heads the copy is 117 MB written and read back. H200, ``pbs``'s whole estimate with
+    the copy / without it (``benchmarks/profile_estimation.py --n 16384 --kv-heads 28 --specs pbs --env-ab
+    VIDSPARSE_PBS_POOL_ROWS=0,1``, 2026-11-29): 0.368 / 0.322 ms at 28/28 heads, 0.257 / 0.250 ms at 28/4."""
     b, h, n, d = x.shape
     m = index.shape[2]
     if index.shape[:2] != (b, h):
@@ -219,9 +218,9 @@ def segment_order(score: torch.Tensor, segment: int) -> torch.Tensor:
     ``SORT_UP_TO``. Exactly the torch path's order (scores compare as torch compares them: -0.0 equal to 0.0; no
     NaN).
 
-    Not measured on a GPU yet (written after the session's device time was spent): ``benchmarks/profile_estimation.py
-    --n 16384 --kv-heads 28 --specs pbs --env-ab VIDSPARSE_PBS_SORT=0,1`` (and 28/4, 32K–128K) decides whether it
-    stays; torch's radix sort of the runs took 0.023 ms of ``pbs``'s 0.38 ms estimate at 16K, 28/4 heads."""
+    H200, ``pbs``'s whole estimate with torch's radix sort of the runs / this kernel (``benchmarks/
+    profile_estimation.py --n 16384 --kv-heads 4 --specs pbs --env-ab VIDSPARSE_PBS_SORT=0,1``, 2026-11-29):
+    0.269 / 0.250 ms at 28/4 heads, 0.325 / 0.322 ms at 28/28 (0.033 ms in ``_segment_sort`` there)."""
     n = score.shape[-1]
     segment = max(1, min(segment, n))
     if segment > SORT_UP_TO:

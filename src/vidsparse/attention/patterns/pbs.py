@@ -57,9 +57,12 @@ class PBS(Pattern):
         keys' block means come from ``kernels.gather.pool_rows`` (no copy of the permuted keys) and the blocks from
         one ``select_mass`` pass with the own segments and the first block forced; ``VIDSPARSE_PBS_SORT=0`` /
         ``VIDSPARSE_PBS_POOL_ROWS=0`` / ``VIDSPARSE_PBS_SELECT=0`` take the torch steps (the same layout:
-        ``tests/test_attention.py``). None was measured on a GPU yet: ``benchmarks/profile_estimation.py --n 16384
-        --specs pbs --env-ab VIDSPARSE_PBS_SELECT=0,1`` (and the other switches, 28/4 and 28/28 heads, 16K to 128K)
-        decides whether they stay."""
+        ``tests/test_attention.py``). H200, 16K tokens, GPU ms of the whole estimate, each switch off/on with the
+        others on (``benchmarks/profile_estimation.py --n 16384 --kv-heads 4 --specs pbs --env-ab
+        VIDSPARSE_PBS_SELECT=0,1``, 2026-11-29, ``benchmarks/results/nvidia-h200/profile_estimation_s114_*``):
+        SELECT 0.358/0.249 (28/4), 0.431/0.322 (28/28), at 32K 0.716/0.438 (28/4); POOL_ROWS 0.257/0.250 and
+        0.368/0.322; SORT 0.269/0.250 and 0.325/0.322. All three off, 28/28: 0.479 ms. The estimate is 7.4% (28/4)
+        and 9.1% (28/28) of its kernel's time at 16K (``--with-kernel``), from 11.3% and 13.5% before."""
         if self.segment % meta.block_k:
             from ...errors import SpecError
 
