@@ -332,12 +332,13 @@ def test_xattention_antidiagonal_sums_equal_brute_force():
                                                       (2, 2, 1, 100, 300, True, (16, 32, 2)),
                                                       (1, 2, 2, 150, 130, False, (16, 16, 3)),
                                                       (1, 2, 1, 256, 256, True, (128, 128, 1)),
-                                                      (1, 4, 2, 200, 200, True, (16, 16, 4))])
+                                                      (1, 4, 2, 200, 200, True, (16, 16, 4)),
+                                                      (1, 2, 2, 512, 512, True, (16, 16, 8))])
 def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq, nk, causal, tiles):
     """The fused antidiagonal kernel (strided scores, softmax and block sums without the score matrix) gives the
     torch path's block masses: lengths that are not block or stride multiples, GQA, batch > 1, more keys than
     queries, several row and column tiles per program, heads processed in groups (scratch bound forced low), and
-    a row tile's column tiles split over 2-4 programs (some of which get none), the last to finish combining them."""
+    a row tile's column tiles split over 2-8 programs (some of which get none), the last to finish combining them."""
     from vidsparse.attention.kernels import antidiagonal
     from vidsparse.attention.patterns.xattention import XAttention
 
@@ -351,6 +352,28 @@ def test_xattention_fused_kernel_equals_torch(interpreter, monkeypatch, b, h, hk
                                                splits=tiles[2])
     torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
     torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], 8.0), atol=1e-4, rtol=0)  # rows sum to 1
+
+
+def test_xattention_splits_rule(monkeypatch):
+    """8 programs per row tile where a head group's programs would fill fewer than two per SM with 4 and the longest
+    row tile has 8 column tiles: 28/28 heads at 16K–64K, stride 8 (stride 16 from 32K); 4 otherwise (28/4 heads,
+    128K). ``VIDSPARSE_ANTIDIAG_SPLITS`` fixes it, 0 is the rule."""
+    import triton
+
+    from vidsparse.attention.kernels.antidiagonal import default_splits, head_group, launch_defaults
+
+    def splits(n, hk, s):
+        tile = launch_defaults(s, 128)[0]
+        return default_splits(min(28, head_group(28 // hk, n * 256)), triton.cdiv(n // s, 128),
+                              triton.cdiv(n // s, tile), torch.device("cpu"))
+
+    cases = [(16384, 28, 8), (16384, 28, 16), (32768, 28, 8), (32768, 28, 16), (65536, 28, 8), (131072, 28, 8),
+             (16384, 4, 8), (65536, 4, 16), (131072, 4, 8)]
+    assert [splits(*c) for c in cases] == [8, 4, 8, 8, 8, 4, 4, 4, 4]
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_SPLITS", "3")
+    assert splits(16384, 28, 8) == splits(16384, 4, 8) == 3
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_SPLITS", "0")
+    assert splits(16384, 28, 8) == 8
 
 
 @pytest.mark.parametrize("scratch", [None, 1])
@@ -523,6 +546,74 @@ def test_block_select_breaks_ties_to_the_lower_index_on_both_paths(interpreter, 
         for hh in range(2):
             want = order[0, hh, m, : int(total[m])].sort().values.int()
             assert torch.equal(got.kv_index[0, hh, m, : int(total[m])], want), (m, hh)
+
+
+@pytest.mark.parametrize("b,h,hk,nq,nk,causal,spec,few,slice_entries,transposed", [
+    (1, 4, 2, 304, 304, True, "block_topk:density=0.2", "16", 8192, False),  # a partial last block of 8 pooled
+    (2, 4, 1, 304, 560, True, "block_topk:density=0.3,sink=2,local=2", "0", 512, True),  # the search; 4 slices
+    (1, 2, 2, 256, 256, False, "block_topk:topk=3,sink=0,local=0", "100000", 8192, False),
+    (1, 6, 3, 512, 512, True, "block_topk:density=0.5,pool_stride=1", "16", 1024, True),  # rows of two heads
+    (1, 4, 2, 640, 640, True, "block_topk:density=0.3,pool_stride=3", "16", 8192, False)])  # 11 tokens, 16 loaded
+def test_pooled_topk_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq, nk, causal, spec, few,
+                                         slice_entries, transposed):
+    """``block_topk``'s fused estimate (q's pooling, the scores and the selection in one kernel) writes exactly the
+    unfused kernels' layout (indices, counts, ``kv_full``) where the fp32 sums are exact: dyadic q/k with few bits, head
+    dim 64 (scale 1/8), power-of-two token counts per pooled block. The keys repeat every three blocks, so most
+    selections break ties (to the lower index); GQA, batch 2, more keys than queries, not causal, a model's transposed q/k, the head-dim slices of
+    the product (``SLICE_ENTRIES``), the rounds of max-reduction and the counting search (``VIDSPARSE_SELECT_FEW``).
+    """
+    from vidsparse.attention.kernels import pooled_topk
+
+    monkeypatch.setenv("VIDSPARSE_SELECT_FEW", few)
+    monkeypatch.setenv("VIDSPARSE_POOLED_TOPK_SLICE", str(slice_entries))
+    g = torch.Generator().manual_seed(nq + nk + h)
+
+    def mk(heads, n):
+        x = torch.randint(-3, 4, (b, n, heads, 64) if transposed else (b, heads, n, 64), generator=g) / 4.0
+        return x.transpose(1, 2) if transposed else x
+
+    q, k = mk(h, nq).to(torch.bfloat16), mk(hk, nk).to(torch.bfloat16)
+    k = k[:, :, torch.arange(nk) % 96]  # the keys repeat every 3 blocks: each row's scores tie in 3 groups
+    meta = SeqMeta(32, 32, causal)
+    seen = []
+    real = pooled_topk.pooled_topk
+    monkeypatch.setattr(pooled_topk, "pooled_topk", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    pat = PATTERNS.from_spec(spec + ",backend=kernel")
+    got = pat.estimate(q, k, meta)
+    assert seen, "the fused kernel did not run"
+    monkeypatch.setenv("VIDSPARSE_TOPK_FUSED", "0")
+    want = pat.estimate(q, k, meta)  # the scores kernel and block_select: ties to the lower index, as a stable sort
+    assert len(seen) == 1
+    assert torch.equal(PATTERNS.from_spec(spec + ",backend=reference").estimate(q, k, meta).block_mask().sum(-1),
+                       want.block_mask().sum(-1))  # torch's topk keeps as many (its tie order is unspecified)
+    assert torch.equal(got.kv_count, want.kv_count)
+    assert torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_full, want.kv_full)
+    assert 0 < int(want.kv_count.sum()) < want.kv_count.numel() * -(-nk // 32)  # neither empty nor dense
+
+
+def test_pooled_topk_is_switched_by_width_and_environment(interpreter, monkeypatch):
+    """Layouts wider than ``UP_TO`` key blocks, and ``VIDSPARSE_TOPK_FUSED=0``, keep the scores and the selection
+    apart (the unfused kernels): the same layout on q/k that pool exactly."""
+    from vidsparse.attention.kernels import block_select, pooled_topk
+
+    assert pooled_topk.fits(128, 128) and not pooled_topk.fits(129, 128) and not pooled_topk.fits(128, 96)
+    q = (torch.randint(-3, 4, (1, 2, 320, 64), generator=torch.Generator().manual_seed(5)) / 4.0)
+    calls = []
+    real = block_select.select_blocks
+    monkeypatch.setattr(block_select, "select_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pat = PATTERNS.from_spec("block_topk:density=0.3,backend=kernel")
+    fused = pat.estimate(q, q, SeqMeta(32, 32))
+    assert not calls
+    monkeypatch.setenv("VIDSPARSE_TOPK_FUSED", "0")
+    apart = pat.estimate(q, q, SeqMeta(32, 32))
+    assert calls
+    assert torch.equal(fused.kv_index, apart.kv_index) and torch.equal(fused.kv_count, apart.kv_count)
+    monkeypatch.delenv("VIDSPARSE_TOPK_FUSED")
+    monkeypatch.setattr(pooled_topk, "UP_TO", 8)  # 10 key blocks: wider than that
+    calls.clear()
+    pat.estimate(q, q, SeqMeta(32, 32))
+    assert calls
 
 
 @pytest.mark.parametrize("dtype,block,transposed,causal", [(torch.float32, 32, False, True),

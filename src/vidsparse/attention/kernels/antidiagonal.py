@@ -194,6 +194,26 @@ def _antidiagonal_mass(Q, K, LP, ML, CNT, OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_k
                      mask=(qb[:, None] * QR < R) & (kb[None, :] < NKB))
 
 
+def default_splits(heads: int, row_tiles: int, col_tiles: int, device) -> int:
+    """Programs per row tile (``antidiagonal_block_mass``'s ``splits``): 4, or 8 where the programs of the heads
+    issued together (``head_group``) would be fewer than two per SM with 4 and the longest row tile has at least 8
+    column tiles. ``VIDSPARSE_ANTIDIAG_SPLITS=N`` fixes N (0: this rule).
+
+    That is 28/28 heads from 16K to 64K tokens at stride 8 (12 MB of K per head group: 3 heads at 16K, one from
+    32K) and 32K–64K at stride 16; 28/4 heads launch enough programs with 4. Measured on an H200 (``benchmarks/
+    profile_estimation.py --env-ab VIDSPARSE_ANTIDIAG_SPLITS=4,8``, xattention's whole estimate, GPU ms,
+    ``profile_estimation_s116_splits_*.json``): 28/28 at 16K, stride 8, 0.2968 / 0.2892 ms with 4 / 8 (6: 0.2897,
+    16: 0.2948), stride 16 (4 column tiles) 0.1817 / 0.1916; at 32K 1.112 / 1.003 and 0.611 / 0.588; 28/4 at 16K
+    0.2705 / 0.2771 and 0.1768 / 0.1883, at 64K 3.820 / 3.906 and 2.098 / 2.014."""
+    env = os.environ.get("VIDSPARSE_ANTIDIAG_SPLITS", "")
+    if env and env != "0":
+        return int(env)
+    sms = 132
+    if device.type == "cuda":
+        sms = fit.sm_count(device)
+    return 8 if heads * row_tiles * 4 < 2 * sms and col_tiles >= 8 else 4
+
+
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -253,21 +273,22 @@ def fitting_launches(stride: int, d: int, block_n: int | None = None, num_warps:
 
 def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causal: bool,
                             block_m: int = 128, block_n: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None, tma: bool | None = None, splits: int = 4,
+                            num_stages: int | None = None, tma: bool | None = None, splits: int | None = None,
                             block_d: int | None = None, heads_together: int | None = None):
     """q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; GQA without expanding k) -> float32 [B, H, NQB, NKB]: per
     query block, the row softmax of XAttention's strided scores (scale 1/(√D·S); zero-padded rows and keys as the
     torch path pads them; causal with the end-aligned diagonal) summed over each key block's columns and the block's
     rows. ``block_m``/``block_n``: strided rows and columns per program and per column tile (at least one block);
     ``tma``: load through TMA descriptors (default: on Hopper and later, for 16-bit inputs whose lengths are stride
-    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles; ``block_d``:
-    head-dim columns per product step (a power of two ≥ 16 dividing D; each stride phase takes D / ``block_d``
-    steps). ``heads_together``: the query heads whose programs are issued together, longest row tiles first, before
-    the next such group's (default ``head_group``); any value computes the same result.
+    multiples); ``splits``: programs per row tile, each taking a contiguous share of its column tiles (default
+    ``default_splits``); ``block_d``: head-dim columns per product step (a power of two ≥ 16 dividing D; each stride
+    phase takes D / ``block_d`` steps). ``heads_together``: the query heads whose programs are issued together,
+    longest row tiles first, before the next such group's (default ``head_group``); any value computes the same
+    result.
 
     Defaults, from ``benchmarks/profile_estimation.py --antidiagonal`` (BM/BN/warps/stages/loads/splits/width;
-    BENCHMARKS.md, "xattention estimation kernel"): 128 query rows, 3 stages, 4 splits (on an H100, 3 and 4 splits
-    were within noise at stride 8, 4 ahead at 16), 64-column steps, and by stride:
+    BENCHMARKS.md, "xattention estimation kernel"): 128 query rows, 3 stages, 4 splits (8 where ``default_splits``
+    says; on an H100, 3 and 4 splits were within noise at stride 8, 4 ahead at 16), 64-column steps, and by stride:
 
     - S ≤ 8: 128 key columns, 4 warps. With 64-column steps a stage is 32 KB, so three take 100 KB and two programs
       fit on an SM: one program's softmax runs beside the other's products. On an H200
@@ -299,6 +320,12 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     bm = max(block_m, qr, 16)
     r = nqb * qr
     out = torch.empty(b, h, nqb, nkb, dtype=torch.float32, device=q.device)  # every entry is written
+    hg = head_group(h // hk, nk * d * k.element_size()) if heads_together is None else heads_together
+    if hg < 1:
+        raise ValueError(f"antidiagonal_block_mass: heads_together must be at least 1, got {hg}")
+    if splits is None:
+        splits = default_splits(min(b * h, hg), triton.cdiv(r, bm), triton.cdiv(-(-nk // s), max(
+            launch_defaults(s, d, block_n)[0], kc, 16)), q.device)
     per_head = triton.cdiv(r, bm) * bm * nkb * 4
     group = max(1, min(b * h, SCRATCH_BYTES // per_head))
     rp = triton.cdiv(r, bm) * bm
@@ -306,9 +333,6 @@ def antidiagonal_block_mass(q, k, stride: int, block_q: int, block_k: int, causa
     ml = torch.empty(group, splits, 2, rp, dtype=torch.float32, device=q.device)  # each split's row max and sum
     arrived = torch.zeros(-(-b * h // group), group, rp // bm, dtype=torch.int32, device=q.device)  # per row tile
     kbt = max(16, min(64, triton.next_power_of_2(nkb)))
-    hg = head_group(h // hk, nk * d * k.element_size()) if heads_together is None else heads_together
-    if hg < 1:
-        raise ValueError(f"antidiagonal_block_mass: heads_together must be at least 1, got {hg}")
     if tma is None:
         tma = tma_fits(q, k, s)
     i64 = needs_int64(out) if tma else needs_int64(q, k, out)  # TMA boxes take int32 coordinates into any size

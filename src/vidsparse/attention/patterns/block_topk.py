@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,7 +11,7 @@ import torch
 
 from ...registry import PATTERNS
 from ..layout import BlockLayout, causal_block_mask, shape_cache
-from .base import Pattern, SeqMeta, block_scores, row_totals, topk_layout
+from .base import Pattern, SeqMeta, block_scores, pool_blocks, pool_stride, row_totals, topk_layout, use_kernel
 
 
 @PATTERNS.register("block_topk")
@@ -35,11 +36,26 @@ class BlockTopK(Pattern):
     fractions: ClassVar[tuple] = ("density",)
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
+        """On CUDA (``backend`` "auto" or "kernel") and up to ``kernels.pooled_topk.UP_TO`` key blocks, q's pooling,
+        the scores and the selection run in one kernel (``kernels.pooled_topk``) after k's pooling;
+        ``VIDSPARSE_TOPK_FUSED=0`` keeps the scores and the selection apart (the same layout where the fp32 sums
+        are exact)."""
+        nq, nk = q.shape[2], k.shape[2]
+        nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
+        width = max(1, min(max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local),
+                           nkb))
+        total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, nq, nk, self.topk, self.density, self.sink,
+                        self.local, width, q.device)
+        if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_TOPK_FUSED") != "0":
+            from ..kernels.pooled_topk import fits, pooled_topk
+
+            if fits(nkb, q.shape[-1]):
+                kp = pool_blocks(k, meta.block_k, stride=pool_stride(self.pool_stride, meta.block_k))
+                index, count, full = pooled_topk(q, kp, total, width, self.sink, self.local, meta.block_q,
+                                                 meta.block_k, nk, meta.causal, pool_stride(self.pool_stride,
+                                                                                           meta.block_q))
+                return BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, meta.causal)
         s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride)
-        nqb, nkb = s.shape[-2:]
-        width = max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local)
-        total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, q.shape[2], k.shape[2], self.topk,
-                        self.density, self.sink, self.local, max(1, min(width, nkb)), q.device)
         return topk_layout(s, None, width, q, k, meta, self.sink, self.local, backend=self.backend, total=total)
 
 

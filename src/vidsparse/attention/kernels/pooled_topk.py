@@ -1,0 +1,166 @@
+"""``block_topk``'s query pooling, pooled scores and block selection in one Triton kernel, for layouts up to
+``UP_TO`` key blocks wide (16K tokens in 128-token blocks).
+
+At 16K tokens ``block_topk``'s estimate is five short launches — q's pooled sum and its scaling, k's pooled mean, the
+TF32×3 product (``pooled_scores``), the per-row selection (``block_select._select``) — and in a CUDA graph the
+gaps between them cost about half as much as the kernels: 0.034 ms of GPU time against 0.023 ms of kernel time at
+28/4 heads on an H200, where the attention kernel on the 5% layout takes 0.25–0.36 ms. Here one program owns ``BM``
+rows of one K/V head (its query heads' query blocks, consecutive as in ``pooled_scores``) and
+
+1. pools their queries: the sum of the sampled tokens of each block (every ``stride``-th, as
+   ``patterns.base.pool_blocks``; ``TOKENS`` of them per row in one load) in fp32, times ``scale / count`` (1/√D
+   over the tokens pooled, fewer in a partial last block), one head-dim slice at a time;
+2. multiplies each slice by the same slice of the K/V head's pooled keys (from torch, ``pool_blocks``) in TF32×3,
+   as ``pooled_scores`` does, into a [BM, W] score tile that stays in registers;
+3. selects each row's ``total`` blocks as ``block_select._select`` does (forced sink and diagonal blocks at +inf,
+   nothing past the diagonal, ties to the lower index): one round of two max/min-reductions per pick when every row
+   of the tile picks at most ``block_select.FEW`` blocks beyond the forced ones, else the 32-step search on the
+   order-preserving integers, for all rows of the tile at once;
+4. writes the layout (ascending indices, counts, ``kv_full``).
+
+The scores equal the unfused path's wherever the fp32 sums are exact (the order of the additions differs), and so
+does the layout (``tests/test_attention.py`` checks it on dyadic q/k in the interpreter; the GPU test compares it with
+the unfused kernels on random q/k, allowing only rows whose deciding scores are within fp32 rounding).
+
+Measured on an H200 (``benchmarks/profile_estimation.py --n 16384 --specs "block_topk:density=0.05;block_topk:
+density=0.1" --env-ab VIDSPARSE_TOPK_FUSED=0,1``, GPU ms of the whole estimate, ``profile_estimation_s116_*.json``):
+at 16K, 5% 0.0343 → 0.0314 (28/4 heads) and 0.0385 → 0.0361 (28/28), 10% 0.0367 → 0.0352 and 0.0406 → 0.0400. The
+kernel takes 0.017 ms of that at 5% and 0.022 ms at 10% (28/4): each program's steps — the loads, the product, a
+round of cross-warp reductions per pick, the prefix sum — run one after the other, and 112 programs leave most of
+the GPU idle. At 32K (256 key blocks, 16 rows per program) it was twice as slow as the unfused kernels (5%: 0.063
+→ 0.126 ms, 28/4), so ``UP_TO`` stops at 128. Launches (same runs, 16K, 5%, 28/4): 32 rows per program 0.0315 ms
+against 0.0351 with 16; 8 warps 0.0317 against 0.0586 with 4 and 0.0374 with 16; and (``profile_estimation_s117_
+{slice,tokens}_*.json``, 28/4 and 28/28) 64-column head-dim slices 0.0298 / 0.0341 ms against 0.0397 / 0.0437 with
+32, all 16 pooled tokens in one load 0.0296 / 0.0340 against 0.0301 / 0.0348 in two of 8. That last build keeps 8
+bytes on the stack at 28/28 heads (255 registers; none with 8 tokens per load), faster all the same. The first
+version loaded one pooled token per step (16 dependent loads per head-dim slice): 0.0376 ms, slower than the
+unfused kernels (``profile_estimation_s115_*.json``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_select import FEW, _geometry, _order_key, _outputs
+
+UP_TO = 128  # key blocks: wider layouts keep the unfused kernels (slower fused at 256: see above)
+BM = 32  # rows per program (VIDSPARSE_POOLED_TOPK_BM): 112 programs at 16K for 28/4 and 28/28 heads
+WARPS = 8  # (VIDSPARSE_POOLED_TOPK_WARPS)
+TOKENS = 16  # pooled tokens per row loaded at once (all of them at the default 16 per block); half with the search
+SLICE_ENTRIES = 8192  # the pooled keys' [head-dim slice, W] tile per product step: 64 columns at W = 128
+
+
+@triton.jit
+def _pooled_topk(Q, KP, TOTAL, IDX, FULL, CNT, s_qb, s_qh, s_qn, s_qd, H, HK, G, NQB, nkb, width, sink, local,
+                 block_q, block_k, q_len, off, stride, f_full, f_last, few,
+                 T: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                 W: tl.constexpr, CAUSAL: tl.constexpr, ROUNDS: tl.constexpr):
+    bk = tl.program_id(0)  # batch · K/V head
+    b = bk // HK
+    r = tl.program_id(1) * BM + tl.arange(0, BM)  # rows over the G · NQB query blocks of this K/V head
+    live = r < G * NQB
+    m = r % NQB
+    h = (bk % HK) * G + r // NQB  # the row's query head
+    q_rows = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh  # [BM] pointers
+    f = tl.where((m + 1) * block_q > q_len, f_last, f_full)  # scale / tokens pooled (fewer in a partial last block)
+    n = tl.arange(0, W)
+    kp = KP + bk.to(tl.int64) * nkb * D
+    s = tl.zeros([BM, W], dtype=tl.float32)
+    for k0 in tl.static_range(0, D, BK):  # one head-dim slice at a time: its pooled queries, then its product
+        dd = k0 + tl.arange(0, BK)
+        acc = tl.zeros([BM, BK], dtype=tl.float32)
+        for t0 in range(0, T, TT):  # TT pooled tokens of each row in one load: one memory round trip, not TT
+            t = t0 + tl.arange(0, TT)[None, :]
+            tok = m[:, None] * block_q + t * stride  # [BM, TT]
+            ok = live[:, None] & (tok < q_len) & (t < T)
+            x = tl.load(q_rows[:, None, None] + tok.to(tl.int64)[:, :, None] * s_qn + dd[None, None, :] * s_qd,
+                        mask=ok[:, :, None], other=0.0)
+            acc += tl.sum(x.to(tl.float32), 1)
+        kt = tl.load(kp + n[None, :] * D + dd[:, None], mask=n[None, :] < nkb, other=0.0)
+        s = tl.dot(acc * f[:, None], kt, s, input_precision="tf32x3")
+    mm = m[:, None]
+    nn = n[None, :]
+    allowed, forced, full = _geometry(mm, nn, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
+    key = _order_key(tl.where(forced, float("inf"), tl.where(allowed, s, float("-inf"))))
+    total = tl.load(TOTAL + m, mask=live, other=0)
+    picks = tl.where(live, total - tl.sum(forced.to(tl.int32), 1), 0)  # the total covers every forced block
+    most = tl.max(picks, 0)
+    if ROUNDS or most <= few:  # a round per pick: the best key not yet kept, then the lowest index holding it
+        keep = forced
+        for i in range(most):
+            cand = tl.where(keep, -2147483648, key)  # below every score's key (-inf's is -2139095041)
+            best = tl.max(cand, 1)
+            first = tl.min(tl.where(cand == best[:, None], nn, W), 1)
+            keep = keep | ((nn == first[:, None]) & (i < picks)[:, None])
+    else:  # each row's total-th largest key by a 32-step search, all rows at once; ties to the lower index
+        lo = tl.full([BM], -2147483648, tl.int64)
+        hi = tl.full([BM], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= total
+            lo = tl.where(ge, mid, lo)
+            hi = tl.where(ge, hi, mid - 1)
+        th = lo.to(tl.int32)[:, None]
+        tie = key == th
+        room = total - tl.sum((key > th).to(tl.int32), 1)
+        keep = (key > th) | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None]))
+    keep = keep & (total > 0)[:, None]
+    ki = keep.to(tl.int32)
+    pos = tl.cumsum(ki, 1) - 1
+    count = tl.sum(ki, 1)
+    out = ((b * H + h).to(tl.int64) * NQB + m)  # the row in the contiguous [B, H, NQ] outputs
+    at = out[:, None] * width
+    put = keep & live[:, None]
+    tl.store(IDX + at + pos, nn + tl.zeros_like(pos), mask=put)
+    tl.store(FULL + at + pos, full & put, mask=put)
+    rest = (nn >= count[:, None]) & (nn < width) & live[:, None]
+    tl.store(IDX + at + nn, tl.zeros_like(pos), mask=rest)
+    tl.store(FULL + at + nn, tl.zeros([BM, W], dtype=tl.int1), mask=rest)
+    tl.store(CNT + out, count, mask=live)
+
+
+def fits(nkb: int, d: int) -> bool:
+    """Whether ``pooled_topk`` takes a layout: up to ``UP_TO`` key blocks, a power-of-two head dim of at least 16."""
+    return nkb <= UP_TO and d >= 16 and d & (d - 1) == 0
+
+
+def pooled_topk(q: torch.Tensor, kp: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int,
+                block_q: int, block_k: int, k_len: int, causal: bool, stride: int):
+    """``topk_layout(block_scores(q, k, ...), ...)``'s layout with q's pooling in the same kernel: q [B, H, Nq, D]
+    (any strides, 16- or 32-bit), kp float32 [B, Hkv, NK, D] (the keys pooled as ``pool_blocks`` pools them; H a
+    multiple of Hkv), ``total`` int [NQ] the blocks per row (``row_totals``), ``stride`` the query pooling's
+    (every ``stride``-th token of each block) -> (index int32 [B, H, NQ, width] ascending then zeros, count int32
+    [B, H, NQ], full bool [B, H, NQ, width])."""
+    b, h, nq, d = q.shape
+    hk, nkb = kp.shape[1], kp.shape[2]
+    nqb = -(-nq // block_q)
+    if h % hk or kp.shape[0] != b or kp.shape[-1] != d or not fits(nkb, d):
+        raise ValueError(f"pooled_topk: q {tuple(q.shape)} and kp {tuple(kp.shape)} (at most {UP_TO} key blocks)")
+    kp = kp.float().contiguous()
+    total = total.to(torch.int32).contiguous()
+    index, full, count = _outputs(b, h, nqb, width, q.device)
+    if count.numel() == 0:
+        return index, count, full
+    tail = nq - (nqb - 1) * block_q
+    scale = 1.0 / d ** 0.5
+    f_full = float(torch.tensor(scale / -(-block_q // stride), dtype=torch.float32))
+    f_last = float(torch.tensor(scale / -(-tail // stride), dtype=torch.float32))
+    w = triton.next_power_of_2(max(nkb, 16))
+    bm = int(os.environ.get("VIDSPARSE_POOLED_TOPK_BM", BM))
+    warps = int(os.environ.get("VIDSPARSE_POOLED_TOPK_WARPS", WARPS))
+    g = h // hk
+    few = int(os.environ.get("VIDSPARSE_SELECT_FEW", FEW))
+    t = -(-block_q // stride)  # tokens pooled per block
+    rounds = width <= few
+    tokens = int(os.environ.get("VIDSPARSE_POOLED_TOPK_TOKENS", TOKENS))
+    tt = min(triton.next_power_of_2(t), tokens if rounds else tokens // 2)  # the search needs more registers
+    entries = int(os.environ.get("VIDSPARSE_POOLED_TOPK_SLICE", SLICE_ENTRIES))
+    _pooled_topk[(b * hk, triton.cdiv(g * nqb, bm))](
+        q, kp, total, index, full, count, *q.stride(), h, hk, g, nqb, nkb, width, sink, local, block_q, block_k,
+        nq, k_len - nq, stride, f_full, f_last, few, T=t, TT=tt, D=d,
+        BK=max(16, min(d, entries // w)), BM=bm, W=w, CAUSAL=causal, ROUNDS=rounds,
+        num_warps=warps)
+    return index, count, full
