@@ -361,6 +361,7 @@ def test_xattention_splits_rule(monkeypatch):
     import triton
 
     from vidsparse.attention.kernels.antidiagonal import default_splits, head_group, launch_defaults
+    from vidsparse.errors import InputError
 
     def splits(n, hk, s):
         tile = launch_defaults(s, 128)[0]
@@ -374,6 +375,9 @@ def test_xattention_splits_rule(monkeypatch):
     assert splits(16384, 28, 8) == splits(16384, 4, 8) == 3
     monkeypatch.setenv("VIDSPARSE_ANTIDIAG_SPLITS", "0")
     assert splits(16384, 28, 8) == 8
+    monkeypatch.setenv("VIDSPARSE_ANTIDIAG_SPLITS", "eight")
+    with pytest.raises(InputError, match="VIDSPARSE_ANTIDIAG_SPLITS='eight'"):
+        splits(16384, 28, 8)
 
 
 @pytest.mark.parametrize("scratch", [None, 1])
@@ -412,7 +416,8 @@ def test_antidiagonal_head_group_rule(monkeypatch):
     monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "0")
     assert head_group(1, 8 << 20) >= 1 << 20
     monkeypatch.delenv("VIDSPARSE_ANTIDIAG_HEAD_MB")
-    assert head_group(7, 8 << 20) == 7  # the default, 12 MB: one K/V head of 8 MB
+    assert head_group(7, 8 << 20) == 7  # the default, 4 MB: one K/V head (16K tokens: 4 MB; 32K: 8 MB)
+    assert head_group(1, 4 << 20) == 1 and head_group(1, 2 << 20) == 2  # 8K tokens: two heads of 2 MB
     monkeypatch.setenv("VIDSPARSE_ANTIDIAG_HEAD_MB", "12MB")
     with pytest.raises(InputError, match="VIDSPARSE_ANTIDIAG_HEAD_MB='12MB'"):
         head_group(7, 8 << 20)

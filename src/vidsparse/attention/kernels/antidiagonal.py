@@ -58,7 +58,7 @@ from .fit import needs_int64
 
 LOG2E = 1.4426950408889634
 SCRATCH_BYTES = 512 << 20  # the log-partial scratch is bounded by processing heads in groups
-HEAD_GROUP_MB = 12  # K megabytes the programs in flight together read (``head_group``); 0: every head at once
+HEAD_GROUP_MB = 4  # K megabytes the programs in flight together read (``head_group``); 0: every head at once
 
 
 def head_group(group: int, k_bytes_per_head: int) -> int:
@@ -73,7 +73,12 @@ def head_group(group: int, k_bytes_per_head: int) -> int:
     VIDSPARSE_ANTIDIAG_HEAD_MB=0,12,24,48``, two interleaved repetitions; ``profile_estimation_headmb_*.json``),
     12 MB, here one K/V head's query heads at a time, took 0.70–0.81× the time of all heads at once on 28/28 heads at
     32K–128K, strides 8 and 16 (1.44 → 1.03 ms at 32K, stride 8), and 0.95–1.05× on 28/4 (level within the run's
-    spread); 24 and 48 MB were no faster."""
+    spread); 24 and 48 MB were no faster. The default went from 12 to 4 MB after 8 splits per row tile
+    (``default_splits``): from 16K tokens on (d = 128, 16-bit) that is one K/V head's query heads at a time, as
+    12 MB was from 32K on, so only shorter inputs changed. At 16K (``--env-ab VIDSPARSE_ANTIDIAG_HEAD_MB=4,12``,
+    ``profile_estimation_s119_headmb_*.json``, xattention's whole estimate): 28/28 heads 0.2880 → 0.2801 ms at
+    stride 8 (0.1806 → 0.1796 at 16), 28/4 heads 0.2726 → 0.2676 (0.1769 → 0.1727); at 8K on 28/28 level
+    (0.0978 → 0.0969); 24 MB slower at 16K on 28/28 (0.2913 against 0.2856 for 12, ``s118``)."""
     env = os.environ.get("VIDSPARSE_ANTIDIAG_HEAD_MB", "")
     try:
         mb = int(env) if env else HEAD_GROUP_MB
@@ -199,14 +204,20 @@ def default_splits(heads: int, row_tiles: int, col_tiles: int, device) -> int:
     issued together (``head_group``) would be fewer than two per SM with 4 and the longest row tile has at least 8
     column tiles. ``VIDSPARSE_ANTIDIAG_SPLITS=N`` fixes N (0: this rule).
 
-    That is 28/28 heads from 16K to 64K tokens at stride 8 (12 MB of K per head group: 3 heads at 16K, one from
-    32K) and 32K–64K at stride 16; 28/4 heads launch enough programs with 4. Measured on an H200 (``benchmarks/
-    profile_estimation.py --env-ab VIDSPARSE_ANTIDIAG_SPLITS=4,8``, xattention's whole estimate, GPU ms,
-    ``profile_estimation_s116_splits_*.json``): 28/28 at 16K, stride 8, 0.2968 / 0.2892 ms with 4 / 8 (6: 0.2897,
-    16: 0.2948), stride 16 (4 column tiles) 0.1817 / 0.1916; at 32K 1.112 / 1.003 and 0.611 / 0.588; 28/4 at 16K
-    0.2705 / 0.2771 and 0.1768 / 0.1883, at 64K 3.820 / 3.906 and 2.098 / 2.014."""
+    That is 28/28 heads from 16K to 64K tokens at stride 8 (one head per group; measured with the 12 MB groups of
+    then, 3 heads at 16K, one from 32K) and 32K–64K at stride 16; 28/4 heads launch enough programs with 4.
+    Measured on an H200 (``benchmarks/profile_estimation.py --env-ab VIDSPARSE_ANTIDIAG_SPLITS=4,8``, xattention's
+    whole estimate, GPU ms, ``profile_estimation_s116_splits_*.json``): 28/28 at 16K, stride 8, 0.2968 / 0.2892 ms
+    with 4 / 8 (6: 0.2897, 16: 0.2948), stride 16 (4 column tiles) 0.1817 / 0.1916; at 32K 1.112 / 1.003 and
+    0.611 / 0.588; 28/4 at 16K 0.2705 / 0.2771 and 0.1768 / 0.1883, at 64K 3.820 / 3.906 and 2.098 / 2.014. The
+    rule against 4 (``=4,0``, ``s117``, 28/28): stride 8 at 16K 0.2967 / 0.2870, 32K 1.114 / 1.004, 64K 4.008 /
+    3.815; stride 16 at 64K 2.125 / 2.076, level at 16K and 32K."""
     env = os.environ.get("VIDSPARSE_ANTIDIAG_SPLITS", "")
     if env and env != "0":
+        if not env.isdigit():
+            from ...errors import InputError
+
+            raise InputError(f"VIDSPARSE_ANTIDIAG_SPLITS={env!r}: expected a whole number of programs (0: the rule)")
         return int(env)
     sms = 132
     if device.type == "cuda":

@@ -34,7 +34,9 @@ against 0.0351 with 16; 8 warps 0.0317 against 0.0586 with 4 and 0.0374 with 16;
 32, all 16 pooled tokens in one load 0.0296 / 0.0340 against 0.0301 / 0.0348 in two of 8. That last build keeps 8
 bytes on the stack at 28/28 heads (255 registers; none with 8 tokens per load), faster all the same. The first
 version loaded one pooled token per step (16 dependent loads per head-dim slice): 0.0376 ms, slower than the
-unfused kernels (``profile_estimation_s115_*.json``)."""
+unfused kernels (``profile_estimation_s115_*.json``). Tried and dropped: each round as one int64 max-reduction of
+(key, lower index first) packed, as ``block_select._top_few`` does, instead of an int32 max and a min of the index:
+level (5%: 0.0296 / 0.0299 ms, 28/4; 0.0337 / 0.0338, 28/28; ``profile_estimation_s118_packed_*.json``)."""
 
 from __future__ import annotations
 
