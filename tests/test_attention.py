@@ -404,6 +404,24 @@ def test_xattention_fused_kernel_head_groups_change_only_the_order(interpreter, 
         run(0)
 
 
+@pytest.mark.parametrize("name,bad", [("VIDSPARSE_POOLED_TOPK_BM", "8"), ("VIDSPARSE_POOLED_TOPK_WARPS", "6"),
+                                      ("VIDSPARSE_POOLED_TOPK_TOKENS", "many"), ("VIDSPARSE_POOLED_TOPK_SLICE", "-1"),
+                                      ("VIDSPARSE_SELECT_FEW", "-2"), ("VIDSPARSE_ANTIDIAG_SPLITS", "1.5")])
+def test_bad_kernel_knobs_are_input_errors(interpreter, monkeypatch, name, bad):
+    """A tuning knob that is not a whole number in its range (a power of two where the launch needs one) stops the
+    call with an ``InputError`` naming the variable (exit code 2), not a ``ValueError`` or a Triton build error;
+    unset, the default launch runs."""
+    from vidsparse.errors import InputError
+
+    q = torch.randint(-3, 4, (1, 2, 256, 64), generator=torch.Generator().manual_seed(1)) / 4.0
+    spec = "xattention:stride=4,backend=kernel" if "ANTIDIAG" in name else "block_topk:density=0.3,backend=kernel"
+    pat = PATTERNS.from_spec(spec)
+    pat.estimate(q, q, SeqMeta(32, 32))
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(InputError, match=f"{name}='{bad}'"):
+        pat.estimate(q, q, SeqMeta(32, 32))
+
+
 def test_antidiagonal_head_group_rule(monkeypatch):
     """Whole K/V-head groups whose K fits the budget, at least one; a budget of 0 MB: every head at once."""
     from vidsparse.attention.kernels.antidiagonal import head_group

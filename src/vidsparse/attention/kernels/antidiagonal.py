@@ -47,7 +47,6 @@ time (``profile_estimation_antidiagLOG0_*.json``); it stays as the simpler form.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -79,15 +78,8 @@ def head_group(group: int, k_bytes_per_head: int) -> int:
     ``profile_estimation_s119_headmb_*.json``, xattention's whole estimate): 28/28 heads 0.2880 → 0.2801 ms at
     stride 8 (0.1806 → 0.1796 at 16), 28/4 heads 0.2726 → 0.2676 (0.1769 → 0.1727); at 8K on 28/28 level
     (0.0978 → 0.0969); 24 MB slower at 16K on 28/28 (0.2913 against 0.2856 for 12, ``s118``)."""
-    env = os.environ.get("VIDSPARSE_ANTIDIAG_HEAD_MB", "")
-    try:
-        mb = int(env) if env else HEAD_GROUP_MB
-    except ValueError:
-        from ...errors import InputError
-
-        raise InputError(f"VIDSPARSE_ANTIDIAG_HEAD_MB={env!r}: expected whole megabytes (0: every head at once)") \
-            from None
-    if mb <= 0:
+    mb = fit.env_int("VIDSPARSE_ANTIDIAG_HEAD_MB", HEAD_GROUP_MB, minimum=0)
+    if mb == 0:
         return 1 << 30
     return group * max(1, (mb << 20) // k_bytes_per_head)
 
@@ -212,13 +204,9 @@ def default_splits(heads: int, row_tiles: int, col_tiles: int, device) -> int:
     0.611 / 0.588; 28/4 at 16K 0.2705 / 0.2771 and 0.1768 / 0.1883, at 64K 3.820 / 3.906 and 2.098 / 2.014. The
     rule against 4 (``=4,0``, ``s117``, 28/28): stride 8 at 16K 0.2967 / 0.2870, 32K 1.114 / 1.004, 64K 4.008 /
     3.815; stride 16 at 64K 2.125 / 2.076, level at 16K and 32K."""
-    env = os.environ.get("VIDSPARSE_ANTIDIAG_SPLITS", "")
-    if env and env != "0":
-        if not env.isdigit():
-            from ...errors import InputError
-
-            raise InputError(f"VIDSPARSE_ANTIDIAG_SPLITS={env!r}: expected a whole number of programs (0: the rule)")
-        return int(env)
+    fixed = fit.env_int("VIDSPARSE_ANTIDIAG_SPLITS", 0, minimum=0)
+    if fixed:
+        return fixed
     sms = 132
     if device.type == "cuda":
         sms = fit.sm_count(device)

@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fit import env_int
 
 SPLIT_FROM = 256  # padded row widths (key blocks) from which causal rows run in narrower launches (``_row_groups``)
 FEW = 16  # rows picking at most this many blocks beyond the forced ones take ``_top_few`` (VIDSPARSE_SELECT_FEW)
@@ -71,8 +72,7 @@ def _warps(w: int) -> int:
     4 beyond. Measured on an H100 at 1,024 key blocks (``benchmarks/profile_estimation.py --select-warps 1,2,4``):
     block_topk's estimation 1.05 / 1.07 / 1.11 ms with 1 / 2 / 4 warps, pyramid's 2.85 / 2.74 / 3.47 ms. (Beyond
     1,024 key blocks unmeasured: twice the warps for twice the row.)"""
-    env = os.environ.get("VIDSPARSE_SELECT_WARPS")
-    return int(env) if env else (2 if w <= 1024 else 4)
+    return env_int("VIDSPARSE_SELECT_WARPS", 2 if w <= 1024 else 4, pow2=True)
 
 
 def _row_groups(nqb: int, nkb: int, block_q: int, block_k: int, q_len: int, k_len: int,
@@ -235,7 +235,7 @@ def select_blocks(scores: torch.Tensor, total: torch.Tensor, width: int, sink: i
     scores = scores.contiguous()
     out, full, count = _outputs(b, h, nqb, width, scores.device)
     total = total.to(torch.int32).contiguous()
-    few = int(os.environ.get("VIDSPARSE_SELECT_FEW", FEW))
+    few = env_int("VIDSPARSE_SELECT_FEW", FEW, minimum=0)
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         _select[(b * h, rows)](
             scores, out, full, count, total, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
@@ -392,7 +392,7 @@ def _rows_per(w: int) -> int:
     launches (at 32K tokens, rows of 64 and 128 blocks shared 16 and 8 per program made ``pyramid`` slower)."""
     if w > SHARED_UP_TO:
         return 1
-    return triton.next_power_of_2(max(1, int(os.environ.get("VIDSPARSE_SELECT_ROWS", ROW_ENTRIES)) // w))
+    return triton.next_power_of_2(max(1, env_int("VIDSPARSE_SELECT_ROWS", ROW_ENTRIES) // w))
 
 
 @triton.jit

@@ -22,6 +22,7 @@ qualify; otherwise the "auto" backends take the torch paths."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,25 @@ MIN_TRITON = (3, 4)
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # the attention kernels' head dims; others take the torch path on "auto"
 
 _PICKED: dict = {}  # (kernel, device, key) -> index of the first launch that fit
+
+
+def env_int(name: str, default: int, minimum: int = 1, pow2: bool = False) -> int:
+    """A whole-number tuning knob of the kernels from the environment (read at each call), else ``default``: an
+    ``InputError`` naming the variable for anything but a whole number ≥ ``minimum`` (and a power of two where
+    ``pow2``), instead of a ``ValueError`` or a Triton build error deep inside a launch."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return default
+    try:
+        value = int(env)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (pow2 and value & (value - 1)):
+        from ...errors import InputError
+
+        raise InputError(f"{name}={env!r}: expected a whole number ≥ {minimum}" + (", a power of two" if pow2 else "")
+                         + f" (or unset: {default})")
+    return value
 
 
 def capability_supported(capability: tuple[int, int]) -> bool:

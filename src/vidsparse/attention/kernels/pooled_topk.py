@@ -40,13 +40,12 @@ level (5%: 0.0296 / 0.0299 ms, 28/4; 0.0337 / 0.0338, 28/28; ``profile_estimatio
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .block_select import FEW, _geometry, _order_key, _outputs
+from .fit import env_int
 
 UP_TO = 128  # key blocks: wider layouts keep the unfused kernels (slower fused at 256: see above)
 BM = 32  # rows per program (VIDSPARSE_POOLED_TOPK_BM): 112 programs at 16K for 28/4 and 28/28 heads
@@ -151,15 +150,15 @@ def pooled_topk(q: torch.Tensor, kp: torch.Tensor, total: torch.Tensor, width: i
     f_full = float(torch.tensor(scale / -(-block_q // stride), dtype=torch.float32))
     f_last = float(torch.tensor(scale / -(-tail // stride), dtype=torch.float32))
     w = triton.next_power_of_2(max(nkb, 16))
-    bm = int(os.environ.get("VIDSPARSE_POOLED_TOPK_BM", BM))
-    warps = int(os.environ.get("VIDSPARSE_POOLED_TOPK_WARPS", WARPS))
+    bm = env_int("VIDSPARSE_POOLED_TOPK_BM", BM, minimum=16, pow2=True)
+    warps = env_int("VIDSPARSE_POOLED_TOPK_WARPS", WARPS, pow2=True)
     g = h // hk
-    few = int(os.environ.get("VIDSPARSE_SELECT_FEW", FEW))
+    few = env_int("VIDSPARSE_SELECT_FEW", FEW, minimum=0)
     t = -(-block_q // stride)  # tokens pooled per block
     rounds = width <= few
-    tokens = int(os.environ.get("VIDSPARSE_POOLED_TOPK_TOKENS", TOKENS))
+    tokens = env_int("VIDSPARSE_POOLED_TOPK_TOKENS", TOKENS, minimum=2, pow2=True)
     tt = min(triton.next_power_of_2(t), tokens if rounds else tokens // 2)  # the search needs more registers
-    entries = int(os.environ.get("VIDSPARSE_POOLED_TOPK_SLICE", SLICE_ENTRIES))
+    entries = env_int("VIDSPARSE_POOLED_TOPK_SLICE", SLICE_ENTRIES, minimum=16, pow2=True)
     _pooled_topk[(b * hk, triton.cdiv(g * nqb, bm))](
         q, kp, total, index, full, count, *q.stride(), h, hk, g, nqb, nkb, width, sink, local, block_q, block_k,
         nq, k_len - nq, stride, f_full, f_last, few, T=t, TT=tt, D=d,

@@ -35,14 +35,13 @@ with the torch sums, 0.70 / 1.40 / 3.45 ms with this kernel (of which ``_row_mas
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .fit import needs_int64
+from .fit import env_int, needs_int64
 
 BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
@@ -165,8 +164,7 @@ def _chunks(nk: int, bn: int) -> tuple[int, int]:
     32,64``, ``profile_estimation_cov2_chunks_*.json``): at 16K keys (16 chunks) token_sparse 0.211 → 0.177, pbs
     0.420 → 0.387, vertical_slash 0.428 → 0.424; at 32K (32 chunks) token_sparse 0.343 → 0.312, pbs 0.777 → 0.747,
     vertical_slash 0.671 → 0.681. From 64K keys on, 64 chunks as before."""
-    env = os.environ.get("VIDSPARSE_ROW_CHUNKS")
-    cap = int(env) if env else min(MAX_CHUNKS, triton.cdiv(nk, KEYS_PER_CHUNK))
+    cap = env_int("VIDSPARSE_ROW_CHUNKS", min(MAX_CHUNKS, triton.cdiv(nk, KEYS_PER_CHUNK)))
     tpc = triton.cdiv(triton.cdiv(nk, bn), max(1, cap))
     return tpc, triton.cdiv(triton.cdiv(nk, bn), tpc)
 

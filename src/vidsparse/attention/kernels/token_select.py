@@ -31,12 +31,11 @@ exact)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .fit import env_int
 
 RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_TOKSEL_RESIDENT``)
 CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_TOKSEL_CHUNK``)
@@ -141,13 +140,13 @@ def drop_light(scores: torch.Tensor, frac: float, sink: int, window_start: int,
     count = torch.empty(b, h, dtype=torch.long, device=scores.device)
     if b * h == 0 or n == 0:
         return index, count.zero_()
-    resident = n <= int(os.environ.get("VIDSPARSE_TOKSEL_RESIDENT", RESIDENT))
-    chunk = triton.next_power_of_2(int(os.environ.get("VIDSPARSE_TOKSEL_CHUNK", CHUNK)))
+    resident = n <= env_int("VIDSPARSE_TOKSEL_RESIDENT", RESIDENT, minimum=0)
+    chunk = triton.next_power_of_2(env_int("VIDSPARSE_TOKSEL_CHUNK", CHUNK))
     if resident:
         ch = triton.next_power_of_2(max(n, 16))
         warps, weights = min(32, max(4, ch // 2048)), scores  # (no scratch: a placeholder pointer)
     else:
-        ch, warps = chunk, int(os.environ.get("VIDSPARSE_TOKSEL_WARPS", WARPS))
+        ch, warps = chunk, env_int("VIDSPARSE_TOKSEL_WARPS", WARPS, pow2=True)
         weights = torch.empty(b * h, n, dtype=torch.float32, device=scores.device)
     vs, ve = visual if visual is not None else (0, n)
     _drop_light[(b * h,)](scores, weights, index, count, scores.stride(0), scores.stride(1), h, n, float(frac), sink,

@@ -33,13 +33,12 @@ per head for both families and every row read in chunks (``profile_estimation_s1
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .block_select import _emit, _geometry, _order_key, _top
+from .fit import env_int
 
 CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_VS_CHUNK``)
 RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_VS_RESIDENT``)
@@ -152,12 +151,12 @@ def vertical_slash_layout(vert: torch.Tensor, slash: torch.Tensor, kv: int, ks: 
         raise ValueError(f"vertical_slash_layout: sums {tuple(vert.shape)} / {tuple(slash.shape)} for {k_len} keys")
     vert, slash = vert.float().contiguous(), slash.float().contiguous()
     nqb, nkb = -(-q_len // block_q), -(-k_len // block_k)
-    resident = nk <= int(os.environ.get("VIDSPARSE_VS_RESIDENT", RESIDENT))
+    resident = nk <= env_int("VIDSPARSE_VS_RESIDENT", RESIDENT, minimum=0)
     if resident:
         ch = max(triton.next_power_of_2(nk), block_k, 16)
         warps = min(32, max(4, ch // 2048))
     else:
-        ch = max(triton.next_power_of_2(int(os.environ.get("VIDSPARSE_VS_CHUNK", CHUNK))), block_k)
+        ch = max(triton.next_power_of_2(env_int("VIDSPARSE_VS_CHUNK", CHUNK)), block_k)
         ch, warps = min(ch, max(triton.next_power_of_2(nk), block_k)), WARPS
     cols = torch.empty(b, h, nkb, dtype=torch.int8, device=vert.device)
     runs = torch.empty(b, h, nk + 1, dtype=torch.int32, device=vert.device)
