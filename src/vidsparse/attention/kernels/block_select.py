@@ -369,7 +369,8 @@ def select_levels(scores: torch.Tensor, ranks: torch.Tensor, widths: tuple[int, 
     for m0, rows, w in _row_groups(nqb, nkb, block_q, block_k, q_len, k_len, causal):
         args = (scores, ranks, *outs, *fulls, cnt, scores.stride(0), scores.stride(1), scores.stride(2), h, nqb, nkb,
                 *widths, sink, local, block_q, block_k, q_len, k_len, m0)
-        r = _rows_per(triton.next_power_of_2(max(nkb, 2)))  # the layout's width: one launch when it shares rows
+        full_w = triton.next_power_of_2(max(nkb, 2))  # the layout's width: one launch when it shares rows
+        r = _rows_per(full_w) if w == full_w else 1  # (``_emit_rows`` writes at most W entries a row)
         if r > 1:
             _levels_rows[(b * h, triton.cdiv(rows, r))](*args, m0 + rows, CAUSAL=causal, W=w, R=r,
                                                          num_warps=_warps(w))
@@ -419,9 +420,25 @@ def _top_rows(key, total):
 
 
 @triton.jit
+def _top_few_rows(key, n, forced, picks, total, W: tl.constexpr):
+    """``_top_few`` for each row of ``key`` [R, W] (``picks``, ``total`` [R, 1]): as many rounds as the most picks
+    of any row, each an int32 max of the keys not yet kept and a min of the indices holding it (ties to the lower
+    index), instead of one int64 max of both packed (measured level in ``kernels/pooled_topk.py``)."""
+    keep = forced
+    for i in range(tl.max(picks)):
+        cand = tl.where(keep, -2147483648, key)  # below every score's key (-inf's is -2139095041)
+        best = tl.max(cand, 1, keep_dims=True)
+        first = tl.min(tl.where(cand == best, n, W), 1, keep_dims=True)
+        keep = keep | ((n == first) & (i < picks))
+    return keep & (total > 0)
+
+
+@triton.jit
 def _emit_rows(keep, full, n, row, frow, width, ok):
     """``_emit`` for each row of ``keep`` [R, W] (``row``, ``frow``: [R, 1] output pointers; ``ok`` [R, 1]: the
-    rows that exist) -> counts [R, 1]."""
+    rows that exist) -> counts [R, 1]. The outputs are at most W wide: rows share programs only in full-width
+    launches (``_rows_per``), so ``_emit``'s zero-fill past W is not needed (in ``pooled_topk`` its dead loop kept
+    16–32 more bytes on the stack of the sm_90 build)."""
     pos = tl.cumsum(keep.to(tl.int32), 1) - 1
     count = tl.sum(keep.to(tl.int32), 1, keep_dims=True)
     tl.store(row + pos, n + tl.zeros_like(pos), mask=keep & ok)
@@ -429,9 +446,6 @@ def _emit_rows(keep, full, n, row, frow, width, ok):
     rest = (n >= count) & (n < width) & ok
     tl.store(row + n, tl.zeros_like(pos), mask=rest)
     tl.store(frow + n, tl.zeros_like(full), mask=rest)
-    for z in range(n.shape[1], width, n.shape[1]):  # a narrow row group's output can be wider than its rows
-        tl.store(row + z + n, tl.zeros_like(pos), mask=(z + n < width) & ok)
-        tl.store(frow + z + n, tl.zeros_like(full), mask=(z + n < width) & ok)
     return count
 
 

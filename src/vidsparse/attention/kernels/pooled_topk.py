@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import FEW, _geometry, _order_key, _outputs
+from .block_select import FEW, _emit_rows, _geometry, _order_key, _outputs, _top_few_rows, _top_rows
 from .fit import env_int
 
 UP_TO = 128  # key blocks: wider layouts keep the unfused kernels (slower fused at 256: see above)
@@ -82,45 +82,19 @@ def _pooled_topk(Q, KP, TOTAL, IDX, FULL, CNT, s_qb, s_qh, s_qn, s_qd, H, HK, G,
             acc += tl.sum(x.to(tl.float32), 1)
         kt = tl.load(kp + n[None, :] * D + dd[:, None], mask=n[None, :] < nkb, other=0.0)
         s = tl.dot(acc * f[:, None], kt, s, input_precision="tf32x3")
-    mm = m[:, None]
+    mm = m[:, None]  # the rows as [BM, 1], the blocks as [1, W]: ``block_select``'s row-tile helpers
     nn = n[None, :]
+    ok = live[:, None]
     allowed, forced, full = _geometry(mm, nn, nkb, sink, local, block_q, block_k, q_len, off, CAUSAL)
     key = _order_key(tl.where(forced, float("inf"), tl.where(allowed, s, float("-inf"))))
-    total = tl.load(TOTAL + m, mask=live, other=0)
-    picks = tl.where(live, total - tl.sum(forced.to(tl.int32), 1), 0)  # the total covers every forced block
-    most = tl.max(picks, 0)
-    if ROUNDS or most <= few:  # a round per pick: the best key not yet kept, then the lowest index holding it
-        keep = forced
-        for i in range(most):
-            cand = tl.where(keep, -2147483648, key)  # below every score's key (-inf's is -2139095041)
-            best = tl.max(cand, 1)
-            first = tl.min(tl.where(cand == best[:, None], nn, W), 1)
-            keep = keep | ((nn == first[:, None]) & (i < picks)[:, None])
-    else:  # each row's total-th largest key by a 32-step search, all rows at once; ties to the lower index
-        lo = tl.full([BM], -2147483648, tl.int64)
-        hi = tl.full([BM], 2147483647, tl.int64)
-        for _ in range(32):
-            mid = (lo + hi + 1) >> 1
-            ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= total
-            lo = tl.where(ge, mid, lo)
-            hi = tl.where(ge, hi, mid - 1)
-        th = lo.to(tl.int32)[:, None]
-        tie = key == th
-        room = total - tl.sum((key > th).to(tl.int32), 1)
-        keep = (key > th) | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None]))
-    keep = keep & (total > 0)[:, None]
-    ki = keep.to(tl.int32)
-    pos = tl.cumsum(ki, 1) - 1
-    count = tl.sum(ki, 1)
-    out = ((b * H + h).to(tl.int64) * NQB + m)  # the row in the contiguous [B, H, NQ] outputs
-    at = out[:, None] * width
-    put = keep & live[:, None]
-    tl.store(IDX + at + pos, nn + tl.zeros_like(pos), mask=put)
-    tl.store(FULL + at + pos, full & put, mask=put)
-    rest = (nn >= count[:, None]) & (nn < width) & live[:, None]
-    tl.store(IDX + at + nn, tl.zeros_like(pos), mask=rest)
-    tl.store(FULL + at + nn, tl.zeros([BM, W], dtype=tl.int1), mask=rest)
-    tl.store(CNT + out, count, mask=live)
+    total = tl.load(TOTAL + mm, mask=ok, other=0)
+    picks = tl.where(ok, total - tl.sum(forced.to(tl.int32), 1, keep_dims=True), 0)  # the total covers the forced
+    if ROUNDS or tl.max(picks) <= few:
+        keep = _top_few_rows(key, nn, forced, picks, total, W)
+    else:
+        keep = _top_rows(key, total)
+    out = ((b * H + h).to(tl.int64) * NQB + m)[:, None]  # the row in the contiguous [B, H, NQ] outputs
+    tl.store(CNT + out, _emit_rows(keep, full, nn, IDX + out * width, FULL + out * width, width, ok), mask=ok)
 
 
 def fits(nkb: int, d: int) -> bool:
