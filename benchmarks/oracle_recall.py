@@ -1,12 +1,14 @@
 """How close ``block_topk``'s pooled estimate comes to the best layout of the same size, on video-structured q/k.
 
-    python benchmarks/oracle_recall.py [--frames 128] [--densities 0.05,0.1] [--rows 128] [--device cpu]
+    python benchmarks/oracle_recall.py [--frames 128] [--densities 0.05,0.1] [--rows 128] [--pool-strides 16,32]
+                                       [--device cpu]
 
 The oracle keeps, for each sampled query row, its own most massive key blocks (exact softmax over all causal keys,
 summed per 128-token block), as many as ``block_topk`` keeps for that row's query block (ceil(density × causal
 blocks), at least 2): an upper bound on any per-query-block selection of that count. Beside it, the attention-mass
 recall (``attention.recall``) of ``block_topk`` at its default pooling (16 tokens of each block) and with exact
-block means (``pool_stride=1``). Runs on the CPU in about a minute at 128 frames (33K tokens). Saves
+block means (``pool_stride=1``), and with each of ``--pool-strides`` (16: 8 tokens of each 128-token block, 32: 4).
+Runs on the CPU in about a minute at 128 frames (33K tokens). Saves
 ``oracle_recall.json`` and updates its BENCHMARKS.md section."""
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def main():
     ap.add_argument("--frames", type=int, default=128)
     ap.add_argument("--densities", default="0.05,0.1")
     ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--pool-strides", default="", help="more block_topk pool strides to compare, e.g. 16,32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    strides = [int(x) for x in args.pool_strides.split(",") if x]
     q, k, text, tpf = video_qk(args.frames, 16, 16, 28, 4, 128, device=args.device)
     n = q.shape[2]
     meta = SeqMeta(128, 128, True, visual=(text, n), tokens_per_frame=tpf, frame_hw=(16, 16))
@@ -56,7 +60,8 @@ def main():
     for dens in (float(x) for x in args.densities.split(",")):
         row = {"density": dens, "oracle": oracle(q, k, rows, dens)}
         for name, spec in (("default", f"block_topk:density={dens}"),
-                           ("exact_means", f"block_topk:density={dens},pool_stride=1")):
+                           ("exact_means", f"block_topk:density={dens},pool_stride=1"),
+                           *((f"pool_stride_{p}", f"block_topk:density={dens},pool_stride={p}") for p in strides)):
             lay = PATTERNS.from_spec(spec).estimate(q, k, meta)
             row[name] = recall(q, k, lay, rows)
             row[name + "_density"] = float(lay.density())
@@ -66,10 +71,11 @@ def main():
     lines = [f"{payload['date']}, {payload['device']}: `{payload['command']}` (N = {n}, 28 heads / 4 KV heads, "
              f"{args.rows} sampled query rows from N/8 to the end). The oracle keeps each row's own most massive "
              "key blocks, as many as block_topk keeps for its query block: an upper bound at that count.", "",
-             "| density | oracle | block_topk (default: 16 tokens a block) | block_topk, exact means |",
-             "|---|---|---|---|"]
+             "| density | oracle | block_topk (default: 16 tokens a block) | block_topk, exact means |"
+             + "".join(f" pool_stride={p} |" for p in strides),
+             "|---|---|---|---|" + "---|" * len(strides)]
     lines += [f"| {r['density']} | {r['oracle']:.4f} | {r['default']:.4f} | {r['exact_means']:.4f} |"
-              for r in payload["rows"]]
+              + "".join(f" {r[f'pool_stride_{p}']:.4f} |" for p in strides) for r in payload["rows"]]
     update_markdown(f"block_topk against a per-row oracle, video q/k ({payload['device']})", "\n".join(lines))
     print(f"wrote {path}")
 
