@@ -154,6 +154,7 @@ def main():
     res["rows"] = [profile(s, q, k, meta) for s in specs]
     if args.with_kernel:
         res["read_floor"] = read_floor(q, k)
+        res["graph_floor"] = graph_floor()
         from vidsparse.attention import sparse_attention
 
         v = torch.randn_like(k)
@@ -214,6 +215,15 @@ def read_floor(q, k) -> dict:
     out["tb_per_s"] = nbytes / (out["gpu_ms"] * 1e-3) / 1e12
     print(f"read q and k once: {out['ms_by_read']} ms, {nbytes / 1e6:.0f} MB, best {out['tb_per_s']:.2f} TB/s",
           flush=True)
+    return out
+
+
+def graph_floor() -> dict:
+    """What a graph replay costs with next to no work in it: GPU ms of 1, 2 and 5 launches of a 16-element add,
+    as ``graph_ms`` times every estimate. Part of each short estimate's figure is this, not its kernels."""
+    x = torch.zeros(16, device="cuda")
+    out = {str(n): graph_ms(lambda n=n: [x.add_(1) for _ in range(n)]) for n in (1, 2, 5)}
+    print(f"graph replay of 1 / 2 / 5 tiny kernels: {out} ms", flush=True)
     return out
 
 
