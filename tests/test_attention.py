@@ -406,11 +406,12 @@ def test_xattention_fused_kernel_head_groups_change_only_the_order(interpreter, 
 
 @pytest.mark.parametrize("name,bad", [("VIDSPARSE_POOLED_TOPK_BM", "8"), ("VIDSPARSE_POOLED_TOPK_WARPS", "6"),
                                       ("VIDSPARSE_POOLED_TOPK_TOKENS", "many"), ("VIDSPARSE_POOLED_TOPK_SLICE", "-1"),
-                                      ("VIDSPARSE_SELECT_FEW", "-2"), ("VIDSPARSE_ANTIDIAG_SPLITS", "1.5")])
+                                      ("VIDSPARSE_SELECT_FEW", "-2"), ("VIDSPARSE_ANTIDIAG_SPLITS", "1.5"),
+                                      ("VIDSPARSE_POOL_KEYS_BLOCKS", "3"), ("VIDSPARSE_TOPK_KEYS", "cuda")])
 def test_bad_kernel_knobs_are_input_errors(interpreter, monkeypatch, name, bad):
-    """A tuning knob that is not a whole number in its range (a power of two where the launch needs one) stops the
-    call with an ``InputError`` naming the variable (exit code 2), not a ``ValueError`` or a Triton build error;
-    unset, the default launch runs."""
+    """A tuning knob that is not a whole number in its range (a power of two where the launch needs one), or a mode
+    that is not one of its choices, stops the call with an ``InputError`` naming the variable (exit code 2), not a
+    ``ValueError`` or a Triton build error; unset, the default launch runs."""
     from vidsparse.errors import InputError
 
     q = torch.randint(-3, 4, (1, 2, 256, 64), generator=torch.Generator().manual_seed(1)) / 4.0
@@ -571,23 +572,26 @@ def test_block_select_breaks_ties_to_the_lower_index_on_both_paths(interpreter, 
             assert torch.equal(got.kv_index[0, hh, m, : int(total[m])], want), (m, hh)
 
 
-@pytest.mark.parametrize("b,h,hk,nq,nk,causal,spec,few,slice_entries,transposed", [
-    (1, 4, 2, 304, 304, True, "block_topk:density=0.2", "16", 8192, False),  # a partial last block of 8 pooled
-    (2, 4, 1, 304, 560, True, "block_topk:density=0.3,sink=2,local=2", "0", 512, True),  # the search; 4 slices
-    (1, 2, 2, 256, 256, False, "block_topk:topk=3,sink=0,local=0", "100000", 8192, False),
-    (1, 6, 3, 512, 512, True, "block_topk:density=0.5,pool_stride=1", "16", 1024, True),  # rows of two heads
-    (1, 4, 2, 640, 640, True, "block_topk:density=0.3,pool_stride=3", "16", 8192, False)])  # 11 tokens, 16 loaded
+@pytest.mark.parametrize("b,h,hk,nq,nk,causal,spec,few,slice_entries,transposed,keys", [
+    (1, 4, 2, 304, 304, True, "block_topk:density=0.2", "16", 8192, False, "pdl"),  # a partial last block: 8 pooled
+    (2, 4, 1, 304, 560, True, "block_topk:density=0.3,sink=2,local=2", "0", 512, True, "pdl"),  # search; 4 slices
+    (1, 2, 2, 256, 256, False, "block_topk:topk=3,sink=0,local=0", "100000", 8192, False, "torch"),
+    (1, 6, 3, 512, 512, True, "block_topk:density=0.5,pool_stride=1", "16", 1024, True, "kernel"),  # two heads' rows
+    (1, 4, 2, 640, 640, True, "block_topk:density=0.3,pool_stride=3", "16", 8192, False, "pdl")])  # 11 of 16 loaded
 def test_pooled_topk_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq, nk, causal, spec, few,
-                                         slice_entries, transposed):
+                                         slice_entries, transposed, keys):
     """``block_topk``'s fused estimate (q's pooling, the scores and the selection in one kernel) writes exactly the
     unfused kernels' layout (indices, counts, ``kv_full``) where the fp32 sums are exact: dyadic q/k with few bits, head
     dim 64 (scale 1/8), power-of-two token counts per pooled block. The keys repeat every three blocks, so most
-    selections break ties (to the lower index); GQA, batch 2, more keys than queries, not causal, a model's transposed q/k, the head-dim slices of
-    the product (``SLICE_ENTRIES``), the rounds of max-reduction and the counting search (``VIDSPARSE_SELECT_FEW``).
+    selections break ties (to the lower index); GQA, batch 2, more keys than queries, not causal, a model's transposed
+    q/k, the head-dim slices of the product (``SLICE_ENTRIES``), the rounds of max-reduction and the counting search
+    (``VIDSPARSE_SELECT_FEW``); the keys pooled by the Triton kernel (``VIDSPARSE_TOPK_KEYS``: "pdl", the default,
+    is the same kernel where no dependent launch runs, as here) or by torch.
     """
     from vidsparse.attention.kernels import pooled_topk
 
     monkeypatch.setenv("VIDSPARSE_SELECT_FEW", few)
+    monkeypatch.setenv("VIDSPARSE_TOPK_KEYS", keys)
     monkeypatch.setenv("VIDSPARSE_POOLED_TOPK_SLICE", str(slice_entries))
     g = torch.Generator().manual_seed(nq + nk + h)
 
@@ -613,6 +617,29 @@ def test_pooled_topk_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq,
     assert torch.equal(got.kv_index, want.kv_index)
     assert torch.equal(got.kv_full, want.kv_full)
     assert 0 < int(want.kv_count.sum()) < want.kv_count.numel() * -(-nk // 32)  # neither empty nor dense
+
+
+@pytest.mark.parametrize("b,hk,n,d,block,stride,dtype,transposed", [
+    (1, 2, 304, 64, 32, 2, torch.bfloat16, False),  # a partial last block of 8 tokens: 4 pooled
+    (2, 3, 200, 24, 64, 3, torch.float16, True),  # 22 of 32 loaded; head dim 24 of 32 columns; 8-token tail: 3
+    (1, 1, 96, 16, 32, 1, torch.float32, False),  # the exact mean, in two loads of 16
+    (1, 2, 1000, 32, 128, 8, torch.bfloat16, True)])  # 16 of 128 tokens, as block_topk's default
+def test_pool_keys_kernel_equals_pool_blocks(interpreter, b, hk, n, d, block, stride, dtype, transposed):
+    """``pooled_topk``'s key pooling (``_pool_keys``) writes ``pool_blocks``'s bits where the fp32 sums are exact
+    (dyadic k): the sampled tokens, their count in a partial last block, head dims that are not a power of two,
+    strided (a model's transposed) k."""
+    from vidsparse.attention.kernels.pooled_topk import pool_keys
+    from vidsparse.attention.patterns.base import pool_blocks
+
+    g = torch.Generator().manual_seed(n + d)
+    shape = (b, n, hk, d) if transposed else (b, hk, n, d)
+    k = (torch.randint(-7, 8, shape, generator=g) / 8.0).to(dtype)
+    k = k.transpose(1, 2) if transposed else k
+    got = pool_keys(k, block, stride)
+    want = pool_blocks(k, block, stride=stride)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert pool_keys(k[:, :, :0], block, stride).shape == (b, hk, 0, d)
 
 
 def test_pooled_topk_is_switched_by_width_and_environment(interpreter, monkeypatch):

@@ -205,27 +205,39 @@ def test_shared_row_selections_build_for_sm90_without_spills(tmp_path):
 POOLED_TOPK_BUILD = r"""
 from vidsparse.attention.kernels import pooled_topk as pt
 
-# 128 and 64 key blocks of 128 tokens; 8 blocks a row (rounds of max-reductions) and 40 (the counting search)
+# 128 and 64 key blocks of 128 tokens; 8 blocks a row (rounds of max-reductions) and 40 (the counting search); the
+# selection launched dependent on the key pooling, as on Hopper
 for n, hk, width in ((16384, 4, 8), (16384, 28, 8), (8192, 4, 8), (16384, 4, 40)):
     nb = n // 128
-    q, kp = torch.zeros(1, 28, n, 128, dtype=torch.bfloat16), torch.zeros(1, hk, nb, 128)
-    pt.pooled_topk(q, kp, torch.full((nb,), width, dtype=torch.int32), width, 1, 1, 128, 128, n, True, 8)
-for i, k in enumerate(pt._pooled_topk.device_caches[0][0].values()):
-    open(f"{sys.argv[1]}/{i}.cubin", "wb").write(k.asm["cubin"])
+    q, k = torch.zeros(1, 28, n, 128, dtype=torch.bfloat16), torch.zeros(1, hk, n, 128, dtype=torch.bfloat16)
+    pt.pooled_topk(q, k, torch.full((nb,), width, dtype=torch.int32), width, 1, 1, 128, 128, True, 8, 8, pdl=True)
+for name in ("_pooled_topk", "_pool_keys"):
+    for i, k in enumerate(getattr(pt, name).device_caches[0][0].values()):
+        open(f"{sys.argv[1]}/{name}{i}.cubin", "wb").write(k.asm["cubin"])
+        open(f"{sys.argv[1]}/{name}{i}.ptx", "w").write(k.asm["ptx"])
 """
 
 
 def test_pooled_topk_builds_for_sm90_with_tf32x3_and_no_spills(tmp_path):
     """``block_topk``'s fused estimate at its 16K and 8K launches (bf16; both selections) builds for sm_90: the product
     on the tensor cores in TF32 (×3, as ``pooled_scores``), nothing in local memory, and at most the 8 stack bytes
-    of the 28/28-head build that ``kernels/pooled_topk.py`` measured faster than a build without them."""
+    of the 28/28-head build that ``kernels/pooled_topk.py`` measured faster than a build without them. Launched
+    dependent on the key pooling, it waits for that kernel (``griddepcontrol.wait``), which lets it start at once
+    (``griddepcontrol.launch_dependents``) and spills nothing either."""
     build(tmp_path / "cache", POOLED_TOPK_BUILD, tmp_path)
-    cubins = sorted(tmp_path.glob("*.cubin"))
+    cubins = sorted(tmp_path.glob("_pooled_topk*.cubin"))
     assert len(cubins) >= 3  # two widths, two selections (and Triton specialises on the heads' divisibility)
     for cubin in cubins:
         assert ".F32.TF32" in dump(cubin, "-sass")  # HMMA from registers (the pooled queries never hit memory)
         usage = dump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage and int(re.search(r"STACK:(\d+)", usage).group(1)) <= 8, usage
+        assert "griddepcontrol.wait" in cubin.with_suffix(".ptx").read_text()
+    keys = sorted(tmp_path.glob("_pool_keys*.cubin"))
+    assert keys
+    for cubin in keys:
+        usage = dump(cubin, "--dump-resource-usage")
+        assert "STACK:0" in usage and "LOCAL:0" in usage, usage
+        assert "griddepcontrol.launch_dependents" in cubin.with_suffix(".ptx").read_text()
 
 
 def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):

@@ -54,6 +54,19 @@ def env_int(name: str, default: int, minimum: int = 1, pow2: bool = False) -> in
     return value
 
 
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """A named mode of a kernel path from the environment (read at each call), else ``default``: an ``InputError``
+    naming the variable and the choices for anything else."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return default
+    if env not in choices:
+        from ...errors import InputError
+
+        raise InputError(f"{name}={env!r}: expected one of {', '.join(choices)} (or unset: {default})")
+    return env
+
+
 def capability_supported(capability: tuple[int, int]) -> bool:
     """Whether a GPU of this compute capability runs the Triton kernels (Ampere or newer)."""
     return tuple(capability) >= MIN_CAPABILITY

@@ -43,22 +43,60 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
+from . import fit
 from .block_select import FEW, _emit_rows, _geometry, _order_key, _outputs, _top_few_rows, _top_rows
-from .fit import env_int
 
 UP_TO = 128  # key blocks: wider layouts keep the unfused kernels (slower fused at 256: see above)
 BM = 32  # rows per program (VIDSPARSE_POOLED_TOPK_BM): 112 programs at 16K for 28/4 and 28/28 heads
 WARPS = 8  # (VIDSPARSE_POOLED_TOPK_WARPS)
 TOKENS = 16  # pooled tokens per row loaded at once (all of them at the default 16 per block); half with the search
 SLICE_ENTRIES = 8192  # the pooled keys' [head-dim slice, W] tile per product step: 64 columns at W = 128
+KEY_BLOCKS = 4  # key blocks per ``_pool_keys`` program (VIDSPARSE_POOL_KEYS_BLOCKS): 128 programs at 16K, 28/4
+KEY_TOKENS = 16  # pooled tokens per key block loaded at once
+KEY_WARPS = 4
+
+
+@triton.jit
+def _primary_done():
+    """``griddepcontrol.wait``: returns (0) once the kernel this one was launched dependent on has finished and its
+    writes are visible. The loads that need them add the 0 to their addresses, so no compiler can move them above the
+    wait."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _pool_keys(K, KP, s_kb, s_kh, s_kn, s_kd, HK, nk, nkb, d, block_k, stride, f_full, f_last,
+               T: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr):
+    """``patterns.base.pool_blocks(k, block_k, stride=stride)`` into the contiguous float32 [B, Hkv, NK, D] KP: the
+    sum of each block's sampled tokens in fp32 times 1 / their count (``f_last`` in a partial last block), ``KB``
+    blocks of one K/V head per program. With ``PDL`` it lets the dependent launch start at once."""
+    if PDL:
+        gdc_launch_dependents()
+    bk = tl.program_id(0)
+    j = tl.program_id(1) * KB + tl.arange(0, KB)  # key blocks
+    dd = tl.arange(0, D)
+    rows = K + (bk // HK).to(tl.int64) * s_kb + (bk % HK).to(tl.int64) * s_kh
+    acc = tl.zeros([KB, D], dtype=tl.float32)
+    for t0 in range(0, T, TT):
+        t = t0 + tl.arange(0, TT)[None, :]
+        tok = j[:, None] * block_k + t * stride  # [KB, TT]
+        ok = (j[:, None] < nkb) & (tok < nk) & (t < T)
+        x = tl.load(rows + tok.to(tl.int64)[:, :, None] * s_kn + dd[None, None, :] * s_kd,
+                    mask=ok[:, :, None] & (dd < d)[None, None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), 1)
+    f = tl.where((j + 1) * block_k > nk, f_last, f_full)
+    out = KP + (bk.to(tl.int64) * nkb + j[:, None]) * d + dd[None, :]
+    tl.store(out, acc * f[:, None], mask=(j < nkb)[:, None] & (dd < d)[None, :])
 
 
 @triton.jit
 def _pooled_topk(Q, KP, TOTAL, IDX, FULL, CNT, s_qb, s_qh, s_qn, s_qd, H, HK, G, NQB, nkb, width, sink, local,
                  block_q, block_k, q_len, off, stride, f_full, f_last, few,
                  T: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
-                 W: tl.constexpr, CAUSAL: tl.constexpr, ROUNDS: tl.constexpr):
+                 W: tl.constexpr, CAUSAL: tl.constexpr, ROUNDS: tl.constexpr, PDL: tl.constexpr):
     bk = tl.program_id(0)  # batch · K/V head
     b = bk // HK
     r = tl.program_id(1) * BM + tl.arange(0, BM)  # rows over the G · NQB query blocks of this K/V head
@@ -80,7 +118,10 @@ def _pooled_topk(Q, KP, TOTAL, IDX, FULL, CNT, s_qb, s_qh, s_qn, s_qd, H, HK, G,
             x = tl.load(q_rows[:, None, None] + tok.to(tl.int64)[:, :, None] * s_qn + dd[None, None, :] * s_qd,
                         mask=ok[:, :, None], other=0.0)
             acc += tl.sum(x.to(tl.float32), 1)
-        kt = tl.load(kp + n[None, :] * D + dd[:, None], mask=n[None, :] < nkb, other=0.0)
+        ready = 0
+        if PDL:  # launched dependent on ``_pool_keys``: its pooled keys are complete and visible from here on
+            ready = _primary_done()
+        kt = tl.load(kp + ready + n[None, :] * D + dd[:, None], mask=n[None, :] < nkb, other=0.0)
         s = tl.dot(acc * f[:, None], kt, s, input_precision="tf32x3")
     mm = m[:, None]  # the rows as [BM, 1], the blocks as [1, W]: ``block_select``'s row-tile helpers
     nn = n[None, :]
@@ -102,40 +143,75 @@ def fits(nkb: int, d: int) -> bool:
     return nkb <= UP_TO and d >= 16 and d & (d - 1) == 0
 
 
-def pooled_topk(q: torch.Tensor, kp: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int,
-                block_q: int, block_k: int, k_len: int, causal: bool, stride: int):
+def pooled_topk(q: torch.Tensor, k: torch.Tensor, total: torch.Tensor, width: int, sink: int, local: int,
+                block_q: int, block_k: int, causal: bool, q_stride: int, k_stride: int, kp: torch.Tensor | None = None,
+                pdl: bool | None = None):
     """``topk_layout(block_scores(q, k, ...), ...)``'s layout with q's pooling in the same kernel: q [B, H, Nq, D]
-    (any strides, 16- or 32-bit), kp float32 [B, Hkv, NK, D] (the keys pooled as ``pool_blocks`` pools them; H a
-    multiple of Hkv), ``total`` int [NQ] the blocks per row (``row_totals``), ``stride`` the query pooling's
-    (every ``stride``-th token of each block) -> (index int32 [B, H, NQ, width] ascending then zeros, count int32
-    [B, H, NQ], full bool [B, H, NQ, width])."""
+    and k [B, Hkv, Nk, D] (any strides, 16- or 32-bit; H a multiple of Hkv), ``total`` int [NQ] the blocks per row
+    (``row_totals``), ``q_stride`` and ``k_stride`` the poolings' (every ``stride``-th token of each block, as
+    ``pool_blocks``) -> (index int32 [B, H, NQ, width] ascending then zeros, count int32 [B, H, NQ], full bool
+    [B, H, NQ, width]). The keys are pooled by ``_pool_keys`` unless ``kp`` (float32 [B, Hkv, NK, D], as
+    ``pool_blocks`` pools them) is given. ``pdl``: launch the selection dependent on the key pooling
+    (programmatic dependent launch), so that it pools q while the keys are pooled; None: where it runs, on CUDA
+    at compute capability 9.0 or newer."""
     b, h, nq, d = q.shape
-    hk, nkb = kp.shape[1], kp.shape[2]
-    nqb = -(-nq // block_q)
-    if h % hk or kp.shape[0] != b or kp.shape[-1] != d or not fits(nkb, d):
-        raise ValueError(f"pooled_topk: q {tuple(q.shape)} and kp {tuple(kp.shape)} (at most {UP_TO} key blocks)")
-    kp = kp.float().contiguous()
-    total = total.to(torch.int32).contiguous()
+    hk, nk = k.shape[1], k.shape[2]
+    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    if h % hk or k.shape[0] != b or k.shape[-1] != d or not fits(nkb, d) or \
+            (kp is not None and tuple(kp.shape) != (b, hk, nkb, d)):
+        raise ValueError(f"pooled_topk: q {tuple(q.shape)}, k {tuple(k.shape)}"
+                         + (f", kp {tuple(kp.shape)}" if kp is not None else "") + f" (at most {UP_TO} key blocks)")
+    total = total.to(torch.int32).contiguous()  # before the key pooling: nothing may run between the two launches
     index, full, count = _outputs(b, h, nqb, width, q.device)
     if count.numel() == 0:
         return index, count, full
+    if pdl is None:
+        pdl = q.is_cuda and fit.capability(q.device)[0] >= 9
     tail = nq - (nqb - 1) * block_q
     scale = 1.0 / d ** 0.5
-    f_full = float(torch.tensor(scale / -(-block_q // stride), dtype=torch.float32))
-    f_last = float(torch.tensor(scale / -(-tail // stride), dtype=torch.float32))
+    f_full = _f32(scale / -(-block_q // q_stride))
+    f_last = _f32(scale / -(-tail // q_stride))
+    if kp is None:
+        kp = pool_keys(k, block_k, k_stride, pdl)
+    else:
+        kp, pdl = kp.float().contiguous(), False
     w = triton.next_power_of_2(max(nkb, 16))
-    bm = env_int("VIDSPARSE_POOLED_TOPK_BM", BM, minimum=16, pow2=True)
-    warps = env_int("VIDSPARSE_POOLED_TOPK_WARPS", WARPS, pow2=True)
+    bm = fit.env_int("VIDSPARSE_POOLED_TOPK_BM", BM, minimum=16, pow2=True)
+    warps = fit.env_int("VIDSPARSE_POOLED_TOPK_WARPS", WARPS, pow2=True)
     g = h // hk
-    few = env_int("VIDSPARSE_SELECT_FEW", FEW, minimum=0)
-    t = -(-block_q // stride)  # tokens pooled per block
+    few = fit.env_int("VIDSPARSE_SELECT_FEW", FEW, minimum=0)
+    t = -(-block_q // q_stride)  # tokens pooled per block
     rounds = width <= few
-    tokens = env_int("VIDSPARSE_POOLED_TOPK_TOKENS", TOKENS, minimum=2, pow2=True)
+    tokens = fit.env_int("VIDSPARSE_POOLED_TOPK_TOKENS", TOKENS, minimum=2, pow2=True)
     tt = min(triton.next_power_of_2(t), tokens if rounds else tokens // 2)  # the search needs more registers
-    entries = env_int("VIDSPARSE_POOLED_TOPK_SLICE", SLICE_ENTRIES, minimum=16, pow2=True)
+    entries = fit.env_int("VIDSPARSE_POOLED_TOPK_SLICE", SLICE_ENTRIES, minimum=16, pow2=True)
     _pooled_topk[(b * hk, triton.cdiv(g * nqb, bm))](
         q, kp, total, index, full, count, *q.stride(), h, hk, g, nqb, nkb, width, sink, local, block_q, block_k,
-        nq, k_len - nq, stride, f_full, f_last, few, T=t, TT=tt, D=d,
-        BK=max(16, min(d, entries // w)), BM=bm, W=w, CAUSAL=causal, ROUNDS=rounds,
-        num_warps=warps)
+        nq, nk - nq, q_stride, f_full, f_last, few, T=t, TT=tt, D=d,
+        BK=max(16, min(d, entries // w)), BM=bm, W=w, CAUSAL=causal, ROUNDS=rounds, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl)
     return index, count, full
+
+
+def pool_keys(k: torch.Tensor, block: int, stride: int, pdl: bool = False) -> torch.Tensor:
+    """``patterns.base.pool_blocks(k, block, stride=stride)`` in one Triton launch (``_pool_keys``): k [B, Hkv, N, D]
+    (any strides, 16- or 32-bit) -> float32 [B, Hkv, ceil(N / block), D], the same bits wherever the fp32 sums are
+    exact. ``pdl``: the kernel lets a dependent launch start before it finishes (``pooled_topk``'s)."""
+    b, hk, nk, d = k.shape
+    nkb = -(-nk // block)
+    kp = torch.empty(b, hk, nkb, d, dtype=torch.float32, device=k.device)
+    if kp.numel() == 0:
+        return kp
+    t = -(-block // stride)  # tokens pooled per block
+    kb = fit.env_int("VIDSPARSE_POOL_KEYS_BLOCKS", KEY_BLOCKS, pow2=True)
+    tt = min(triton.next_power_of_2(t), KEY_TOKENS)
+    _pool_keys[(b * hk, triton.cdiv(nkb, kb))](
+        k, kp, *k.stride(), hk, nk, nkb, d, block, stride, _f32(1.0 / t),
+        _f32(1.0 / -(-(nk - (nkb - 1) * block) // stride)),
+        T=t, TT=tt, D=triton.next_power_of_2(d), KB=kb, PDL=pdl, num_warps=KEY_WARPS)
+    return kp
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32, as torch rounds a Python scalar that multiplies a float32 tensor."""
+    return float(torch.tensor(x, dtype=torch.float32))

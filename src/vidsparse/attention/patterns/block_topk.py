@@ -37,9 +37,10 @@ class BlockTopK(Pattern):
 
     def estimate(self, q, k, meta: SeqMeta) -> BlockLayout:
         """On CUDA (``backend`` "auto" or "kernel") and up to ``kernels.pooled_topk.UP_TO`` key blocks, q's pooling,
-        the scores and the selection run in one kernel (``kernels.pooled_topk``) after k's pooling;
-        ``VIDSPARSE_TOPK_FUSED=0`` keeps the scores and the selection apart (the same layout where the fp32 sums
-        are exact)."""
+        the scores and the selection run in one kernel (``kernels.pooled_topk``) after k's pooling, which on
+        Hopper and newer it overlaps (programmatic dependent launch); ``VIDSPARSE_TOPK_KEYS`` "kernel" pools the
+        keys in the same Triton kernel without the overlap, "torch" with ``pool_blocks``. ``VIDSPARSE_TOPK_FUSED=0``
+        keeps the scores and the selection apart (the same layout where the fp32 sums are exact)."""
         nq, nk = q.shape[2], k.shape[2]
         nqb, nkb = -(-nq // meta.block_q), -(-nk // meta.block_k)
         width = max(1, min(max(self.topk if self.topk > 0 else math.ceil(nkb * self.density), self.sink + self.local),
@@ -47,13 +48,17 @@ class BlockTopK(Pattern):
         total = _totals(nqb, nkb, meta.block_q, meta.block_k, meta.causal, nq, nk, self.topk, self.density, self.sink,
                         self.local, width, q.device)
         if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_TOPK_FUSED") != "0":
+            from ..kernels import fit
             from ..kernels.pooled_topk import fits, pooled_topk
 
             if fits(nkb, q.shape[-1]):
-                kp = pool_blocks(k, meta.block_k, stride=pool_stride(self.pool_stride, meta.block_k))
-                index, count, full = pooled_topk(q, kp, total, width, self.sink, self.local, meta.block_q,
-                                                 meta.block_k, nk, meta.causal, pool_stride(self.pool_stride,
-                                                                                           meta.block_q))
+                keys = fit.env_choice("VIDSPARSE_TOPK_KEYS", "pdl", ("pdl", "kernel", "torch"))
+                ks = pool_stride(self.pool_stride, meta.block_k)
+                kp = pool_blocks(k, meta.block_k, stride=ks) if keys == "torch" else None
+                index, count, full = pooled_topk(q, k, total, width, self.sink, self.local, meta.block_q,
+                                                 meta.block_k, meta.causal, pool_stride(self.pool_stride,
+                                                                                        meta.block_q), ks, kp=kp,
+                                                 pdl=None if keys == "pdl" else False)
                 return BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, meta.causal)
         s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride)
         return topk_layout(s, None, width, q, k, meta, self.sink, self.local, backend=self.backend, total=total)
