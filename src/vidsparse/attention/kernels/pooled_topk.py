@@ -53,7 +53,8 @@ BM = 32  # rows per program (VIDSPARSE_POOLED_TOPK_BM): 112 programs at 16K for 
 WARPS = 8  # (VIDSPARSE_POOLED_TOPK_WARPS)
 TOKENS = 16  # pooled tokens per row loaded at once (all of them at the default 16 per block); half with the search
 SLICE_ENTRIES = 8192  # the pooled keys' [head-dim slice, W] tile per product step: 64 columns at W = 128
-KEY_BLOCKS = 4  # key blocks per ``_pool_keys`` program (VIDSPARSE_POOL_KEYS_BLOCKS): 128 programs at 16K, 28/4
+KEY_BLOCKS = 4  # the fewest key blocks per ``_pool_keys`` program (``key_blocks``)
+KEY_PROGRAMS_PER_SM = 2  # ``key_blocks`` doubles the blocks per program until the programs are at most this per SM
 KEY_TOKENS = 16  # pooled tokens per key block loaded at once
 KEY_WARPS = 4
 
@@ -203,13 +204,27 @@ def pool_keys(k: torch.Tensor, block: int, stride: int, pdl: bool = False) -> to
     if kp.numel() == 0:
         return kp
     t = -(-block // stride)  # tokens pooled per block
-    kb = fit.env_int("VIDSPARSE_POOL_KEYS_BLOCKS", KEY_BLOCKS, pow2=True)
+    kb = key_blocks(b * hk, nkb, k.device)
     tt = min(triton.next_power_of_2(t), KEY_TOKENS)
     _pool_keys[(b * hk, triton.cdiv(nkb, kb))](
         k, kp, *k.stride(), hk, nk, nkb, d, block, stride, _f32(1.0 / t),
         _f32(1.0 / -(-(nk - (nkb - 1) * block) // stride)),
         T=t, TT=tt, D=triton.next_power_of_2(d), KB=kb, PDL=pdl, num_warps=KEY_WARPS)
     return kp
+
+
+def key_blocks(heads: int, nkb: int, device) -> int:
+    """Key blocks per ``_pool_keys`` program: ``KEY_BLOCKS``, doubled while the programs (``heads`` × the key blocks
+    over this) would be more than ``KEY_PROGRAMS_PER_SM`` per SM. ``VIDSPARSE_POOL_KEYS_BLOCKS=N`` fixes N (0: this
+    rule)."""
+    fixed = fit.env_int("VIDSPARSE_POOL_KEYS_BLOCKS", 0, minimum=0, pow2=True)
+    if fixed:
+        return fixed
+    sms = fit.sm_count(device) if device.type == "cuda" else 132
+    kb = KEY_BLOCKS
+    while kb < nkb and heads * -(-nkb // kb) > KEY_PROGRAMS_PER_SM * sms:
+        kb *= 2
+    return kb
 
 
 def _f32(x: float) -> float:

@@ -179,13 +179,14 @@ class exact_tf32:
             torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-POOL_SAMPLES = 16  # tokens of each block that ``pool_stride=0`` (auto) pools: stride block // 16
+POOL_SAMPLES = 16  # tokens of each block that ``pool_stride=0`` (auto) pools: stride block // 16 (``pyramid``)
 
 
-def pool_stride(stride: int, block: int) -> int:
+def pool_stride(stride: int, block: int, samples: int = POOL_SAMPLES) -> int:
     """The stride a pattern's ``pool_stride`` means for blocks of ``block`` tokens: itself when ≥ 1; 0 (auto) pools
-    ``POOL_SAMPLES`` tokens of each block, stride max(1, block // 16): 8 for 128-token blocks, 1 up to 31."""
-    return stride if stride > 0 else max(1, block // POOL_SAMPLES)
+    ``samples`` tokens of each block, stride max(1, block // samples): with the default 16, 8 for 128-token blocks,
+    1 up to 31."""
+    return stride if stride > 0 else max(1, block // samples)
 
 
 def pool_blocks(x: Tensor, block: int, scale: float = 1.0, stride: int = 1) -> Tensor:
@@ -218,17 +219,17 @@ def _mean(x: Tensor, dim: int, scale: float) -> Tensor:
 
 
 def block_scores(q: Tensor, k: Tensor, meta: SeqMeta, kp: Tensor | None = None, masked: bool = True,
-                 backend: str = "auto", stride: int = 1) -> Tensor:
+                 backend: str = "auto", stride: int = 1, samples: int = POOL_SAMPLES) -> Tensor:
     """pooled(Q)·pooled(K)ᵀ/√D per (query block, key block), blocks past the causal diagonal at -inf (unless
     ``masked`` is False): float [B, H, NQ, NK]. ``kp``: already pooled keys [B, Hkv, NK, D] (e.g. of a permuted K).
     GQA: each query head scores against its shared key head. ``stride``: pool every ``stride``-th token of each
-    block (``pool_blocks``; 0: ``pool_stride``'s auto, per block size). ``backend``: the product of the pooled
-    tensors on the tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``; "auto" on CUDA),
-    or torch's fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
+    block (``pool_blocks``; 0: ``pool_stride``'s auto, ``samples`` tokens of each block). ``backend``: the product
+    of the pooled tensors on the tensor cores in TF32×3, about fp32 accuracy ("kernel", ``kernels.pooled_scores``;
+    "auto" on CUDA), or torch's fp32 GEMM, which cuBLAS runs on the CUDA cores ("reference")."""
     b, h, nq, d = q.shape
     hk = k.shape[1]
-    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), pool_stride(stride, meta.block_q))  # scaled once
-    kp = pool_blocks(k, meta.block_k, stride=pool_stride(stride, meta.block_k)) if kp is None else kp
+    qp = pool_blocks(q, meta.block_q, 1.0 / math.sqrt(d), pool_stride(stride, meta.block_q, samples))  # scaled once
+    kp = pool_blocks(k, meta.block_k, stride=pool_stride(stride, meta.block_k, samples)) if kp is None else kp
     if use_kernel(backend, qp):
         from ..kernels.pooled_scores import scores
 

@@ -13,6 +13,8 @@ from ...registry import PATTERNS
 from ..layout import BlockLayout, causal_block_mask, shape_cache
 from .base import Pattern, SeqMeta, block_scores, pool_blocks, pool_stride, row_totals, topk_layout, use_kernel
 
+SAMPLES = 8  # tokens of each block that ``pool_stride=0`` (auto) pools: stride 16 for 128-token blocks
+
 
 @PATTERNS.register("block_topk")
 @dataclass
@@ -53,14 +55,13 @@ class BlockTopK(Pattern):
 
             if fits(nkb, q.shape[-1]):
                 keys = fit.env_choice("VIDSPARSE_TOPK_KEYS", "pdl", ("pdl", "kernel", "torch"))
-                ks = pool_stride(self.pool_stride, meta.block_k)
+                qs, ks = (pool_stride(self.pool_stride, block, SAMPLES) for block in (meta.block_q, meta.block_k))
                 kp = pool_blocks(k, meta.block_k, stride=ks) if keys == "torch" else None
                 index, count, full = pooled_topk(q, k, total, width, self.sink, self.local, meta.block_q,
-                                                 meta.block_k, meta.causal, pool_stride(self.pool_stride,
-                                                                                        meta.block_q), ks, kp=kp,
+                                                 meta.block_k, meta.causal, qs, ks, kp=kp,
                                                  pdl=None if keys == "pdl" else False)
                 return BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, meta.causal)
-        s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride)
+        s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride, samples=SAMPLES)
         return topk_layout(s, None, width, q, k, meta, self.sink, self.local, backend=self.backend, total=total)
 
 
