@@ -10,7 +10,7 @@ rows of one K/V head (its query heads' query blocks, consecutive as in ``pooled_
 1. pools their queries: the sum of the sampled tokens of each block (every ``stride``-th, as
    ``patterns.base.pool_blocks``; ``TOKENS`` of them per row in one load) in fp32, times ``scale / count`` (1/√D
    over the tokens pooled, fewer in a partial last block), one head-dim slice at a time;
-2. multiplies each slice by the same slice of the K/V head's pooled keys (from torch, ``pool_blocks``) in TF32×3,
+2. multiplies each slice by the same slice of the K/V head's pooled keys (``_pool_keys``, below) in TF32×3,
    as ``pooled_scores`` does, into a [BM, W] score tile that stays in registers;
 3. selects each row's ``total`` blocks as ``block_select._select`` does (forced sink and diagonal blocks at +inf,
    nothing past the diagonal, ties to the lower index): one round of two max/min-reductions per pick when every row
@@ -36,7 +36,20 @@ bytes on the stack at 28/28 heads (255 registers; none with 8 tokens per load), 
 version loaded one pooled token per step (16 dependent loads per head-dim slice): 0.0376 ms, slower than the
 unfused kernels (``profile_estimation_s115_*.json``). Tried and dropped: each round as one int64 max-reduction of
 (key, lower index first) packed, as ``block_select._top_few`` does, instead of an int32 max and a min of the index:
-level (5%: 0.0296 / 0.0299 ms, 28/4; 0.0337 / 0.0338, 28/28; ``profile_estimation_s118_packed_*.json``)."""
+level (5%: 0.0296 / 0.0299 ms, 28/4; 0.0337 / 0.0338, 28/28; ``profile_estimation_s118_packed_*.json``).
+
+The keys are pooled by ``_pool_keys`` (``pool_blocks``'s means, ``KEY_BLOCKS``+ blocks of one K/V head per
+program), and on Hopper and newer (``pdl``) ``_pooled_topk`` is launched dependent on it (programmatic dependent
+launch): ``_pool_keys`` lets it start at once (``griddepcontrol.launch_dependents``), so its programs pool their
+queries while the keys are pooled and wait (``griddepcontrol.wait``, ``_primary_done``) only before they load the
+pooled keys. Nothing may run between the two launches: the selection reads q and ``total`` before that wait, which
+is safe only because they were complete before ``_pool_keys`` started. Measured on an H200 (``--env-ab
+VIDSPARSE_TOPK_KEYS=torch,kernel,pdl``, the keys pooled by torch's mean, by ``_pool_keys`` launched plainly, and
+dependent; 16 tokens per block, 5%, ``profile_estimation_s120_keys_*.json``): 16K 0.0297 / 0.0282 / 0.0262 ms
+(28/4), 0.0340 / 0.0342 / 0.0319 (28/28); 8K 28/28 0.0223 / 0.0230 / 0.0201. ``block_topk``'s default of 8
+tokens per block (16 before) then took 16K 5% to 0.0221 ms (28/4) and 0.0266 (28/28) (``s120_stride_*``); blocks
+per key-pooling program by ``key_blocks`` (``s121_kb_*``, 5%, 8 tokens): 4 / 8 / 16 0.0219 / 0.0241 / 0.0232 ms
+(28/4, the rule's 4), 0.0267 / 0.0259 / 0.0251 (28/28, the rule's 16)."""
 
 from __future__ import annotations
 
@@ -51,7 +64,7 @@ from .block_select import FEW, _emit_rows, _geometry, _order_key, _outputs, _top
 UP_TO = 128  # key blocks: wider layouts keep the unfused kernels (slower fused at 256: see above)
 BM = 32  # rows per program (VIDSPARSE_POOLED_TOPK_BM): 112 programs at 16K for 28/4 and 28/28 heads
 WARPS = 8  # (VIDSPARSE_POOLED_TOPK_WARPS)
-TOKENS = 16  # pooled tokens per row loaded at once (all of them at the default 16 per block); half with the search
+TOKENS = 16  # pooled tokens per row loaded at once (all of them at the default 8 per block, or 16); half with search
 SLICE_ENTRIES = 8192  # the pooled keys' [head-dim slice, W] tile per product step: 64 columns at W = 128
 KEY_BLOCKS = 4  # the fewest key blocks per ``_pool_keys`` program (``key_blocks``)
 KEY_PROGRAMS_PER_SM = 2  # ``key_blocks`` doubles the blocks per program until the programs are at most this per SM
