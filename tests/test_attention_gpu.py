@@ -354,6 +354,40 @@ def test_mass_selection_kernel_equals_torch_on_cuda(tau, variant):
     assert torch.equal(got.kv_index.cpu(), want.kv_index)
 
 
+@pytest.mark.parametrize("keys", ["pdl", "kernel"])
+def test_block_topk_estimate_replays_in_a_cuda_graph(monkeypatch, variant, keys):
+    """``block_topk``'s fused estimate at 16K captured in a CUDA graph, as a model's prefill replays it: on each
+    replay with new q/k its layout equals the eager estimate's on the same q/k, so the selection reads the keys its
+    own replay pooled, also where it is launched dependent on the key pooling (``pdl``, on Hopper and newer: it
+    pools q before it waits for the keys) rather than after it."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    from vidsparse.attention.kernels import fit
+
+    monkeypatch.setenv("VIDSPARSE_TOPK_KEYS", keys)
+    if keys == "pdl" and fit.capability(torch.device("cuda"))[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    mk = lambda h: torch.randn(1, h, 16384, 128, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    q, k = mk(28), mk(4)
+    pat, meta = PATTERNS.from_spec("block_topk:density=0.05"), SeqMeta(128, 128, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # builds and shape caches outside the capture
+        pat.estimate(q, k, meta)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lay = pat.estimate(q, k, meta)
+    for _ in range(3):
+        q.copy_(mk(28))
+        k.copy_(mk(4))
+        graph.replay()
+        want = pat.estimate(q, k, meta)
+        assert torch.equal(lay.kv_count, want.kv_count)
+        assert torch.equal(lay.kv_index, want.kv_index) and torch.equal(lay.kv_full, want.kv_full)
+
+
 @pytest.mark.parametrize("n,hk,d,spec", [(16384, 4, 128, "block_topk:density=0.05"),
                                          (16384, 28, 128, "block_topk:density=0.3"),  # the counting search
                                          (8000, 2, 64, "block_topk:topk=6,sink=2,local=2")])
