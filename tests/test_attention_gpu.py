@@ -388,6 +388,37 @@ def test_block_topk_estimate_replays_in_a_cuda_graph(monkeypatch, variant, keys)
         assert torch.equal(lay.kv_index, want.kv_index) and torch.equal(lay.kv_full, want.kv_full)
 
 
+def test_pooled_topk_dependent_launch_waits_for_slow_key_pooling(variant):
+    """The selection launched dependent on the key pooling reads the pooled keys only after that kernel has finished:
+    with a short q (one query block, pooled at once) and a long key pooling (1024-token blocks pooled whole, 128 MB
+    of keys), a selection that did not wait would read the keys' buffer half-written — or, as the allocator hands
+    the same memory back, another call's keys. Each of three calls on new keys picks the blocks that the keys pooled
+    by torch give (``pooled_topk`` with ``kp``, launched plainly).
+
+    Waiting is what this checks: in the estimate's own launches (16K tokens: one program pools 32 query blocks
+    while the keys take a few microseconds) a selection that skipped the wait read complete keys in practice, and
+    ``test_block_topk_estimate_replays_in_a_cuda_graph`` passed without it."""
+    if variant != "hopper":
+        pytest.skip("estimation does not depend on the kernel variant")
+    from vidsparse.attention.kernels import fit, pooled_topk as pt
+    from vidsparse.attention.patterns.base import pool_blocks
+
+    if fit.capability(torch.device("cuda"))[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, 4, 128, 128, generator=g, device="cuda").to(torch.bfloat16)
+    total = torch.full((1,), 8, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        # dyadic keys: both poolings' sums are exact, so the two paths score the blocks alike to the bit
+        k = (torch.randint(-3, 4, (1, 4, 128 * 1024, 128), generator=g, device="cuda") / 4.0).to(torch.bfloat16)
+        torch.full((1, 4, 128, 128), float("nan"), device="cuda")  # freed at once: stale memory for the next kp
+        got = pt.pooled_topk(q, k, total, 8, 0, 0, 128, 1024, False, 1, 1, pdl=True)
+        want = pt.pooled_topk(q, k, total, 8, 0, 0, 128, 1024, False, 1, 1, kp=pool_blocks(k, 1024), pdl=False)
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("n,hk,d,spec", [(16384, 4, 128, "block_topk:density=0.05"),
                                          (16384, 28, 128, "block_topk:density=0.3"),  # the counting search
                                          (8000, 2, 64, "block_topk:topk=6,sink=2,local=2")])
