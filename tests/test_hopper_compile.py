@@ -130,6 +130,35 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
     assert "LOCAL:0" in usage, usage
 
 
+ROW_MASS_BUILD = r"""
+from vidsparse.attention.kernels import row_mass as rm
+
+# 64 probe rows with diagonals (vertical_slash), 128 rows in one program of 8 warps (token_sparse, pbs), and 128
+# rows with diagonals (the 256-wide skew), 16K keys, 28 heads over 4, bf16
+k = torch.zeros(1, 4, 16384, 128, dtype=torch.bfloat16)
+for r, first in ((64, 16320), (128, None), (128, 16256)):
+    rm.column_mass(torch.zeros(1, 28, r, 128, dtype=torch.bfloat16), k, torch.arange(16384 - r, 16384),
+                   diagonal_first=first)
+for name in ("_row_stats", "_row_mass"):
+    for i, kern in enumerate(getattr(rm, name).device_caches[0][0].values()):
+        open(f"{sys.argv[1]}/{name}{i}.cubin", "wb").write(kern.asm["cubin"])
+"""
+
+
+def test_probe_row_passes_build_for_sm90_without_spills(tmp_path):
+    """The probe rows' two passes (``kernels.row_mass``) build for sm_90 at 64 rows on 4 warps and at 128 rows on 8
+    (``rows_per_program``), with and without the diagonals' skew, the products on the tensor cores and nothing in
+    local memory."""
+    build(tmp_path / "cache", ROW_MASS_BUILD, tmp_path)
+    cubins = sorted(tmp_path.glob("*.cubin"))
+    assert len([c for c in cubins if c.name.startswith("_row_stats")]) >= 2, cubins  # 64 and 128 rows
+    assert len([c for c in cubins if c.name.startswith("_row_mass")]) >= 3, cubins
+    for cubin in cubins:
+        usage = dump(cubin, "--dump-resource-usage")
+        assert "LOCAL:0" in usage and "STACK:0" in usage, (cubin.name, usage)
+        assert "HMMA" in dump(cubin, "-sass") or "HGMMA" in dump(cubin, "-sass")
+
+
 TOKEN_SELECT_BUILD = r"""
 from vidsparse.attention.kernels import token_select as ts
 
