@@ -408,8 +408,7 @@ def test_xattention_fused_kernel_head_groups_change_only_the_order(interpreter, 
 @pytest.mark.parametrize("name,bad", [("VIDSPARSE_POOLED_TOPK_BM", "8"), ("VIDSPARSE_POOLED_TOPK_WARPS", "6"),
                                       ("VIDSPARSE_POOLED_TOPK_TOKENS", "many"), ("VIDSPARSE_POOLED_TOPK_SLICE", "-1"),
                                       ("VIDSPARSE_SELECT_FEW", "-2"), ("VIDSPARSE_ANTIDIAG_SPLITS", "1.5"),
-                                      ("VIDSPARSE_POOL_KEYS_BLOCKS", "3"), ("VIDSPARSE_TOPK_KEYS", "cuda"),
-                                      ("VIDSPARSE_ROW_BR", "8")])
+                                      ("VIDSPARSE_POOL_KEYS_BLOCKS", "3"), ("VIDSPARSE_TOPK_KEYS", "cuda")])
 def test_bad_kernel_knobs_are_input_errors(interpreter, monkeypatch, name, bad):
     """A tuning knob that is not a whole number in its range (a power of two where the launch needs one), or a mode
     that is not one of its choices, stops the call with an ``InputError`` naming the variable (exit code 2), not a
@@ -417,8 +416,7 @@ def test_bad_kernel_knobs_are_input_errors(interpreter, monkeypatch, name, bad):
     from vidsparse.errors import InputError
 
     q = torch.randint(-3, 4, (1, 2, 256, 64), generator=torch.Generator().manual_seed(1)) / 4.0
-    spec = ("xattention:stride=4,backend=kernel" if "ANTIDIAG" in name else
-            "token_sparse:window=32,backend=kernel" if "ROW" in name else "block_topk:density=0.3,backend=kernel")
+    spec = "xattention:stride=4,backend=kernel" if "ANTIDIAG" in name else "block_topk:density=0.3,backend=kernel"
     pat = PATTERNS.from_spec(spec)
     pat.estimate(q, q, SeqMeta(32, 32))
     monkeypatch.setenv(name, bad)
@@ -976,27 +974,22 @@ def test_probe_row_passes_take_a_chunk_per_1024_keys_up_to_64(monkeypatch):
     assert _chunks(16384, BN_STATS) == (2, 64)
 
 
-@pytest.mark.parametrize("b,h,hk,r,nk,d,dtype,chunks,consecutive,br", [
-    (1, 2, 1, 64, 300, 16, torch.float32, 64, True, "0"),  # one row chunk: every column one store
-    (2, 4, 2, 100, 257, 32, torch.float32, 2, True, "64"),  # two row chunks (atomic columns), key chunks merged
-    (2, 4, 2, 100, 257, 32, torch.float32, 2, True, "0"),  # the same rows in one chunk of 128
-    (1, 2, 2, 7, 50, 16, torch.float16, 64, True, "0"),  # a partial row chunk, fp16
-    (1, 2, 1, 130, 400, 24, torch.float32, 3, True, "64"),  # three row chunks, a head dim that is not a power of 2
-    (1, 2, 1, 300, 400, 16, torch.float32, 3, True, "0"),  # three row chunks of 128
-    (1, 4, 2, 40, 333, 16, torch.float32, 2, False, "0"),  # probe rows at scattered positions (ZipVL): columns only
+@pytest.mark.parametrize("b,h,hk,r,nk,d,dtype,chunks,consecutive", [
+    (1, 2, 1, 64, 300, 16, torch.float32, 64, True),  # one row chunk: every column one store
+    (2, 4, 2, 100, 257, 32, torch.float32, 2, True),  # two row chunks (atomic columns), key chunks merged
+    (1, 2, 2, 7, 50, 16, torch.float16, 64, True),  # a partial row chunk, fp16
+    (1, 2, 1, 130, 400, 24, torch.float32, 3, True),  # three row chunks, a head dim that is not a power of two
+    (1, 4, 2, 40, 333, 16, torch.float32, 2, False),  # probe rows at scattered positions (ZipVL): columns only
 ])
 def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, r, nk, d, dtype, chunks,
-                                             consecutive, br):
+                                             consecutive):
     """The two-pass kernel's column and diagonal sums of the probe rows' causal softmax equal torch's
     ``row_probs(...).sum(2)`` and ``diagonal_sums`` within fp32 tolerance: GQA, batch 2, model-layout (transposed)
-    q and k, row counts within and past one row chunk (64 rows, or 128 past 64 rows: ``rows_per_program``; 64
-    forced by ``VIDSPARSE_ROW_BR``), the statistics of several key chunks merged (``MAX_CHUNKS`` forced low), and
-    rows at positions that are not consecutive."""
+    q and k, row counts within and past one 64-row chunk, the statistics of several key chunks merged (``MAX_CHUNKS``
+    forced low), and rows at positions that are not consecutive."""
     from vidsparse.attention.kernels import row_mass
     from vidsparse.attention.patterns.base import column_probs, diagonal_sums, row_probs
 
-    monkeypatch.setenv("VIDSPARSE_ROW_BR", br)
-    assert row_mass.rows_per_program(r)[0] == (int(br) if br != "0" else (64 if r <= 64 else 128))
     monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
     monkeypatch.setattr(row_mass, "KEYS_PER_CHUNK", 1)  # short rows: as many chunks as MAX_CHUNKS allows
     g = torch.Generator().manual_seed(r * 7 + nk)

@@ -133,10 +133,10 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
 ROW_MASS_BUILD = r"""
 from vidsparse.attention.kernels import row_mass as rm
 
-# 64 probe rows with diagonals (vertical_slash), 128 rows in one program of 8 warps (token_sparse, pbs), and 128
-# rows with diagonals (the 256-wide skew), 16K keys, 28 heads over 4, bf16
+# 64 probe rows with diagonals (vertical_slash) and 128 rows in two programs without (token_sparse, pbs), 16K keys,
+# 28 heads over 4, bf16
 k = torch.zeros(1, 4, 16384, 128, dtype=torch.bfloat16)
-for r, first in ((64, 16320), (128, None), (128, 16256)):
+for r, first in ((64, 16320), (128, None)):
     rm.column_mass(torch.zeros(1, 28, r, 128, dtype=torch.bfloat16), k, torch.arange(16384 - r, 16384),
                    diagonal_first=first)
 for name in ("_row_stats", "_row_mass"):
@@ -146,13 +146,13 @@ for name in ("_row_stats", "_row_mass"):
 
 
 def test_probe_row_passes_build_for_sm90_without_spills(tmp_path):
-    """The probe rows' two passes (``kernels.row_mass``) build for sm_90 at 64 rows on 4 warps and at 128 rows on 8
-    (``rows_per_program``), with and without the diagonals' skew, the products on the tensor cores and nothing in
-    local memory."""
+    """The probe rows' two passes (``kernels.row_mass``) build for sm_90 at their launches for vertical_slash (64 rows
+    with the diagonals' skew) and token_sparse / pbs (128 rows in two chunks, atomic columns): the products on the
+    tensor cores and nothing in local memory."""
     build(tmp_path / "cache", ROW_MASS_BUILD, tmp_path)
     cubins = sorted(tmp_path.glob("*.cubin"))
-    assert len([c for c in cubins if c.name.startswith("_row_stats")]) >= 2, cubins  # 64 and 128 rows
-    assert len([c for c in cubins if c.name.startswith("_row_mass")]) >= 3, cubins
+    assert len([c for c in cubins if c.name.startswith("_row_mass")]) >= 2, cubins  # with and without diagonals
+    assert any(c.name.startswith("_row_stats") for c in cubins), cubins
     for cubin in cubins:
         usage = dump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage and "STACK:0" in usage, (cubin.name, usage)

@@ -20,7 +20,7 @@ per-row quantity, so it needs only the first pass: beside each row's running max
 over its phase's keys, rescaled alike; the key chunks' partial sums are merged in torch.
 
 Products are the inputs' (bf16/fp16 exact in the fp32 accumulator; fp32 inputs use IEEE fp32 products), as the
-torch path's TF32 products of bf16 operands are. With one row chunk (R ≤ 128) every column sum is one store and every
+torch path's TF32 products of bf16 operands are. With one row chunk (R ≤ 64) every column sum is one store and every
 diagonal sum at most two additions to zero (the same in either order), so the result does not depend on the order the
 programs run in; with more row chunks the atomics' order may move the diagonal sums (past two chunks also the column
 sums) in the last bit.
@@ -30,7 +30,11 @@ estimate, ``profile_estimation_share_*.json``): ``vertical_slash`` at 32K / 64K 
 with the torch sums, 0.70 / 1.40 / 3.45 ms with this kernel (of which ``_row_mass`` 0.24 / 0.44 / 0.85 and
 ``_row_stats`` 0.06 / 0.10 / 0.19); ``pbs`` 2.20 / 4.65 / 10.51 → 1.05 / 2.19 / 5.49 ms. A first version with one
 ``_row_mass`` program per key tile reread every row's chunk statistics per tile: 0.28 ms at 32K
-(``profile_estimation_share_*_pertile.json``)."""
+(``profile_estimation_share_*_pertile.json``). Tried and dropped (branch ``tried-2026-11-29-rowbr``): 128 probe rows
+in one program of 8 warps instead of two of 64 on 4 (K read once per pass, plain column stores): slower on an H200
+(``--env-ab VIDSPARSE_ROW_BR=64,0``, GPU ms of the whole estimate, ``profile_estimation_s125_br_*.json``):
+token_sparse 0.183 → 0.201 ms at 16K 28/28, 0.176 → 0.201 at 16K 28/4, 0.311 → 0.342 at 32K, 1.215 → 1.322 at
+128K; pbs 0.323 → 0.340, 0.250 → 0.275, 0.438 → 0.470, 1.983 → 2.092."""
 
 from __future__ import annotations
 
@@ -43,10 +47,9 @@ import triton.language as tl
 
 from .fit import env_int, needs_int64
 
-BR = 64  # rows per program up to 64 rows; more rows take ``WIDE_BR`` (``rows_per_program``)
-WIDE_BR = 128  # rows per program (on 8 warps) past 64 rows: token_sparse's and pbs's 128 probe rows in one program
+BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
-BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile at 64 rows
+BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
 MAX_CHUNKS = 64  # key chunks per (head, row chunk) of both passes at most (each row merges this many max/sum pairs)
 KEYS_PER_CHUNK = 1024  # keys per chunk at least: up to 64K keys, fewer chunks of more tiles (``_chunks``)
 LOG2E = 1.4426950408889634
@@ -124,8 +127,7 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
 @triton.jit
 def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
               s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
-              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr,
-              U: tl.constexpr):
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr):
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
@@ -150,7 +152,7 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
         else:
             tl.store(COLS + bh * NK + n, col, mask=n < NK)
         if DIAGONALS:  # row r, key n0 + j lies on offset FIRST + rc·BR + r − n0 − j: local index u = r − j + BN − 1
-            u = tl.arange(0, U)  # U: the tile's BN + BR − 1 diagonals, to a power of two
+            u = tl.arange(0, 2 * BN)
             j = tl.arange(0, BR)[:, None] - u[None, :] + (BN - 1)
             on = (j >= 0) & (j < BN)
             skew = tl.gather(p, tl.where(on, j, 0), 1)
@@ -171,19 +173,6 @@ def _chunks(nk: int, bn: int) -> tuple[int, int]:
     return tpc, triton.cdiv(triton.cdiv(nk, bn), tpc)
 
 
-def rows_per_program(r: int) -> tuple[int, int]:
-    """(rows per program, warps) of both passes for ``r`` probe rows: ``BR`` on 4 warps up to ``BR`` rows, else
-    ``WIDE_BR`` on 8. ``VIDSPARSE_ROW_BR=N`` fixes N rows (a power of two ≥ 16; 8 warps past 64; 0: this rule)."""
-    br = env_int("VIDSPARSE_ROW_BR", 0, minimum=0, pow2=True)
-    if br == 0:
-        br = BR if r <= BR else WIDE_BR
-    elif br < 16:
-        from ...errors import InputError
-
-        raise InputError(f"VIDSPARSE_ROW_BR='{br}': expected a power of two ≥ 16 (or 0: the rule)")
-    return br, 4 if br <= 64 else 8
-
-
 def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: int | None = None):
     """q_rows [B, H, R, D] at positions ``q_pos`` int [R]; k [B, Hkv, Nk, D] (GQA: not expanded; any strides) ->
     (cols, diag): float32 [B, H, Nk] each — Σ_r softmax(scale · q_r·Kᵀ) over the keys at or before each row's
@@ -199,14 +188,13 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
         return cols, diag
     ml = _stats(a, ())
     tpc2, nch2 = _chunks(nk, BN)
-    br, warps = rows_per_program(r)
-    rcs = triton.cdiv(r, br)
+    rcs = triton.cdiv(r, BR)
     nch = ml.shape[-1]
     _row_mass[(b * h, rcs, nch2)](
         a.q, a.k, a.pos, ml, cols, diag if diag is not None else cols, h, h // a.hk, r, nk, nch, tpc2,
-        diagonal_first if diagonal_first is not None else 0, *a.common, D=a.d, BD=a.bd, BR=br, BN=BN,
+        diagonal_first if diagonal_first is not None else 0, *a.common, D=a.d, BD=a.bd, BR=BR, BN=BN,
         BCH=max(2, triton.next_power_of_2(nch)), PRECISION=a.precision, ATOMIC_COLS=rcs > 1,
-        DIAGONALS=diag is not None, I64=a.i64, U=triton.next_power_of_2(BN + br - 1), num_warps=warps)
+        DIAGONALS=diag is not None, I64=a.i64, num_warps=4)
     return cols, diag
 
 
@@ -271,8 +259,7 @@ def _stats(a: _Rows, strides: tuple[int, ...]) -> torch.Tensor:
     tpc, nch = _chunks(a.nk, BN_STATS)
     ml = torch.empty(2 + len(strides), a.b * a.h, a.r, nch, dtype=torch.float32, device=a.q.device)
     cs = (list(strides) + [1, 1])[:2]
-    br, warps = rows_per_program(a.r)
-    _row_stats[(a.b * a.h, triton.cdiv(a.r, br), nch)](
-        a.q, a.k, a.pos, ml, a.h, a.h // a.hk, a.r, a.nk, tpc, nch, *cs, *a.common, D=a.d, BD=a.bd, BR=br,
-        BN=BN_STATS, PRECISION=a.precision, PHASES=len(strides), I64=a.i64, num_warps=warps)
+    _row_stats[(a.b * a.h, triton.cdiv(a.r, BR), nch)](
+        a.q, a.k, a.pos, ml, a.h, a.h // a.hk, a.r, a.nk, tpc, nch, *cs, *a.common, D=a.d, BD=a.bd, BR=BR,
+        BN=BN_STATS, PRECISION=a.precision, PHASES=len(strides), I64=a.i64, num_warps=4)
     return ml
