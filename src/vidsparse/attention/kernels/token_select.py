@@ -37,7 +37,8 @@ import triton.language as tl
 
 from .fit import env_int
 
-RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_TOKSEL_RESIDENT``)
+RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_TOKSEL_RESIDENT``), on W / 2048
+# warps, 4 to 32 (``VIDSPARSE_TOKSEL_RESIDENT_WARPS=N``: N)
 CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_TOKSEL_CHUNK``)
 WARPS = 16  # warps per program of a longer row (``VIDSPARSE_TOKSEL_WARPS``); a resident row takes W / 2048
 
@@ -144,7 +145,8 @@ def drop_light(scores: torch.Tensor, frac: float, sink: int, window_start: int,
     chunk = triton.next_power_of_2(env_int("VIDSPARSE_TOKSEL_CHUNK", CHUNK))
     if resident:
         ch = triton.next_power_of_2(max(n, 16))
-        warps, weights = min(32, max(4, ch // 2048)), scores  # (no scratch: a placeholder pointer)
+        warps = env_int("VIDSPARSE_TOKSEL_RESIDENT_WARPS", 0, minimum=0, pow2=True) or min(32, max(4, ch // 2048))
+        weights = scores  # (no scratch: a placeholder pointer)
     else:
         ch, warps = chunk, env_int("VIDSPARSE_TOKSEL_WARPS", WARPS, pow2=True)
         weights = torch.empty(b * h, n, dtype=torch.float32, device=scores.device)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ...registry import PATTERNS
-from ..layout import TokenLayout
+from ..layout import TokenLayout, shape_cache
 from .base import Pattern, SeqMeta, column_probs, use_kernel
 
 
@@ -34,19 +34,32 @@ class TokenSparse(Pattern):
 
     def scores(self, q, k) -> torch.Tensor:
         """float32 [B, H, N]: mean softmax weight each key gets from the last ``window`` queries."""
+        return self._mass(q, k) / min(self.window, q.shape[2])
+
+    def _mass(self, q, k) -> torch.Tensor:
+        """float32 [B, H, N]: the softmax weight each key gets from the last ``window`` queries, summed."""
         n = q.shape[2]
         w = min(self.window, n)
-        return column_probs(q[:, :, n - w:], k, torch.arange(n - w, n, device=q.device), backend=self.backend)[0] / w
+        return column_probs(q[:, :, n - w:], k, _positions(n - w, n, q.device), backend=self.backend)[0]
 
     def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
+        """The selection keeps the lightest tokens within a fraction of the total, so it takes the window's summed
+        weights (``scores`` times the window, one launch fewer); the positions of the window's rows are cached per
+        shape (two fewer)."""
         n = q.shape[2]
-        raw = self.scores(q, k)
+        raw = self._mass(q, k)
         select = drop_light_reference
         if use_kernel(self.backend, q) and os.environ.get("VIDSPARSE_TOKSEL") != "0":  # the torch path's sort,
             # scans and scatters in one Triton program per head (``VIDSPARSE_TOKSEL=0``: torch's, the A/B baseline)
             from ..kernels.token_select import drop_light as select
         index, count = select(raw, 1.0 - self.coverage, self.sink, max(0, n - self.window), meta.visual)
         return TokenLayout(index, count, n, k.shape[2], meta.causal)
+
+
+@shape_cache()
+def _positions(start: int, end: int, device) -> torch.Tensor:
+    """int32 [end − start]: the probe rows' positions, as ``kernels.row_mass`` reads them (shared: never modified)."""
+    return torch.arange(start, end, dtype=torch.int32, device=device)
 
 
 def drop_light_reference(raw: torch.Tensor, frac: float, sink: int, window_start: int,
