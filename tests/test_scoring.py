@@ -121,10 +121,14 @@ def test_clip_scorer_with_tiny_random_model(tiny_clip, synth_index, monkeypatch)
     cs = CandidateScores(synth_index, sc, Query(text="gate 47"))
     s = cs.get(np.arange(0, 180, 9))
     assert s.shape == (20,) and np.all((s >= 0) & (s <= 1)) and cs.frames_decoded == 20
-    # An image query equal to one frame ranks that frame first (cosine 1 -> score 1).
+    # An image query equal to one frame gives that frame cosine 1 -> score 1. Its neighbours in the same static scene
+    # score within 1e-6 of it through this random tower (the query is embedded alone, the candidates in a batch, so
+    # the two embeddings of that frame differ in rounding: an argmax among them once picked a neighbour); frames of
+    # another scene score clearly lower.
     frame = synth_index.reader.read_at([50.0], size=(32, 32)).data[0]
     s_img = CandidateScores(synth_index, sc, Query(image=frame)).get(np.arange(40, 60))
-    assert np.argmax(s_img) == 10 and s_img[10] == pytest.approx(1.0, abs=1e-5)
+    assert s_img[10] == pytest.approx(1.0, abs=1e-5) and s_img[10] >= s_img.max() - 1e-5
+    assert s_img.min() < s_img[10] - 0.01
     monkeypatch.setenv("VIDSPARSE_CLIP_PATH", tiny_clip)
     assert SCORERS.from_spec("clip").path == tiny_clip
     from vidsparse.moments import default_scorer_spec
