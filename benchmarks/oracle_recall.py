@@ -6,8 +6,9 @@
 The oracle keeps, for each sampled query row, its own most massive key blocks (exact softmax over all causal keys,
 summed per 128-token block), as many as ``block_topk`` keeps for that row's query block (ceil(density × causal
 blocks), at least 2): an upper bound on any per-query-block selection of that count. Beside it, the attention-mass
-recall (``attention.recall``) of ``block_topk`` at its default pooling (16 tokens of each block) and with exact
-block means (``pool_stride=1``), and with each of ``--pool-strides`` (16: 8 tokens of each 128-token block, 32: 4).
+recall (``attention.recall``) of ``block_topk`` at its default pooling (``block_topk.SAMPLES`` tokens of each block,
+8 since 2026-11-29, 16 before) and with exact block means (``pool_stride=1``), and with each of ``--pool-strides``
+(8: 16 tokens of each 128-token block, 16: 8, 32: 4).
 Runs on the CPU in about a minute at 128 frames (33K tokens). Saves
 ``oracle_recall.json`` and updates its BENCHMARKS.md section."""
 
@@ -26,6 +27,7 @@ from common import new_payload, save, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta  # noqa: E402
+from vidsparse.attention.patterns.block_topk import SAMPLES  # noqa: E402
 
 
 def oracle(q, k, rows, density: float, block: int = 128) -> float:
@@ -71,7 +73,7 @@ def main():
     lines = [f"{payload['date']}, {payload['device']}: `{payload['command']}` (N = {n}, 28 heads / 4 KV heads, "
              f"{args.rows} sampled query rows from N/8 to the end). The oracle keeps each row's own most massive "
              "key blocks, as many as block_topk keeps for its query block: an upper bound at that count.", "",
-             "| density | oracle | block_topk (default: 16 tokens a block) | block_topk, exact means |"
+             f"| density | oracle | block_topk (default: {SAMPLES} tokens a block) | block_topk, exact means |"
              + "".join(f" pool_stride={p} |" for p in strides),
              "|---|---|---|---|" + "---|" * len(strides)]
     lines += [f"| {r['density']} | {r['oracle']:.4f} | {r['default']:.4f} | {r['exact_means']:.4f} |"

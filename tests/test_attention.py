@@ -424,6 +424,19 @@ def test_bad_kernel_knobs_are_input_errors(interpreter, monkeypatch, name, bad):
         pat.estimate(q, q, SeqMeta(32, 32))
 
 
+def test_key_pooling_blocks_per_program_rule(monkeypatch):
+    """``pooled_topk.key_blocks``: 4 key blocks per program, doubled while there would be more than two programs per
+    SM (132 off CUDA): 28/4 heads at 16K keep 4 (128 programs), 28/28 take 16 (224); never past the row;
+    ``VIDSPARSE_POOL_KEYS_BLOCKS`` fixes the number."""
+    from vidsparse.attention.kernels.pooled_topk import key_blocks
+
+    cpu = torch.device("cpu")
+    assert key_blocks(4, 128, cpu) == 4 and key_blocks(28, 128, cpu) == 16 and key_blocks(28, 64, cpu) == 8
+    assert key_blocks(10000, 3, cpu) == 4  # 3 key blocks: one program per head, however many heads
+    monkeypatch.setenv("VIDSPARSE_POOL_KEYS_BLOCKS", "2")
+    assert key_blocks(28, 128, cpu) == 2
+
+
 def test_antidiagonal_head_group_rule(monkeypatch):
     """Whole K/V-head groups whose K fits the budget, at least one; a budget of 0 MB: every head at once."""
     from vidsparse.attention.kernels.antidiagonal import head_group

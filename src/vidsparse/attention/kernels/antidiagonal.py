@@ -207,10 +207,7 @@ def default_splits(heads: int, row_tiles: int, col_tiles: int, device) -> int:
     fixed = fit.env_int("VIDSPARSE_ANTIDIAG_SPLITS", 0, minimum=0)
     if fixed:
         return fixed
-    sms = 132
-    if device.type == "cuda":
-        sms = fit.sm_count(device)
-    return 8 if heads * row_tiles * 4 < 2 * sms and col_tiles >= 8 else 4
+    return 8 if heads * row_tiles * 4 < 2 * fit.sm_count(device) and col_tiles >= 8 else 4
 
 
 def _pow2(x: int) -> bool:

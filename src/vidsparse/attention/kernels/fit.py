@@ -163,13 +163,22 @@ INT32_LIMIT = 2 ** 31  # element offsets from this on need 64-bit arithmetic (a 
 
 
 def sm_count(device: torch.device) -> int:
-    """The device's streaming multiprocessors (cached per device index)."""
+    """The device's streaming multiprocessors (cached per device index); off CUDA (the interpreter, builds for a
+    target on a machine without a GPU) an H100's and H200's 132, so launch rules pick what they pick there."""
+    if device.type != "cuda":
+        return 132
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def f32(x: float) -> float:
+    """x rounded to float32, as torch rounds a Python scalar that multiplies a float32 tensor: a kernel's scale
+    factor that gives the torch path's bits."""
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit
 from .block_select import _order_key
 
 R, WARPS = 32, 4  # rows per program (32 and 64 rows measured alike), warps
@@ -185,8 +186,7 @@ def pool_rows(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     tail = m - (nb - 1) * block
-    f_full = float(torch.tensor(1.0 / block, dtype=torch.float32))
-    f_last = float(torch.tensor(1.0 / tail, dtype=torch.float32))
+    f_full, f_last = fit.f32(1.0 / block), fit.f32(1.0 / tail)
     bp = triton.next_power_of_2(block)
     _pool_rows[(nb, b * h)](x, index, out, n, m, nb, h, *x.stride(), index.stride(0), index.stride(1),
                             index.stride(2), f_full, f_last, BLOCK=block, BP=bp, D=d, BD=triton.next_power_of_2(d),

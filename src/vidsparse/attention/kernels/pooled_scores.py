@@ -90,12 +90,9 @@ def _default(programs: int, device: torch.device) -> tuple:
     ``block_topk`` at 5%, GPU ms of the whole estimate, ``profile_estimation_s10{8,9}_scores*.json``): at 16K 0.0389
     → 0.0358 (28/4) and 0.0605 → 0.0563 (28/28); at 32K (112 programs) 64 × 64 was slower, 0.0812 → 0.0827 (28/4)
     and 0.1120 → 0.1137 (28/28)."""
-    sms = 132
-    if device.type == "cuda":
-        from .fit import sm_count
+    from .fit import sm_count
 
-        sms = sm_count(device)
-    return SMALL if 2 * programs < sms else (BM, BN, BK, WARPS, PRECISION)
+    return SMALL if 2 * programs < sm_count(device) else (BM, BN, BK, WARPS, PRECISION)
 
 
 def scores(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:

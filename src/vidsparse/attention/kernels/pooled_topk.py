@@ -183,8 +183,8 @@ def pooled_topk(q: torch.Tensor, k: torch.Tensor, total: torch.Tensor, width: in
         pdl = q.is_cuda and fit.capability(q.device)[0] >= 9
     tail = nq - (nqb - 1) * block_q
     scale = 1.0 / d ** 0.5
-    f_full = _f32(scale / -(-block_q // q_stride))
-    f_last = _f32(scale / -(-tail // q_stride))
+    f_full = fit.f32(scale / -(-block_q // q_stride))
+    f_last = fit.f32(scale / -(-tail // q_stride))
     if kp is None:
         kp = pool_keys(k, block_k, k_stride, pdl)
     else:
@@ -220,8 +220,8 @@ def pool_keys(k: torch.Tensor, block: int, stride: int, pdl: bool = False) -> to
     kb = key_blocks(b * hk, nkb, k.device)
     tt = min(triton.next_power_of_2(t), KEY_TOKENS)
     _pool_keys[(b * hk, triton.cdiv(nkb, kb))](
-        k, kp, *k.stride(), hk, nk, nkb, d, block, stride, _f32(1.0 / t),
-        _f32(1.0 / -(-(nk - (nkb - 1) * block) // stride)),
+        k, kp, *k.stride(), hk, nk, nkb, d, block, stride, fit.f32(1.0 / t),
+        fit.f32(1.0 / -(-(nk - (nkb - 1) * block) // stride)),
         T=t, TT=tt, D=triton.next_power_of_2(d), KB=kb, PDL=pdl, num_warps=KEY_WARPS)
     return kp
 
@@ -233,13 +233,8 @@ def key_blocks(heads: int, nkb: int, device) -> int:
     fixed = fit.env_int("VIDSPARSE_POOL_KEYS_BLOCKS", 0, minimum=0, pow2=True)
     if fixed:
         return fixed
-    sms = fit.sm_count(device) if device.type == "cuda" else 132
+    sms = fit.sm_count(device)
     kb = KEY_BLOCKS
     while kb < nkb and heads * -(-nkb // kb) > KEY_PROGRAMS_PER_SM * sms:
         kb *= 2
     return kb
-
-
-def _f32(x: float) -> float:
-    """x rounded to float32, as torch rounds a Python scalar that multiplies a float32 tensor."""
-    return float(torch.tensor(x, dtype=torch.float32))

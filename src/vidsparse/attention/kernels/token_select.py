@@ -37,10 +37,10 @@ import triton.language as tl
 
 from .fit import env_int
 
-RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_TOKSEL_RESIDENT``), on W / 2048
-# warps, 4 to 32 (``VIDSPARSE_TOKSEL_RESIDENT_WARPS=N``: N)
+RESIDENT = 32768  # rows up to this many entries stay in registers (``VIDSPARSE_TOKSEL_RESIDENT``)
 CHUNK = 4096  # entries per chunk of a longer row (``VIDSPARSE_TOKSEL_CHUNK``)
-WARPS = 16  # warps per program of a longer row (``VIDSPARSE_TOKSEL_WARPS``); a resident row takes W / 2048
+WARPS = 16  # warps per program of a longer row (``VIDSPARSE_TOKSEL_WARPS``); a resident row takes W / 2048, 4 to 32
+# (``VIDSPARSE_TOKSEL_RESIDENT_WARPS``)
 
 
 @triton.jit

@@ -209,7 +209,7 @@ def pool_blocks(x: Tensor, block: int, scale: float = 1.0, stride: int = 1) -> T
 
 def _mean(x: Tensor, dim: int, scale: float) -> Tensor:
     """fp32 mean of x over ``dim``, times ``scale``: the sum times scale / n, or one ``mean`` reduction when ``scale``
-    is 1 and n a power of two (the keys' 16 tokens per block: one launch fewer per estimate on CUDA), where dividing
+    is 1 and n a power of two (16 or 8 pooled keys per block: one launch fewer per estimate on CUDA), where dividing
     by n and multiplying by 1/n give the same bits. (For other n torch's CPU ``mean`` divides and would differ from
     the product in the last bit.)"""
     n = x.shape[dim]
