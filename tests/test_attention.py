@@ -597,8 +597,8 @@ def test_pooled_topk_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq,
     """``block_topk``'s fused estimate (q's pooling, the scores and the selection in one kernel) writes exactly the
     unfused kernels' layout (indices, counts, ``kv_full``) where the fp32 sums are exact: dyadic q/k with few bits, head
     dim 64 (scale 1/8), power-of-two token counts per pooled block. The keys repeat every three blocks, so most
-    selections break ties (to the lower index); GQA, batch 2, more keys than queries, not causal, a model's transposed
-    q/k, the head-dim slices of the product (``SLICE_ENTRIES``), the rounds of max-reduction and the counting search
+    selections break ties (to the lower index; not where 11 tokens a block are pooled, below); GQA, batch 2, more
+    keys than queries, not causal, a model's transposed q/k, the head-dim slices of the product (``SLICE_ENTRIES``), the rounds of max-reduction and the counting search
     (``VIDSPARSE_SELECT_FEW``); the keys pooled by the Triton kernel (``VIDSPARSE_TOPK_KEYS``: "pdl", the default,
     is the same kernel where no dependent launch runs, as here) or by torch.
     """
@@ -614,7 +614,10 @@ def test_pooled_topk_kernel_equals_torch(interpreter, monkeypatch, b, h, hk, nq,
         return x.transpose(1, 2) if transposed else x
 
     q, k = mk(h, nq).to(torch.bfloat16), mk(hk, nk).to(torch.bfloat16)
-    k = k[:, :, torch.arange(nk) % 96]  # the keys repeat every 3 blocks: each row's scores tie in 3 groups
+    if "pool_stride=3" not in spec:  # the keys repeat every 3 blocks: each row's scores tie in 3 groups
+        k = k[:, :, torch.arange(nk) % 96]
+    # (not at stride 3: 11 pooled tokens a block make the means inexact, so tied blocks' products can round apart
+    # by the order of a dot's sums, which in the interpreter depends on the CPU's BLAS path: seen on an AVX2 host)
     meta = SeqMeta(32, 32, causal)
     seen = []
     real = pooled_topk.pooled_topk
