@@ -1002,7 +1002,8 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
     """The two-pass kernel's column and diagonal sums of the probe rows' causal softmax equal torch's
     ``row_probs(...).sum(2)`` and ``diagonal_sums`` within fp32 tolerance: GQA, batch 2, model-layout (transposed)
     q and k, row counts within and past one 64-row chunk, the statistics of several key chunks merged (``MAX_CHUNKS``
-    forced low), and rows at positions that are not consecutive."""
+    forced low), and rows at positions that are not consecutive; the columns alone (the transposed pass) likewise,
+    in programs of 64 and of 16 rows, and through the rows-major pass."""
     from vidsparse.attention.kernels import row_mass
     from vidsparse.attention.patterns.base import column_probs, diagonal_sums, row_probs
 
@@ -1027,6 +1028,15 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
     ref_cols, ref_diag = column_probs(rows, k, pos, diagonal_first=first, backend="reference")
     torch.testing.assert_close(cols, ref_cols, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
     torch.testing.assert_close(cols.sum(-1), torch.full((b, h), float(r)), atol=1e-4, rtol=0)  # each row sums to 1
+    # columns alone: the transposed pass (``_col_mass``) with its 64-row programs, with 16-row programs on 32-key
+    # tiles (atomic columns past one program), and the rows-major pass (``VIDSPARSE_COL_MASS=rows``)
+    for env in ({}, {"VIDSPARSE_COL_MASS_ROWS": "16", "VIDSPARSE_COL_MASS_BN": "32"}, {"VIDSPARSE_COL_MASS": "rows"}):
+        with monkeypatch.context() as m:
+            for var, value in env.items():
+                m.setenv(var, value)
+            alone, none = row_mass.column_mass(rows, k, pos)
+        assert none is None
+        torch.testing.assert_close(alone, a.sum(2), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL, msg=str(env))
 
 
 @pytest.mark.parametrize("b,h,hk,r,nk,strides,chunks", [

@@ -132,13 +132,14 @@ def test_estimation_kernels_build_for_sm90(tmp_path):
 ROW_MASS_BUILD = r"""
 from vidsparse.attention.kernels import row_mass as rm
 
-# 64 probe rows with diagonals (vertical_slash) and 128 rows in two programs without (token_sparse, pbs), 16K keys,
-# 28 heads over 4, bf16
+# 64 probe rows with diagonals (vertical_slash) and 128 rows without (token_sparse, pbs) in the transposed pass and
+# in the rows-major one, 16K keys, 28 heads over 4, bf16
 k = torch.zeros(1, 4, 16384, 128, dtype=torch.bfloat16)
-for r, first in ((64, 16320), (128, None)):
+for r, first, mode in ((64, 16320, "keys"), (128, None, "keys"), (128, None, "rows")):
+    os.environ["VIDSPARSE_COL_MASS"] = mode
     rm.column_mass(torch.zeros(1, 28, r, 128, dtype=torch.bfloat16), k, torch.arange(16384 - r, 16384),
                    diagonal_first=first)
-for name in ("_row_stats", "_row_mass"):
+for name in ("_row_stats", "_row_mass", "_col_mass"):
     for i, kern in enumerate(getattr(rm, name).device_caches[0][0].values()):
         open(f"{sys.argv[1]}/{name}{i}.cubin", "wb").write(kern.asm["cubin"])
 """
@@ -146,12 +147,14 @@ for name in ("_row_stats", "_row_mass"):
 
 def test_probe_row_passes_build_for_sm90_without_spills(tmp_path):
     """The probe rows' two passes (``kernels.row_mass``) build for sm_90 at their launches for vertical_slash (64 rows
-    with the diagonals' skew) and token_sparse / pbs (128 rows in two chunks, atomic columns): the products on the
-    tensor cores and nothing in local memory."""
+    with the diagonals' skew) and token_sparse / pbs (128 rows in two chunks, atomic columns: the transposed column
+    pass and the rows-major one): the products on the tensor cores and nothing in local
+    memory."""
     build(tmp_path / "cache", ROW_MASS_BUILD, tmp_path)
     cubins = sorted(tmp_path.glob("*.cubin"))
     assert len([c for c in cubins if c.name.startswith("_row_mass")]) >= 2, cubins  # with and without diagonals
     assert any(c.name.startswith("_row_stats") for c in cubins), cubins
+    assert any(c.name.startswith("_col_mass") for c in cubins), cubins
     for cubin in cubins:
         usage = dump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage and "STACK:0" in usage, (cubin.name, usage)

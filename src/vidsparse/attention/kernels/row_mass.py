@@ -15,6 +15,16 @@ matrix of 235 MB at 32K keys, 28 heads and 64 rows. Here it never reaches memory
    r − u + BN − 1, so each diagonal becomes a column) and summed over rows; a tile's BN + BR − 1 diagonals overlap the
    next tile's in BR − 1, added with atomics (at most two additions per offset and row chunk).
 
+Columns alone (``token_sparse``, ``pbs``, SnapKV, ZipVL) take ``_col_mass`` for the second pass: the tile transposed,
+K·qᵀ [keys, rows], so that a key's sum over the rows is a reduction within a thread and its quad instead of across
+warps, and the keys load in their own layout. Against ``_row_mass`` (``--env-ab VIDSPARSE_COL_MASS=rows,keys``, GPU ms
+of the whole estimate on an H200, ``profile_estimation_s128_ab_*.json``): token_sparse 0.181 → 0.151 ms at 16K
+(video q/k, 28/28), 0.173 → 0.143 (28/4), 0.307 → 0.257 at 32K, 1.216 → 1.008 at 128K; pbs 0.323 → 0.294, 0.251 →
+0.222, 0.440 → 0.390, 1.99 → 1.78. Its tile: 64 keys on 4 warps (32 / 128 keys: 0.167 / 0.168 ms at 16K, 1.106 /
+1.120 at 128K, against 0.151 and 1.007; 8 warps: the same); 64 probe rows a program (128: 0.143 against 0.137 ms at
+16K 28/4, 0.257 / 0.253 at 32K, 1.007 / 0.986 at 128K; ``s128_*``, ``s129_*``). ``VIDSPARSE_COL_MASS=rows`` takes
+``_row_mass`` instead; ``VIDSPARSE_COL_MASS_BN``, ``_ROWS``, ``_WARPS`` set the tile.
+
 ``phase_mass`` (for ``grid``: each row's mass on the keys of its own phase modulo one or two candidate strides) is a
 per-row quantity, so it needs only the first pass: beside each row's running max and exp-sum it keeps the exp-sums
 over its phase's keys, rescaled alike; the key chunks' partial sums are merged in torch.
@@ -45,11 +55,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .fit import env_int, needs_int64
+from .fit import env_choice, env_int, needs_int64
 
 BR = 64  # rows per program
 BN_STATS = 128  # key tile of the statistics pass
 BN = 64  # key tile of the summing pass: the skew's gather is [BR, 2·BN] per tile
+COL_BN = 64  # key tile of the transposed summing pass (columns only, ``_col_mass``)
+COL_BR = 64  # probe rows per program of the transposed summing pass (128: K read once, but fewer programs; slower)
 MAX_CHUNKS = 64  # key chunks per (head, row chunk) of both passes at most (each row merges this many max/sum pairs)
 KEYS_PER_CHUNK = 1024  # keys per chunk at least: up to 64K keys, fewer chunks of more tiles (``_chunks``)
 LOG2E = 1.4426950408889634
@@ -161,6 +173,51 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
             tl.atomic_add(DIAG + bh * NK + o, diag, mask=(o >= 0) & (o < NK) & (u < BN + BR - 1), sem="relaxed")
 
 
+@triton.jit
+def _col_mass(Q, K, QPOS, ML, COLS, H, G, R, NK, NCH, TPC, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn, s_kd, qk_scale,
+              D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, I64: tl.constexpr):
+    """``_row_mass`` without diagonals, transposed: each key tile's scores are K·qᵀ [BN keys, BR rows], so a key's
+    sum over the rows is a reduction along the tile's rows (within a thread and its quad), not across warps, and the
+    keys load in their own layout. Up to 128 probe rows in one program: K read once per (head, key chunk)."""
+    bh = tl.program_id(0)
+    rc = tl.program_id(1)
+    c = tl.program_id(2)
+    rows = rc * BR + tl.arange(0, BR)
+    dd = tl.arange(0, BD)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    if I64:  # offsets past 2^31 (``fit.needs_int64``)
+        b, h, hk = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    qt = tl.load(Q + b * s_qb + h * s_qh + rows[None, :] * s_qr + dd[:, None] * s_qd,
+                 mask=(rows[None, :] < R) & (dd[:, None] < D), other=0.0)  # [BD, BR]
+    pos = tl.load(QPOS + rows, mask=rows < R, other=-1)
+    ch = tl.arange(0, BCH)
+    off = (bh * R + rows[:, None]) * NCH + ch[None, :]
+    ok = (rows[:, None] < R) & (ch[None, :] < NCH)
+    mc = tl.load(ML + off, mask=ok, other=float("-inf"))
+    lc = tl.load(ML + R * NCH * tl.num_programs(0) + off, mask=ok, other=0.0)
+    m = tl.max(mc, 1)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
+    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)
+    for t in range(c * TPC, t_end):
+        n = t * BN + tl.arange(0, BN)
+        nn = n.to(tl.int64) if I64 else n
+        kb = tl.load(K + b * s_kb + hk * s_kh + nn[:, None] * s_kn + dd[None, :] * s_kd,
+                     mask=(n[:, None] < NK) & (dd[None, :] < D), other=0.0)  # [BN, BD]
+        s = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
+        visible = (n[:, None] <= pos[None, :]) & (n[:, None] < NK)
+        p = tl.where(visible, tl.exp2(s - m_sub[None, :]) * inv[None, :], 0.0)  # rows past R: inv 0
+        col = tl.sum(p, 1)
+        if ATOMIC_COLS:
+            tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
+        else:
+            tl.store(COLS + bh * NK + n, col, mask=n < NK)
+
+
 def _chunks(nk: int, bn: int) -> tuple[int, int]:
     """Key tiles of ``bn`` per program and programs per (head, row chunk): one chunk per ``KEYS_PER_CHUNK`` keys, at
     most ``MAX_CHUNKS`` (``VIDSPARSE_ROW_CHUNKS=N``: N chunks at most, the A/B knob). Against 64 chunks at every
@@ -187,9 +244,19 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
     if r == 0 or nk == 0:
         return cols, diag
     ml = _stats(a, ())
+    nch = ml.shape[-1]
+    if diag is None and env_choice("VIDSPARSE_COL_MASS", "keys", ("keys", "rows")) == "keys":
+        bn = env_int("VIDSPARSE_COL_MASS_BN", COL_BN, 16, pow2=True)
+        br = min(env_int("VIDSPARSE_COL_MASS_ROWS", COL_BR, 16, pow2=True), max(16, triton.next_power_of_2(r)))
+        tpc2, nch2 = _chunks(nk, bn)
+        rcs = triton.cdiv(r, br)
+        _col_mass[(b * h, rcs, nch2)](
+            a.q, a.k, a.pos, ml, cols, h, h // a.hk, r, nk, nch, tpc2, *a.common, D=a.d, BD=a.bd, BR=br, BN=bn,
+            BCH=max(2, triton.next_power_of_2(nch)), PRECISION=a.precision, ATOMIC_COLS=rcs > 1, I64=a.i64,
+            num_warps=env_int("VIDSPARSE_COL_MASS_WARPS", 4, 1, pow2=True))
+        return cols, diag
     tpc2, nch2 = _chunks(nk, BN)
     rcs = triton.cdiv(r, BR)
-    nch = ml.shape[-1]
     _row_mass[(b * h, rcs, nch2)](
         a.q, a.k, a.pos, ml, cols, diag if diag is not None else cols, h, h // a.hk, r, nk, nch, tpc2,
         diagonal_first if diagonal_first is not None else 0, *a.common, D=a.d, BD=a.bd, BR=BR, BN=BN,
