@@ -6,7 +6,7 @@
 The oracle keeps, for each sampled query row, its own most massive key blocks (exact softmax over all causal keys,
 summed per 128-token block), as many as ``block_topk`` keeps for that row's query block (ceil(density × causal
 blocks), at least 2): an upper bound on any per-query-block selection of that count. Beside it, the attention-mass
-recall (``attention.recall``) of ``block_topk`` at its default pooling (``block_topk.SAMPLES`` tokens of each block,
+recall (``attention.recall``) of ``block_topk`` at its default pooling (``base.POOL_SAMPLES`` tokens of each block,
 8 since 2026-11-29, 16 before) and with exact block means (``pool_stride=1``), and with each of ``--pool-strides``
 (8: 16 tokens of each 128-token block, 16: 8, 32: 4).
 Runs on the CPU in about a minute at 128 frames (33K tokens). Saves
@@ -27,7 +27,7 @@ from common import new_payload, save, update_markdown  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta  # noqa: E402
-from vidsparse.attention.patterns.block_topk import SAMPLES  # noqa: E402
+from vidsparse.attention.patterns.base import POOL_SAMPLES as SAMPLES  # noqa: E402
 
 
 def oracle(q, k, rows, density: float, block: int = 128) -> float:

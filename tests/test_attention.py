@@ -177,7 +177,7 @@ def test_block_topk_keeps_forced_then_best_scores(density):
     meta = SeqMeta(32, 32)
     lay = PATTERNS.from_spec(f"block_topk:density={density},sink=1,local=1").estimate(q, k, meta)
     bm = lay.expand(1, 4).block_mask()[0]
-    s = block_scores(q, k, meta, stride=0, samples=8)[0]  # the default: 8 tokens of each block
+    s = block_scores(q, k, meta, stride=0)[0]  # the default: 8 tokens of each block
     for h in range(4):
         for m in range(22):
             allowed = m + 1
@@ -252,8 +252,8 @@ def test_pool_blocks_partial_last_block():
 
 def test_pool_blocks_stride_takes_every_strided_token():
     """pool stride s averages the tokens at offsets 0, s, 2s, ... of each block (and of the partial last block):
-    exact values on integers, a stride that does not divide the block or exceeds it included; auto (0) means 16
-    tokens of each block (8 where a pattern asks for 8, as block_topk)."""
+    exact values on integers, a stride that does not divide the block or exceeds it included; auto (0) means 8
+    tokens of each block (16 where a caller asks for 16)."""
     from vidsparse.attention.patterns.base import pool_stride
     from vidsparse.errors import InputError
 
@@ -267,23 +267,23 @@ def test_pool_blocks_stride_takes_every_strided_token():
     torch.testing.assert_close(pool_blocks(y, 16, stride=4), pool_blocks(y[:, :, ::4], 4), rtol=0, atol=0)
     with pytest.raises(InputError, match="pool stride"):
         pool_blocks(y, 16, stride=0)
-    assert [pool_stride(0, b) for b in (16, 31, 32, 64, 128, 256)] == [1, 1, 2, 4, 8, 16]
-    assert [pool_stride(0, b, samples=8) for b in (8, 15, 16, 128)] == [1, 1, 2, 16]  # block_topk's 8 tokens
-    assert pool_stride(3, 128) == 3 and pool_stride(3, 128, samples=8) == 3
+    assert [pool_stride(0, b) for b in (8, 15, 16, 31, 32, 128, 256)] == [1, 1, 2, 3, 4, 16, 32]
+    assert [pool_stride(0, b, samples=16) for b in (16, 31, 32, 64, 128, 256)] == [1, 1, 2, 4, 8, 16]
+    assert pool_stride(3, 128) == 3 and pool_stride(3, 128, samples=16) == 3
 
 
 
 def test_block_scores_auto_stride_follows_each_block_size():
-    """stride=0 pools 16 tokens of each block on each side: 64-token query blocks every 4th token, 128-token key
-    blocks every 8th, each equal to pooling those tokens by hand (GQA, a partial last key block)."""
+    """stride=0 pools 8 tokens of each block on each side: 64-token query blocks every 8th token, 128-token key
+    blocks every 16th, each equal to pooling those tokens by hand (GQA, a partial last key block)."""
     import math
 
     from vidsparse.attention.patterns.base import block_scores
 
     q, k, _ = qkv(b=1, h=4, hk=2, n=320, d=16, seed=9, nk=300)
     got = block_scores(q, k, SeqMeta(64, 128, causal=False), stride=0)
-    qp = pool_blocks(q, 64, 1 / math.sqrt(16), stride=4)
-    kp = torch.stack([k[:, :, j * 128: (j + 1) * 128: 8].mean(2) for j in range(3)], 2)
+    qp = pool_blocks(q, 64, 1 / math.sqrt(16), stride=8)
+    kp = torch.stack([k[:, :, j * 128: (j + 1) * 128: 16].mean(2) for j in range(3)], 2)
     want = torch.einsum("bhmd,bhnd->bhmn", qp, kp.repeat_interleave(2, 1))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert got.shape == (1, 4, 5, 3)
@@ -293,8 +293,8 @@ def test_block_scores_auto_stride_follows_each_block_size():
 def test_pool_stride_scores_strided_tokens(spec):
     """A pattern with pool_stride=4 picks exactly the layout the same pattern with the exact block mean picks on
     q and k whose every token is the first of its run of 4 (the same pooled means: dyadic values, exact in fp32).
-    The default: 8 tokens of each block for block_topk (stride 4 for these 32-token blocks), 16 for pyramid (stride
-    2), the exact mean for block_cdf."""
+    The default: 8 tokens of each block for block_topk and pyramid (stride 4 for these 32-token blocks), the exact
+    mean for block_cdf."""
     from vidsparse.attention.patterns.base import block_scores
 
     g = torch.Generator().manual_seed(5)
@@ -306,7 +306,7 @@ def test_pool_stride_scores_strided_tokens(spec):
     assert not torch.equal(block_scores(q, k, meta, stride=4), block_scores(q, k, meta))
     default = PATTERNS.from_spec(spec)
     assert default.pool_stride == (1 if spec.startswith("block_cdf") else 0)
-    same = at({"block_cdf": 1, "block_topk": 4}.get(spec.split(":")[0], 2))  # the default for 32-token blocks
+    same = at(1 if spec.startswith("block_cdf") else 4)  # the default for 32-token blocks
     for got, want in ((at(4).estimate(q, k, meta), at(1).estimate(firsts(q), firsts(k), meta)),
                       (default.estimate(q, k, meta), same.estimate(q, k, meta))):
         if hasattr(got, "level_map"):
@@ -1483,7 +1483,7 @@ def test_pyramid_levels_follow_rank_bounds():
     lv = p.levels(q, k, SeqMeta(32, 32))[0]  # [H, 20, 20]
     from vidsparse.attention.patterns.base import block_scores
 
-    s = block_scores(q, k, SeqMeta(32, 32), stride=0)[0]  # the default: 16 tokens of each block
+    s = block_scores(q, k, SeqMeta(32, 32), stride=0)[0]  # the default: 8 tokens of each block
     for m in (12, 19):
         allowed = m + 1
         order = torch.argsort(s[0, m, :allowed], descending=True)

@@ -19,7 +19,7 @@ class BlockCDF(Pattern):
     ``min_cos``: like SpargeAttn, blocks whose keys are not self-similar (mean cosine to the block mean below it)
     pool badly and are never pruned (0 disables). ``backend``: the selection's, as ``base.mass_layout`` (with
     ``min_cos`` > 0 always torch). ``pool_stride``: pool every ``pool_stride``-th token of each block, as
-    ``pyramid`` (0: 16 tokens of each block); the default 1 is the exact mean: fewer tokens make the pooled softmax
+    ``pyramid`` (0: 8 tokens of each block); the default 1 is the exact mean: fewer tokens make the pooled softmax
     sharper, so the same ``tau`` keeps fewer blocks, and at τ = 0.9 the estimate is ≤ 3% of the kernel anyway."""
 
     tau: float = 0.9

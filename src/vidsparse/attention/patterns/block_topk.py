@@ -13,8 +13,6 @@ from ...registry import PATTERNS
 from ..layout import BlockLayout, causal_block_mask, shape_cache
 from .base import Pattern, SeqMeta, block_scores, pool_blocks, pool_stride, row_totals, topk_layout, use_kernel
 
-SAMPLES = 8  # tokens of each block that ``pool_stride=0`` (auto) pools: stride 16 for 128-token blocks
-
 
 @PATTERNS.register("block_topk")
 @dataclass
@@ -23,7 +21,7 @@ class BlockTopK(Pattern):
     blocks (rounded up). The diagonal (``local`` blocks) and ``sink`` blocks are always kept and count towards that
     budget. Softmax is monotone, so the raw pooled logits rank the blocks; one ``topk`` builds the layout.
     ``pool_stride``: pool every ``pool_stride``-th token of each block (``base.pool_blocks``), reading that fraction
-    of q and k; 1 is the exact block mean; 0 (the default) pools ``SAMPLES`` = 8 tokens of each block (stride 16
+    of q and k; 1 is the exact block mean; 0 (the default) pools ``POOL_SAMPLES`` = 8 tokens of each block (stride 16
     for 128-token blocks). On video q/k at 16K–128K tokens on an H200 that keeps the recall of 16 tokens within
     0.0005 and of the exact means within 0.0013, and the estimate takes 0.0217 / 0.0264 / 0.0817 ms at 16K and 5%
     for 8 / 16 tokens / the exact means (BENCHMARKS.md, "… video q/k, pool stride, block_topk's 8-token default").
@@ -57,13 +55,13 @@ class BlockTopK(Pattern):
 
             if fits(nkb, q.shape[-1]):
                 keys = fit.env_choice("VIDSPARSE_TOPK_KEYS", "pdl", ("pdl", "kernel", "torch"))
-                qs, ks = (pool_stride(self.pool_stride, block, SAMPLES) for block in (meta.block_q, meta.block_k))
+                qs, ks = (pool_stride(self.pool_stride, block) for block in (meta.block_q, meta.block_k))
                 kp = pool_blocks(k, meta.block_k, stride=ks) if keys == "torch" else None
                 index, count, full = pooled_topk(q, k, total, width, self.sink, self.local, meta.block_q,
                                                  meta.block_k, meta.causal, qs, ks, kp=kp,
                                                  pdl=None if keys == "pdl" else False)
                 return BlockLayout(index, count, full, meta.block_q, meta.block_k, nq, nk, meta.causal)
-        s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride, samples=SAMPLES)
+        s = block_scores(q, k, meta, masked=False, backend=self.backend, stride=self.pool_stride)
         return topk_layout(s, None, width, q, k, meta, self.sink, self.local, backend=self.backend, total=total)
 
 
