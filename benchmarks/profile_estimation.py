@@ -334,7 +334,11 @@ def module_ab(specs, name, path, q, k, meta) -> list[dict]:
     spec_ = importlib.util.spec_from_file_location(name + "_before", path)
     before = importlib.util.module_from_spec(spec_)
     before.__package__ = name.rpartition(".")[0]  # its relative imports resolve as the current module's do
-    spec_.loader.exec_module(before)
+    sys.modules[spec_.name] = before  # registered while it runs: a dataclass there looks its module up by name
+    try:
+        spec_.loader.exec_module(before)
+    finally:
+        sys.modules.pop(spec_.name, None)
     rows = []
     try:
         for spec in specs:

@@ -1043,6 +1043,7 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
     (1, 2, 1, 64, 300, (12, 4), 1),  # one row chunk, one key chunk of three tiles (the running max rescales)
     (2, 4, 2, 70, 257, (16,), 2),  # two row chunks, the rows' statistics merged over key chunks, one stride
     (1, 2, 2, 9, 90, (5, 30), 3),  # a partial row chunk, a stride longer than a key tile's share
+    (1, 2, 1, 64, 700, (256, 48), 2),  # grid's frame stride, longer than a 128-key tile; 48 does not divide 128
 ])
 def test_phase_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, r, nk, strides, chunks):
     """``row_mass.phase_mass``: each probe row's softmax mass on the keys of its own phase modulo each stride equals
@@ -1066,6 +1067,44 @@ def test_phase_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk, 
     assert (want > 0.05).any()  # not a test of zeros
     with pytest.raises(ValueError, match="strides"):
         row_mass.phase_mass(q[:, :, pos], k, pos, (4, 8, 16))
+
+
+@pytest.mark.parametrize("r,nk,strides,chunks", [
+    (64, 700, (256, 48), 2),  # grid's probe rows and frame stride, two key chunks
+    (100, 700, (12, 5), 64),  # 6 key chunks, the merge forced to 32 rows at once: four row blocks
+    (9, 90, (30,), 3),  # one stride, a partial row block
+])
+def test_phase_share_merges_rows_and_picks_strides(interpreter, monkeypatch, r, nk, strides, chunks):
+    """``row_mass.phase_share``: the merge kernel's mean shares equal ``phase_mass(...).mean(2)`` within fp32
+    tolerance, and with ``tau`` it picks per head the first stride whose share reaches tau, else 1 — grid's torch
+    loop on the same shares — at taus between the heads' shares, below them all and above them all."""
+    from vidsparse.attention.kernels import row_mass
+
+    monkeypatch.setattr(row_mass, "MAX_CHUNKS", chunks)
+    monkeypatch.setattr(row_mass, "KEYS_PER_CHUNK", 1)
+    monkeypatch.setattr(row_mass, "MERGE_ENTRIES", 256)  # with 6 chunks (8 wide) 32 rows a block
+    g = torch.Generator().manual_seed(r + nk)
+    x = torch.randn(max(strides), 16, generator=g)
+    q = torch.randn(1, 4, nk, 16, generator=g)
+    k = torch.randn(1, 2, nk, 16, generator=g)
+    phase = torch.arange(nk) % strides[0]
+    k[0, 0] += 2 * x[phase]  # K/V head 0 (query heads 0, 1): same-phase keys match, large first-stride shares
+    q[0, :2] += 2 * x[phase]
+    pos = torch.arange(nk - r, nk)
+    got = row_mass.phase_share(q[:, :, pos], k, pos, strides)
+    want = row_mass.phase_mass(q[:, :, pos], k, pos, strides).mean(2)
+    assert got.shape == (1, 4, len(strides))
+    torch.testing.assert_close(got, want, atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL)
+    v = torch.unique(got)
+    cuts = [float(a + b) / 2 for a, b in zip(v[:-1], v[1:]) if b - a > 1e-4][:2]
+    for tau in [0.0, 1.5] + cuts:
+        shares, stride = row_mass.phase_share(q[:, :, pos], k, pos, strides, tau=tau)
+        assert torch.equal(shares, got)
+        ref = torch.ones(1, 4, dtype=torch.long)
+        for ci in reversed(range(len(strides))):
+            ref = torch.where(got[..., ci] >= tau, strides[ci], ref)
+        assert torch.equal(stride, ref), (tau, got)
+    assert (stride != 1).any() or len(cuts) < 2  # a tau between the shares picks a stride somewhere
 
 
 def test_grid_picks_the_same_strides_with_the_kernel(interpreter):

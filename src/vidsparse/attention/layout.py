@@ -31,6 +31,13 @@ def shape_cache(maxsize: int = 32):
 
 
 @shape_cache()
+def cached_arange(start: int, end: int, device=None, dtype=torch.int64) -> Tensor:
+    """``torch.arange(start, end)``, cached per range, dtype and device (``shape_cache``: shared, never modify it):
+    the probe rows' positions and the like, which every layer's estimate asks for, without a launch each time."""
+    return torch.arange(start, end, device=device, dtype=dtype)
+
+
+@shape_cache()
 def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, q_len: int, k_len: int, device=None) -> Tensor:
     """bool [NQ, NK]: blocks holding at least one (q, k) pair with k ≤ q + (k_len − q_len) (bottom-right aligned).
     Cached per shape and device (``shape_cache``)."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, UnsupportedError
-from .layout import BlockLayout, gather_rows, scatter_rows
+from .layout import BlockLayout, cached_arange, gather_rows, scatter_rows, shape_cache
 
 BACKENDS = ("auto", "kernel", "torch", "reference")
 
@@ -139,24 +139,42 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool | 
                seqlens_k, **extra)
 
 
+@shape_cache()
+def _dense(q_len: int, k_len: int, causal: bool, device) -> BlockLayout:
+    """``BlockLayout.dense`` cached per shape (shared: never modified): the gathered sequences' layout, about a dozen
+    torch launches that a token or group layout's execution would otherwise queue after its host sync."""
+    return BlockLayout.dense(q_len, k_len, causal=causal, device=device)
+
+
+@shape_cache()
+def _kv_planes(b: int, h: int, hk: int, device) -> Tensor:
+    """int64 [B·H]: the K/V plane (b·Hkv + h // (H / Hkv)) of each query plane b·H + h, cached per shape (shared)."""
+    pairs = torch.arange(b * h, device=device)
+    return (pairs // h) * hk + (pairs % h) // (h // hk)
+
+
 def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, qidx: Tensor, kidx: Tensor, q_lens: Tensor, k_lens: Tensor,
-                     pairs: Tensor, causal: bool, scale: float | None, backend: str) -> Tensor:
+                     pairs: Tensor, causal: bool, scale: float | None, backend: str,
+                     kv_pairs: Tensor | None = None) -> Tensor:
     """Dense (causal) attention inside gathered sequences of some (batch, head) pairs: ``pairs`` int64 [P] (b·H + h),
     ``qidx`` int64 [P, S, Lq] the query positions and ``kidx`` [P, S, Lk] the key positions of each of the P·S
     sequences (each sorted; entries past ``q_lens`` / ``k_lens`` [P, S] are ignored), each query head gathering from
     its KV head. With ``causal`` a sequence's queries sit at its last positions (bottom-right: query i sees keys up
     to i + k_len − q_len). All P·S sequences go to ``sparse_attention`` as one batch with per-sequence lengths.
-    -> [P, S, Lq, D]."""
+    ``kv_pairs``: each pair's K/V plane where the caller has it (else computed from ``pairs``); ``kidx`` may be
+    ``qidx`` itself (the same positions: clamped once). -> [P, S, Lq, D]."""
     h, d = q.shape[1], q.shape[3]
     hk = k.shape[1]
     p, s, lq = qidx.shape
     lk = kidx.shape[2]
-    kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
+    if kv_pairs is None:
+        kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
     # x's (batch, head) planes addressed by the kernel: no [1, B·H, N, D] copy of a [B, N, H, D] projection's view
-    qg = gather_rows(q, qidx.clamp(min=0).reshape(1, p, s * lq), planes=pairs).reshape(p * s, 1, lq, d)
-    kflat = kidx.clamp(min=0).reshape(1, p, s * lk)
+    qflat = qidx.clamp(min=0).reshape(1, p, s * lq)
+    qg = gather_rows(q, qflat, planes=pairs).reshape(p * s, 1, lq, d)
+    kflat = qflat if kidx is qidx else kidx.clamp(min=0).reshape(1, p, s * lk)
     kg, vg = (gather_rows(t, kflat, planes=kv_pairs).reshape(p * s, 1, lk, d) for t in (k, v))
-    dense = BlockLayout.dense(lq, lk, causal=causal, device=q.device)
+    dense = _dense(lq, lk, causal, q.device)
     out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale,
                            seqlens_q=q_lens.reshape(-1).to(torch.int32), seqlens_k=k_lens.reshape(-1).to(torch.int32),
                            backend=backend)
@@ -167,17 +185,21 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: fl
                            backend: str = "auto") -> Tensor:
     """Execute a ``TokenLayout``: gather each head's kept tokens, run dense (causal) attention on them as a batch of
     B·H sequences of per-head length through ``sparse_attention`` (kernel or reference), write each output row back
-    to its position (``scatter_rows``); dropped rows are 0. q [B, H, N, D], k/v [B, Hkv, N, D]."""
+    to its position (``scatter_rows``); dropped rows are 0. q [B, H, N, D], k/v [B, Hkv, N, D]. One host sync (the
+    longest row); the GPU idles while the host queues what follows it, so that is kept short: the gathered sequences'
+    dense layout and the planes are cached per shape (16K tokens, 28/28 heads, video q/k on an H200: 2.2–2.6 →
+    1.44–1.50 ms a call as launched, for 0.67 ms of kernels; ``profile_estimation_s130_*``)."""
     b, h, n, d = q.shape
     if (layout.q_len, layout.k_len) != (n, k.shape[2]) or n != k.shape[2]:
         raise InputError(f"token layout is for {layout.q_len}x{layout.k_len}, inputs are {n}x{k.shape[2]}")
     idx = layout.index.expand(b, h, -1) if layout.index.shape[:2] != (b, h) else layout.index
     cnt = layout.count.expand(b, h) if layout.count.shape != (b, h) else layout.count
+    # what does not depend on the longest row is ready before the one host sync (cached per shape: no launches)
+    pairs, kv_pairs = cached_arange(0, b * h, q.device), _kv_planes(b, h, k.shape[1], q.device)
     lmax = max(int(cnt.max().item()), 1)
     idx = idx[..., :lmax].reshape(b * h, 1, lmax)
-    pairs = torch.arange(b * h, device=q.device)
     cnt = cnt.reshape(b * h, 1)
-    og = _attend_gathered(q, k, v, idx, idx, cnt, cnt, pairs, layout.causal, scale, backend)
+    og = _attend_gathered(q, k, v, idx, idx, cnt, cnt, pairs, layout.causal, scale, backend, kv_pairs=kv_pairs)
     out = torch.zeros(b, h, n, d, dtype=q.dtype, device=q.device)
     return scatter_rows(out, idx.reshape(1, b * h, lmax), og.reshape(1, b * h, lmax, d), planes=pairs)
 
@@ -223,7 +245,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, scale: float |
     for rows, keys in ((slice(0, s), s if layout.causal else n), (slice(e, n), n)):
         nr = rows.stop - rows.start
         if nr:
-            dense = BlockLayout.dense(nr, keys, causal=layout.causal, device=q.device)
+            dense = _dense(nr, keys, layout.causal, q.device)
             out[:, :, rows] = sparse_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], dense, scale=scale,
                                                backend=backend)
     return out

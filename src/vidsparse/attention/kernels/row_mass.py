@@ -64,6 +64,7 @@ COL_BN = 64  # key tile of the transposed summing pass (columns only, ``_col_mas
 COL_BR = 64  # probe rows per program of the transposed summing pass (128: K read once, but fewer programs; slower)
 MAX_CHUNKS = 64  # key chunks per (head, row chunk) of both passes at most (each row merges this many max/sum pairs)
 KEYS_PER_CHUNK = 1024  # keys per chunk at least: up to 64K keys, fewer chunks of more tiles (``_chunks``)
+MERGE_ENTRIES = 4096  # (row, chunk) statistics ``_phase_share`` merges at once: the rows in blocks of this over chunks
 LOG2E = 1.4426950408889634
 
 
@@ -113,6 +114,12 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
     l = tl.zeros([BR], tl.float32)
     ph1 = tl.zeros([BR], tl.float32)  # with PHASES: the exp-sums of the keys of each row's own phase, like l
     ph2 = tl.zeros([BR], tl.float32)
+    # the phases without a division per key: a key's phase is its offset's in the tile (fixed) plus the tile's
+    # start's, less the stride once past it; the rows' phases are fixed (a row past R sits at -1: no key matches)
+    j1 = tl.arange(0, BN) % C1
+    j2 = tl.arange(0, BN) % C2
+    p1 = pos % C1
+    p2 = pos % C2
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
     for t in range(c * TPC, t_end):
         s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
@@ -121,10 +128,14 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
         alpha = tl.exp2(m - m_sub)
         e = tl.exp2(s - m_sub[:, None])
         l = l * alpha + tl.sum(e, 1)
-        if PHASES >= 1:  # keys and rows at positions ≥ 0 (a row past R sits at -1 and sees no key)
-            ph1 = ph1 * alpha + tl.sum(tl.where((n[None, :] % C1) == (pos[:, None] % C1), e, 0.0), 1)
+        if PHASES >= 1:  # keys and rows at positions ≥ 0
+            k1 = j1 + (t * BN) % C1
+            k1 = tl.where(k1 >= C1, k1 - C1, k1)
+            ph1 = ph1 * alpha + tl.sum(tl.where(k1[None, :] == p1[:, None], e, 0.0), 1)
         if PHASES >= 2:
-            ph2 = ph2 * alpha + tl.sum(tl.where((n[None, :] % C2) == (pos[:, None] % C2), e, 0.0), 1)
+            k2 = j2 + (t * BN) % C2
+            k2 = tl.where(k2 >= C2, k2 - C2, k2)
+            ph2 = ph2 * alpha + tl.sum(tl.where(k2[None, :] == p2[:, None], e, 0.0), 1)
         m = m_new
     off = (bh * R + rows) * NCH + c
     plane = R * NCH * tl.num_programs(0)
@@ -218,6 +229,41 @@ def _col_mass(Q, K, QPOS, ML, COLS, H, G, R, NK, NCH, TPC, s_qb, s_qh, s_qr, s_q
             tl.store(COLS + bh * NK + n, col, mask=n < NK)
 
 
+@triton.jit
+def _phase_share(ML, OUT, STRIDE, R, NCH, C1, C2, tau, PHASES: tl.constexpr, BR: tl.constexpr, BCH: tl.constexpr,
+                 PICK: tl.constexpr):
+    """Per (batch, head): the statistics pass's chunks merged into each row's phase shares (its exp-sums over its
+    phase's keys over its exp-sum over all keys), their mean over the rows (OUT [B·H, PHASES]) and, with ``PICK``,
+    the first stride whose mean share reaches ``tau``, else 1 (STRIDE int64 [B·H])."""
+    bh = tl.program_id(0)
+    plane = tl.num_programs(0) * R * NCH
+    ch = tl.arange(0, BCH)
+    acc1 = tl.zeros([BR], tl.float32)
+    acc2 = tl.zeros([BR], tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        off = (bh * R + rows[:, None]) * NCH + ch[None, :]
+        ok = (rows[:, None] < R) & (ch[None, :] < NCH)
+        mc = tl.load(ML + off, mask=ok, other=float("-inf"))
+        m = tl.max(mc, 1)
+        w = tl.exp2(mc - tl.where(m == float("-inf"), 0.0, m)[:, None])  # chunks no key reached: weight 0
+        l = tl.sum(tl.load(ML + plane + off, mask=ok, other=0.0) * w, 1)
+        den = tl.where(l > 0.0, l, 1.0)
+        acc1 += tl.sum(tl.load(ML + 2 * plane + off, mask=ok, other=0.0) * w, 1) / den
+        if PHASES >= 2:
+            acc2 += tl.sum(tl.load(ML + 3 * plane + off, mask=ok, other=0.0) * w, 1) / den
+    s1 = tl.sum(acc1, 0) / R
+    tl.store(OUT + bh * PHASES, s1)
+    if PHASES >= 2:
+        s2 = tl.sum(acc2, 0) / R
+        tl.store(OUT + bh * PHASES + 1, s2)
+    if PICK:
+        pick = tl.where(s1 >= tau, C1, 1)
+        if PHASES >= 2:
+            pick = tl.where(s1 >= tau, C1, tl.where(s2 >= tau, C2, 1))
+        tl.store(STRIDE + bh, pick.to(tl.int64))
+
+
 def _chunks(nk: int, bn: int) -> tuple[int, int]:
     """Key tiles of ``bn`` per program and programs per (head, row chunk): one chunk per ``KEYS_PER_CHUNK`` keys, at
     most ``MAX_CHUNKS`` (``VIDSPARSE_ROW_CHUNKS=N``: N chunks at most, the A/B knob). Against 64 chunks at every
@@ -284,6 +330,30 @@ def phase_mass(q_rows, k, q_pos, strides: tuple[int, ...], scale: float | None =
     l = (ml[1] * w).sum(-1)
     ph = (ml[2:] * w).sum(-1) / torch.where(l > 0, l, 1.0)
     return ph.permute(1, 2, 0).reshape(b, h, r, len(strides))
+
+
+def phase_share(q_rows, k, q_pos, strides: tuple[int, ...], scale: float | None = None, tau: float | None = None):
+    """``phase_mass(...).mean(2)`` — each stride's share of the rows' mass on their own phase, averaged over the
+    rows: float32 [B, H, len(strides)] — with the chunks' statistics merged in one Triton program per head instead
+    of about ten torch launches (what ``grid`` asks in every layer). With ``tau`` also (shares, stride int64 [B, H]):
+    per head the first of ``strides`` whose share reaches ``tau``, else 1 (``grid``'s choice)."""
+    if not 1 <= len(strides) <= 2 or min(strides) < 1:
+        raise ValueError(f"phase_share: one or two strides ≥ 1, not {strides}")
+    a = _prepare(q_rows, k, q_pos, scale)
+    b, h, r, nk = a.b, a.h, a.r, a.nk
+    out = torch.zeros(b, h, len(strides), dtype=torch.float32, device=q_rows.device)
+    stride = torch.ones(b, h, dtype=torch.int64, device=q_rows.device)
+    if r and nk:
+        ml = _stats(a, tuple(int(c) for c in strides))
+        nch = ml.shape[-1]
+        bch = max(2, triton.next_power_of_2(nch))
+        cs = (list(strides) + [1])[:2]
+        br = max(2, min(triton.next_power_of_2(r), MERGE_ENTRIES // bch))
+        _phase_share[(b * h,)](ml, out, stride, r, nch, *cs, 0.0 if tau is None else float(tau),
+                               PHASES=len(strides), BR=br, BCH=bch, PICK=tau is not None, num_warps=4)
+    elif tau is not None and tau <= 0:  # no row or no key: every share is 0, reaching only a tau ≤ 0
+        stride.fill_(int(strides[0]))
+    return (out, stride) if tau is not None else out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ...registry import PATTERNS
-from ..layout import TokenLayout, shape_cache
+from ..layout import TokenLayout, cached_arange
 from .base import Pattern, SeqMeta, column_probs, use_kernel
 
 
@@ -40,7 +40,8 @@ class TokenSparse(Pattern):
         """float32 [B, H, N]: the softmax weight each key gets from the last ``window`` queries, summed."""
         n = q.shape[2]
         w = min(self.window, n)
-        return column_probs(q[:, :, n - w:], k, _positions(n - w, n, q.device), backend=self.backend)[0]
+        return column_probs(q[:, :, n - w:], k, cached_arange(n - w, n, q.device, torch.int32),
+                            backend=self.backend)[0]
 
     def estimate(self, q, k, meta: SeqMeta) -> TokenLayout:
         """The selection keeps the lightest tokens within a fraction of the total, so it takes the window's summed
@@ -54,12 +55,6 @@ class TokenSparse(Pattern):
             from ..kernels.token_select import drop_light as select
         index, count = select(raw, 1.0 - self.coverage, self.sink, max(0, n - self.window), meta.visual)
         return TokenLayout(index, count, n, k.shape[2], meta.causal)
-
-
-@shape_cache()
-def _positions(start: int, end: int, device) -> torch.Tensor:
-    """int32 [end − start]: the probe rows' positions, as ``kernels.row_mass`` reads them (shared: never modified)."""
-    return torch.arange(start, end, dtype=torch.int32, device=device)
 
 
 def drop_light_reference(raw: torch.Tensor, frac: float, sink: int, window_start: int,
