@@ -151,14 +151,9 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
 
 
 @triton.jit
-def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
-              s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
-              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr):
-    bh = tl.program_id(0)
-    rc = tl.program_id(1)
-    c = tl.program_id(2)
-    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
-    # each row's max and sum of exp over all keys, from the statistics pass's chunks (once per program)
+def _merged_norms(ML, bh, R, NCH, rows, BCH: tl.constexpr):
+    """Each row's max (0 where no key reached it) and 1 / exp-sum (0 likewise) over all keys, merged from the
+    statistics pass's chunks (``_row_stats``'s ML planes 0 and 1)."""
     ch = tl.arange(0, BCH)
     off = (bh * R + rows[:, None]) * NCH + ch[None, :]
     ok = (rows[:, None] < R) & (ch[None, :] < NCH)
@@ -167,7 +162,18 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
     m = tl.max(mc, 1)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
-    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    return m_sub, tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+
+
+@triton.jit
+def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_qh, s_qr, s_qd, s_kb, s_kh, s_kn,
+              s_kd, qk_scale, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BCH: tl.constexpr,
+              PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr):
+    bh = tl.program_id(0)
+    rc = tl.program_id(1)
+    c = tl.program_id(2)
+    q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
+    m_sub, inv = _merged_norms(ML, bh, R, NCH, rows, BCH)  # once per program
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # tiles past every row's position add nothing
     for t in range(c * TPC, t_end):
         s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
@@ -207,15 +213,7 @@ def _col_mass(Q, K, QPOS, ML, COLS, H, G, R, NK, NCH, TPC, s_qb, s_qh, s_qr, s_q
     qt = tl.load(Q + b * s_qb + h * s_qh + rows[None, :] * s_qr + dd[:, None] * s_qd,
                  mask=(rows[None, :] < R) & (dd[:, None] < D), other=0.0)  # [BD, BR]
     pos = tl.load(QPOS + rows, mask=rows < R, other=-1)
-    ch = tl.arange(0, BCH)
-    off = (bh * R + rows[:, None]) * NCH + ch[None, :]
-    ok = (rows[:, None] < R) & (ch[None, :] < NCH)
-    mc = tl.load(ML + off, mask=ok, other=float("-inf"))
-    lc = tl.load(ML + R * NCH * tl.num_programs(0) + off, mask=ok, other=0.0)
-    m = tl.max(mc, 1)
-    m_sub = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
-    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    m_sub, inv = _merged_norms(ML, bh, R, NCH, rows, BCH)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)
     for t in range(c * TPC, t_end):
         n = t * BN + tl.arange(0, BN)
