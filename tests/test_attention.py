@@ -1749,6 +1749,34 @@ def test_gather_rows_kernel_reads_zeros_outside_the_keys(interpreter):
             gather_rows(x, **bad)
 
 
+@pytest.mark.parametrize("d", [16, 24])
+def test_gather_qkv_equals_three_gathers(interpreter, d):
+    """``kernels.gather.gather_qkv`` (a token layout's q, k and v rows in one launch) copies exactly what
+    ``gather_rows_torch`` does for each with its planes: batch 2 of model-layout (transposed) q, GQA planes for k/v,
+    v of other strides than k, positions -1 and past N read as zeros, a head dim that is not a power of two; and it
+    refuses k and v of different shapes."""
+    from vidsparse.attention.kernels.gather import gather_qkv
+    from vidsparse.attention.layout import gather_rows_torch
+
+    g = torch.Generator().manual_seed(d)
+    b, h, hk, n, m = 2, 4, 2, 50, 37
+    q = torch.randn(b, n, h, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, hk, n, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(b, n, hk, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+    pairs = torch.arange(b * h)
+    kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
+    idx = torch.randint(0, n, (1, b * h, m), generator=g)
+    idx[0, 1, 3], idx[0, 5, 0] = -1, n  # outside the keys: zeros
+    got = gather_qkv(q, k, v, idx, pairs, kv_pairs)
+    ok = (idx >= 0) & (idx < n)
+    for out, x, planes in zip(got, (q, k, v), (pairs, kv_pairs, kv_pairs)):
+        want = gather_rows_torch(x, idx.clamp(0, n - 1), planes=planes)
+        assert out.shape == (1, b * h, m, d) and out.is_contiguous()
+        assert torch.equal(out[ok], want[ok]) and (out[~ok] == 0).all()
+    with pytest.raises(ValueError, match="do not match"):
+        gather_qkv(q, k, v[:, :, :40], idx, pairs, kv_pairs)
+
+
 def test_kernel_key_positions_random_permutation(interpreter):
     """The kernel's causal mask by original key position, on a random key permutation with random blocks."""
     from vidsparse.attention.kernels.block_sparse import block_sparse_attention

@@ -171,9 +171,14 @@ def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, qidx: Tensor, kidx: Tensor
         kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
     # x's (batch, head) planes addressed by the kernel: no [1, B·H, N, D] copy of a [B, N, H, D] projection's view
     qflat = qidx.clamp(min=0).reshape(1, p, s * lq)
-    qg = gather_rows(q, qflat, planes=pairs).reshape(p * s, 1, lq, d)
-    kflat = qflat if kidx is qidx else kidx.clamp(min=0).reshape(1, p, s * lk)
-    kg, vg = (gather_rows(t, kflat, planes=kv_pairs).reshape(p * s, 1, lk, d) for t in (k, v))
+    if kidx is qidx and q.shape[2] == k.shape[2] and kernel_available(q):  # the same rows of q, k, v: one launch
+        from .kernels.gather import gather_qkv
+
+        qg, kg, vg = (t.reshape(p * s, 1, lq, d) for t in gather_qkv(q, k, v, qflat, pairs, kv_pairs))
+    else:
+        qg = gather_rows(q, qflat, planes=pairs).reshape(p * s, 1, lq, d)
+        kflat = qflat if kidx is qidx else kidx.clamp(min=0).reshape(1, p, s * lk)
+        kg, vg = (gather_rows(t, kflat, planes=kv_pairs).reshape(p * s, 1, lk, d) for t in (k, v))
     dense = _dense(lq, lk, causal, q.device)
     out = sparse_attention(qg, kg, vg, dense, causal=causal, scale=scale,
                            seqlens_q=q_lens.reshape(-1).to(torch.int32), seqlens_k=k_lens.reshape(-1).to(torch.int32),
