@@ -23,7 +23,12 @@ of the whole estimate on an H200, ``profile_estimation_s128_ab_*.json``): token_
 0.222, 0.440 → 0.390, 1.99 → 1.78. Its tile: 64 keys on 4 warps (32 / 128 keys: 0.167 / 0.168 ms at 16K, 1.106 /
 1.120 at 128K, against 0.151 and 1.007; 8 warps: the same); 64 probe rows a program (128: 0.143 against 0.137 ms at
 16K 28/4, 0.257 / 0.253 at 32K, 1.007 / 0.986 at 128K; ``s128_*``, ``s129_*``). ``VIDSPARSE_COL_MASS=rows`` takes
-``_row_mass`` instead; ``VIDSPARSE_COL_MASS_BN``, ``_ROWS``, ``_WARPS`` set the tile.
+``_row_mass`` instead; ``VIDSPARSE_COL_MASS_BN``, ``_ROWS``, ``_WARPS``, ``_STAGES`` set the tile and its pipeline.
+The statistics pass's own knobs (``VIDSPARSE_ROW_STATS_BN``, ``_WARPS``, ``_STAGES``) measured its defaults best
+(``profile_estimation_s133_*``, GPU ms of the whole estimate, 16K video q/k 28/28): key tiles of 64 / 128 / 256
+0.146 / 0.146 / 0.164 ms for token_sparse, 0.067 / 0.065 / 0.168 for grid; 4 / 8 warps 0.146 / 0.157 and 0.065 /
+0.075; 2 / 3 / 4 stages 0.163 / 0.146 / 0.164 and 0.068 / 0.065 / 0.076; the column pass at 2 / 3 / 4 stages 0.153 /
+0.146 / 0.156 (alike at 32K on 28/4 for token_sparse and pbs).
 
 ``phase_mass`` (for ``grid``: each row's mass on the keys of its own phase modulo one or two candidate strides) is a
 per-row quantity, so it needs only the first pass: beside each row's running max and exp-sum it keeps the exp-sums
@@ -300,7 +305,7 @@ def column_mass(q_rows, k, q_pos, scale: float | None = None, diagonal_first: in
         _col_mass[(b * h, rcs, nch2)](
             a.q, a.k, a.pos, ml, cols, h, h // a.hk, r, nk, nch, tpc2, *a.common, D=a.d, BD=a.bd, BR=br, BN=bn,
             BCH=max(2, triton.next_power_of_2(nch)), PRECISION=a.precision, ATOMIC_COLS=rcs > 1, I64=a.i64,
-            num_warps=env_int("VIDSPARSE_COL_MASS_WARPS", 4, 1, pow2=True))
+            num_warps=env_int("VIDSPARSE_COL_MASS_WARPS", 4, 1, pow2=True), **_stages("VIDSPARSE_COL_MASS_STAGES"))
         return cols, diag
     tpc2, nch2 = _chunks(nk, BN)
     rcs = triton.cdiv(r, BR)
@@ -394,10 +399,19 @@ def _prepare(q_rows, k, q_pos, scale) -> _Rows:
 def _stats(a: _Rows, strides: tuple[int, ...]) -> torch.Tensor:
     """The statistics pass: float32 [2 + len(strides), B·H, R, chunks] — each row's max and exp-sum per key chunk,
     and with ``strides`` its exp-sums over the keys of its own phase."""
-    tpc, nch = _chunks(a.nk, BN_STATS)
+    bn = env_int("VIDSPARSE_ROW_STATS_BN", BN_STATS, 16, pow2=True)
+    tpc, nch = _chunks(a.nk, bn)
     ml = torch.empty(2 + len(strides), a.b * a.h, a.r, nch, dtype=torch.float32, device=a.q.device)
     cs = (list(strides) + [1, 1])[:2]
     _row_stats[(a.b * a.h, triton.cdiv(a.r, BR), nch)](
         a.q, a.k, a.pos, ml, a.h, a.h // a.hk, a.r, a.nk, tpc, nch, *cs, *a.common, D=a.d, BD=a.bd, BR=BR,
-        BN=BN_STATS, PRECISION=a.precision, PHASES=len(strides), I64=a.i64, num_warps=4)
+        BN=bn, PRECISION=a.precision, PHASES=len(strides), I64=a.i64,
+        num_warps=env_int("VIDSPARSE_ROW_STATS_WARPS", 4, 1, pow2=True), **_stages("VIDSPARSE_ROW_STATS_STAGES"))
     return ml
+
+
+def _stages(var: str) -> dict:
+    """``num_stages`` for a launch where the environment variable ``var`` sets it (an A/B knob), else Triton's
+    default."""
+    n = env_int(var, 0, 0)
+    return {"num_stages": n} if n else {}
