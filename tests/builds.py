@@ -92,6 +92,7 @@ def row_copies():  # the row gather and scatter in each of their index modes (ow
     ga.scatter_rows(x, idx[:1], torch.zeros(1, 2, 40, 128, dtype=bf), planes=torch.tensor([3, 0]))
     ga.pool_rows(x, idx, 128)  # pbs's permuted keys' block means
     ga.segment_order(torch.zeros(2, 2, 3000), 1024)  # pbs's permutation
+    ga.gather_qkv(x, x, x, idx[:1], torch.tensor([3, 0]), torch.tensor([1, 2]))  # a token layout's q, k, v at once
 
 
 nkb = 1024  # 128K tokens in 128-token blocks
@@ -109,6 +110,8 @@ CASES = {
                                           torch.arange(4032, 4096)),
     "phase_mass": lambda: rm.phase_mass(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
                                         torch.arange(4032, 4096), (256, 16)),
+    "phase_share": lambda: [rm.phase_share(torch.zeros(1, 4, 64, 128, dtype=bf), torch.zeros(1, 2, 4096, 128, dtype=bf),
+                                           torch.arange(4032, 4096), s, tau=0.6) for s in ((256, 16), (256,))],
     "row_copies": row_copies,
     "vs_layout": lambda: [vs.vertical_slash_layout(torch.zeros(1, 4, n), torch.zeros(1, 4, n), 1000, 6096, 30, 100,
                                                    128, 128, n, n, True) for n in (16384, 131072)],

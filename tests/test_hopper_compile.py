@@ -273,9 +273,12 @@ def test_pooled_topk_builds_for_sm90_with_tf32x3_and_no_spills(tmp_path):
 
 def test_row_copies_and_phase_masses_build_for_sm90(tmp_path):
     """The row gather in its three index modes (own head, head map, flattened planes), the row scatter in its two, the
-    gathered rows' block means, pbs's segment sort and grid's one-pass phase masses (the statistics kernel with two
-    strides) compile for sm_90 and launch through their wrappers. (Their numerics: the interpreter tests in
+    gathered rows' block means, pbs's segment sort, the q/k/v gather of a token layout, and grid's one-pass phase
+    masses (the statistics kernel with two strides) and its merge and stride choice with two strides and with one
+    compile for sm_90 and launch through their wrappers. (Their numerics: the interpreter tests in
     test_attention.py and the GPU tests.)"""
-    got = json.loads(build(tmp_path / "cache", LAUNCH, "row_copies,phase_mass").strip().splitlines()[-1])
-    assert [k[0] for k in got["row_copies"]] == ["_rows"] * 3 + ["_scatter"] * 2 + ["_pool_rows", "_segment_sort"], got
+    got = json.loads(build(tmp_path / "cache", LAUNCH, "row_copies,phase_mass,phase_share").strip().splitlines()[-1])
+    assert [k[0] for k in got["row_copies"]] == (["_rows"] * 3 + ["_scatter"] * 2
+                                                 + ["_pool_rows", "_segment_sort", "_rows_qkv"]), got
     assert [k[0] for k in got["phase_mass"]] == ["_row_stats"], got
+    assert [k[0] for k in got["phase_share"]] == ["_row_stats", "_phase_share"] * 2, got

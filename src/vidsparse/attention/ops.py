@@ -146,11 +146,15 @@ def _dense(q_len: int, k_len: int, causal: bool, device) -> BlockLayout:
     return BlockLayout.dense(q_len, k_len, causal=causal, device=device)
 
 
+def _kv_of(pairs: Tensor, h: int, hk: int) -> Tensor:
+    """The K/V plane b·Hkv + h // (H / Hkv) of each query plane b·H + h in ``pairs``."""
+    return (pairs // h) * hk + (pairs % h) // (h // hk)
+
+
 @shape_cache()
 def _kv_planes(b: int, h: int, hk: int, device) -> Tensor:
-    """int64 [B·H]: the K/V plane (b·Hkv + h // (H / Hkv)) of each query plane b·H + h, cached per shape (shared)."""
-    pairs = torch.arange(b * h, device=device)
-    return (pairs // h) * hk + (pairs % h) // (h // hk)
+    """``_kv_of`` every query plane, int64 [B·H], cached per shape (shared: never modified)."""
+    return _kv_of(torch.arange(b * h, device=device), h, hk)
 
 
 def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, qidx: Tensor, kidx: Tensor, q_lens: Tensor, k_lens: Tensor,
@@ -168,7 +172,7 @@ def _attend_gathered(q: Tensor, k: Tensor, v: Tensor, qidx: Tensor, kidx: Tensor
     p, s, lq = qidx.shape
     lk = kidx.shape[2]
     if kv_pairs is None:
-        kv_pairs = (pairs // h) * hk + (pairs % h) // (h // hk)
+        kv_pairs = _kv_of(pairs, h, hk)
     # x's (batch, head) planes addressed by the kernel: no [1, B·H, N, D] copy of a [B, N, H, D] projection's view
     qflat = qidx.clamp(min=0).reshape(1, p, s * lq)
     if kidx is qidx and q.shape[2] == k.shape[2] and kernel_available(q):  # the same rows of q, k, v: one launch

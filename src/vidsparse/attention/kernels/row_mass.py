@@ -204,7 +204,8 @@ def _col_mass(Q, K, QPOS, ML, COLS, H, G, R, NK, NCH, TPC, s_qb, s_qh, s_qr, s_q
               PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr, I64: tl.constexpr):
     """``_row_mass`` without diagonals, transposed: each key tile's scores are K·qᵀ [BN keys, BR rows], so a key's
     sum over the rows is a reduction along the tile's rows (within a thread and its quad), not across warps, and the
-    keys load in their own layout. Up to 128 probe rows in one program: K read once per (head, key chunk)."""
+    keys load in their own layout. ``BR`` probe rows a program (64 by default; 128 would read K once per head and key
+    chunk, but with fewer programs it ran slower)."""
     bh = tl.program_id(0)
     rc = tl.program_id(1)
     c = tl.program_id(2)
@@ -263,11 +264,11 @@ def _phase_share(ML, OUT, STRIDE, R, NCH, C1, C2, tau, PHASES: tl.constexpr, BR:
     if PHASES >= 2:
         s2 = tl.sum(acc2, 0) / R
         tl.store(OUT + bh * PHASES + 1, s2)
-    if PICK:
-        pick = tl.where(s1 >= tau, C1, 1)
+    if PICK:  # the first stride reaching tau
+        alt = 1
         if PHASES >= 2:
-            pick = tl.where(s1 >= tau, C1, tl.where(s2 >= tau, C2, 1))
-        tl.store(STRIDE + bh, pick.to(tl.int64))
+            alt = tl.where(s2 >= tau, C2, 1)
+        tl.store(STRIDE + bh, tl.where(s1 >= tau, C1, alt).to(tl.int64))
 
 
 def _chunks(nk: int, bn: int) -> tuple[int, int]:

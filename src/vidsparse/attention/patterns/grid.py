@@ -38,10 +38,7 @@ class Grid(Pattern):
         the reference builds them (``row_probs``) and masks them per stride."""
         s, e = span
         if use_kernel(self.backend, q) and len(strides) <= 2:
-            from ..kernels.row_mass import phase_share
-
-            lo = max(s, e - self.probe)
-            return phase_share(q[:, :, lo:e], k[:, :, s:e], cached_arange(lo - s, e - s, q.device), tuple(strides))
+            return self._shares(q, k, span, strides)
         rows = torch.arange(max(s, e - self.probe), e, device=q.device)
         cols = torch.arange(s, e, device=q.device)
         p = row_probs(q[:, :, rows], k[:, :, s:e], rows, cols)
@@ -50,6 +47,16 @@ class Grid(Pattern):
             same = ((cols[None, :] - s) % c) == ((rows[:, None] - s) % c)
             out.append((p * same).sum(-1).mean(-1))
         return torch.stack(out, -1)
+
+    def _shares(self, q, k, span, strides, tau: float | None = None):
+        """``kernels.row_mass.phase_share`` on the last ``probe`` rows of the span (a slice of q, cached positions):
+        the shares, or with ``tau`` (shares, the stride each head picks)."""
+        from ..kernels.row_mass import phase_share
+
+        s, e = span
+        lo = max(s, e - self.probe)
+        return phase_share(q[:, :, lo:e], k[:, :, s:e], cached_arange(lo - s, e - s, q.device), tuple(strides),
+                           tau=tau)
 
     def estimate(self, q, k, meta: SeqMeta) -> GroupLayout:
         """On the kernel backend: the statistics pass with the phases' sums (``kernels.row_mass``), then one program
@@ -70,11 +77,7 @@ class Grid(Pattern):
             cands = [c for c in (meta.tokens_per_frame, (meta.frame_hw or (0, 0))[1]) if c and 1 < c < e - s]
             stride = torch.ones(b, h, dtype=torch.long, device=q.device)
             if cands and use_kernel(self.backend, q) and len(cands) <= 2:  # the shares and the choice in one launch
-                from ..kernels.row_mass import phase_share
-
-                lo = max(s, e - self.probe)
-                stride = phase_share(q[:, :, lo:e], k[:, :, s:e], cached_arange(lo - s, e - s, q.device),
-                                     tuple(cands), tau=self.tau)[1]
+                stride = self._shares(q, k, (s, e), cands, tau=self.tau)[1]
             elif cands:
                 cap = self.captured(q, k, (s, e), cands)  # [B, H, C]
                 for ci in reversed(range(len(cands))):  # earlier candidates (larger strides) win
