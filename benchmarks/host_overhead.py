@@ -1,9 +1,11 @@
 """Host time against GPU time of a layer's sparse attention at short sequences: ``sparse_attention`` on the Gluon
-path and four patterns' estimates, each timed as launched (the host's µs per call, back to back from an idle GPU)
-and as a CUDA-graph replay (the GPU's µs alone); and A/Bs of host-side changes against the steps they replaced, in
-alternating rounds in one process (``ABS``: ``fit.capability``, the device's compute capability asked once per
-device; vertical_slash's shape-only block geometry cached per shape; with ``--against-hopper FILE``, this tree's
-Gluon launch wrapper against another copy of ``block_sparse_hopper.py``, e.g. an earlier commit's).
+path and four patterns' estimates, and the execution of ``token_sparse``'s and ``grid``'s layouts (which sync with
+the host once, so cannot be graph-replayed), each timed as launched (the host's µs per call, back to back from an
+idle GPU) and as a CUDA-graph replay (the GPU's µs alone); and A/Bs of host-side changes against the steps they
+replaced, in alternating rounds in one process (``ABS``: ``fit.capability``, the device's compute capability asked
+once per device; vertical_slash's shape-only block geometry cached per shape; a token layout's gathered dense layout
+cached per shape; with ``--against-hopper FILE``, this tree's Gluon launch wrapper against another copy of
+``block_sparse_hopper.py``, e.g. an earlier commit's).
 
     python benchmarks/host_overhead.py [--sizes 16384,32768] [--density 0.05] [--against-hopper FILE] [--profile]
         [--markdown-from FILE [--note TEXT]]
@@ -34,11 +36,13 @@ from common import (  # noqa: E402
 
 from vidsparse import PATTERNS  # noqa: E402
 from vidsparse.attention import sparse_attention  # noqa: E402
+from vidsparse.attention import ops  # noqa: E402
 from vidsparse.attention.kernels import block_sparse_hopper, fit  # noqa: E402
 from vidsparse.attention.patterns import SeqMeta, vertical_slash  # noqa: E402
 
 H, HK, D = 28, 4, 128
 SPECS = ("block_topk:density=0.05", "vertical_slash", "xattention:stride=16,tau=0.9", "pyramid")
+TOKEN_SPECS = ("token_sparse", "grid")  # layouts whose execution syncs with the host once (no graph replay)
 CALLS, BATCHES, ROUNDS = 50, 7, 5
 
 
@@ -53,9 +57,12 @@ ABS = (
     (f"estimate {SPECS[0]}", "fit.capability cached", fit, "capability", lambda: uncached_capability),
     ("estimate vertical_slash", "block geometry cached per shape", vertical_slash, "_block_geometry",
      lambda: vertical_slash._block_geometry.__wrapped__.__wrapped__),
+    ("sparse_attention token_sparse", "gathered sequences' dense layout cached per shape", ops, "_dense",
+     lambda: ops._dense.__wrapped__.__wrapped__),
 )
 ABS_TEXT = ("`fit.capability`: the device's compute capability asked once per device, against asking torch at every "
-            "call; vertical_slash's block geometry cached per shape, against computing it at every call")
+            "call; vertical_slash's block geometry cached per shape, against computing it at every call; a token "
+            "layout's gathered sequences' dense layout cached per shape, against building it after the host sync")
 
 
 def against_hopper(path: str) -> tuple:
@@ -84,7 +91,7 @@ def host_profile(fn, calls: int = 100, top: int = 12) -> list[dict]:
 
 
 def run_case(n: int, density: float, monitor, abs_=ABS, profile: bool = False) -> dict:
-    q, k, _, _ = video_qk(n // 256 - 1, 16, 16, H, HK, D)
+    q, k, text, tpf = video_qk(n // 256 - 1, 16, 16, H, HK, D)
     v = torch.randn_like(k)
     lay = random_layout(H, n, density)
     meta = SeqMeta(128, 128, True)
@@ -92,6 +99,10 @@ def run_case(n: int, density: float, monitor, abs_=ABS, profile: bool = False) -
     for spec in SPECS:
         pat = PATTERNS.from_spec(spec)
         calls[f"estimate {spec}"] = lambda pat=pat: pat.estimate(q, k, meta)
+    video = SeqMeta(128, 128, True, visual=(text, n), tokens_per_frame=tpf, frame_hw=(16, 16))
+    for spec in TOKEN_SPECS:  # the host's time after the sync is the GPU's idle time
+        tok = PATTERNS.from_spec(spec).estimate(q, k, video)
+        calls[f"sparse_attention {spec}"] = lambda tok=tok: sparse_attention(q, k, v, tok)
     rows = []
     for name, fn in calls.items():
         fn()  # compiled and cached before timing

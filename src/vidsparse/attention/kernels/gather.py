@@ -130,7 +130,8 @@ def gather_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.T
     host issues after its sync): q [B, H, N, D], k and v [B, Hkv, N, D] (any strides), index integer [1, P, M] ->
     three contiguous [1, P, M, D]. ``token_sparse``'s call at 16K tokens (video q/k, 28/28 heads, H200): its
     kernels 0.672 → 0.666 ms, 20 calls 1.115 → 0.997 ms each on the host's clock in two sessions
-    (``profile_estimation_s13{0,2}_host_prof.log``); launched through ``do_bench`` the same unchanged ``grid`` call
+    (``profile_estimation_s13{0,2}_host_prof.log``: 20 calls timed back to back and under cProfile, as
+    ``benchmarks/host_overhead.py`` now times them); launched through ``do_bench`` the same unchanged ``grid`` call
     moved by 1 ms between processes there, so no launched figure resolves the saving."""
     _check_planes(index, q_planes)
     _check_planes(index, kv_planes)
