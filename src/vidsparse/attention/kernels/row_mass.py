@@ -30,6 +30,16 @@ The statistics pass's own knobs (``VIDSPARSE_ROW_STATS_BN``, ``_WARPS``, ``_STAG
 0.075; 2 / 3 / 4 stages 0.163 / 0.146 / 0.164 and 0.068 / 0.065 / 0.076; the column pass at 2 / 3 / 4 stages 0.153 /
 0.146 / 0.156 (alike at 32K on 28/4 for token_sparse and pbs).
 
+Tiles that lie wholly before every probe row's position and within the keys (all but the last few at the end of a
+sequence) run in their own loop, without the causal mask and with unmasked key loads; every exponent is one
+multiply-add of the unscaled product (the statistics pass takes the max of the unscaled products, the scale being
+positive), and the summing passes fold each row's 1 / exp-sum into it (exp2(s − max − log2 sum)). GPU ms of the whole
+estimate on an H200 against the masked single loop (``--module-ab``, ``profile_estimation_s134_*``, video q/k at 16K,
+random q/k beyond): token_sparse 0.252 → 0.231 at 32K (28/4), 0.960 → 0.860 at 128K, 0.137 → 0.133 at 16K (28/4) but
+0.146 → 0.149 at 16K (28/28, where each pass reads 117 MB of keys); pbs 0.386 → 0.365 at 32K, 0.215 → 0.212 and
+0.289 → 0.291 at 16K; grid 0.065 → 0.064. ``_row_mass`` with diagonals (vertical_slash) keeps the single masked loop:
+a second copy of its body with the skew's gather spilled registers on sm_90.
+
 ``phase_mass`` (for ``grid``: each row's mass on the keys of its own phase modulo one or two candidate strides) is a
 per-row quantity, so it needs only the first pass: beside each row's running max and exp-sum it keeps the exp-sums
 over its phase's keys, rescaled alike; the key chunks' partial sums are merged in torch (``phase_share``: in one
@@ -93,21 +103,58 @@ def _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D: tl.constexpr, B
 
 
 @triton.jit
-def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D: tl.constexpr, BD: tl.constexpr,
-            BN: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr):
-    """Scores of the rows against keys n0..n0+BN in the log2 domain, -inf where a key is past the row's position or
-    past the keys; and the keys' indices."""
+def _scores(q, K, bh, H, G, n0, NK, s_kb, s_kh, s_kn, s_kd, pos, D: tl.constexpr, BD: tl.constexpr,
+            BN: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr, MASKED: tl.constexpr):
+    """The rows' products with keys n0..n0+BN, unscaled (the callers fold the scale into one multiply-add with the
+    exponent's offset); with ``MASKED``, -inf where a key is past the row's position or past the keys — without it
+    the tile lies wholly before every row's position and within the keys (``_full_tiles``). And the keys' indices."""
     n = n0 + tl.arange(0, BN)
     dd = tl.arange(0, BD)
     b = bh // H
     hk = (bh % H) // G
     if I64:  # offsets past 2^31 (``fit.needs_int64``): 28 K/V heads of 600K keys, or a late key of a transposed k
         b, hk, n = b.to(tl.int64), hk.to(tl.int64), n.to(tl.int64)
-    kt = tl.load(K + b * s_kb + hk * s_kh + n[None, :] * s_kn + dd[:, None] * s_kd,
-                 mask=(n[None, :] < NK) & (dd[:, None] < D), other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-    visible = (n[None, :] <= pos[:, None]) & (n[None, :] < NK)
-    return tl.where(visible, s, float("-inf")), n
+    kp = K + b * s_kb + hk * s_kh + n[None, :] * s_kn + dd[:, None] * s_kd
+    if MASKED:
+        kt = tl.load(kp, mask=(n[None, :] < NK) & (dd[:, None] < D), other=0.0)
+    elif BD == D:
+        kt = tl.load(kp)
+    else:
+        kt = tl.load(kp, mask=dd[:, None] < D, other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION)
+    if MASKED:
+        s = tl.where((n[None, :] <= pos[:, None]) & (n[None, :] < NK), s, float("-inf"))
+    return s, n
+
+
+@triton.jit
+def _full_tiles(pos, rows, R, NK, BN: tl.constexpr):
+    """Key tiles 0 … (this) − 1 lie wholly at or before every row's position and within the keys: no mask."""
+    return tl.minimum(tl.min(tl.where(rows < R, pos, NK), 0) + 1, NK) // BN
+
+
+@triton.jit
+def _stats_tile(q, K, bh, H, G, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, m, l, ph1, ph2, j1, j2, p1, p2, C1, C2,
+                D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr,
+                I64: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax statistics (log2 domain): the running max ``m``, exp-sum ``l`` and with
+    ``PHASES`` the exp-sums over each row's phase, rescaled alike. The scale is positive, so the max of the unscaled
+    products scaled is the max of the scaled ones, and each exponent is one multiply-add."""
+    s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, pos, D, BD, BN, PRECISION, I64, MASKED)
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_sub)
+    e = tl.exp2(s * qk_scale - m_sub[:, None])
+    l = l * alpha + tl.sum(e, 1)
+    if PHASES >= 1:  # keys and rows at positions ≥ 0
+        k1 = j1 + (t * BN) % C1
+        k1 = tl.where(k1 >= C1, k1 - C1, k1)
+        ph1 = ph1 * alpha + tl.sum(tl.where(k1[None, :] == p1[:, None], e, 0.0), 1)
+    if PHASES >= 2:
+        k2 = j2 + (t * BN) % C2
+        k2 = tl.where(k2 >= C2, k2 - C2, k2)
+        ph2 = ph2 * alpha + tl.sum(tl.where(k2[None, :] == p2[:, None], e, 0.0), 1)
+    return m_new, l, ph1, ph2
 
 
 @triton.jit
@@ -129,22 +176,13 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
     p1 = pos % C1
     p2 = pos % C2
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # no row sees a key past its position
-    for t in range(c * TPC, t_end):
-        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_sub)
-        e = tl.exp2(s - m_sub[:, None])
-        l = l * alpha + tl.sum(e, 1)
-        if PHASES >= 1:  # keys and rows at positions ≥ 0
-            k1 = j1 + (t * BN) % C1
-            k1 = tl.where(k1 >= C1, k1 - C1, k1)
-            ph1 = ph1 * alpha + tl.sum(tl.where(k1[None, :] == p1[:, None], e, 0.0), 1)
-        if PHASES >= 2:
-            k2 = j2 + (t * BN) % C2
-            k2 = tl.where(k2 >= C2, k2 - C2, k2)
-            ph2 = ph2 * alpha + tl.sum(tl.where(k2[None, :] == p2[:, None], e, 0.0), 1)
-        m = m_new
+    t_mid = tl.maximum(c * TPC, tl.minimum(t_end, _full_tiles(pos, rows, R, NK, BN)))
+    for t in range(c * TPC, t_mid):  # tiles before every row's position: no mask
+        m, l, ph1, ph2 = _stats_tile(q, K, bh, H, G, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, m, l, ph1, ph2,
+                                     j1, j2, p1, p2, C1, C2, D, BD, BN, PRECISION, PHASES, I64, False)
+    for t in range(t_mid, t_end):
+        m, l, ph1, ph2 = _stats_tile(q, K, bh, H, G, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, m, l, ph1, ph2,
+                                     j1, j2, p1, p2, C1, C2, D, BD, BN, PRECISION, PHASES, I64, True)
     off = (bh * R + rows) * NCH + c
     plane = R * NCH * tl.num_programs(0)
     tl.store(ML + off, m, mask=rows < R)
@@ -156,9 +194,10 @@ def _row_stats(Q, K, QPOS, ML, H, G, R, NK, TPC, NCH, C1, C2, s_qb, s_qh, s_qr, 
 
 
 @triton.jit
-def _merged_norms(ML, bh, R, NCH, rows, BCH: tl.constexpr):
-    """Each row's max (0 where no key reached it) and 1 / exp-sum (0 likewise) over all keys, merged from the
-    statistics pass's chunks (``_row_stats``'s ML planes 0 and 1)."""
+def _merged_offsets(ML, bh, R, NCH, rows, BCH: tl.constexpr):
+    """Each row's log2 normaliser over all keys, max + log2(exp-sum), merged from the statistics pass's chunks
+    (``_row_stats``'s ML planes 0 and 1): a probability is exp2(scaled score − this), one multiply-add and an exp2.
+    +inf where no key reached the row (and past R), so that its probabilities are 0."""
     ch = tl.arange(0, BCH)
     off = (bh * R + rows[:, None]) * NCH + ch[None, :]
     ok = (rows[:, None] < R) & (ch[None, :] < NCH)
@@ -167,7 +206,7 @@ def _merged_norms(ML, bh, R, NCH, rows, BCH: tl.constexpr):
     m = tl.max(mc, 1)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(lc * tl.exp2(mc - m_sub[:, None]), 1)
-    return m_sub, tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    return tl.where(l > 0.0, m_sub + tl.log2(tl.where(l > 0.0, l, 1.0)), float("inf"))
 
 
 @triton.jit
@@ -178,24 +217,40 @@ def _row_mass(Q, K, QPOS, ML, COLS, DIAG, H, G, R, NK, NCH, TPC, FIRST, s_qb, s_
     rc = tl.program_id(1)
     c = tl.program_id(2)
     q, pos, rows = _load_rows(Q, QPOS, bh, rc, H, R, s_qb, s_qh, s_qr, s_qd, D, BD, BR, I64)
-    m_sub, inv = _merged_norms(ML, bh, R, NCH, rows, BCH)  # once per program
+    norm = _merged_offsets(ML, bh, R, NCH, rows, BCH)  # once per program
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)  # tiles past every row's position add nothing
-    for t in range(c * TPC, t_end):
-        s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, D, BD, BN, PRECISION, I64)
-        p = tl.exp2(s - m_sub[:, None]) * inv[:, None]  # 0 where masked (exp2(-inf)) and on rows past R (inv 0)
-        col = tl.sum(p, 0)
-        if ATOMIC_COLS:
-            tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
-        else:
-            tl.store(COLS + bh * NK + n, col, mask=n < NK)
-        if DIAGONALS:  # row r, key n0 + j lies on offset FIRST + rc·BR + r − n0 − j: local index u = r − j + BN − 1
-            u = tl.arange(0, 2 * BN)
-            j = tl.arange(0, BR)[:, None] - u[None, :] + (BN - 1)
-            on = (j >= 0) & (j < BN)
-            skew = tl.gather(p, tl.where(on, j, 0), 1)
-            diag = tl.sum(tl.where(on, skew, 0.0), 0)
-            o = FIRST + rc * BR - t * BN - (BN - 1) + u
-            tl.atomic_add(DIAG + bh * NK + o, diag, mask=(o >= 0) & (o < NK) & (u < BN + BR - 1), sem="relaxed")
+    t_mid = c * TPC
+    if not DIAGONALS:  # (with the diagonals' skew, a second loop body spills registers on sm_90)
+        t_mid = tl.maximum(c * TPC, tl.minimum(t_end, _full_tiles(pos, rows, R, NK, BN)))
+        for t in range(c * TPC, t_mid):  # tiles before every row's position: no mask
+            _mass_tile(q, K, COLS, DIAG, bh, H, G, t, rc, NK, FIRST, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm, D,
+                       BD, BR, BN, PRECISION, ATOMIC_COLS, DIAGONALS, I64, False)
+    for t in range(t_mid, t_end):
+        _mass_tile(q, K, COLS, DIAG, bh, H, G, t, rc, NK, FIRST, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm, D, BD,
+                   BR, BN, PRECISION, ATOMIC_COLS, DIAGONALS, I64, True)
+
+
+@triton.jit
+def _mass_tile(q, K, COLS, DIAG, bh, H, G, t, rc, NK, FIRST, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm,
+               D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+               ATOMIC_COLS: tl.constexpr, DIAGONALS: tl.constexpr, I64: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of ``_row_mass``: the rows' probabilities summed per column and (with ``DIAGONALS``) per
+    diagonal."""
+    s, n = _scores(q, K, bh, H, G, t * BN, NK, s_kb, s_kh, s_kn, s_kd, pos, D, BD, BN, PRECISION, I64, MASKED)
+    p = tl.exp2(s * qk_scale - norm[:, None])  # 0 where masked (exp2(-inf)) and on rows past R (norm +inf)
+    col = tl.sum(p, 0)
+    if ATOMIC_COLS:
+        tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
+    else:
+        tl.store(COLS + bh * NK + n, col, mask=n < NK)
+    if DIAGONALS:  # row r, key n0 + j lies on offset FIRST + rc·BR + r − n0 − j: local index u = r − j + BN − 1
+        u = tl.arange(0, 2 * BN)
+        j = tl.arange(0, BR)[:, None] - u[None, :] + (BN - 1)
+        on = (j >= 0) & (j < BN)
+        skew = tl.gather(p, tl.where(on, j, 0), 1)
+        diag = tl.sum(tl.where(on, skew, 0.0), 0)
+        o = FIRST + rc * BR - t * BN - (BN - 1) + u
+        tl.atomic_add(DIAG + bh * NK + o, diag, mask=(o >= 0) & (o < NK) & (u < BN + BR - 1), sem="relaxed")
 
 
 @triton.jit
@@ -219,21 +274,41 @@ def _col_mass(Q, K, QPOS, ML, COLS, H, G, R, NK, NCH, TPC, s_qb, s_qh, s_qr, s_q
     qt = tl.load(Q + b * s_qb + h * s_qh + rows[None, :] * s_qr + dd[:, None] * s_qd,
                  mask=(rows[None, :] < R) & (dd[:, None] < D), other=0.0)  # [BD, BR]
     pos = tl.load(QPOS + rows, mask=rows < R, other=-1)
-    m_sub, inv = _merged_norms(ML, bh, R, NCH, rows, BCH)
+    norm = _merged_offsets(ML, bh, R, NCH, rows, BCH)
     t_end = tl.minimum((c + 1) * TPC, tl.max(pos, 0) // BN + 1)
-    for t in range(c * TPC, t_end):
-        n = t * BN + tl.arange(0, BN)
-        nn = n.to(tl.int64) if I64 else n
-        kb = tl.load(K + b * s_kb + hk * s_kh + nn[:, None] * s_kn + dd[None, :] * s_kd,
-                     mask=(n[:, None] < NK) & (dd[None, :] < D), other=0.0)  # [BN, BD]
-        s = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
-        visible = (n[:, None] <= pos[None, :]) & (n[:, None] < NK)
-        p = tl.where(visible, tl.exp2(s - m_sub[None, :]) * inv[None, :], 0.0)  # rows past R: inv 0
-        col = tl.sum(p, 1)
-        if ATOMIC_COLS:
-            tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
-        else:
-            tl.store(COLS + bh * NK + n, col, mask=n < NK)
+    t_mid = tl.maximum(c * TPC, tl.minimum(t_end, _full_tiles(pos, rows, R, NK, BN)))
+    for t in range(c * TPC, t_mid):  # tiles before every row's position: no mask
+        _col_tile(qt, K, COLS, b, hk, bh, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm, D, BD, BN, PRECISION,
+                  ATOMIC_COLS, I64, False)
+    for t in range(t_mid, t_end):
+        _col_tile(qt, K, COLS, b, hk, bh, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm, D, BD, BN, PRECISION,
+                  ATOMIC_COLS, I64, True)
+
+
+@triton.jit
+def _col_tile(qt, K, COLS, b, hk, bh, t, NK, s_kb, s_kh, s_kn, s_kd, qk_scale, pos, norm, D: tl.constexpr,
+              BD: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_COLS: tl.constexpr,
+              I64: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of ``_col_mass``: K·qᵀ [BN keys, BR rows], each key's probabilities summed over the rows."""
+    n = t * BN + tl.arange(0, BN)
+    dd = tl.arange(0, BD)
+    nn = n.to(tl.int64) if I64 else n
+    kp = K + b * s_kb + hk * s_kh + nn[:, None] * s_kn + dd[None, :] * s_kd
+    if MASKED:
+        kb = tl.load(kp, mask=(n[:, None] < NK) & (dd[None, :] < D), other=0.0)  # [BN, BD]
+    elif BD == D:
+        kb = tl.load(kp)
+    else:
+        kb = tl.load(kp, mask=dd[None, :] < D, other=0.0)
+    s = tl.dot(kb, qt, input_precision=PRECISION)
+    if MASKED:
+        s = tl.where((n[:, None] <= pos[None, :]) & (n[:, None] < NK), s, float("-inf"))
+    p = tl.exp2(s * qk_scale - norm[None, :])  # rows past R: norm +inf
+    col = tl.sum(p, 1)
+    if ATOMIC_COLS:
+        tl.atomic_add(COLS + bh * NK + n, col, mask=n < NK, sem="relaxed")
+    else:
+        tl.store(COLS + bh * NK + n, col, mask=n < NK)
 
 
 @triton.jit
@@ -391,6 +466,8 @@ def _prepare(q_rows, k, q_pos, scale) -> _Rows:
         raise ValueError(f"row_mass: q_rows {tuple(q_rows.shape)}, k {tuple(k.shape)}, q_pos "
                          f"{tuple(q_pos.shape)} do not match")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if not scale > 0:  # the statistics pass takes the max of the unscaled products (``_stats_tile``)
+        raise ValueError(f"row_mass: the softmax scale must be positive, not {scale}")
     k = k if k.dtype == q_rows.dtype else k.to(q_rows.dtype)  # the kernels' products take one dtype
     return _Rows(b, h, hk, r, nk, d, q_rows, k, q_pos.to(device=q_rows.device, dtype=torch.int32).contiguous(),
                  (*q_rows.stride(), *k.stride(), scale * LOG2E), max(16, triton.next_power_of_2(d)),
