@@ -1039,6 +1039,16 @@ def test_column_mass_kernel_equals_row_probs(interpreter, monkeypatch, b, h, hk,
         torch.testing.assert_close(alone, a.sum(2), atol=FP32_SAME_ATOL, rtol=FP32_SAME_RTOL, msg=str(env))
 
 
+def test_column_mass_rejects_a_scale_that_is_not_positive():
+    """The statistics pass takes the max of the unscaled products, which is the scaled max only for a positive
+    scale: anything else is refused before a kernel runs."""
+    from vidsparse.attention.kernels import row_mass
+
+    for scale in (0.0, -0.5):
+        with pytest.raises(ValueError, match="positive"):
+            row_mass.column_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 8, 16), torch.arange(4, 8), scale=scale)
+
+
 @pytest.mark.parametrize("b,h,hk,r,nk,strides,chunks", [
     (1, 2, 1, 64, 300, (12, 4), 1),  # one row chunk, one key chunk of three tiles (the running max rescales)
     (2, 4, 2, 70, 257, (16,), 2),  # two row chunks, the rows' statistics merged over key chunks, one stride

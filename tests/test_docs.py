@@ -8,7 +8,7 @@ import pytest
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.parametrize("page,expect", [("ask.md", ("vanilla", "fastv")),
+@pytest.mark.parametrize("page,expect", [("ask.md", ("vanilla", "fastv", "kivi")),
                                          ("attention.md", ("PyramidLayout", "PermutedLayout", "density"))])
 def test_python_blocks_run(page, expect, capsys):
     pytest.importorskip("transformers")

@@ -722,6 +722,48 @@ def test_compressing_cache_works_with_transformers_generate(adapter, encoded):
     assert full.tolist() != gen.tolist()  # eviction changes the answer of this random model: the check has teeth
 
 
+def _decoded(adapter, encoded, kv, new=6):
+    """The tokens vidsparse's prefill and decode loop produce with the cache of ``kv`` (None: transformers' own
+    ``DynamicCache``), and that cache."""
+    from vidsparse.pipeline import Pipeline
+
+    pipe = Pipeline(adapter, Recipe(kv=kv), max_new_tokens=new)
+    prompt = adapter.build_prompt(encoded, None, Q)
+    cache = pipe.kv.make_cache() if kv else transformers.DynamicCache()
+    _, logits, _ = pipe._prefill(prompt, cache, RunStats())
+    return pipe._decode(prompt, cache, logits), cache
+
+
+def test_kivi_cache_through_the_model(both):
+    """``kivi`` inside each family's real model classes: with a window longer than the run nothing is quantised and
+    the tokens are the full cache's; with a window of 4 and groups of 8 the layers hold quantised tokens (every
+    entry is counted), and at 2 bits they store fewer bytes than the full cache."""
+    from vidsparse.kv.base import cache_nbytes
+
+    adapter, encoded = both
+    full, dense = _decoded(adapter, encoded, None)
+    same, unq = _decoded(adapter, encoded, "kivi:residual=100000")
+    assert same == full and unq.layers[0].quantized == 0
+    toks, cache = _decoded(adapter, encoded, "kivi:bits=2,group=8,residual=4")
+    n = dense.get_seq_length()
+    for layer in cache.layers:
+        assert layer.get_seq_length() == n and layer.quantized >= n - 4 - 7 and layer.quantized % 8 == 0
+    assert cache_nbytes(cache) < 0.6 * cache_nbytes(dense)
+
+
+def test_kivi_cache_works_with_transformers_generate(adapter, encoded):
+    """A kivi cache handed to transformers' own generate gives the tokens of vidsparse's decode loop with the same
+    cache (8 bits, groups of 8, a window of 4: most of the prompt is quantised when the first token is decoded)."""
+    inp = vanilla_inputs(adapter, encoded)
+    spec = "kivi:bits=8,group=8,residual=4"
+    cache = KV.from_spec(spec).make_cache()
+    gen = adapter.model.generate(**inp, max_new_tokens=6, do_sample=False, **{adapter._cache_kw: cache})
+    gen = gen[0, inp["input_ids"].shape[1]:]
+    assert cache.get_seq_length() == inp["input_ids"].shape[1] + 5 and cache.layers[0].quantized > 0
+    toks, _ = _decoded(adapter, encoded, spec)
+    assert toks == gen.tolist()[: len(toks)]
+
+
 def test_token_sparse_pattern_through_the_model_from_its_layer(adapter, short_video):
     from vidsparse.pipeline import Pipeline
 

@@ -29,9 +29,10 @@ class RunStats:
     ``static_patches`` skips static temporal patches); tower_tokens: visual tokens out of the tower (after the merger);
     visual_tokens: after the token reducer; prompt_tokens: the LLM's prefill length; llm_tokens_after_cut: prefill
     tokens after an in-LLM reducer's cut (== prompt_tokens without one); kv_entries: cache entries per layer (layer 0
-    and the last) after prefill; new_tokens: generated tokens. ms_*: decode (video), selection, vision, reduction,
-    prefill (to the first logits), first_token (everything up to the first generated token), generate (all new
-    tokens), estimate (the attention pattern's estimation inside the prefill: GPU time between CUDA events on a GPU,
+    and the last) after prefill; kv_mb: the KV cache's stored size after generation, MiB (a quantising cache's packed
+    codes, scales and full-precision window); new_tokens: generated tokens. ms_*: decode (video), selection, vision,
+    reduction, prefill (to the first logits), first_token (everything up to the first generated token), generate (all
+    new tokens), estimate (the attention pattern's estimation inside the prefill: GPU time between CUDA events on a GPU,
     host time on the CPU). attention_density: mean fraction of causal blocks computed over sparse prefill calls (1.0
     if dense)."""
 
@@ -42,6 +43,7 @@ class RunStats:
     prompt_tokens: int = 0
     llm_tokens_after_cut: int = 0
     kv_entries: tuple[int, int] = (0, 0)
+    kv_mb: float = 0.0
     new_tokens: int = 0
     ms_selection: float = 0.0
     ms_decode: float = 0.0
@@ -267,6 +269,9 @@ class Pipeline:
         st.ms_generate = (time.perf_counter() - t5) * 1e3
         st.new_tokens = len(tokens)
         st.kv_entries = (_entries(cache, 0), _entries(cache, ad.num_layers - 1))
+        from .kv.base import cache_nbytes
+
+        st.kv_mb = cache_nbytes(cache) / 2**20
         if str(ad.device).startswith("cuda"):
             st.peak_memory_mb = torch.cuda.max_memory_allocated(ad.device) / 2**20
         else:
@@ -362,7 +367,8 @@ def _dynamic_cache():
 
 
 def _entries(cache, layer: int) -> int:
+    """The entries a layer of the cache holds (a quantising layer's quantised tokens and its window)."""
     try:
-        return int(cache.layers[layer].keys.shape[-2])
+        return int(cache.layers[layer].get_seq_length())
     except (AttributeError, IndexError):
         return 0

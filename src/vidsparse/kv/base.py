@@ -105,3 +105,12 @@ class CompressingCache(_dynamic_cache()):
     def nbytes(self) -> int:
         return int(sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
                        for l in self.layers if getattr(l, "keys", None) is not None))
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a transformers cache stores: its own ``nbytes()`` where it has one (``CompressingCache``, ``KIVICache``),
+    else its layers' keys and values."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return int(sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None))

@@ -1,0 +1,230 @@
+"""``kivi`` (KIVI, Liu et al. 2024, jy-yuan/KIVI): the KV cache in ``bits``-bit asymmetric (min–max) integers — keys
+per channel over groups of ``group`` consecutive tokens (a key channel's outliers stay in their own channel), values
+per token over groups of ``group`` channels — with the most recent tokens in full precision (a residual window of
+``residual`` to ``residual + group − 1`` tokens: whenever it reaches ``residual + group`` tokens, its oldest
+``group`` tokens are quantised, so keys always quantise in whole token groups).
+
+Each attention call gets its layer's keys and values as they stood before the call, dequantised, followed by the new
+tokens in full precision: prefill attends in full precision (as in the paper), and a token is quantised only after the
+step that stored it. Quantised tokens are never re-quantised (``transformers.QuantizedCache`` re-quantises its whole
+cache at each flush, compounding the error); the codes are packed ``8 / bits`` to a byte, and each group's scale and
+minimum are stored in float16 for float16 models and in float32 otherwise (a bfloat16 minimum of a channel with a large
+offset would round by more than its range's quantisation step). At 2 bits, group 32 and head dim 128 a token's key and
+value take 64 + 64 bytes with float32 metadata (48 + 48 with float16) against 512 in bfloat16.
+
+This module dequantises the whole cache at each step in torch (what ``QuantizedCache`` does): it saves memory, not
+decode time — KIVI's fused dequantise-and-multiply kernels are not here. ``KIVICache.nbytes`` counts what it stores."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedError
+from ..registry import KV
+from .base import KVMethod
+
+BITS = (1, 2, 4, 8)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [..., n], each < 2**bits, n a multiple of 8 / bits -> uint8 [..., n · bits / 8]: ``8 / bits``
+    consecutive codes per byte, the first in the lowest bits."""
+    per = 8 // bits
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i] << (i * bits)
+    return out
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """``pack``'s inverse: uint8 [..., m] -> uint8 codes [..., m · 8 / bits]."""
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def quantize(x: Tensor, bits: int, dim: int, meta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min–max quantisation of ``x`` along ``dim``: (codes uint8 like x, scale and minimum in
+    ``meta_dtype`` with ``dim`` kept as 1). The codes are computed against the stored (rounded) scale and minimum, so
+    that ``dequantize`` reproduces each value within half a step (clamped at the ends)."""
+    xf = x.float()
+    mn = xf.amin(dim, keepdim=True).to(meta_dtype)
+    levels = (1 << bits) - 1
+    scale = ((xf.amax(dim, keepdim=True) - mn.float()) / levels).to(meta_dtype)
+    step = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    codes = ((xf - mn.float()) / step).round_().clamp_(0, levels).to(torch.uint8)
+    return codes, scale, mn
+
+
+def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, dtype: torch.dtype) -> Tensor:
+    return (codes.float() * scale.float() + mn.float()).to(dtype)
+
+
+def _layer_base():
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+class KIVILayer(_layer_base()):
+    """A transformers cache layer holding KIVI's quantised keys and values plus the full-precision residual window
+    (``keys`` / ``values``, as a ``DynamicLayer`` holds its tensors; ``get_seq_length`` counts both parts)."""
+
+    is_croppable = False  # a crop into the quantised part cannot be undone without the original values
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
+        super().__init__()
+        self.bits, self.group, self.residual = bits, group, residual
+        self.quantized = 0  # tokens in the quantised part
+        # keys: codes [B, H, T/G, G, D·bits/8], scale and min [B, H, T/G, D]; values: codes [B, H, T, D/g,
+        # g·bits/8], scale and min [B, H, T, D/g] (T the quantised tokens, G = group, g the value group)
+        self.qk: tuple[Tensor, Tensor, Tensor] | None = None
+        self.qv: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        d = key_states.shape[-1]
+        per = 8 // self.bits
+        self.vgroup = min(self.group, d)
+        if d % per or d % self.vgroup or self.vgroup % per:
+            raise UnsupportedError(f"kivi: head dim {d} does not split into value groups of {self.vgroup} channels "
+                                   f"packed {per} to a byte; choose a group that divides it (e.g. kivi:group=16)")
+        self.meta_dtype = torch.float16 if key_states.dtype == torch.float16 else torch.float32
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.quantized:  # what the cache held before this call, dequantised, then the full-precision tokens
+            dk, dv = self.dequantized()
+            keys = torch.cat([dk, self.keys, key_states], -2)
+            values = torch.cat([dv, self.values, value_states], -2)
+        else:
+            keys = torch.cat([self.keys, key_states], -2)
+            values = torch.cat([self.values, value_states], -2)
+        self.keys = torch.cat([self.keys, key_states], -2)
+        self.values = torch.cat([self.values, value_states], -2)
+        r = self.keys.shape[-2]
+        if r >= self.residual + self.group:
+            self._quantize_oldest((r - self.residual) // self.group * self.group)
+        return keys, values
+
+    def _quantize_oldest(self, n: int) -> None:
+        """Moves the residual window's oldest ``n`` tokens (a multiple of ``group``) into the quantised part."""
+        b, h, _, d = self.keys.shape
+        k, v = self.keys[..., :n, :], self.values[..., :n, :]
+        # copies, so that the full-precision storage of the quantised tokens is freed
+        self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
+        codes, scale, mn = quantize(k.reshape(b, h, n // self.group, self.group, d), self.bits, 3, self.meta_dtype)
+        qk = (pack(codes, self.bits), scale.squeeze(3), mn.squeeze(3))
+        g = self.vgroup
+        codes, scale, mn = quantize(v.reshape(b, h, n, d // g, g), self.bits, 4, self.meta_dtype)
+        qv = (pack(codes, self.bits), scale.squeeze(4), mn.squeeze(4))
+        if self.qk is None:
+            self.qk, self.qv = qk, qv
+        else:
+            self.qk = tuple(torch.cat([a, x], 2) for a, x in zip(self.qk, qk))
+            self.qv = tuple(torch.cat([a, x], 2) for a, x in zip(self.qv, qv))
+        self.quantized += n
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """The quantised part's keys and values, [B, H, quantized, D] each in the model's dtype."""
+        if self.qk is None:
+            return self.keys[..., :0, :], self.values[..., :0, :]
+        pk, sk, mk = self.qk
+        b, h, m, gsz, _ = pk.shape
+        dt = self.keys.dtype
+        k = dequantize(unpack(pk, self.bits), sk[:, :, :, None, :], mk[:, :, :, None, :], dt).reshape(b, h, m * gsz, -1)
+        pv, sv, mv = self.qv
+        v = dequantize(unpack(pv, self.bits), sv[..., None], mv[..., None], dt).reshape(b, h, pv.shape[2], -1)
+        return k, v
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.quantized + self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes stored: the packed codes, their scales and minima, and the residual window."""
+        parts = [self.keys, self.values] if self.is_initialized else []
+        for q in (self.qk, self.qv):
+            if q is not None:
+                parts.extend(q)
+        return int(sum(t.numel() * t.element_size() for t in parts))
+
+    def _each(self, fn) -> None:
+        """Applies ``fn`` (batch dimension first) to every stored tensor."""
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.qk is not None:
+            self.qk, self.qv = tuple(fn(t) for t in self.qk), tuple(fn(t) for t in self.qv)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._each(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._each(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._each(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes ``-tokens_to_remove`` of the newest tokens, while they are all in the residual window."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, not {tokens_to_remove}")
+        drop = -tokens_to_remove
+        if drop == 0 or not self.is_initialized:
+            return
+        if drop > self.keys.shape[-2]:
+            raise UnsupportedError(f"kivi: cannot remove {drop} tokens, only the {self.keys.shape[-2]} of the "
+                                   "full-precision window (the rest are quantised)")
+        self.keys, self.values = self.keys[..., :-drop, :], self.values[..., :-drop, :]
+
+    def reset(self) -> None:
+        self.quantized, self.qk, self.qv = 0, None, None
+        super().reset()
+
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+class KIVICache(_cache_base()):
+    """A transformers ``Cache`` of ``KIVILayer`` layers, usable as ``model.generate(..., past_key_values=cache)``."""
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
+        super().__init__(layer_class_to_replicate=functools.partial(KIVILayer, bits, group, residual))
+
+    def nbytes(self) -> int:
+        return int(sum(layer.nbytes() for layer in self.layers))
+
+    def entries(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+
+@KV.register("kivi")
+@dataclass
+class KIVI(KVMethod):
+    bits: int = 2
+    group: int = 32
+    residual: int = 128
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, not {self.bits}")
+        if self.group < 1 or self.residual < 0:
+            raise ValueError(f"group ({self.group}) must be ≥ 1 and residual ({self.residual}) ≥ 0")
+
+    needs_queries = False
+
+    def make_cache(self) -> KIVICache:
+        return KIVICache(self.bits, self.group, self.residual)
