@@ -1,12 +1,15 @@
 """KV caches at decode time: what ``kivi`` stores and costs against transformers' ``DynamicCache``, per decoder
 layer of Qwen2.5-VL-7B's shape (28 query heads over 4 K/V heads, d = 128, bf16), after a prefill of N tokens.
 
-    python benchmarks/kv_cache.py [--sizes 16384,65536] [--specs "kivi,kivi:bits=4"] [--steps 32] [--layers 4]
+    python benchmarks/kv_cache.py [--sizes 16384,65536] [--specs "kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused"]
+        [--steps 32] [--layers 4]
 
-Per cache: the bytes it stores after the prefill (and against the full cache's); the milliseconds of a decode step
-per layer — the cache's ``update`` with one token plus SDPA of the 28 query heads over what it returns (GQA, the
-default backend), timed with CUDA events over ``--steps`` steps on ``--layers`` layers, the full cache rerun in the
-same process; and the attention error: the relative L2 distance of that step's attention output from the output over
+Per cache: the bytes it stores after the first decode step (and against the full cache's); the milliseconds of a
+decode step per layer — the cache's ``update`` with one token plus attention of the 28 query heads: SDPA over what
+the update returns (GQA inside SDPA, the default backends), or for a spec ending in "+fused" the update returning
+kivi's window alone and ``attention.kernels.kivi_decode`` reading the packed cache (what vidsparse's decode does on
+the GPU) — timed with CUDA events over ``--steps`` steps on ``--layers`` layers, the full cache rerun in the same
+process; and the attention error: the relative L2 distance of that step's attention output from the output over
 the full-precision keys and values, at the last step. Keys are ``attention.video_qk``'s (video-structured, M-RoPE)
 plus a per-channel offset (real keys carry a few large-offset channels, the reason KIVI quantises keys per channel),
 values random normal. Saves ``kv_cache.json`` under the device's results and writes a BENCHMARKS.md section."""
@@ -45,7 +48,7 @@ def make(spec: str):
 
     from vidsparse.registry import KV
 
-    return DynamicCache() if spec == "dynamic" else KV.from_spec(spec).make_cache()
+    return DynamicCache() if spec == "dynamic" else KV.from_spec(spec.removesuffix("+fused")).make_cache()
 
 
 def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
@@ -54,21 +57,30 @@ def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
 
     from vidsparse.kv.base import cache_nbytes
 
+    from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention
+
     cache = make(spec)
+    fused = spec.endswith("+fused")
     for layer in range(layers):
         cache.update(k[:, :, :n], v[:, :, :n], layer)
-    torch.cuda.synchronize()
-    stored = cache_nbytes(cache) / layers
+    if fused:
+        cache.set_fused("auto")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times, out = [], None
+    times, out, stored = [], None, None
     for s in range(steps):
         start.record()
         for layer in range(layers):
             kk, vv = cache.update(k[:, :, n + s: n + s + 1], v[:, :, n + s: n + s + 1], layer)
-            out = F.scaled_dot_product_attention(q[:, :, s: s + 1], kk, vv, enable_gqa=True)
+            if fused:
+                assert cache.layers[layer].fused_step
+                out = kivi_decode_attention(q[:, :, s: s + 1], cache.layers[layer])
+            else:
+                out = F.scaled_dot_product_attention(q[:, :, s: s + 1], kk, vv, enable_gqa=True)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / layers)
+        if stored is None:  # after the first step
+            stored = cache_nbytes(cache) / layers
     keep = times[steps // 4:]  # the first steps warm the allocator and the kernels
     ref = F.scaled_dot_product_attention(q[:, :, steps - 1: steps].float(), k[:, :, : n + steps].float(),
                                          v[:, :, : n + steps].float(), enable_gqa=True)
@@ -93,7 +105,7 @@ def run_case(n: int, specs: list[str], steps: int, layers: int) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
-    ap.add_argument("--specs", default="kivi,kivi:bits=4")
+    ap.add_argument("--specs", default="kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     markdown_args(ap, "kv_cache")
@@ -112,8 +124,9 @@ def main():
 def write_markdown(p: dict) -> None:
     lines = [f"Device: {p['device']} — {p['date']} — `{p['command']}` — per decoder layer of Qwen2.5-VL-7B's shape: "
              f"{p['heads']} query heads over {p['kv_heads']} K/V heads, d = {p['d']}, bf16, batch 1.", "",
-             "Stored: the cache's bytes after the prefill. Step: one decode step's `update` plus SDPA over what it "
-             f"returns, median of the last {p['steps'] - p['steps'] // 4} of {p['steps']} steps (CUDA events), the "
+             "Stored: the cache's bytes after the first decode step. Step: one decode step's `update` plus SDPA over "
+             "what it returns (\"+fused\": the update returns kivi's window and `kivi_decode` reads the packed cache), "
+             f"median of the last {p['steps'] - p['steps'] // 4} of {p['steps']} steps (CUDA events), the "
              "second of two interleaved runs, against the full `DynamicCache` of the same run. Error: the step's "
              "attention output against fp32 attention over the full-precision keys and values (relative L2).", ""]
     if p.get("note"):

@@ -7,6 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import os
+
+from tolerances import kernel_ok
+
 from vidsparse.errors import SpecError, UnsupportedError
 from vidsparse.kv.kivi import KIVICache, dequantize, pack, quantize, unpack
 from vidsparse.registry import KV
@@ -66,9 +70,10 @@ def _reference(keys, values, n, bits, group, meta):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kivi_layer_schedule_and_contents_against_loops(dtype):
-    """Prefill of 21 tokens and seven decode steps (bits 2, group 4, residual 8): each call returns the cache as it
-    stood before it — the quantised tokens dequantised, exactly as the loop reference quantises them — then the new
-    tokens untouched; the window's oldest whole groups are quantised whenever it reaches residual + group tokens."""
+    """Prefill of 21 tokens and seven decode steps (bits 2, group 4, residual 8): the prefill returns its tokens
+    untouched; each decode step returns the cache as stored after it — the quantised tokens dequantised, exactly as
+    the loop reference quantises them, then the window in full precision — and the window's oldest whole groups are
+    quantised whenever it reaches residual + group tokens."""
     g = torch.Generator().manual_seed(3)
     bits, group, residual = 2, 4, 8
     total = 28
@@ -80,13 +85,16 @@ def test_kivi_layer_schedule_and_contents_against_loops(dtype):
     quantized, seen = 0, 0
     for step in [21] + [1] * 7:
         ko, vo = cache.update(keys[:, :, seen:seen + step], values[:, :, seen:seen + step], 0)
-        rk, rv = _reference(keys, values, quantized, bits, group, meta)
-        assert torch.equal(ko, torch.cat([rk, keys[:, :, quantized:seen + step]], 2))
-        assert torch.equal(vo, torch.cat([rv, values[:, :, quantized:seen + step]], 2))
         seen += step
+        if step > 1:
+            assert torch.equal(ko, keys[:, :, :seen]) and torch.equal(vo, values[:, :, :seen])
         window = seen - quantized
         if window >= residual + group:
             quantized += (window - residual) // group * group
+        if step == 1:
+            rk, rv = _reference(keys, values, quantized, bits, group, meta)
+            assert torch.equal(ko, torch.cat([rk, keys[:, :, quantized:seen]], 2))
+            assert torch.equal(vo, torch.cat([rv, values[:, :, quantized:seen]], 2))
         layer = cache.layers[0]
         assert (layer.quantized, layer.keys.shape[2], cache.get_seq_length()) == (quantized, seen - quantized, seen)
     assert quantized == 20  # flushes at 21 (12 tokens), 24 and 28: the check reaches the quantised part
@@ -135,3 +143,77 @@ def test_kivi_errors_and_batch_operations():
     assert cache.get_seq_length() == 8
     with pytest.raises(UnsupportedError, match="quantised"):
         layer.crop(-5)
+
+
+@pytest.fixture
+def interpreter():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 must be set before Triton is imported (conftest does so without CUDA)")
+
+
+@pytest.mark.parametrize("dtype,bits,h,hk,b,prefill", [
+    (torch.float32, 2, 6, 2, 1, 100),  # GQA: three query heads per K/V head in one program's rows
+    (torch.float16, 2, 4, 4, 2, 100),  # batch 2, one query head per K/V head, float16 metadata
+    (torch.float32, 1, 4, 2, 1, 70),
+    (torch.float16, 4, 8, 2, 1, 70),
+    (torch.float32, 8, 2, 1, 1, 70),
+    (torch.float16, 2, 4, 2, 1, 20),  # nothing quantised yet: the window alone
+])
+def test_kivi_decode_kernel_against_the_dequantised_cache(interpreter, dtype, bits, h, hk, b, prefill):
+    """``attention.kernels.kivi_decode`` (packed codes read in the kernel, the window in one more program, splits
+    merged) against attention over the same cache dequantised: within the kernel tolerance of the fp32 oracle
+    (err ≤ 2·err(torch in the same dtype) + atol), over three decode steps after a prefill; a step's update with
+    the kernel on returns the window alone."""
+    from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention
+
+    g = torch.Generator().manual_seed(bits * 100 + prefill)
+    d = 32
+    cache = KV.from_spec(f"kivi:bits={bits},group=16,residual=16").make_cache()
+    k = (torch.randn(b, hk, prefill, d, generator=g) + torch.linspace(-3, 3, d)).to(dtype)
+    cache.update(k, torch.randn(b, hk, prefill, d, generator=g).to(dtype), 0)
+    cache.set_fused("kernel")
+    for _ in range(3):
+        kk, vv = cache.update(torch.randn(b, hk, 1, d, generator=g).to(dtype),
+                              torch.randn(b, hk, 1, d, generator=g).to(dtype), 0)
+        layer = cache.layers[0]
+        assert layer.fused_step and torch.equal(kk, layer.keys)
+        assert kk.shape[2] == cache.get_seq_length() - layer.quantized
+        q = torch.randn(b, h, 1, d, generator=g).to(dtype)
+        out = kivi_decode_attention(q, layer)
+        dk, dv = layer.dequantized()
+        kf, vf = (torch.cat(x, 2).repeat_interleave(h // hk, 1) for x in ((dk, layer.keys), (dv, layer.values)))
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kf.float(), vf.float())
+        same = torch.nn.functional.scaled_dot_product_attention(q, kf, vf).float()
+        assert kernel_ok((out.float() - ref).abs().max().item(), (same - ref).abs().max().item(), dtype)
+    assert (layer.quantized > 0) == (prefill > 32)
+    cache.set_fused("off")
+    kk, _ = cache.update(torch.zeros(b, hk, 1, d, dtype=dtype), torch.zeros(b, hk, 1, d, dtype=dtype), 0)
+    assert not cache.layers[0].fused_step and kk.shape[2] == cache.get_seq_length()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,hk,n", [(2, 4, 5000), (4, 4, 5000), (2, 28, 3001), (1, 4, 2048)])
+def test_kivi_decode_kernel_on_cuda(bits, hk, n):
+    """The fused decode on CUDA at Qwen2.5-VL-7B's head shape (28 query heads, d = 128, bf16, float32 metadata)
+    against attention over the dequantised cache: within the kernel tolerance of the fp32 oracle, as vidsparse's
+    attention function would call it ("auto": the update returns the window alone)."""
+    from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(bits + n)
+    d, h = 128, 28
+    cache = KV.from_spec(f"kivi:bits={bits}").make_cache()
+    k = torch.randn(1, hk, n, d, device="cuda", generator=g) + torch.linspace(-4, 4, d, device="cuda")
+    cache.update(k.bfloat16(), torch.randn(1, hk, n, d, device="cuda", generator=g).bfloat16(), 0)
+    cache.set_fused("auto")
+    cache.update(*(torch.randn(1, hk, 1, d, device="cuda", generator=g).bfloat16() for _ in range(2)), 0)
+    layer = cache.layers[0]
+    assert layer.fused_step and layer.quantized == (n - 128) // 32 * 32
+    q = torch.randn(1, h, 1, d, device="cuda", generator=g).bfloat16()
+    out = kivi_decode_attention(q, layer)
+    dk, dv = layer.dequantized()
+    kf, vf = (torch.cat(x, 2).repeat_interleave(h // hk, 1) for x in ((dk, layer.keys), (dv, layer.values)))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kf.float(), vf.float())
+    same = torch.nn.functional.scaled_dot_product_attention(q, kf, vf).float()
+    assert kernel_ok((out.float() - ref).abs().max().item(), (same - ref).abs().max().item(), torch.bfloat16)

@@ -764,6 +764,29 @@ def test_kivi_cache_works_with_transformers_generate(adapter, encoded):
     assert toks == gen.tolist()[: len(toks)]
 
 
+def test_kivi_fused_decode_through_the_pipeline(adapter, encoded):
+    """Inside vidsparse's decode scope the kivi cache hands its decode steps to the Triton kernel (here in the
+    interpreter, backend "kernel"): the updates return the window alone, the kernel reads the packed codes, and the
+    tokens equal those of the torch path that dequantises the cache (backend "torch"); the scope turns the fused
+    mode off again on exit."""
+    from vidsparse.pipeline import Pipeline
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel on the CPU needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
+    spec = "kivi:bits=2,group=16,residual=16"
+    runs = {}
+    for backend in ("torch", "kernel"):
+        pipe = Pipeline(adapter, Recipe(kv=spec), max_new_tokens=6, backend=backend)
+        prompt = adapter.build_prompt(encoded, None, Q)
+        cache = pipe.kv.make_cache()
+        _, logits, _ = pipe._prefill(prompt, cache, RunStats())
+        runs[backend] = pipe._decode(prompt, cache, logits)
+        layer = cache.layers[0]
+        assert layer.quantized > 0 and layer.fused_step == (backend == "kernel")
+        assert cache.fused == "off" and layer.fused == "off"
+    assert runs["kernel"] == runs["torch"] and len(runs["torch"]) > 1
+
+
 def test_token_sparse_pattern_through_the_model_from_its_layer(adapter, short_video):
     from vidsparse.pipeline import Pipeline
 

@@ -349,7 +349,7 @@ class Pipeline:
         with contextlib.ExitStack() as stack, torch.inference_mode():
             if self.pattern is not None or self.inllm is not None or self.kv is not None:
                 # decode is dense either way; vidsparse's function also serves caches whose layers differ in length
-                stack.enter_context(attention_scope(ad.language_model(), backend=self.backend))
+                stack.enter_context(attention_scope(ad.language_model(), backend=self.backend, cache=cache))
             for step in range(self.max_new_tokens):
                 tok = int(nxt.item())
                 out.append(tok)

@@ -4,16 +4,20 @@ per token over groups of ``group`` channels — with the most recent tokens in f
 ``residual`` to ``residual + group − 1`` tokens: whenever it reaches ``residual + group`` tokens, its oldest
 ``group`` tokens are quantised, so keys always quantise in whole token groups).
 
-Each attention call gets its layer's keys and values as they stood before the call, dequantised, followed by the new
-tokens in full precision: prefill attends in full precision (as in the paper), and a token is quantised only after the
-step that stored it. Quantised tokens are never re-quantised (``transformers.QuantizedCache`` re-quantises its whole
-cache at each flush, compounding the error); the codes are packed ``8 / bits`` to a byte, and each group's scale and
-minimum are stored in float16 for float16 models and in float32 otherwise (a bfloat16 minimum of a channel with a large
-offset would round by more than its range's quantisation step). At 2 bits, group 32 and head dim 128 a token's key and
-value take 64 + 64 bytes with float32 metadata (48 + 48 with float16) against 512 in bfloat16.
+A prefill chunk attends in full precision to itself and to what the cache held before it (dequantised), as in the
+paper; a decode step attends to the cache as stored after its update — its own token in the window. Quantised tokens
+are never re-quantised (``transformers.QuantizedCache`` re-quantises its whole cache at each flush, compounding the
+error); the codes are packed ``8 / bits`` to a byte, and each group's scale and minimum are stored in float16 for
+float16 models and in float32 otherwise (a bfloat16 minimum of a channel with a large offset would round by more than
+its range's quantisation step). At 2 bits, group 32 and head dim 128 a token's key and value take 64 + 64 bytes with
+float32 metadata (48 + 48 with float16) against 512 in bfloat16.
 
-This module dequantises the whole cache at each step in torch (what ``QuantizedCache`` does): it saves memory, not
-decode time — KIVI's fused dequantise-and-multiply kernels are not here. ``KIVICache.nbytes`` counts what it stores."""
+Decode steps, two ways: inside vidsparse's attention function (``Pipeline``, ``models.hf.attention_scope`` with the
+cache) on a GPU that runs the Triton kernels, a step's update returns the window alone and the attention function
+reads the packed codes itself (``attention.kernels.kivi_decode``: no dequantised copy of the cache is ever
+written); anywhere else (transformers' ``generate``, other attention functions, the CPU) the update dequantises the
+whole cache in torch and returns it, which saves memory but not time (what ``QuantizedCache`` does).
+``KIVICache.nbytes`` counts what it stores."""
 
 from __future__ import annotations
 
@@ -82,6 +86,10 @@ class KIVILayer(_layer_base()):
         super().__init__()
         self.bits, self.group, self.residual = bits, group, residual
         self.quantized = 0  # tokens in the quantised part
+        self.fused = "off"  # decode steps: "off" (dequantise, return everything), "auto" (on a GPU that runs the
+        # Triton kernels, return the window alone; vidsparse's attention function reads the rest with
+        # ``attention.kernels.kivi_decode``), "kernel" (that, also on the CPU under TRITON_INTERPRET=1: tests)
+        self.fused_step = False  # whether the last update returned the window alone
         # keys: codes [B, H, T/G, G, D·bits/8], scale and min [B, H, T/G, D]; values: codes [B, H, T, D/g,
         # g·bits/8], scale and min [B, H, T, D/g] (T the quantised tokens, G = group, g the value group)
         self.qk: tuple[Tensor, Tensor, Tensor] | None = None
@@ -100,19 +108,29 @@ class KIVILayer(_layer_base()):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.quantized:  # what the cache held before this call, dequantised, then the full-precision tokens
-            dk, dv = self.dequantized()
-            keys = torch.cat([dk, self.keys, key_states], -2)
-            values = torch.cat([dv, self.values, value_states], -2)
-        else:
-            keys = torch.cat([self.keys, key_states], -2)
-            values = torch.cat([self.values, value_states], -2)
+        step = key_states.shape[-2] == 1 and self.get_seq_length() > 0  # a decode step
+        self.fused_step = False
+        if not step:  # a prefill chunk: what the cache held (dequantised), then the chunk, in full precision
+            if self.quantized:
+                dk, dv = self.dequantized()
+                ret = (torch.cat([dk, self.keys, key_states], -2), torch.cat([dv, self.values, value_states], -2))
+            elif self.keys.numel():
+                ret = (torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
+            else:
+                ret = (key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
         r = self.keys.shape[-2]
         if r >= self.residual + self.group:
             self._quantize_oldest((r - self.residual) // self.group * self.group)
-        return keys, values
+        if not step:
+            return ret
+        # a decode step attends to the cache as stored after it (its own token in the window)
+        if self.fused != "off" and fused_supported(self, key_states, self.fused == "kernel"):
+            self.fused_step = True  # the attention function reads the quantised part itself (``kivi_decode``)
+            return self.keys, self.values
+        dk, dv = self.dequantized()
+        return torch.cat([dk, self.keys], -2), torch.cat([dv, self.values], -2)
 
     def _quantize_oldest(self, n: int) -> None:
         """Moves the residual window's oldest ``n`` tokens (a multiple of ``group``) into the quantised part."""
@@ -192,6 +210,17 @@ class KIVILayer(_layer_base()):
         super().reset()
 
 
+def fused_supported(layer: KIVILayer, x: Tensor, force: bool = False) -> bool:
+    """Whether ``attention.kernels.kivi_decode`` serves this layer's decode steps: a GPU that runs the Triton kernels
+    (or ``force``: the CPU under TRITON_INTERPRET=1), and token groups and a head dim of 16 to 256, powers of two (the
+    kernel's tiles)."""
+    from ..attention.kernels.fit import kernel_device
+
+    d = x.shape[-1]
+    shapes = 16 <= layer.group <= 256 and 16 <= d <= 256 and not layer.group & (layer.group - 1) and not d & (d - 1)
+    return shapes and (force or kernel_device(x))
+
+
 def _cache_base():
     from transformers.cache_utils import Cache
 
@@ -209,6 +238,20 @@ class KIVICache(_cache_base()):
 
     def entries(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def set_fused(self, mode: str) -> None:
+        """How decode steps attend (``KIVILayer.fused``): "off", "auto" or "kernel". Only vidsparse's attention
+        function knows to read the quantised part itself, so ``models.hf.attention_scope`` turns this on for its
+        duration and off again; anything else attending to this cache must leave it "off"."""
+        self.fused = mode
+        for layer in self.layers:
+            layer.fused = mode
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        while len(self.layers) <= layer_idx:  # a layer added while fused is on takes the mode too
+            self.layers.append(self.layer_class_to_replicate())
+            self.layers[-1].fused = getattr(self, "fused", "off")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 @KV.register("kivi")

@@ -39,13 +39,15 @@ class Scope:
 
     pattern: a ``Pattern`` (None: dense); meta: ``SeqMeta`` for the prefill sequence; observers: objects with
     ``on_prefill_attention(layer_idx, q, k, v, out)`` (any may be absent); layers: only these layer indices use the
-    pattern (None: all); backend: ``sparse_attention`` backend. ``stats`` collects per-call figures."""
+    pattern (None: all); backend: ``sparse_attention`` backend; cache: the request's KV cache, whose decode steps a
+    quantising cache may hand to a fused kernel (``kv.kivi``). ``stats`` collects per-call figures."""
 
     pattern: Any = None
     meta: Any = None
     observers: list = field(default_factory=list)
     layers: set | None = None
     backend: str = "auto"
+    cache: Any = None
     stats: dict = field(default_factory=lambda: {"sparse_calls": 0, "dense_calls": 0, "density_sum": 0.0,
                                                   "estimate_ms": 0.0, "sync_timing": False})
 
@@ -103,6 +105,8 @@ def expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:
     """Dense attention [B, H, Nq, D] with GQA; causal is bottom-right aligned when Nq < Nk."""
     nq, nk = q.shape[2], k.shape[2]
+    if nq == 1 and k.shape[1] != q.shape[1]:  # a decode step: GQA inside SDPA, no copy of the cache per head
+        return sdpa(q, k, v, scale=scale, enable_gqa=True)
     k, v = expand_kv(q, k, v)
     if not causal or nq == 1:
         return sdpa(q, k, v, scale=scale)
@@ -117,6 +121,18 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
                                 scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
     """The function registered as "vidsparse": q [B, H, Nq, D], k/v [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
     scope = _SCOPE.get()
+    layer = getattr(module, "layer_idx", None)
+    if scope is not None and scope.cache is not None and query.shape[2] == 1 and layer is not None:
+        lay = scope.cache.layers[layer] if layer < len(scope.cache.layers) else None
+        if getattr(lay, "fused_step", False):  # key/value are kivi's window alone: the kernel reads the rest
+            if attention_mask is not None:
+                from ..errors import UnsupportedError
+
+                raise UnsupportedError("kivi's fused decode attends to every stored token; it takes no attention "
+                                       "mask (padded batches): run it with backend 'torch'")
+            from ..attention.kernels.kivi_decode import kivi_decode_attention
+
+            return kivi_decode_attention(query, lay, scaling).transpose(1, 2).contiguous(), None
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     if attention_mask is not None:
         # Only reached if someone registered a mask function for "vidsparse": honour it densely.
@@ -126,7 +142,6 @@ def vidsparse_attention_forward(module, query: Tensor, key: Tensor, value: Tenso
                                       **kwargs)
     nq, nk = query.shape[2], key.shape[2]
     prefill = nq == nk and nq > 1
-    layer = getattr(module, "layer_idx", None)
     keys = None
     if scope is not None and prefill and causal:
         for obs in scope.observers:
@@ -246,7 +261,7 @@ def _implementation(configs: list, name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(), layers=None, backend: str = "auto",
-                    sync_timing: bool = False) -> Iterator[Scope]:
+                    sync_timing: bool = False, cache=None) -> Iterator[Scope]:
     """Run ``llm`` (the language model part: its attention modules) with vidsparse attention inside the block.
 
     Restores each config's previous attention implementation on exit, also on error."""
@@ -254,14 +269,19 @@ def attention_scope(llm: torch.nn.Module, pattern=None, meta=None, observers=(),
 
     check_backend(backend)
     register()
-    scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend)
+    scope = Scope(pattern=pattern, meta=meta, observers=list(observers), layers=layers, backend=backend, cache=cache)
     scope.stats["sync_timing"] = sync_timing
+    fuse = getattr(cache, "set_fused", None)  # a kivi cache: its decode steps read by the kernel, inside the scope only
+    if fuse is not None:
+        fuse({"auto": "auto", "kernel": "kernel"}.get(backend, "off"))
     token = _SCOPE.set(scope)
     try:
         with _implementation(module_configs(llm, attention_only=True), NAME):
             yield scope
     finally:
         _SCOPE.reset(token)
+        if fuse is not None:
+            fuse("off")
 
 
 def last_query_attention(q: Tensor, k: Tensor, rows: int = 1, scale: float | None = None) -> Tensor:
