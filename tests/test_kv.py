@@ -160,12 +160,15 @@ def interpreter():
     (torch.float32, 8, 2, 1, 1, 70),
     (torch.float16, 2, 4, 2, 1, 20),  # nothing quantised yet: the window alone
 ])
-def test_kivi_decode_kernel_against_the_dequantised_cache(interpreter, dtype, bits, h, hk, b, prefill):
+def test_kivi_decode_kernel_against_the_dequantised_cache(interpreter, monkeypatch, dtype, bits, h, hk, b, prefill):
     """``attention.kernels.kivi_decode`` (packed codes read in the kernel, the window in one more program, splits
-    merged) against attention over the same cache dequantised: within the kernel tolerance of the fp32 oracle
-    (err ≤ 2·err(torch in the same dtype) + atol), over three decode steps after a prefill; a step's update with
-    the kernel on returns the window alone."""
+    merged two at a time, so that the merge loops) against attention over the same cache dequantised: within the
+    kernel tolerance of the fp32 oracle (err ≤ 2·err(torch in the same dtype) + atol), over three decode steps after
+    a prefill; a step's update with the kernel on returns the window alone."""
+    from vidsparse.attention.kernels import kivi_decode
     from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention
+
+    monkeypatch.setattr(kivi_decode, "MERGE_SPLITS", 2)
 
     g = torch.Generator().manual_seed(bits * 100 + prefill)
     d = 32
