@@ -220,3 +220,98 @@ def test_kivi_decode_kernel_on_cuda(bits, hk, n):
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kf.float(), vf.float())
     same = torch.nn.functional.scaled_dot_product_attention(q, kf, vf).float()
     assert kernel_ok((out.float() - ref).abs().max().item(), (same - ref).abs().max().item(), torch.bfloat16)
+
+
+# ---- vidkv ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", [64, 63])
+def test_fft_signs_restore_a_signal_of_equal_magnitudes_exactly(c):
+    """A group whose rfft coefficients have one magnitude each over its tokens (random signs) is what the 1-bit FFT
+    codes represent exactly: as many signs as channels (the imaginary parts zero by symmetry are not stored), and
+    the inverse gives the tokens back."""
+    from vidsparse.kv.vidkv import fft_restore, fft_signs
+
+    g = torch.Generator().manual_seed(c)
+    nf = c // 2 + 1
+    mag = torch.rand(2, nf, generator=g) + 0.5
+    sign = lambda: torch.randint(0, 2, (32, nf), generator=g).float() * 2 - 1  # noqa: E731
+    im = sign() * mag[1]
+    im[:, 0] = 0
+    if c % 2 == 0:
+        im[:, -1] = 0
+    x = torch.fft.irfft(torch.complex(sign() * mag[0], im), n=c, dim=-1)
+    signs, scales = fft_signs(x)
+    assert signs.shape == (32, c) and scales.shape == (2, nf)
+    torch.testing.assert_close(fft_restore(signs, scales, c), x, atol=1e-5, rtol=1e-5)
+
+
+def test_ternary_codes_and_scale_against_a_loop():
+    from vidsparse.kv.vidkv import ternary
+
+    x = torch.randn(5, 32, 8, generator=torch.Generator().manual_seed(1))
+    t, s = ternary(x, 1)
+    for i in range(5):
+        for ch in range(8):
+            col = x[i, :, ch]
+            thr = 0.5 * col.abs().mean()
+            want = [1 if a > thr else -1 if a < -thr else 0 for a in col.tolist()]
+            assert t[i, :, ch].tolist() == want
+            kept = col.abs()[torch.tensor(want) != 0]
+            assert torch.allclose(s[i, 0, ch], kept.mean() if len(kept) else torch.tensor(0.0))
+
+
+def test_vidkv_layer_against_per_group_reference():
+    """The stored codes, unpacked, equal a per-group computation from the primitives: the top-range half of the
+    channels 2-bit min–max per channel, the rest the FFT signs, values ternary per channel; at key_bits 2 the keys
+    are kivi's 2-bit keys exactly; an outlier channel stays within half a 2-bit step; the bytes stored are the
+    codes, bitmasks and scales."""
+    from vidsparse.kv.kivi import dequantize, quantize
+    from vidsparse.kv.vidkv import fft_restore, fft_signs, ternary
+
+    g = torch.Generator().manual_seed(5)
+    b, h, n, d = 1, 2, 200, 32
+    k = torch.randn(b, h, n, d, generator=g)
+    k[..., 7] *= 20  # an anomalous channel
+    v = torch.randn(b, h, n, d, generator=g)
+    cache = KV.from_spec("vidkv:group=16,residual=16").make_cache()
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    t = layer.quantized
+    assert t == (n - 16) // 16 * 16
+    dk, dv = layer.dequantized()
+    for hh in range(h):
+        for g0 in range(0, t, 16):
+            kg, vg = k[0, hh, g0:g0 + 16], v[0, hh, g0:g0 + 16]
+            rng = kg.amax(0) - kg.amin(0)
+            hi = torch.argsort(rng, descending=True, stable=True)[:16].sort().values
+            lo = torch.tensor([c for c in range(d) if c not in hi.tolist()])
+            want = torch.empty(16, d)
+            c, sc, mn = quantize(kg[:, hi], 2, 0, torch.float32)
+            want[:, hi] = dequantize(c, sc, mn, torch.float32)
+            want[:, lo] = fft_restore(*fft_signs(kg[:, lo]), d - 16)
+            assert torch.equal(dk[0, hh, g0:g0 + 16], want)
+            assert 7 in hi.tolist() and (dk[0, hh, g0:g0 + 16, 7] - kg[:, 7]).abs().max() <= sc[0, hi == 7] / 2 + 1e-4
+            tv, sv = ternary(vg, 0)
+            assert torch.equal(dv[0, hh, g0:g0 + 16], tv.float() * sv)
+    m = t // 16
+    meta = m * (16 * 2 + 2 * (16 // 2 + 1)) * 4 + m * d * 4  # 2-bit scale/min, FFT scales, value scales
+    codes = m * (d // 8 + 16 * 16 * 2 // 8 + 16 * 16 // 8) + t * d * 2 // 8  # mask, 2-bit, signs; value codes
+    window = 2 * (n - t) * d * 4
+    assert cache.nbytes() == b * h * (meta + codes) + b * h * window
+    two = KV.from_spec("vidkv:key_bits=2,group=16,residual=16").make_cache()
+    two.update(k, v, 0)
+    ref = KV.from_spec("kivi:bits=2,group=16,residual=16").make_cache()
+    ref.update(k, v, 0)
+    assert torch.equal(two.layers[0].dequantized()[0], ref.layers[0].dequantized()[0])
+    one = KV.from_spec("vidkv:key_bits=1,group=16,residual=16").make_cache()
+    one.update(k, v, 0)
+    err = lambda c: (c.layers[0].dequantized()[0] - k[:, :, :t]).norm()  # noqa: E731
+    assert err(two) < err(cache) < err(one)  # the 2-bit channels carry the anomalous one
+
+
+def test_vidkv_errors():
+    with pytest.raises(SpecError, match="key_bits"):
+        KV.from_spec("vidkv:key_bits=2.5")
+    cache = KV.from_spec("vidkv").make_cache()
+    with pytest.raises(UnsupportedError, match="head dim 20"):
+        cache.update(torch.zeros(1, 1, 4, 20), torch.zeros(1, 1, 4, 20), 0)

@@ -751,6 +751,26 @@ def test_kivi_cache_through_the_model(both):
     assert cache_nbytes(cache) < 0.6 * cache_nbytes(dense)
 
 
+def test_vidkv_cache_through_the_model(adapter, encoded):
+    """``vidkv`` in the real model classes: with a window longer than the run the tokens are the full cache's; with
+    groups of 8 and a window of 4 the layers hold quantised tokens (every entry counted) in fewer bytes than kivi's
+    2 bits on the same groups, and transformers' generate with the cache gives vidsparse's decode tokens."""
+    from vidsparse.kv.base import cache_nbytes
+
+    full, _ = _decoded(adapter, encoded, None)
+    same, _ = _decoded(adapter, encoded, "vidkv:residual=100000")
+    assert same == full
+    toks, cache = _decoded(adapter, encoded, "vidkv:group=8,residual=4")
+    _, kivi = _decoded(adapter, encoded, "kivi:group=8,residual=4")
+    assert all(layer.quantized > 0 and layer.get_seq_length() == kivi.layers[0].get_seq_length()
+               for layer in cache.layers)
+    assert cache_nbytes(cache) < cache_nbytes(kivi)
+    inp = vanilla_inputs(adapter, encoded)
+    c2 = KV.from_spec("vidkv:group=8,residual=4").make_cache()
+    gen = adapter.model.generate(**inp, max_new_tokens=6, do_sample=False, **{adapter._cache_kw: c2})
+    assert toks == gen[0, inp["input_ids"].shape[1]:].tolist()[: len(toks)]
+
+
 def test_kivi_cache_works_with_transformers_generate(adapter, encoded):
     """A kivi cache handed to transformers' own generate gives the tokens of vidsparse's decode loop with the same
     cache (8 bits, groups of 8, a window of 4: most of the prompt is quantised when the first token is decoded)."""

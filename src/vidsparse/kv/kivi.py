@@ -95,15 +95,20 @@ class KIVILayer(_layer_base()):
         self.qk: tuple[Tensor, Tensor, Tensor] | None = None
         self.qv: tuple[Tensor, Tensor, Tensor] | None = None
 
+    fusable = True  # its decode steps may go to ``attention.kernels.kivi_decode`` (a subclass's codes may not)
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        d = key_states.shape[-1]
+        self.meta_dtype = torch.float16 if key_states.dtype == torch.float16 else torch.float32
+        self._check(key_states.shape[-1])
+
+    def _check(self, d: int) -> None:
+        """``UnsupportedError`` unless head dim ``d`` packs (called once, at the first update)."""
         per = 8 // self.bits
         self.vgroup = min(self.group, d)
         if d % per or d % self.vgroup or self.vgroup % per:
             raise UnsupportedError(f"kivi: head dim {d} does not split into value groups of {self.vgroup} channels "
                                    f"packed {per} to a byte; choose a group that divides it (e.g. kivi:group=16)")
-        self.meta_dtype = torch.float16 if key_states.dtype == torch.float16 else torch.float32
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -134,21 +139,26 @@ class KIVILayer(_layer_base()):
 
     def _quantize_oldest(self, n: int) -> None:
         """Moves the residual window's oldest ``n`` tokens (a multiple of ``group``) into the quantised part."""
-        b, h, _, d = self.keys.shape
         k, v = self.keys[..., :n, :], self.values[..., :n, :]
         # copies, so that the full-precision storage of the quantised tokens is freed
         self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
-        codes, scale, mn = quantize(k.reshape(b, h, n // self.group, self.group, d), self.bits, 3, self.meta_dtype)
-        qk = (pack(codes, self.bits), scale.squeeze(3), mn.squeeze(3))
-        g = self.vgroup
-        codes, scale, mn = quantize(v.reshape(b, h, n, d // g, g), self.bits, 4, self.meta_dtype)
-        qv = (pack(codes, self.bits), scale.squeeze(4), mn.squeeze(4))
+        qk, qv = self._encode(k, v)
         if self.qk is None:
             self.qk, self.qv = qk, qv
         else:
             self.qk = tuple(torch.cat([a, x], 2) for a, x in zip(self.qk, qk))
             self.qv = tuple(torch.cat([a, x], 2) for a, x in zip(self.qv, qv))
         self.quantized += n
+
+    def _encode(self, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Keys and values [B, H, n, D] (n a multiple of ``group``) -> the stored tensors of each, their dim 2 along
+        the tokens (or token groups), so that later blocks concatenate there."""
+        b, h, n, d = k.shape
+        codes, scale, mn = quantize(k.reshape(b, h, n // self.group, self.group, d), self.bits, 3, self.meta_dtype)
+        qk = (pack(codes, self.bits), scale.squeeze(3), mn.squeeze(3))
+        g = self.vgroup
+        codes, scale, mn = quantize(v.reshape(b, h, n, d // g, g), self.bits, 4, self.meta_dtype)
+        return qk, (pack(codes, self.bits), scale.squeeze(4), mn.squeeze(4))
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """The quantised part's keys and values, [B, H, quantized, D] each in the model's dtype."""
@@ -216,6 +226,8 @@ def fused_supported(layer: KIVILayer, x: Tensor, force: bool = False) -> bool:
     kernel's tiles)."""
     from ..attention.kernels.fit import kernel_device
 
+    if not layer.fusable:
+        return False
     d = x.shape[-1]
     shapes = 16 <= layer.group <= 256 and 16 <= d <= 256 and not layer.group & (layer.group - 1) and not d & (d - 1)
     return shapes and (force or kernel_device(x))
@@ -230,8 +242,8 @@ def _cache_base():
 class KIVICache(_cache_base()):
     """A transformers ``Cache`` of ``KIVILayer`` layers, usable as ``model.generate(..., past_key_values=cache)``."""
 
-    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
-        super().__init__(layer_class_to_replicate=functools.partial(KIVILayer, bits, group, residual))
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, layer=None):
+        super().__init__(layer_class_to_replicate=layer or functools.partial(KIVILayer, bits, group, residual))
 
     def nbytes(self) -> int:
         return int(sum(layer.nbytes() for layer in self.layers))
