@@ -1,7 +1,8 @@
-"""KV caches at decode time: what ``kivi`` and ``vidkv`` store and cost against transformers' ``DynamicCache``, per
-decoder layer of Qwen2.5-VL-7B's shape (28 query heads over 4 K/V heads, d = 128, bf16), after a prefill of N tokens.
+"""KV caches at decode time: what ``kivi``, ``vidkv`` and ``mustafar`` store and cost against transformers'
+``DynamicCache``, per decoder layer of Qwen2.5-VL-7B's shape (28 query heads over 4 K/V heads, d = 128, bf16), after
+a prefill of N tokens.
 
-    python benchmarks/kv_cache.py [--sizes 16384,65536] [--specs "kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv"]
+    python benchmarks/kv_cache.py [--sizes 16384,65536] [--specs "kivi,kivi+fused,kivi:bits=4,vidkv,mustafar"]
         [--steps 32] [--layers 4]
 
 Per cache: the bytes it stores after the first decode step (and against the full cache's); the milliseconds of a
@@ -105,7 +106,7 @@ def run_case(n: int, specs: list[str], steps: int, layers: int) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
-    ap.add_argument("--specs", default="kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv")
+    ap.add_argument("--specs", default="kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv,mustafar")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     markdown_args(ap, "kv_cache")

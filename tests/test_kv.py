@@ -315,3 +315,41 @@ def test_vidkv_errors():
     cache = KV.from_spec("vidkv").make_cache()
     with pytest.raises(UnsupportedError, match="head dim 20"):
         cache.update(torch.zeros(1, 1, 4, 20), torch.zeros(1, 1, 4, 20), 0)
+
+
+# ---- mustafar -------------------------------------------------------------------------------------------------------
+
+def test_mustafar_keeps_each_tokens_largest_entries_exactly():
+    """Per token, the 30% largest-magnitude entries of its key and value vectors survive unchanged and the rest are
+    zero (against torch.topk per vector); the window stays dense; the bytes stored are a bitmap and the kept values
+    per vector (92 of 256 bytes in bfloat16 at head dim 128)."""
+    from vidsparse.kv.mustafar import prune, unprune
+
+    g = torch.Generator().manual_seed(2)
+    b, h, n, d = 1, 2, 300, 128
+    k = torch.randn(b, h, n, d, generator=g).bfloat16()
+    v = torch.randn(b, h, n, d, generator=g).bfloat16()
+    bitmap, vals = prune(k, 38)
+    assert bitmap.shape == (b, h, n, 16) and vals.shape == (b, h, n, 38)
+    want = torch.zeros_like(k).scatter(-1, k.abs().topk(38, -1).indices, k.gather(-1, k.abs().topk(38, -1).indices))
+    assert torch.equal(unprune(bitmap, vals), want)
+    cache = KV.from_spec("mustafar").make_cache()  # sparsity 0.7: 38 of 128 kept
+    kk, vv = cache.update(k, v, 0)
+    assert torch.equal(kk, k)  # the prefill attends in full
+    layer = cache.layers[0]
+    t = layer.quantized
+    assert t == (n - 128) // 32 * 32 and layer.keep == 38
+    dk, dv = layer.dequantized()
+    for x, got in ((k, dk), (v, dv)):
+        top = x[:, :, :t].abs().topk(38, -1).indices
+        assert torch.equal(got, torch.zeros_like(x[:, :, :t]).scatter(-1, top, x[:, :, :t].gather(-1, top)))
+    assert torch.equal(layer.keys, k[:, :, t:])
+    assert cache.nbytes() == 2 * b * h * (t * (16 + 38 * 2) + (n - t) * d * 2)
+
+
+def test_mustafar_errors():
+    with pytest.raises(SpecError, match="sparsity"):
+        KV.from_spec("mustafar:sparsity=1")
+    cache = KV.from_spec("mustafar").make_cache()
+    with pytest.raises(UnsupportedError, match="head dim 20"):
+        cache.update(torch.zeros(1, 1, 4, 20), torch.zeros(1, 1, 4, 20), 0)

@@ -751,22 +751,22 @@ def test_kivi_cache_through_the_model(both):
     assert cache_nbytes(cache) < 0.6 * cache_nbytes(dense)
 
 
-def test_vidkv_cache_through_the_model(adapter, encoded):
-    """``vidkv`` in the real model classes: with a window longer than the run the tokens are the full cache's; with
-    groups of 8 and a window of 4 the layers hold quantised tokens (every entry counted) in fewer bytes than kivi's
-    2 bits on the same groups, and transformers' generate with the cache gives vidsparse's decode tokens."""
+@pytest.mark.parametrize("spec", ["vidkv:group=8,residual=4", "mustafar:group=8,residual=4"])
+def test_vidkv_and_mustafar_caches_through_the_model(adapter, encoded, spec):
+    """``vidkv`` and ``mustafar`` in the real model classes: with a window longer than the run the tokens are the
+    full cache's; with groups of 8 and a window of 4 the layers hold compressed tokens (every entry counted) in fewer
+    bytes than the full cache, and transformers' generate with the cache gives vidsparse's decode tokens."""
     from vidsparse.kv.base import cache_nbytes
 
-    full, _ = _decoded(adapter, encoded, None)
-    same, _ = _decoded(adapter, encoded, "vidkv:residual=100000")
+    name = spec.split(":")[0]
+    full, dense = _decoded(adapter, encoded, None)
+    same, _ = _decoded(adapter, encoded, f"{name}:residual=100000")
     assert same == full
-    toks, cache = _decoded(adapter, encoded, "vidkv:group=8,residual=4")
-    _, kivi = _decoded(adapter, encoded, "kivi:group=8,residual=4")
-    assert all(layer.quantized > 0 and layer.get_seq_length() == kivi.layers[0].get_seq_length()
-               for layer in cache.layers)
-    assert cache_nbytes(cache) < cache_nbytes(kivi)
+    toks, cache = _decoded(adapter, encoded, spec)
+    assert all(layer.quantized > 0 and layer.get_seq_length() == dense.get_seq_length() for layer in cache.layers)
+    assert cache_nbytes(cache) < 0.6 * cache_nbytes(dense)
     inp = vanilla_inputs(adapter, encoded)
-    c2 = KV.from_spec("vidkv:group=8,residual=4").make_cache()
+    c2 = KV.from_spec(spec).make_cache()
     gen = adapter.model.generate(**inp, max_new_tokens=6, do_sample=False, **{adapter._cache_kw: c2})
     assert toks == gen[0, inp["input_ids"].shape[1]:].tolist()[: len(toks)]
 
