@@ -89,6 +89,26 @@ def test_pipeline_recipes_on_cuda(cuda_adapter, tmp_path):
             assert st.kv_entries[1] <= 256 + st.new_tokens
 
 
+def test_kivi_fused_decode_on_cuda(cuda_adapter):
+    """kivi through the real model classes on CUDA (fp32 "small" config, head dim 64): inside vidsparse's decode
+    scope the steps go to the fused kernel (backend "auto"), and the tokens equal those of the torch path that
+    dequantises the cache (backend "torch")."""
+    from vidsparse.pipeline import Pipeline, RunStats
+    from vidsparse.recipe import Recipe
+
+    ad, _ = cuda_adapter
+    enc = ad.encode_video(_frames(8, (252, 448), seed=4))
+    runs = {}
+    for backend in ("torch", "auto"):
+        pipe = Pipeline(ad, Recipe(kv="kivi:residual=32"), max_new_tokens=8, backend=backend)
+        prompt = ad.build_prompt(enc, None, "what is on screen ?")
+        cache = pipe.kv.make_cache()
+        _, logits, _ = pipe._prefill(prompt, cache, RunStats())
+        runs[backend] = pipe._decode(prompt, cache, logits)
+        assert cache.layers[0].quantized > 0 and cache.layers[0].fused_step == (backend == "auto")
+    assert runs["auto"] == runs["torch"] and len(runs["auto"]) > 1
+
+
 def test_compiled_packed_tower_bf16_within_rule(cuda_adapter):
     ref_ad, ad = cuda_adapter
     fr = _frames(8, (252, 448), seed=2)
