@@ -29,7 +29,7 @@ class RunStats:
     ``static_patches`` skips static temporal patches); tower_tokens: visual tokens out of the tower (after the merger);
     visual_tokens: after the token reducer; prompt_tokens: the LLM's prefill length; llm_tokens_after_cut: prefill
     tokens after an in-LLM reducer's cut (== prompt_tokens without one); kv_entries: cache entries per layer (layer 0
-    and the last) after prefill; kv_mb: the KV cache's stored size after generation, MiB (a quantising cache's packed
+    and the last) after generation; kv_mb: the KV cache's stored size after generation, MiB (a quantising cache's packed
     codes, scales and full-precision window); new_tokens: generated tokens. ms_*: decode (video), selection, vision,
     reduction, prefill (to the first logits), first_token (everything up to the first generated token), generate (all
     new tokens), estimate (the attention pattern's estimation inside the prefill: GPU time between CUDA events on a GPU,
