@@ -81,6 +81,7 @@ class KIVILayer(_layer_base()):
     (``keys`` / ``values``, as a ``DynamicLayer`` holds its tensors; ``get_seq_length`` counts both parts)."""
 
     is_croppable = False  # a crop into the quantised part cannot be undone without the original values
+    fusable = True  # its decode steps may go to ``attention.kernels.kivi_decode`` (a subclass's codes may not)
 
     def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
         super().__init__()
@@ -94,8 +95,6 @@ class KIVILayer(_layer_base()):
         # g·bits/8], scale and min [B, H, T, D/g] (T the quantised tokens, G = group, g the value group)
         self.qk: tuple[Tensor, Tensor, Tensor] | None = None
         self.qv: tuple[Tensor, Tensor, Tensor] | None = None
-
-    fusable = True  # its decode steps may go to ``attention.kernels.kivi_decode`` (a subclass's codes may not)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
