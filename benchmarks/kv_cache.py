@@ -7,10 +7,11 @@ a prefill of N tokens.
 
 Per cache: the bytes it stores after the first decode step (and against the full cache's); the milliseconds of a
 decode step per layer — the cache's ``update`` with one token plus attention of the 28 query heads: SDPA over what
-the update returns (GQA inside SDPA, the default backends), or for a spec ending in "+fused" the update returning
-kivi's window alone and ``attention.kernels.kivi_decode`` reading the packed cache (what vidsparse's decode does on
-the GPU) — timed with CUDA events over ``--steps`` steps on ``--layers`` layers, the full cache rerun in the same
-process; and the attention error: the relative L2 distance of that step's attention output from the output over
+the update returns (GQA inside SDPA, the default backends; "dynamic+expand": the full cache with K/V repeated per
+query head before SDPA, what vidsparse's decode did until 2026-11-29), or for a spec ending in "+fused" the update
+returning kivi's window alone and ``attention.kernels.kivi_decode`` reading the packed cache (what vidsparse's decode
+does on the GPU) — timed with CUDA events over ``--steps`` steps on ``--layers`` layers, the full cache rerun in the
+same process; and the attention error: the relative L2 distance of that step's attention output from the output over
 the full-precision keys and values, at the last step. Keys are ``attention.video_qk``'s (video-structured, M-RoPE)
 plus a per-channel offset (real keys carry a few large-offset channels, the reason KIVI quantises keys per channel),
 values random normal. Saves ``kv_cache.json`` under the device's results and writes a BENCHMARKS.md section."""
@@ -49,7 +50,9 @@ def make(spec: str):
 
     from vidsparse.registry import KV
 
-    return DynamicCache() if spec == "dynamic" else KV.from_spec(spec.removesuffix("+fused")).make_cache()
+    if spec.startswith("dynamic"):
+        return DynamicCache()
+    return KV.from_spec(spec.removesuffix("+fused")).make_cache()
 
 
 def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
@@ -59,6 +62,7 @@ def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
     from vidsparse.kv.base import cache_nbytes
 
     from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention
+    from vidsparse.models.hf import expand_kv
 
     cache = make(spec)
     fused = spec.endswith("+fused")
@@ -75,6 +79,8 @@ def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
             if fused:
                 assert cache.layers[layer].fused_step
                 out = kivi_decode_attention(q[:, :, s: s + 1], cache.layers[layer])
+            elif spec == "dynamic+expand":  # K/V repeated per query head first (vidsparse's decode before 2026-11-29)
+                out = F.scaled_dot_product_attention(q[:, :, s: s + 1], *expand_kv(q, kk, vv))
             else:
                 out = F.scaled_dot_product_attention(q[:, :, s: s + 1], kk, vv, enable_gqa=True)
         end.record()
@@ -106,7 +112,7 @@ def run_case(n: int, specs: list[str], steps: int, layers: int) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
-    ap.add_argument("--specs", default="kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv,mustafar")
+    ap.add_argument("--specs", default="dynamic+expand,kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv,mustafar")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     markdown_args(ap, "kv_cache")
