@@ -103,14 +103,16 @@ class CompressingCache(_dynamic_cache()):
         return int(self.layers[layer_idx].keys.shape[-2]) if layer_idx < len(self.layers) else 0
 
     def nbytes(self) -> int:
-        return int(sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
-                       for l in self.layers if getattr(l, "keys", None) is not None))
+        return _kv_bytes(self)
+
+
+def _kv_bytes(cache) -> int:
+    """Bytes of a cache's layers' keys and values tensors."""
+    return int(sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None))
 
 
 def cache_nbytes(cache) -> int:
     """Bytes a transformers cache stores: its own ``nbytes()`` where it has one (``CompressingCache``, ``KIVICache``),
     else its layers' keys and values."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    return int(sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None))
+    return int(cache.nbytes()) if hasattr(cache, "nbytes") else _kv_bytes(cache)

@@ -22,7 +22,8 @@ whole cache in torch and returns it, which saves memory but not time (what ``Qua
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -239,10 +240,12 @@ def _cache_base():
 
 
 class KIVICache(_cache_base()):
-    """A transformers ``Cache`` of ``KIVILayer`` layers, usable as ``model.generate(..., past_key_values=cache)``."""
+    """A transformers ``Cache`` whose layers ``layer()`` makes (``KIVILayer`` or a subclass), usable as
+    ``model.generate(..., past_key_values=cache)``."""
 
-    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, layer=None):
-        super().__init__(layer_class_to_replicate=layer or functools.partial(KIVILayer, bits, group, residual))
+    def __init__(self, layer):
+        super().__init__(layer_class_to_replicate=layer)
+        self.fused = "off"
 
     def nbytes(self) -> int:
         return int(sum(layer.nbytes() for layer in self.layers))
@@ -261,24 +264,39 @@ class KIVICache(_cache_base()):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:  # a layer added while fused is on takes the mode too
             self.layers.append(self.layer_class_to_replicate())
-            self.layers[-1].fused = getattr(self, "fused", "off")
+            self.layers[-1].fused = self.fused
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@dataclass
+class WindowedKV(KVMethod):
+    """What ``kivi``, ``vidkv`` and ``mustafar`` share: older tokens compressed ``group`` at a time by a
+    ``KIVILayer`` subclass (``layer``), the newest ``residual`` to ``residual + group − 1`` kept as they are. A
+    subclass adds its own parameters (passed to ``layer`` before group and residual, in field order) and checks."""
+
+    group: int = 32
+    residual: int = 128
+
+    layer: ClassVar[type]
+    needs_queries = False
+
+    def __post_init__(self):
+        if self.group < 1 or self.residual < 0:
+            raise ValueError(f"group ({self.group}) must be ≥ 1 and residual ({self.residual}) ≥ 0")
+
+    def make_cache(self) -> KIVICache:
+        own = [getattr(self, f.name) for f in fields(self) if f.name not in ("group", "residual")]
+        return KIVICache(functools.partial(self.layer, *own, self.group, self.residual))
 
 
 @KV.register("kivi")
 @dataclass
-class KIVI(KVMethod):
+class KIVI(WindowedKV):
     bits: int = 2
-    group: int = 32
-    residual: int = 128
+
+    layer = KIVILayer
 
     def __post_init__(self):
+        super().__post_init__()
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, not {self.bits}")
-        if self.group < 1 or self.residual < 0:
-            raise ValueError(f"group ({self.group}) must be ≥ 1 and residual ({self.residual}) ≥ 0")
-
-    needs_queries = False
-
-    def make_cache(self) -> KIVICache:
-        return KIVICache(self.bits, self.group, self.residual)

@@ -11,7 +11,6 @@ every step (the paper's sparse attention kernel is not here): memory, not time. 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedError
 from ..registry import KV
-from .base import KVMethod
-from .kivi import KIVICache, KIVILayer, pack, unpack
+from .kivi import KIVILayer, WindowedKV, pack, unpack
 
 
 def prune(x: Tensor, keep: int) -> tuple[Tensor, Tensor]:
@@ -64,19 +62,12 @@ class MustafarLayer(KIVILayer):
 
 @KV.register("mustafar")
 @dataclass
-class Mustafar(KVMethod):
+class Mustafar(WindowedKV):
     sparsity: float = 0.7
-    group: int = 32
-    residual: int = 128
+
+    layer = MustafarLayer
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), not {self.sparsity}")
-        if self.group < 1 or self.residual < 0:
-            raise ValueError(f"group ({self.group}) must be ≥ 1 and residual ({self.residual}) ≥ 0")
-
-    needs_queries = False
-
-    def make_cache(self) -> KIVICache:
-        return KIVICache(group=self.group, residual=self.residual,
-                         layer=functools.partial(MustafarLayer, self.sparsity, self.group, self.residual))

@@ -17,7 +17,6 @@ models and float32 otherwise, as ``kivi``'s; ``nbytes`` counts what is stored.""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +24,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedError
 from ..registry import KV
-from .base import KVMethod
-from .kivi import KIVICache, KIVILayer, dequantize, pack, quantize, unpack
+from .kivi import KIVILayer, WindowedKV, dequantize, pack, quantize, unpack
 
 
 def _split(mask: Tensor, c: int) -> tuple[Tensor, Tensor]:
@@ -71,10 +69,11 @@ def ternary(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """x float32 -> (codes int8 in {−1, 0, +1}: beyond ±half the mean |x| along ``dim``; scale along ``dim`` kept as
     1: the mean |x| of the entries coded ±1, 0 where none is)."""
     a = x.abs()
-    t = torch.where(x > 0.5 * a.mean(dim, keepdim=True), 1, 0) - torch.where(x < -0.5 * a.mean(dim, keepdim=True), 1, 0)
+    thr = 0.5 * a.mean(dim, keepdim=True)
+    t = (x > thr).to(torch.int8) - (x < -thr).to(torch.int8)
     nz = t != 0
     scale = (a * nz).sum(dim, keepdim=True) / nz.sum(dim, keepdim=True).clamp(min=1)
-    return t.to(torch.int8), scale
+    return t, scale
 
 
 class VidKVLayer(KIVILayer):
@@ -127,19 +126,12 @@ class VidKVLayer(KIVILayer):
 
 @KV.register("vidkv")
 @dataclass
-class VidKV(KVMethod):
+class VidKV(WindowedKV):
     key_bits: float = 1.5
-    group: int = 32
-    residual: int = 128
+
+    layer = VidKVLayer
 
     def __post_init__(self):
+        super().__post_init__()
         if not 1.0 <= self.key_bits <= 2.0:
             raise ValueError(f"key_bits must lie in [1, 2] (1 + the share of 2-bit channels), not {self.key_bits}")
-        if self.group < 1 or self.residual < 0:
-            raise ValueError(f"group ({self.group}) must be ≥ 1 and residual ({self.residual}) ≥ 0")
-
-    needs_queries = False
-
-    def make_cache(self) -> KIVICache:
-        return KIVICache(group=self.group, residual=self.residual,
-                         layer=functools.partial(VidKVLayer, self.key_bits, self.group, self.residual))
