@@ -3,12 +3,15 @@ SDPA over the same cache in bf16 and against the torch path (dequantise the cach
 of Qwen2.5-VL-7B's shape (28 query heads over 4 K/V heads, d = 128) and one decode token.
 
     python benchmarks/kivi_decode.py [--sizes 16384,65536,131072] [--bits 2,4] [--configs 264/4,528/4,1056/2]
+        [--against FILE]
 
 A configuration is PROGRAMS/WARPS: the first kernel's target program count (``VIDSPARSE_KIVI_PROGRAMS``) and its
 warps (``VIDSPARSE_KIVI_WARPS``). Each call is timed as launched (``do_bench``) and as a CUDA-graph replay (GPU time
-alone), twice, interleaved in one process; the error column is the largest absolute difference from fp32 attention
-over the dequantised cache. Keys carry per-channel offsets (as real keys do), values are random normal. Saves
-``kivi_decode.json`` under the device's results and writes a BENCHMARKS.md section."""
+alone), twice, interleaved in one process; ``--against FILE`` also times another copy of the kernel module (an
+earlier commit's, ``git show REV:src/vidsparse/attention/kernels/kivi_decode.py > FILE``) at its own defaults. The
+error column is the largest absolute difference from fp32 attention over the dequantised cache. Keys carry
+per-channel offsets (as real keys do), values are random normal. Saves ``kivi_decode.json`` under the device's
+results and writes a BENCHMARKS.md section."""
 
 from __future__ import annotations
 
@@ -21,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms, graph_ms
-from common import markdown_args, new_payload, rewrite_markdown, save, update_markdown
+from common import load_copy, markdown_args, new_payload, rewrite_markdown, save, update_markdown
 
 H, HK, D = 28, 4, 128
 
 
-def run_case(n: int, bits: int, configs: list[str]) -> list[dict]:
+def run_case(n: int, bits: int, configs: list[str], against: str = "") -> list[dict]:
     from vidsparse.attention.kernels.kivi_decode import kivi_decode_attention, kivi_decode_reference
     from vidsparse.registry import KV
 
@@ -53,6 +56,9 @@ def run_case(n: int, bits: int, configs: list[str]) -> list[dict]:
             finally:
                 del os.environ["VIDSPARSE_KIVI_PROGRAMS"], os.environ["VIDSPARSE_KIVI_WARPS"]
         fns[f"kivi_decode {cfg}"] = fused
+    if against:
+        before = load_copy(against, "vidsparse.attention.kernels.kivi_decode_before")
+        fns[f"kivi_decode of {against}"] = lambda: before.kivi_decode_attention(q, lay)
     dk, dv = lay.dequantized()
     ref = F.scaled_dot_product_attention(q.float(), torch.cat([dk, lay.keys], 2).float(),
                                          torch.cat([dv, lay.values], 2).float(), enable_gqa=True)
@@ -71,15 +77,17 @@ def main():
     ap.add_argument("--sizes", default="16384,65536,131072")
     ap.add_argument("--bits", default="2,4")
     ap.add_argument("--configs", default="264/4,528/4,1056/2")
+    ap.add_argument("--against", default="", help="another copy of kivi_decode.py, timed beside this tree's")
     markdown_args(ap, "kivi_decode")
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
-    command = f"python benchmarks/kivi_decode.py --sizes {args.sizes} --bits {args.bits} --configs {args.configs}"
+    command = f"python benchmarks/kivi_decode.py --sizes {args.sizes} --bits {args.bits} --configs {args.configs}" + \
+        (f" --against {args.against}" if args.against else "")
     payload = new_payload("kivi_decode", command, heads=H, kv_heads=HK, d=D)
     for n in (int(x) for x in args.sizes.split(",")):
         for bits in (int(x) for x in args.bits.split(",")):
-            payload["rows"].extend(run_case(n, bits, args.configs.split(",")))
+            payload["rows"].extend(run_case(n, bits, args.configs.split(","), args.against))
             save("kivi_decode", payload)
     write_markdown(payload)
 
