@@ -13,14 +13,15 @@ window. A second kernel merges the programs' partial sums by their maxima.
 Splits: enough token-group ranges per K/V head that the grid holds about ``TARGET_PROGRAMS`` programs; the merge
 takes one query head per program and reads 32 splits at a time.
 
-Measured on an H200 (``benchmarks/kivi_decode.py``, ``kivi_decode_ab_s137/s138.json``; 28/4 heads, d = 128, bf16,
-2 bits, GPU µs of one call as a CUDA-graph replay) at 16K / 64K / 128K cached tokens: 28 / 73 / 127 µs, against
-551 / 2,121 / 4,584 for the torch path (dequantise, then SDPA) and 24 / 51 / 80 for SDPA over the same cache in bf16
-— it reads a quarter of the bytes but is bound by unpacking and dequantising in registers, not by memory. Steps on
-the way: the codes gathered a byte per element (0.26 / 0.79 / 1.51 ms) → each row's bytes loaded once and unpacked
-by shifts and a reshape (0.070 / 0.116 / 0.175 ms) → the merge spread over the query heads instead of one program
-per K/V head looping over every split (0.029 / 0.074 / 0.132 ms at 264 programs); 528 / 1,056 programs and 2 / 8
-warps ran within 3% of each other or slower (8 warps: 2.4×)."""
+Measured on an H200 (``python benchmarks/kivi_decode.py --configs 264/4,528/4,1056/4,2112/4,1056/2,1056/8
+--against FILE`` with FILE the first version, ``git show 3ac8ff8:src/vidsparse/attention/kernels/kivi_decode.py``;
+``kivi_decode.json``; 28/4 heads, d = 128, bf16, 2 bits, GPU µs of one call as a CUDA-graph replay) at 16K / 64K /
+128K cached tokens: 28 / 73 / 127 µs, against 551 / 2,117 / 4,573 for the torch path (dequantise, then SDPA) and
+24 / 50 / 80 for SDPA over the same cache in bf16 — it reads a quarter of the bytes but is bound by unpacking and
+dequantising in registers, not by memory. The first version, which gathered the codes a byte per element and merged
+the splits in one program per K/V head, took 258 / 798 / 1,526 µs. Programs and warps (PROGRAMS/WARPS) against 528/4: 264/4
+0–4% slower; 1,056/4 and 2,112/4 9–96% slower; 1,056/2 within 3% at 64K–128K but 37% slower at 16K; 8 warps
+2.3–2.6× slower."""
 
 from __future__ import annotations
 
