@@ -96,6 +96,22 @@ def run_cache(spec: str, q, k, v, n: int, steps: int, layers: int) -> dict:
             "rel_err": err}
 
 
+def default_specs() -> list[str]:
+    """dynamic+expand, then each registered KV method that needs no prefill queries (the benchmark has none), and
+    its "+fused" run where its cache layer can go to ``kivi_decode``."""
+    from vidsparse.registry import KV
+
+    specs = ["dynamic+expand"]
+    for name in KV.names():
+        cls = KV.get(name)
+        if cls.needs_queries is not False:
+            continue
+        specs.append(name)
+        if getattr(getattr(cls, "layer", None), "fusable", False):
+            specs.append(f"{name}+fused")
+    return specs
+
+
 def run_case(n: int, specs: list[str], steps: int, layers: int) -> list[dict]:
     q, k, v = inputs(n, steps, "cuda")
     rows = []
@@ -112,13 +128,15 @@ def run_case(n: int, specs: list[str], steps: int, layers: int) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
-    ap.add_argument("--specs", default="dynamic+expand,kivi,kivi+fused,kivi:bits=4,kivi:bits=4+fused,vidkv,mustafar")
+    ap.add_argument("--specs", default="", help="comma-separated; default: dynamic+expand and every registered KV "
+                    "method that needs no prefill queries, at its defaults, plus NAME+fused where its layer fuses")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     markdown_args(ap, "kv_cache")
     args = ap.parse_args()
     if rewrite_markdown(args, write_markdown):
         return
+    args.specs = args.specs or ",".join(default_specs())
     command = (f"python benchmarks/kv_cache.py --sizes {args.sizes} --specs \"{args.specs}\" --steps {args.steps} "
                f"--layers {args.layers}")
     payload = new_payload("kv_cache", command, heads=H, kv_heads=HK, d=D, steps=args.steps, layers=args.layers)
