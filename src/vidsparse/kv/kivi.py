@@ -54,6 +54,13 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+def mask_split(mask: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """bool [..., D] with ``count`` set per row -> (the set channels' indices [..., count], the others' [..., D −
+    count]), each ascending: a stable sort of the unset flags, no host sync."""
+    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
+    return order[..., :count], order[..., count:]
+
+
 def quantize(x: Tensor, bits: int, dim: int, meta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric min–max quantisation of ``x`` along ``dim``: (codes uint8 like x, scale and minimum in
     ``meta_dtype`` with ``dim`` kept as 1). The codes are computed against the stored (rounded) scale and minimum, so

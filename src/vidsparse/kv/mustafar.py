@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedError
 from ..registry import KV
-from .kivi import KIVILayer, WindowedKV, pack, unpack
+from .kivi import KIVILayer, WindowedKV, mask_split, pack, unpack
 
 
 def prune(x: Tensor, keep: int) -> tuple[Tensor, Tensor]:
@@ -26,14 +26,13 @@ def prune(x: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     channel order, x's dtype)."""
     top = x.abs().topk(keep, dim=-1).indices
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, top, True)
-    pos = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[..., :keep]  # kept channels, ascending
-    return pack(mask.to(torch.uint8), 1), torch.gather(x, -1, pos)
+    return pack(mask.to(torch.uint8), 1), torch.gather(x, -1, mask_split(mask, keep)[0])
 
 
 def unprune(bitmap: Tensor, values: Tensor) -> Tensor:
     """``prune``'s inverse: the kept values at their channels, zeros elsewhere."""
     mask = unpack(bitmap, 1).bool()
-    pos = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[..., : values.shape[-1]]
+    pos = mask_split(mask, values.shape[-1])[0]
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).scatter_(-1, pos, values)
 
 

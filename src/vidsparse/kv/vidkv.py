@@ -24,13 +24,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedError
 from ..registry import KV
-from .kivi import KIVILayer, WindowedKV, dequantize, pack, quantize, unpack
-
-
-def _split(mask: Tensor, c: int) -> tuple[Tensor, Tensor]:
-    """Channel indices of the anomalous (``mask``) and the other channels, each ascending: [..., c], [..., D − c]."""
-    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
-    return order[..., :c], order[..., c:]
+from .kivi import KIVILayer, WindowedKV, dequantize, mask_split, pack, quantize, unpack
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
@@ -98,7 +92,7 @@ class VidKVLayer(KIVILayer):
         rng = kg.amax(3) - kg.amin(3)  # [B, H, m, D]
         top = torch.argsort(rng, dim=-1, descending=True, stable=True)[..., : self.hi]
         mask = torch.zeros_like(rng, dtype=torch.bool).scatter_(-1, top, True)
-        hi_idx, lo_idx = _split(mask, self.hi)
+        hi_idx, lo_idx = mask_split(mask, self.hi)
         codes, scale, mn = quantize(_take(kg, hi_idx), 2, 3, self.meta_dtype)
         signs, fscale = fft_signs(_take(kg, lo_idx))
         qk = (pack(mask.to(torch.uint8), 1), pack(codes, 2), scale.squeeze(3), mn.squeeze(3), pack(signs, 1),
@@ -112,7 +106,7 @@ class VidKVLayer(KIVILayer):
         pmask, pcodes, scale, mn, psigns, fscale = self.qk
         b, h, m, g, _ = pcodes.shape
         d = pmask.shape[-1] * 8
-        hi_idx, lo_idx = _split(unpack(pmask, 1).bool(), self.hi)
+        hi_idx, lo_idx = mask_split(unpack(pmask, 1).bool(), self.hi)
         hi = dequantize(unpack(pcodes, 2), scale[:, :, :, None, :], mn[:, :, :, None, :], torch.float32)
         lo = fft_restore(unpack(psigns, 1), fscale.float(), d - self.hi)
         k = torch.empty(b, h, m, g, d, dtype=torch.float32, device=pcodes.device)
